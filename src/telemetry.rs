@@ -1,0 +1,1 @@
+//! Logging (tracing, text or JSON) and the Prometheus metrics recorder.
