@@ -14,6 +14,10 @@ use crate::config::SourceConfig;
 use crate::error::ProxyError;
 use crate::plugins::PluginHost;
 
+mod rule;
+
+pub use rule::Rule;
+
 /// The running sources: their schedules and their last good values.
 pub struct Sources {
     _plugins: Arc<PluginHost>,
@@ -48,6 +52,6 @@ impl Sources {
 }
 
 /// Checks a schedule rule as `config` validation needs it (no scheduling).
-pub fn validate_rule(_rule: &str) -> Result<(), String> {
-    Ok(())
+pub fn validate_rule(rule: &str) -> Result<(), String> {
+    Rule::parse(rule).map(|_| ())
 }
