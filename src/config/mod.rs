@@ -3,13 +3,18 @@
 //!
 //! Owns turning text into a checked [`Config`]; must not start anything.
 
+mod env;
 pub mod model;
+mod positions;
 pub mod units;
+mod validate;
 
 use std::fmt;
 use std::path::Path;
 
 pub use model::*;
+pub use units::parse_listen;
+pub use validate::{did_you_mean, log_directive, parse_cidr};
 
 /// One problem in a config file, located as precisely as the parser allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,19 +74,184 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
     load_str(&text, &name)
 }
 
-/// Parses and checks config text; `file` names it in errors.
+/// Parses and checks config text; `file` names it in errors. `${NAME}` is
+/// read from the process environment.
 pub fn load_str(text: &str, file: &str) -> Result<Config, ConfigErrors> {
-    let deserializer = serde_yaml::Deserializer::from_str(text);
-    serde_path_to_error::deserialize::<_, Config>(deserializer).map_err(|e| {
+    load_str_with(text, file, &|name| std::env::var(name).ok())
+}
+
+/// [`load_str`] with `${NAME}` looked up in `env` instead of the process
+/// environment (tests, and callers that hold their own variables).
+pub fn load_str_with(
+    text: &str,
+    file: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    let expanded = env::interpolate(text, env).map_err(|errors| env_errors(text, file, errors))?;
+    if let Err(e) = serde_yaml::from_str::<serde::de::IgnoredAny>(&expanded) {
+        return Err(ConfigErrors(vec![serde_error(file, String::new(), &e)]));
+    }
+    let deserializer = serde_yaml::Deserializer::from_str(&expanded);
+    let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
-        let location = inner.location();
-        ConfigErrors(vec![ConfigError {
+        let path = if path == "." { String::new() } else { path };
+        ConfigErrors(vec![serde_error(file, path, e.inner())])
+    })?;
+    let index = positions::PositionIndex::build(&expanded);
+    let mut errors: Vec<ConfigError> = index
+        .duplicates
+        .iter()
+        .map(|dup| ConfigError {
             file: file.to_string(),
-            line: location.as_ref().map(|l| l.line()),
-            column: location.as_ref().map(|l| l.column()),
-            path: if path == "." { String::new() } else { path },
-            message: inner.to_string(),
-        }])
-    })
+            line: Some(dup.at.line),
+            column: Some(dup.at.column),
+            path: dup.path.clone(),
+            message: format!(
+                "duplicate key (first set on line {}); only one may be given",
+                dup.first.line
+            ),
+        })
+        .collect();
+    errors.extend(validate::validate(&config, &index, file));
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column.unwrap_or(0)));
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// An error about `path` found after loading (a plugin that fails to compile,
+/// say), placed at that path's line and column in `file` when it can be found.
+pub fn error_at(file: &Path, path: &str, message: impl Into<String>) -> ConfigError {
+    let at = std::fs::read_to_string(file)
+        .ok()
+        .and_then(|text| positions::PositionIndex::build(&text).locate(path));
+    ConfigError {
+        file: file.display().to_string(),
+        line: at.map(|p| p.line),
+        column: at.map(|p| p.column),
+        path: path.to_string(),
+        message: message.into(),
+    }
+}
+
+fn env_errors(text: &str, file: &str, errors: Vec<env::EnvError>) -> ConfigErrors {
+    // The raw text usually still parses (`${X}` is a plain scalar), which
+    // tells which key each reference belongs to.
+    let index = positions::PositionIndex::build(text);
+    ConfigErrors(
+        errors
+            .into_iter()
+            .map(|e| ConfigError {
+                file: file.to_string(),
+                line: Some(e.line),
+                column: Some(e.column),
+                path: index
+                    .path_at(e.line, e.column)
+                    .unwrap_or_default()
+                    .to_string(),
+                message: e.message,
+            })
+            .collect(),
+    )
+}
+
+fn serde_error(file: &str, path: String, error: &serde_yaml::Error) -> ConfigError {
+    let location = error.location();
+    let mut message = error.to_string();
+    if let Some(at) = &location {
+        let suffix = format!(" at line {} column {}", at.line(), at.column());
+        if let Some(found) = message.find(&suffix) {
+            message.replace_range(found..found + suffix.len(), "");
+        }
+    }
+    ConfigError {
+        file: file.to_string(),
+        line: location.as_ref().map(|l| l.line()),
+        column: location.as_ref().map(|l| l.column()),
+        message: explain(strip_path_prefix(&message, &path)),
+        path,
+    }
+}
+
+/// serde_yaml starts messages with its own idea of the path; ours is shown already.
+fn strip_path_prefix<'m>(message: &'m str, path: &str) -> &'m str {
+    if let Some((head, rest)) = message.split_once(": ")
+        && !head.is_empty()
+        && path.starts_with(head)
+        && matches!(path[head.len()..].chars().next(), None | Some('.' | '['))
+    {
+        return rest;
+    }
+    message
+}
+
+/// Rewrites serde's "unknown field `x`, expected one of `a`, `b`" into an
+/// operator's sentence with a did-you-mean hint.
+fn explain(message: &str) -> String {
+    let (what, rest) = if let Some(rest) = message.strip_prefix("unknown field ") {
+        ("key", rest)
+    } else if let Some(rest) = message.strip_prefix("unknown variant ") {
+        ("value", rest)
+    } else {
+        return message.to_string();
+    };
+    let mut quoted = rest.split('`').skip(1).step_by(2);
+    let Some(given) = quoted.next() else {
+        return message.to_string();
+    };
+    let expected: Vec<&str> = quoted.collect();
+    let mut out = format!("unknown {what} {given:?}");
+    if let Some(close) = did_you_mean(given, expected.iter().copied()) {
+        out.push_str(&format!(", did you mean {close:?}?"));
+    }
+    if expected.is_empty() {
+        out.push_str(" (nothing is expected here)");
+    } else {
+        let label = if what == "key" {
+            "valid keys"
+        } else {
+            "expected"
+        };
+        out.push_str(&format!(" ({label}: {})", expected.join(", ")));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_get_a_suggestion() {
+        assert_eq!(
+            explain("unknown field `upstreem`, expected one of `match`, `upstream`, `source`"),
+            "unknown key \"upstreem\", did you mean \"upstream\"? (valid keys: match, upstream, source)"
+        );
+        assert_eq!(
+            explain("unknown variant `jsn`, expected `text` or `json`"),
+            "unknown value \"jsn\", did you mean \"json\"? (expected: text, json)"
+        );
+        assert_eq!(
+            explain("invalid type: integer `3`"),
+            "invalid type: integer `3`"
+        );
+    }
+
+    #[test]
+    fn serde_yaml_path_prefix_is_dropped_once() {
+        assert_eq!(
+            strip_path_prefix("routes[1]: unknown field", "routes[1].x"),
+            "unknown field"
+        );
+        assert_eq!(
+            strip_path_prefix("upstreams.a: missing field `servers`", "upstreams.a"),
+            "missing field `servers`"
+        );
+        assert_eq!(
+            strip_path_prefix("invalid type: map", "listen"),
+            "invalid type: map"
+        );
+    }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::units::{ByteSize, HumanDuration};
+use super::units::{ByteSize, HumanDuration, deserialize_listen};
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -21,7 +21,7 @@ pub struct Config {
     #[serde(default)]
     pub version: Option<String>,
     /// The proxy listener (`-e` overrides). cachepump's default is `:8080`.
-    #[serde(default = "default_listen")]
+    #[serde(default = "default_listen", deserialize_with = "deserialize_listen")]
     pub listen: SocketAddr,
     #[serde(default)]
     pub log: LogConfig,
@@ -110,7 +110,10 @@ fn default_drain_timeout() -> HumanDuration {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    #[serde(default = "default_admin_listen")]
+    #[serde(
+        default = "default_admin_listen",
+        deserialize_with = "deserialize_listen"
+    )]
     pub listen: SocketAddr,
     /// Bearer token required for anything that changes state (and for reads
     /// other than /health and /ready). Without one, only /health and /ready answer.

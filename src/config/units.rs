@@ -1,7 +1,9 @@
-//! Durations (`250ms`, `10s`, `5m`, `1h`) and sizes (`512KiB`, `256MiB`, `1GiB`)
-//! as they are written in the YAML file.
+//! Durations (`250ms`, `10s`, `5m`, `1h`), sizes (`512KiB`, `256MiB`, `1GiB`)
+//! and listen addresses (`0.0.0.0:8080`, `:8080`) as they are written in the
+//! YAML file and on the command line. Parsing only; no I/O.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, de};
@@ -18,10 +20,27 @@ impl HumanDuration {
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        parse_duration(&text)
-            .map(HumanDuration)
-            .map_err(de::Error::custom)
+        struct DurationVisitor;
+        impl de::Visitor<'_> for DurationVisitor {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration with its unit, such as 250ms, 10s, 5m or 1h")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<HumanDuration, E> {
+                parse_duration(text).map(HumanDuration).map_err(E::custom)
+            }
+            // A bare number (`timeout: 10`) gets the "no unit" message, not a type error.
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<HumanDuration, E> {
+                self.visit_str(&n.to_string())
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<HumanDuration, E> {
+                self.visit_str(&n.to_string())
+            }
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<HumanDuration, E> {
+                self.visit_str(&n.to_string())
+            }
+        }
+        d.deserialize_any(DurationVisitor)
     }
 }
 
@@ -55,16 +74,25 @@ impl fmt::Display for ByteSize {
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(u64),
-            Text(String),
+        struct SizeVisitor;
+        impl de::Visitor<'_> for SizeVisitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as 512KiB, 256MiB or 1GiB (a bare number is bytes)")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(n))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<ByteSize, E> {
+                u64::try_from(n)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("invalid size {n}: a size cannot be negative")))
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<ByteSize, E> {
+                parse_size(text).map(ByteSize).map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Number(n) => Ok(ByteSize(n)),
-            Raw::Text(text) => parse_size(&text).map(ByteSize).map_err(de::Error::custom),
-        }
+        d.deserialize_any(SizeVisitor)
     }
 }
 
@@ -76,9 +104,47 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .map_err(|e| format!("invalid size {text:?}: {e} (examples: 512KiB, 256MiB, 1GiB)"))
 }
 
+/// Parses a listen address: `HOST:PORT` with an IP host (`0.0.0.0:8080`,
+/// `[::1]:8080`) or cachepump's `:PORT`, meaning every IPv4 interface.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    if let Some(port) = text.strip_prefix(':') {
+        return port
+            .parse::<u16>()
+            .map(|port| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
+            .map_err(|_| {
+                format!("invalid listen address {text:?}: {port:?} is not a port number")
+            });
+    }
+    text.parse::<SocketAddr>().map_err(|_| {
+        format!("invalid listen address {text:?} (examples: 0.0.0.0:8080, 127.0.0.1:9901, [::]:8080, :8080)")
+    })
+}
+
+/// `deserialize_with` for listen addresses, so the file accepts what `-e` accepts.
+pub fn deserialize_listen<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_listen(&text).map_err(de::Error::custom)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_accepts_cachepump_port_only_form() {
+        assert_eq!(
+            parse_listen(":8080"),
+            Ok(SocketAddr::from(([0, 0, 0, 0], 8080)))
+        );
+        assert_eq!(
+            parse_listen("127.0.0.1:9"),
+            Ok(SocketAddr::from(([127, 0, 0, 1], 9)))
+        );
+        assert!(parse_listen("[::1]:80").is_ok());
+        assert!(parse_listen(":http").is_err());
+        assert!(parse_listen("localhost").is_err());
+    }
 
     #[test]
     fn durations_need_units() {
