@@ -92,12 +92,23 @@ pub fn load_str_with(
         return Err(ConfigErrors(vec![serde_error(file, String::new(), &e)]));
     }
     let deserializer = serde_yaml::Deserializer::from_str(&expanded);
+    let index = positions::PositionIndex::build(&expanded);
     let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };
-        ConfigErrors(vec![serde_error(file, path, e.inner())])
+        let mut error = serde_error(file, path, e.inner());
+        // serde_yaml places errors raised by a value's own parser (a bad
+        // duration, size or address) at the enclosing mapping; the index
+        // knows where the value itself is. Unknown keys stay where serde_yaml
+        // put them: on the key.
+        if !error.message.starts_with("unknown key")
+            && let Some(at) = index.locate_exact(&error.path)
+        {
+            error.line = Some(at.line);
+            error.column = Some(at.column);
+        }
+        ConfigErrors(vec![error])
     })?;
-    let index = positions::PositionIndex::build(&expanded);
     let mut errors: Vec<ConfigError> = index
         .duplicates
         .iter()

@@ -77,6 +77,13 @@ impl PositionIndex {
                 Event::Scalar(text, ..) => match index.role(&mut stack, at, Some(&text)) {
                     Role::Key => {}
                     Role::Value(path) => {
+                        // An empty value (`token:`) is marked where the next
+                        // token starts, often the next line; its key is the
+                        // place the operator looks at.
+                        let at = match index.keys.get(&path) {
+                            Some(key_at) if text.is_empty() => *key_at,
+                            _ => at,
+                        };
                         index.values.insert(path, at);
                     }
                 },
@@ -168,6 +175,11 @@ impl PositionIndex {
             }
             path = parent(path);
         }
+    }
+
+    /// Where the value at exactly `path` starts, if it is written.
+    pub fn locate_exact(&self, path: &str) -> Option<Position> {
+        self.values.get(path).copied()
     }
 
     /// Whether `path` is written in the file (even with an empty value).

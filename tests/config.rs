@@ -1,0 +1,462 @@
+//! Config loading as an operator meets it: every error names the file, the
+//! line and column, and the key path; cachepump files load unchanged; defaults
+//! are the documented ones.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use larder::config::{self, Config, ConfigError, ConfigErrors, LogFormat};
+
+fn load(text: &str) -> Result<Config, ConfigErrors> {
+    config::load_str_with(text, "config.yml", &|_| None)
+}
+
+fn load_with_env(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+    let vars: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    config::load_str_with(text, "config.yml", &move |name| vars.get(name).cloned())
+}
+
+/// The single error `text` must produce.
+fn only_error(text: &str) -> ConfigError {
+    let errors = load(text).expect_err("the config should be rejected").0;
+    assert_eq!(errors.len(), 1, "expected one error, got: {errors:#?}");
+    errors.into_iter().next().unwrap()
+}
+
+fn assert_at(error: &ConfigError, line: usize, path: &str) {
+    assert_eq!(error.file, "config.yml", "{error}");
+    assert_eq!(error.line, Some(line), "{error}");
+    assert!(error.column.is_some(), "{error}");
+    assert_eq!(error.path, path, "{error}");
+    let shown = error.to_string();
+    assert!(
+        shown.starts_with(&format!("config.yml:{line}:")),
+        "display starts with file:line: {shown}"
+    );
+    assert!(
+        shown.contains(&format!(": {path}: ")),
+        "display names the path: {shown}"
+    );
+}
+
+const UPSTREAM_AND_ROUTE: &str = "\
+upstreams:
+  api:
+    servers: [\"http://127.0.0.1:9000\"]
+routes:
+  - match: { path_prefix: /v1/ }
+    upstream: api
+";
+
+#[test]
+fn unknown_key_is_reported_with_a_did_you_mean() {
+    let text = format!("{UPSTREAM_AND_ROUTE}  - upstreem: api\n");
+    let error = only_error(&text);
+    assert_at(&error, 7, "routes[1].upstreem");
+    assert_eq!(error.column, Some(5));
+    assert!(
+        error.message.contains("did you mean \"upstream\"?"),
+        "{error}"
+    );
+}
+
+#[test]
+fn unknown_top_level_key_is_reported() {
+    let error = only_error("listen: 0.0.0.0:8080\nsoruces: {}\n");
+    assert_at(&error, 2, "soruces");
+    assert!(
+        error.message.contains("did you mean \"sources\"?"),
+        "{error}"
+    );
+}
+
+#[test]
+fn wrong_type_names_the_key() {
+    let error = only_error("log:\n  level: info\nlisten: [1, 2]\n");
+    assert_at(&error, 3, "listen");
+    assert!(error.message.contains("sequence"), "{error}");
+}
+
+#[test]
+fn duration_without_a_unit_is_refused() {
+    let text = "\
+upstreams:
+  api:
+    servers: [\"http://127.0.0.1:9000\"]
+    timeout: 10
+";
+    let error = only_error(text);
+    assert_at(&error, 4, "upstreams.api.timeout");
+    assert_eq!(error.column, Some(14), "points at the value: {error}");
+    assert!(error.message.contains("no unit"), "{error}");
+}
+
+#[test]
+fn bad_size_is_refused() {
+    let error = only_error("cache:\n  max_size: 256 megs\n");
+    assert_at(&error, 2, "cache.max_size");
+    assert_eq!(error.column, Some(13), "points at the value: {error}");
+    assert!(error.message.contains("invalid size"), "{error}");
+}
+
+#[test]
+fn route_naming_a_missing_upstream_suggests_the_close_one() {
+    let text = UPSTREAM_AND_ROUTE.replace("upstream: api", "upstream: apii");
+    let error = only_error(&text);
+    assert_at(&error, 6, "routes[0].upstream");
+    assert_eq!(error.column, Some(15));
+    assert!(
+        error
+            .message
+            .contains("no upstream named \"apii\" (did you mean \"api\"?)"),
+        "{error}"
+    );
+}
+
+#[test]
+fn route_with_both_upstream_and_source_is_refused() {
+    let text = format!(
+        "{UPSTREAM_AND_ROUTE}    source: hello\nsources:\n  hello:\n    static: {{ value: hi }}\n"
+    );
+    let error = only_error(&text);
+    assert_at(&error, 5, "routes[0]");
+    assert!(error.message.contains("not both"), "{error}");
+}
+
+#[test]
+fn route_with_neither_upstream_nor_source_is_refused() {
+    let error = only_error("routes:\n  - match: { path_prefix: / }\n");
+    assert_at(&error, 2, "routes[0]");
+}
+
+#[test]
+fn missing_environment_variable_is_named_with_its_place() {
+    let text = "admin:\n  listen: 127.0.0.1:9901\n  token: ${LARDER_TEST_UNSET_TOKEN}\n";
+    let error = only_error(text);
+    assert_at(&error, 3, "admin.token");
+    assert_eq!(error.column, Some(10));
+    assert!(
+        error.message.contains("LARDER_TEST_UNSET_TOKEN is not set"),
+        "{error}"
+    );
+}
+
+#[test]
+fn yaml_syntax_error_has_its_line() {
+    let error = only_error(
+        "listen: 0.0.0.0:8080\nupstreams:\n  api: { servers: [\"http://a\"]\nroutes: []\n",
+    );
+    assert_eq!(error.line, Some(4), "{error}");
+    assert!(error.to_string().starts_with("config.yml:4:"), "{error}");
+}
+
+#[test]
+fn unsupported_version_is_refused() {
+    let error = only_error("version: '2.0'\nsources: {}\n");
+    assert_at(&error, 1, "version");
+    assert!(error.message.contains("\"1.0\""), "{error}");
+}
+
+#[test]
+fn version_one_point_zero_is_accepted_quoted_or_not() {
+    assert!(load("version: '1.0'\n").is_ok());
+    assert!(load("version: 1.0\n").is_ok());
+    assert!(load("version: \"1.0\"\n").is_ok());
+    assert!(load("version: 1\n").is_err());
+}
+
+#[test]
+fn bad_cron_rule_is_refused() {
+    let text =
+        "version: '1.0'\nsources:\n  hello:\n    rule: '*/10 * * *'\n    static: { value: hi }\n";
+    let error = only_error(text);
+    assert_at(&error, 4, "sources.hello.rule");
+}
+
+#[test]
+fn every_validation_error_is_reported_together_in_file_order() {
+    let text = "\
+version: '1.0'
+cache:
+  max_size: 1MiB
+  max_object_size: 2MiB
+upstreams:
+  api:
+    servers: [\"127.0.0.1:9000\"]
+routes:
+  - match: { path_prefix: v1/ }
+    upstream: apii
+    plugins: [cors]
+    cache:
+      purge: { allow: [\"10.0.0.0/40\"] }
+  - source: hello
+sources:
+  hello:
+    static: { value: hi }
+    plugin: { name: fetch }
+";
+    let errors = load(text).expect_err("rejected").0;
+    let found: Vec<(Option<usize>, &str)> =
+        errors.iter().map(|e| (e.line, e.path.as_str())).collect();
+    assert_eq!(
+        found,
+        vec![
+            (Some(4), "cache.max_object_size"),
+            (Some(7), "upstreams.api.servers[0]"),
+            (Some(9), "routes[0].match.path_prefix"),
+            (Some(10), "routes[0].upstream"),
+            (Some(11), "routes[0].plugins[0]"),
+            (Some(13), "routes[0].cache.purge.allow[0]"),
+            (Some(18), "sources.hello.plugin.name"),
+        ],
+        "{}",
+        ConfigErrors(errors.clone())
+    );
+}
+
+#[test]
+fn duplicate_keys_are_errors_not_silently_last_wins() {
+    let text = "sources:\n  a:\n    static: { value: one }\n  a:\n    static: { value: two }\n";
+    let error = only_error(text);
+    assert_at(&error, 4, "sources.a");
+    assert!(error.message.contains("line 2"), "{error}");
+}
+
+#[test]
+fn empty_admin_token_is_refused_even_when_it_comes_from_an_empty_variable() {
+    let text = "admin:\n  token: ${LARDER_TOKEN}\n";
+    let errors = load_with_env(text, &[("LARDER_TOKEN", "")])
+        .expect_err("rejected")
+        .0;
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_at(&errors[0], 2, "admin.token");
+    assert!(load("admin:\n  token: ''\n").is_err());
+}
+
+#[test]
+fn unknown_log_level_is_refused_and_any_case_is_accepted() {
+    let error = only_error("log:\n  level: loud\n");
+    assert_at(&error, 2, "log.level");
+    assert!(load("log:\n  level: DEBUG\n").is_ok());
+}
+
+#[test]
+fn environment_variables_are_substituted_and_lines_stay_right() {
+    let text = "\
+listen: ${ADDR}
+admin:
+  token: '${TOKEN}'
+sources:
+  ch:
+    rule: '@every 30s'
+    http:
+      endpoint: http://${CH_HOST}:8123
+      auth: { user: admin, password: \"${CH_PASSWORD}\" }
+      body: SELECT '$${NOT_A_VARIABLE}'
+  broken:
+    rule: '@every 30s'
+    plugin: { name: nope }
+";
+    let env = [
+        ("ADDR", "127.0.0.1:8181"),
+        ("TOKEN", "it's secret"),
+        ("CH_HOST", "clickhouse.internal"),
+        ("CH_PASSWORD", "p\"a#ss"),
+    ];
+    let errors = load_with_env(text, &env)
+        .expect_err("the plugin is missing")
+        .0;
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_at(&errors[0], 13, "sources.broken.plugin.name");
+
+    let fixed = text.replace(
+        "  broken:\n    rule: '@every 30s'\n    plugin: { name: nope }\n",
+        "",
+    );
+    let config = load_with_env(&fixed, &env).expect("loads");
+    assert_eq!(
+        config.listen,
+        "127.0.0.1:8181".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(
+        config.admin.as_ref().and_then(|a| a.token.as_deref()),
+        Some("it's secret")
+    );
+    let http = config.sources["ch"].http.as_ref().expect("http source");
+    assert_eq!(http.endpoint, "http://clickhouse.internal:8123");
+    assert_eq!(
+        http.auth.as_ref().map(|a| a.password.as_str()),
+        Some("p\"a#ss")
+    );
+    assert_eq!(http.body, "SELECT '${NOT_A_VARIABLE}'");
+}
+
+#[test]
+fn a_variable_value_cannot_inject_yaml_into_a_plain_scalar() {
+    let text = "admin:\n  token: ${TOKEN}\n";
+    let error = load_with_env(text, &[("TOKEN", "abc # def")])
+        .expect_err("rejected")
+        .0
+        .remove(0);
+    assert_at(&error, 2, "admin.token");
+    assert!(error.message.contains("quotes"), "{error}");
+}
+
+#[test]
+fn load_file_names_the_file_in_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("larder.yml");
+    std::fs::write(&path, "listen: nowhere\n").unwrap();
+    let errors = config::load_file(&path).expect_err("rejected");
+    let shown = errors.to_string();
+    assert!(
+        shown.starts_with(&format!(
+            "{}:1:9: listen: invalid listen address",
+            path.display()
+        )),
+        "{shown}"
+    );
+    let missing = config::load_file(&dir.path().join("absent.yml")).expect_err("no file");
+    assert!(
+        missing.to_string().contains("cannot read the file"),
+        "{missing}"
+    );
+}
+
+// The example configs of cachepump's README, verbatim (CP2): they must load unchanged.
+const CACHEPUMP_STATIC: &str = r#"version: '1.0'
+sources:
+  hello:
+    rule: '* * * * * *'
+    static: 
+      value: '{"data":"Hello world!"}'
+  haelth_check:
+    rule: '* * * * * *'
+    static: 
+      value: '{"status":200}'
+"#;
+
+const CACHEPUMP_HTTP: &str = r#"version: '1.0'
+sources:
+  count_202103:
+    rule: '0 */2 * * * *'
+    http:
+      endpoint: http://0.0.0.0:8123
+      method: POST
+      header:
+      auth:
+        user: admin
+        password: 'adminadmin'
+      body: >
+        SELECT date, count(*) 
+        FROM DB.Raw_Data
+        PREWHERE toYYYYMM(date) = 202103
+        GROUP BY date
+        ORDER BY date
+"#;
+
+const CACHEPUMP_FILE: &str = r#"version: '1.0'
+sources:
+  report_from_elt:
+    rule: '0 */2 * * * *'
+    file:
+      path: my_report_file.csv
+"#;
+
+#[test]
+fn cachepump_static_example_loads_unchanged() {
+    let config = load(CACHEPUMP_STATIC).expect("cachepump's static example loads");
+    assert!(config.routes.is_none(), "no routes: cachepump mode");
+    assert_eq!(config.sources.len(), 2);
+    let hello = &config.sources["hello"];
+    assert_eq!(hello.rule, "* * * * * *");
+    assert_eq!(
+        hello.static_.as_ref().map(|s| s.value.as_str()),
+        Some(r#"{"data":"Hello world!"}"#)
+    );
+    assert_eq!(
+        config.sources["haelth_check"]
+            .static_
+            .as_ref()
+            .map(|s| s.value.as_str()),
+        Some(r#"{"status":200}"#)
+    );
+}
+
+#[test]
+fn cachepump_http_example_loads_unchanged() {
+    let config = load(CACHEPUMP_HTTP).expect("cachepump's http example loads");
+    let source = &config.sources["count_202103"];
+    assert_eq!(source.rule, "0 */2 * * * *");
+    let http = source.http.as_ref().expect("an http source");
+    assert_eq!(http.endpoint, "http://0.0.0.0:8123");
+    assert_eq!(http.method, "POST");
+    assert!(http.header.is_empty(), "an empty `header:` is no headers");
+    let auth = http.auth.as_ref().expect("basic auth");
+    assert_eq!(
+        (auth.user.as_str(), auth.password.as_str()),
+        ("admin", "adminadmin")
+    );
+    assert_eq!(
+        http.body,
+        "SELECT date, count(*)  FROM DB.Raw_Data PREWHERE toYYYYMM(date) = 202103 GROUP BY date ORDER BY date\n"
+    );
+}
+
+#[test]
+fn cachepump_file_example_loads_unchanged() {
+    let config = load(CACHEPUMP_FILE).expect("cachepump's file example loads");
+    let file = config.sources["report_from_elt"]
+        .file
+        .as_ref()
+        .expect("a file source");
+    assert_eq!(file.path, std::path::PathBuf::from("my_report_file.csv"));
+}
+
+#[test]
+fn defaults_match_the_documented_ones() {
+    let config = load("").expect("an empty file is a valid (empty) config");
+    assert_eq!(config.listen, "0.0.0.0:8080".parse::<SocketAddr>().unwrap());
+    assert_eq!(config.log.level, "info");
+    assert_eq!(config.log.format, LogFormat::Text);
+    assert!(config.log.access_log);
+    assert!(config.admin.is_none());
+    assert_eq!(config.cache.max_size.bytes(), 256 * 1024 * 1024);
+    assert_eq!(config.cache.max_object_size.bytes(), 8 * 1024 * 1024);
+    assert_eq!(config.server.drain_timeout.get(), Duration::from_secs(30));
+    assert!(config.routes.is_none());
+
+    let config = load(
+        "admin: {}\nupstreams:\n  api: { servers: [\"http://127.0.0.1:9000\"] }\nroutes:\n  - upstream: api\nplugins: {}\nsources:\n  s: {}\n",
+    )
+    .expect("loads");
+    let admin = config.admin.expect("admin section");
+    assert_eq!(
+        admin.listen,
+        "127.0.0.1:9901".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(admin.token, None);
+    let api = &config.upstreams["api"];
+    assert_eq!(api.connect_timeout.get(), Duration::from_secs(2));
+    assert_eq!(api.timeout.get(), Duration::from_secs(30));
+    let route = &config.routes.expect("routes")[0];
+    assert!(!route.cache.enabled, "caching is opt-in per route");
+    assert_eq!(route.matcher.path_prefix, None);
+    let source = &config.sources["s"];
+    assert_eq!(
+        source.rule, "",
+        "empty rule: cachepump's hourly default applies"
+    );
+    assert_eq!(source.timeout.get(), Duration::from_secs(30));
+    assert!(source.run_on_start);
+}
+
+#[test]
+fn listen_accepts_cachepump_port_only_form() {
+    let config = load("listen: ':9090'\n").expect("loads");
+    assert_eq!(config.listen, "0.0.0.0:9090".parse::<SocketAddr>().unwrap());
+}
