@@ -2,56 +2,305 @@
 //! schedules from static values, HTTP endpoints, files or fetcher plugins,
 //! kept in memory as their last good value and served by key.
 //!
-//! Must never block the request path: serving reads an in-memory snapshot.
+//! `Sources` owns the set of running schedules (one tokio task per source,
+//! see `runner`) and a lock-free snapshot of their slots for readers.
+//! Must never block the request path: serving is a snapshot read, a clone of
+//! pre-built headers and of the value's `Bytes`.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
-use http::{Request, Response};
+use ::http::header::{self, HeaderValue};
+use ::http::{Method, Request, Response, StatusCode};
+use arc_swap::ArcSwap;
+use chrono::{DateTime, SecondsFormat, Utc};
+use tokio::task::JoinHandle;
 
-use crate::body::Body;
+use crate::body::{self, Body};
 use crate::config::SourceConfig;
-use crate::error::ProxyError;
+use crate::error::{ProxyError, problem_response};
 use crate::plugins::PluginHost;
 
+mod file;
+mod http;
+mod plugin;
+mod provider;
 mod rule;
+mod runner;
+mod r#static;
+mod value;
 
+pub use provider::SourceError;
 pub use rule::Rule;
+pub use value::sniff;
+
+use self::http::{HttpClient, build_client};
+use provider::Provider;
+use runner::{Runner, Settings, Slot};
+use value::seconds_until;
+
+/// cachepump's answers, kept byte for byte because its clients may match them.
+const MISSING_KEY: &str = "Parametor 'key' is not found";
+const UNKNOWN_KEY: &str = "key is not found";
+const BAD_METHOD: &str = "Method is not supported";
 
 /// The running sources: their schedules and their last good values.
 pub struct Sources {
-    _plugins: Arc<PluginHost>,
+    plugins: Arc<PluginHost>,
+    client: HttpClient,
+    /// What readers see: replaced whole on reload, never locked.
+    slots: ArcSwap<HashMap<String, Arc<Slot>>>,
+    /// The schedules, by source; only `apply` and `shutdown` touch it.
+    running: Mutex<HashMap<String, Running>>,
+}
+
+struct Running {
+    config: SourceConfig,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
 }
 
 impl Sources {
     /// Starts the scheduler for `config` (fetching at start where configured).
-    pub fn start(_config: &BTreeMap<String, SourceConfig>, plugins: Arc<PluginHost>) -> Arc<Self> {
-        Arc::new(Self { _plugins: plugins })
+    /// Must be called inside a tokio runtime.
+    pub fn start(config: &BTreeMap<String, SourceConfig>, plugins: Arc<PluginHost>) -> Arc<Self> {
+        let sources = Arc::new(Self {
+            plugins,
+            client: build_client(),
+            slots: ArcSwap::from_pointee(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+        });
+        sources.apply(config);
+        sources
     }
 
-    /// Applies a reloaded `sources:` map: adds, removes and edits sources.
-    pub fn apply(&self, _config: &BTreeMap<String, SourceConfig>) {}
+    /// Applies a reloaded `sources:` map: adds new sources, removes gone ones
+    /// (their values are deleted, as cachepump does) and restarts edited ones
+    /// with the new settings (their value is kept until a new run replaces it).
+    /// Unchanged sources keep running undisturbed.
+    pub fn apply(&self, config: &BTreeMap<String, SourceConfig>) {
+        let mut running = self.lock_running();
+        let mut slots: HashMap<String, Arc<Slot>> = (**self.slots.load()).clone();
 
-    /// cachepump's API: `GET /?key=NAME`.
-    pub fn serve_by_key<B>(&self, _request: &Request<B>) -> Response<Body> {
-        ProxyError::NotFound("key is not found".into()).into_response()
+        running.retain(|name, schedule| {
+            let keep = config.contains_key(name);
+            if !keep {
+                schedule.stop();
+                slots.remove(name);
+                tracing::info!(source = %name, "source removed");
+            }
+            keep
+        });
+
+        for (name, source) in config {
+            if let Some(existing) = running.get_mut(name) {
+                if existing.config == *source {
+                    continue;
+                }
+                existing.stop();
+            }
+            let slot = match slots.get(name) {
+                Some(slot) => {
+                    tracing::info!(source = %name, "source changed; restarting its schedule");
+                    slot.clone()
+                }
+                None => {
+                    tracing::info!(source = %name, "source added");
+                    let slot = Slot::new(name, settings_of(source, "none"));
+                    slots.insert(name.clone(), slot.clone());
+                    slot
+                }
+            };
+            let task = self.spawn_runner(&slot, source);
+            running.insert(
+                name.clone(),
+                Running {
+                    config: source.clone(),
+                    task,
+                },
+            );
+        }
+        self.slots.store(Arc::new(slots));
     }
 
-    /// A route with `source: NAME`.
-    pub fn serve_source<B>(&self, name: &str, _request: &Request<B>) -> Response<Body> {
-        ProxyError::NotFound(format!("source {name} has no value yet")).into_response()
+    fn spawn_runner(&self, slot: &Arc<Slot>, source: &SourceConfig) -> Option<JoinHandle<()>> {
+        let provider = Provider::from_config(source, &self.client);
+        let generation = slot.begin_generation(settings_of(source, provider.kind()));
+        let rule = match Rule::parse(&source.rule) {
+            Ok(rule) => rule,
+            Err(error) => {
+                // Config validation refuses these; a source that slips through stays idle.
+                tracing::warn!(source = %slot.name, error = %error, "invalid rule; source not scheduled");
+                slot.record_error(format!("invalid rule: {error}"));
+                return None;
+            }
+        };
+        let runner = Runner {
+            slot: slot.clone(),
+            rule,
+            provider: Arc::new(provider),
+            plugins: self.plugins.clone(),
+            timeout: source.timeout.get(),
+            run_on_start: source.run_on_start,
+            generation,
+        };
+        Some(runner.spawn())
     }
 
-    /// `GET /sources` on the admin listener.
+    /// cachepump's API: `GET /?key=NAME` (HEAD too, without the body).
+    pub fn serve_by_key<B>(&self, request: &Request<B>) -> Response<Body> {
+        if !is_read(request.method()) {
+            return plain(StatusCode::BAD_REQUEST, BAD_METHOD, request.method());
+        }
+        let Some(key) = key_of(request) else {
+            return plain(StatusCode::BAD_REQUEST, MISSING_KEY, request.method());
+        };
+        let slots = self.slots.load();
+        match slots.get(&key).and_then(|slot| answer(slot, request)) {
+            Some(response) => response,
+            None => plain(StatusCode::NOT_FOUND, UNKNOWN_KEY, request.method()),
+        }
+    }
+
+    /// A route with `source: NAME`: the same answer, whatever the query says.
+    pub fn serve_source<B>(&self, name: &str, request: &Request<B>) -> Response<Body> {
+        if !is_read(request.method()) {
+            let mut response = problem_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "a source answers GET and HEAD only",
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return response;
+        }
+        let slots = self.slots.load();
+        match slots.get(name).and_then(|slot| answer(slot, request)) {
+            Some(response) => response,
+            None => ProxyError::NotFound(format!("source {name} has no value yet")).into_response(),
+        }
+    }
+
+    /// `GET /sources` on the admin listener: every source, sorted by name.
     pub fn status(&self) -> serde_json::Value {
-        serde_json::json!({})
+        let slots = self.slots.load();
+        let mut names: Vec<&String> = slots.keys().collect();
+        names.sort();
+        let sources: Vec<serde_json::Value> = names
+            .into_iter()
+            .filter_map(|name| slots.get(name))
+            .map(|slot| status_of(slot))
+            .collect();
+        serde_json::json!({ "sources": sources })
     }
 
-    /// Stops every schedule; in-flight runs are abandoned.
-    pub async fn shutdown(&self) {}
+    /// Stops every schedule; in-flight runs are abandoned. Values stay readable.
+    pub async fn shutdown(&self) {
+        for schedule in self.lock_running().values_mut() {
+            schedule.stop();
+        }
+    }
+
+    fn lock_running(&self) -> MutexGuard<'_, HashMap<String, Running>> {
+        self.running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Drop for Sources {
+    fn drop(&mut self) {
+        for schedule in self.lock_running().values_mut() {
+            schedule.stop();
+        }
+    }
 }
 
 /// Checks a schedule rule as `config` validation needs it (no scheduling).
 pub fn validate_rule(rule: &str) -> Result<(), String> {
     Rule::parse(rule).map(|_| ())
+}
+
+fn settings_of(source: &SourceConfig, kind: &'static str) -> Settings {
+    Settings {
+        kind,
+        rule: source.rule.clone(),
+        content_type: source.content_type.clone(),
+    }
+}
+
+fn is_read(method: &Method) -> bool {
+    method == Method::GET || method == Method::HEAD
+}
+
+/// The first `key` query parameter, decoded; an empty one counts as missing (as in Go).
+fn key_of<B>(request: &Request<B>) -> Option<String> {
+    let query = request.uri().query()?;
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(name, _)| name == "key")
+        .map(|(_, value)| value.into_owned())
+        .filter(|key| !key.is_empty())
+}
+
+fn answer<B>(slot: &Slot, request: &Request<B>) -> Option<Response<Body>> {
+    let value = slot.value.load();
+    let value = value.as_ref()?;
+    let max_age = seconds_until(slot.next_run(), SystemTime::now());
+    Some(value.respond(request, max_age))
+}
+
+/// cachepump's plain-text answers, with a type and no caching added.
+fn plain(status: StatusCode, text: &'static str, method: &Method) -> Response<Body> {
+    let body = if method == Method::HEAD {
+        body::empty()
+    } else {
+        body::full(text)
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn rfc3339(time: Option<DateTime<Utc>>) -> serde_json::Value {
+    time.map_or(serde_json::Value::Null, |t| {
+        serde_json::Value::String(t.to_rfc3339_opts(SecondsFormat::Secs, true))
+    })
+}
+
+fn status_of(slot: &Slot) -> serde_json::Value {
+    let settings = slot.settings.load();
+    let record = slot.record();
+    let value = slot.value.load();
+    let value = value.as_ref();
+    serde_json::json!({
+        "name": slot.name,
+        "kind": settings.kind,
+        "rule": settings.rule,
+        "next_run": rfc3339(slot.next_run()),
+        "last_success": rfc3339(record.last_success),
+        "last_change": rfc3339(value.map(|v| v.changed_at)),
+        "last_error": record.last_error,
+        "value_size": value.map(|v| v.body.len()),
+        "etag": value.map(|v| v.etag().to_string()),
+        "content_type": value.map(|v| v.content_type().to_string()),
+        "runs": record.runs,
+        "failures": record.failures,
+        "skipped": record.skipped,
+        "not_modified": record.not_modified,
+    })
 }

@@ -1,0 +1,329 @@
+//! The `http` kind: one request per run (cachepump's semantics: `method`
+//! empty means GET, `body` is sent even with GET, `header` replaces the
+//! default headers, basic auth when a user or password is set, redirects
+//! followed up to 10 like Go's client).
+//!
+//! Must never log or display the password: the Authorization header is
+//! marked sensitive and `Debug` prints `*****`; endpoints lose any userinfo
+//! before they reach a log line or an error.
+
+use std::fmt;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use super::provider::{Fetched, SourceError};
+use crate::config::HttpSource;
+
+/// Go's `http.Client` stops after this many redirects.
+const MAX_REDIRECTS: usize = 10;
+
+/// One pooled client shared by every http source.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Builds the shared client: http and https, the system's roots (falling
+/// back to the bundled webpki roots when the system has none).
+pub fn build_client() -> HttpClient {
+    let provider = rustls::crypto::ring::default_provider();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let builder = match builder.with_provider_and_native_roots(provider.clone()) {
+        Ok(builder) => builder,
+        Err(e) => {
+            tracing::warn!(error = %e, "no usable system CA roots; http sources trust the bundled webpki roots");
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_provider_and_webpki_roots(provider)
+                .unwrap_or_else(|_| hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots())
+        }
+    };
+    let connector = builder.https_or_http().enable_http1().build();
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+pub struct HttpProvider {
+    endpoint: Uri,
+    /// The endpoint without userinfo, for logs and errors.
+    shown_endpoint: String,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+    accept_status: Option<Vec<u16>>,
+    auth_user: Option<String>,
+    client: HttpClient,
+}
+
+impl fmt::Debug for HttpProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpProvider")
+            .field("endpoint", &self.shown_endpoint)
+            .field("method", &self.method)
+            .field("header_names", &self.headers.keys().collect::<Vec<_>>())
+            .field(
+                "auth",
+                &self
+                    .auth_user
+                    .as_ref()
+                    .map(|user| format!("{{User:{user} Password:*****}}")),
+            )
+            .field("body_bytes", &self.body.len())
+            .finish()
+    }
+}
+
+impl HttpProvider {
+    /// Checks and pre-builds the request parts; the error names the bad setting.
+    pub fn new(
+        config: &HttpSource,
+        accept_status: Option<Vec<u16>>,
+        client: HttpClient,
+    ) -> Result<Self, String> {
+        let endpoint: Uri = config
+            .endpoint
+            .parse()
+            .map_err(|e| format!("http.endpoint {:?}: {e}", redact(&config.endpoint)))?;
+        if !matches!(endpoint.scheme_str(), Some("http" | "https")) || endpoint.host().is_none() {
+            return Err(format!(
+                "http.endpoint {:?} must be an absolute http:// or https:// URL",
+                redact(&config.endpoint)
+            ));
+        }
+        let method = if config.method.is_empty() {
+            Method::GET
+        } else {
+            Method::from_bytes(config.method.as_bytes())
+                .map_err(|_| format!("http.method {:?} is not a valid method", config.method))?
+        };
+        let mut headers = HeaderMap::new();
+        for (name, values) in &config.header {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("http.header {name:?} is not a valid header name"))?;
+            for value in values {
+                let value = HeaderValue::from_str(value).map_err(|_| {
+                    format!("http.header {name}: a value is not a valid header value")
+                })?;
+                headers.append(name.clone(), value);
+            }
+        }
+        let mut auth_user = None;
+        if let Some(auth) = config
+            .auth
+            .as_ref()
+            .filter(|a| !a.user.is_empty() || !a.password.is_empty())
+        {
+            let token = base64::engine::general_purpose::STANDARD
+                .encode(format!("{}:{}", auth.user, auth.password));
+            let mut value = HeaderValue::from_str(&format!("Basic {token}"))
+                .map_err(|_| "http.auth cannot be sent as a header".to_string())?;
+            value.set_sensitive(true);
+            headers.insert(header::AUTHORIZATION, value);
+            auth_user = Some(auth.user.clone());
+        }
+        if !headers.contains_key(header::USER_AGENT) {
+            headers.insert(
+                header::USER_AGENT,
+                HeaderValue::from_static(concat!("larder/", env!("CARGO_PKG_VERSION"))),
+            );
+        }
+        Ok(Self {
+            shown_endpoint: redact(&config.endpoint),
+            endpoint,
+            method,
+            headers,
+            body: Bytes::from(config.body.clone()),
+            accept_status,
+            auth_user,
+            client,
+        })
+    }
+
+    pub async fn fetch(&self) -> Result<Fetched, SourceError> {
+        let mut uri = self.endpoint.clone();
+        let mut method = self.method.clone();
+        let mut body = self.body.clone();
+        let mut headers = self.headers.clone();
+        for _ in 0..=MAX_REDIRECTS {
+            let request = build_request(&method, &uri, &headers, body.clone());
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| self.request_error(&e))?;
+            let status = response.status();
+            if let Some(location) = redirect_target(&uri, status, response.headers()) {
+                // Go: 301/302/303 turn into a GET without a body; 307/308 repeat as sent.
+                if matches!(
+                    status,
+                    StatusCode::MOVED_PERMANENTLY | StatusCode::FOUND | StatusCode::SEE_OTHER
+                ) && method != Method::HEAD
+                {
+                    method = Method::GET;
+                    body = Bytes::new();
+                    headers.remove(header::CONTENT_TYPE);
+                }
+                // Go drops credentials when the redirect leaves the original host.
+                if location.authority() != self.endpoint.authority() {
+                    headers.remove(header::AUTHORIZATION);
+                }
+                uri = location;
+                continue;
+            }
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| self.request_error(&e))?
+                .to_bytes();
+            if !self.is_accepted(status) {
+                return Err(SourceError::Status {
+                    endpoint: self.shown_endpoint.clone(),
+                    status: status.as_u16(),
+                });
+            }
+            return Ok(Fetched::bytes(bytes));
+        }
+        Err(SourceError::TooManyRedirects {
+            endpoint: self.shown_endpoint.clone(),
+        })
+    }
+
+    fn is_accepted(&self, status: StatusCode) -> bool {
+        match &self.accept_status {
+            Some(accepted) => accepted.contains(&status.as_u16()),
+            None => status.is_success(),
+        }
+    }
+
+    fn request_error(&self, error: &(dyn std::error::Error + 'static)) -> SourceError {
+        SourceError::Request {
+            endpoint: self.shown_endpoint.clone(),
+            reason: error_chain(error),
+        }
+    }
+}
+
+fn build_request(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Request<Full<Bytes>> {
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri.clone();
+    *request.headers_mut() = headers.clone();
+    request
+}
+
+/// The absolute target of a redirect, if `status` is one with a usable Location.
+fn redirect_target(current: &Uri, status: StatusCode, headers: &HeaderMap) -> Option<Uri> {
+    if !matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) {
+        return None;
+    }
+    let location = headers.get(header::LOCATION)?.to_str().ok()?;
+    let base = url::Url::parse(&current.to_string()).ok()?;
+    let target = base.join(location).ok()?;
+    if !matches!(target.scheme(), "http" | "https") {
+        return None;
+    }
+    target.as_str().parse().ok()
+}
+
+/// The error and its causes, `a: b: c`, so "client error (Connect)" says why.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// `endpoint` without a password in its userinfo.
+fn redact(endpoint: &str) -> String {
+    match url::Url::parse(endpoint) {
+        Ok(mut url) if url.password().is_some() => {
+            let _ = url.set_password(Some("*****"));
+            url.to_string()
+        }
+        _ => endpoint.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::config::BasicAuth;
+
+    fn source(endpoint: &str) -> HttpSource {
+        HttpSource {
+            endpoint: endpoint.to_string(),
+            method: String::new(),
+            header: BTreeMap::new(),
+            auth: None,
+            body: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn debug_output_masks_the_password() {
+        let mut config = source("http://127.0.0.1:1/");
+        config.auth = Some(BasicAuth {
+            user: "admin".to_string(),
+            password: "adminadmin".to_string(),
+        });
+        let provider = HttpProvider::new(&config, None, build_client()).unwrap();
+        let shown = format!("{provider:?}");
+        assert!(!shown.contains("adminadmin"), "{shown}");
+        assert!(!shown.contains("YWRtaW46YWRtaW5hZG1pbg"), "{shown}");
+        assert!(shown.contains("Password:*****"), "{shown}");
+    }
+
+    #[tokio::test]
+    async fn bad_settings_are_refused_with_the_setting_named() {
+        let client = build_client();
+        let error = HttpProvider::new(&source("not a url"), None, client.clone()).unwrap_err();
+        assert!(error.contains("http.endpoint"), "{error}");
+        let mut config = source("http://127.0.0.1:1/");
+        config.method = "GE T".to_string();
+        let error = HttpProvider::new(&config, None, client.clone()).unwrap_err();
+        assert!(error.contains("http.method"), "{error}");
+        let mut config = source("http://127.0.0.1:1/");
+        config
+            .header
+            .insert("bad name".to_string(), vec!["x".to_string()]);
+        let error = HttpProvider::new(&config, None, client).unwrap_err();
+        assert!(error.contains("http.header"), "{error}");
+    }
+
+    #[test]
+    fn passwords_in_endpoints_are_redacted() {
+        assert_eq!(
+            redact("http://admin:secret@db.local:8123/q"),
+            "http://admin:*****@db.local:8123/q"
+        );
+        assert_eq!(redact("http://db.local/"), "http://db.local/");
+    }
+
+    #[test]
+    fn redirects_resolve_relative_locations() {
+        let current: Uri = "http://a.example/x/y?q=1".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::LOCATION, HeaderValue::from_static("../z"));
+        let target = redirect_target(&current, StatusCode::FOUND, &headers).unwrap();
+        assert_eq!(target, "http://a.example/z");
+        assert!(redirect_target(&current, StatusCode::OK, &headers).is_none());
+    }
+}

@@ -1,0 +1,156 @@
+//! Where a source's bytes come from: the four kinds behind one enum, chosen
+//! from a `SourceConfig` the way cachepump chose (first set wins, in the
+//! order static, http, file, plugin), and the errors a fetch can end in.
+//!
+//! Must not touch the stored value: a fetch only returns bytes or an error,
+//! the runner decides what to keep.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::file::FileProvider;
+use super::http::{HttpClient, HttpProvider};
+use super::plugin::PluginProvider;
+use super::r#static::StaticProvider;
+use crate::config::SourceConfig;
+use crate::plugins::PluginHost;
+
+/// What one run produced.
+#[derive(Debug)]
+pub enum Fetched {
+    Updated {
+        body: Bytes,
+        content_type: Option<String>,
+    },
+    /// A fetcher plugin said the value it has is still current.
+    NotModified,
+}
+
+impl Fetched {
+    pub fn bytes(body: Bytes) -> Self {
+        Self::Updated {
+            body,
+            content_type: None,
+        }
+    }
+}
+
+/// Why a run kept the old value.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(
+        "source has no supported provider (set one of static.value, http.endpoint, file.path, plugin.name)"
+    )]
+    NoProvider,
+    #[error("invalid source settings: {0}")]
+    Misconfigured(String),
+    #[error("request to {endpoint} failed: {reason}")]
+    Request { endpoint: String, reason: String },
+    #[error("{endpoint} answered status {status}, which is not accepted; the old value is kept")]
+    Status { endpoint: String, status: u16 },
+    #[error("request to {endpoint} stopped after 10 redirects")]
+    TooManyRedirects { endpoint: String },
+    #[error("cannot read {path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("{0}")]
+    Plugin(String),
+    #[error("no result within the source's timeout of {0:?}")]
+    Timeout(Duration),
+}
+
+impl SourceError {
+    /// Settings errors repeat identically on every retry; wait for a reload instead.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Self::NoProvider | Self::Misconfigured(_))
+    }
+}
+
+/// The inputs of one run that are not part of the provider's settings.
+pub struct RunInput<'a> {
+    pub source: &'a str,
+    /// Unix seconds of the tick that started the run.
+    pub scheduled_at: u64,
+    pub previous_etag: Option<String>,
+    pub plugins: &'a PluginHost,
+}
+
+/// The provider a source uses.
+#[derive(Debug)]
+pub enum Provider {
+    Static(StaticProvider),
+    Http(Box<HttpProvider>),
+    File(FileProvider),
+    Plugin(PluginProvider),
+    /// Settings that cannot work (a bad header name, an unknown method...).
+    Misconfigured {
+        kind: &'static str,
+        reason: String,
+    },
+    Unsupported,
+}
+
+impl Provider {
+    /// cachepump's order: the first provider that is set wins. An empty
+    /// `static.value`, `http.endpoint`, `file.path` or `plugin.name` is unset.
+    pub fn from_config(config: &SourceConfig, client: &HttpClient) -> Self {
+        if let Some(source) = config.static_.as_ref().filter(|s| !s.value.is_empty()) {
+            return Self::Static(StaticProvider::new(source));
+        }
+        if let Some(source) = config.http.as_ref().filter(|s| !s.endpoint.is_empty()) {
+            return match HttpProvider::new(source, config.accept_status.clone(), client.clone()) {
+                Ok(provider) => Self::Http(Box::new(provider)),
+                Err(reason) => Self::Misconfigured {
+                    kind: "http",
+                    reason,
+                },
+            };
+        }
+        if let Some(source) = config
+            .file
+            .as_ref()
+            .filter(|s| !s.path.as_os_str().is_empty())
+        {
+            return Self::File(FileProvider::new(source));
+        }
+        if let Some(source) = config.plugin.as_ref().filter(|s| !s.name.is_empty()) {
+            return Self::Plugin(PluginProvider::new(source));
+        }
+        Self::Unsupported
+    }
+
+    /// The kind's name as config and status spell it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Static(_) => "static",
+            Self::Http(_) => "http",
+            Self::File(_) => "file",
+            Self::Plugin(_) => "plugin",
+            Self::Misconfigured { kind, .. } => kind,
+            Self::Unsupported => "none",
+        }
+    }
+
+    /// One fetch, bounded by `timeout`.
+    pub async fn fetch(
+        &self,
+        input: RunInput<'_>,
+        timeout: Duration,
+    ) -> Result<Fetched, SourceError> {
+        let fetch = async {
+            match self {
+                Self::Static(provider) => Ok(provider.fetch()),
+                Self::Http(provider) => provider.fetch().await,
+                Self::File(provider) => provider.fetch().await,
+                Self::Plugin(provider) => provider.fetch(input).await,
+                Self::Misconfigured { reason, .. } => {
+                    Err(SourceError::Misconfigured(reason.clone()))
+                }
+                Self::Unsupported => Err(SourceError::NoProvider),
+            }
+        };
+        tokio::time::timeout(timeout, fetch)
+            .await
+            .unwrap_or(Err(SourceError::Timeout(timeout)))
+    }
+}
