@@ -460,3 +460,13 @@ fn listen_accepts_cachepump_port_only_form() {
     let config = load("listen: ':9090'\n").expect("loads");
     assert_eq!(config.listen, "0.0.0.0:9090".parse::<SocketAddr>().unwrap());
 }
+
+#[test]
+fn log_level_is_normalised_to_a_filter_directive() {
+    let config = load("log:\n  level: WARNING\n  format: json\n").expect("loads");
+    assert_eq!(config.log.level, "warn");
+    assert_eq!(config.log.format, LogFormat::Json);
+    let error = only_error("log:\n  format: jsn\n");
+    assert_at(&error, 2, "log.format");
+    assert!(error.message.contains("did you mean \"json\"?"), "{error}");
+}

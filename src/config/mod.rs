@@ -93,7 +93,7 @@ pub fn load_str_with(
     }
     let deserializer = serde_yaml::Deserializer::from_str(&expanded);
     let index = positions::PositionIndex::build(&expanded);
-    let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+    let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };
         let mut error = serde_error(file, path, e.inner());
@@ -125,6 +125,10 @@ pub fn load_str_with(
         .collect();
     errors.extend(validate::validate(&config, &index, file));
     if errors.is_empty() {
+        // `INFO` and `warning` are fine to write; what runs is the directive.
+        if let Ok(directive) = log_directive(&config.log.level) {
+            config.log.level = directive;
+        }
         Ok(config)
     } else {
         errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column.unwrap_or(0)));

@@ -51,7 +51,8 @@ pub fn default_listen() -> SocketAddr {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
-    /// `trace`, `debug`, `info`, `warn`, `error`, any case; or an EnvFilter directive.
+    /// `trace`, `debug`, `info`, `warn`, `error`, any case; or an EnvFilter
+    /// directive. Loading turns it into the directive (`INFO` -> `info`).
     #[serde(default = "default_log_level")]
     pub level: String,
     #[serde(default)]
