@@ -1,0 +1,385 @@
+//! The `larder` binary as an operator runs it: `check`, `--version`, `--help`,
+//! cachepump's flags, config errors before anything binds, and serving on the
+//! address `-e` gives.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+const GOOD: &str = "\
+version: '1.0'
+log:
+  level: info
+upstreams:
+  api:
+    servers: [\"http://127.0.0.1:9\"]
+routes:
+  - match: { path_prefix: /api/ }
+    upstream: api
+  - match: { path_prefix: /hello }
+    source: hello
+sources:
+  hello:
+    rule: '*/10 * * * * *'
+    static: { value: 'hi' }
+  report:
+    rule: '0 */2 * * * *'
+    file: { path: ./report.csv }
+";
+
+/// Two mistakes on known lines: a route to a missing upstream, a bad cron rule.
+const BAD: &str = "\
+upstreams:
+  api:
+    servers: [\"http://127.0.0.1:9\"]
+routes:
+  - upstream: apii
+sources:
+  hello:
+    rule: 'every minute'
+    static: { value: hi }
+";
+
+const CACHEPUMP: &str = r#"version: '1.0'
+sources:
+  hello:
+    rule: '* * * * * *'
+    static: 
+      value: '{"data":"Hello world!"}'
+"#;
+
+fn larder() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_larder"));
+    command.env_remove("RUST_LOG");
+    command
+}
+
+/// A directory holding `name` with `text`; the binary runs inside it.
+fn config_dir(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).expect("write config");
+    (dir, path)
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    larder()
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run larder")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// A running `larder`, killed when the test ends (passed or not). Its
+/// stderr goes to a file: a pipe nobody reads would fill up and stall it.
+struct Running {
+    child: Child,
+    log_path: PathBuf,
+}
+
+impl Running {
+    fn spawn(mut command: Command, dir: &Path) -> Running {
+        let log_path = dir.join("larder.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = command
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn larder");
+        Running { child, log_path }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_exit(child: &mut Child) -> Option<ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < DEADLINE {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// One plain HTTP/1.1 GET; `None` while nothing answers.
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+/// Polls until `path` answers `expect_status`; panics with the server's log
+/// if it exits or the deadline passes.
+fn poll_until(server: &mut Running, addr: SocketAddr, path: &str, expect_status: u16) -> String {
+    let start = Instant::now();
+    while start.elapsed() < DEADLINE {
+        if let Some((status, body)) = http_get(addr, path)
+            && status == expect_status
+        {
+            return body;
+        }
+        if let Some(status) = server.child.try_wait().expect("try_wait") {
+            panic!("larder exited with {status}:\n{}", server.log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "{path} did not answer {expect_status} within {DEADLINE:?}:\n{}",
+        server.log()
+    );
+}
+
+#[test]
+fn check_accepts_a_good_file_and_prints_what_would_run() {
+    let (dir, _) = config_dir("config.yml", GOOD);
+    let output = run(dir.path(), &["check", "-c", "config.yml"]);
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(stdout.contains("config.yml: ok"), "{stdout}");
+    assert!(stdout.contains("0.0.0.0:8080"), "{stdout}");
+    assert!(stdout.contains("upstreams  1 (api)"), "{stdout}");
+    assert!(stdout.contains("routes     2"), "{stdout}");
+    assert!(stdout.contains("sources    2 (hello, report)"), "{stdout}");
+}
+
+#[test]
+fn check_uses_config_yml_in_the_working_directory_by_default() {
+    let (dir, _) = config_dir("config.yml", GOOD);
+    let output = run(dir.path(), &["check"]);
+    assert!(output.status.success(), "{output:?}");
+    let (empty, _) = config_dir("other.yml", GOOD);
+    let output = run(empty.path(), &["check"]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        text(&output.stderr).contains("cannot read the file"),
+        "{output:?}"
+    );
+}
+
+#[test]
+fn check_rejects_a_bad_file_printing_every_error_with_its_line() {
+    let (dir, _) = config_dir("bad.yml", BAD);
+    let output = run(dir.path(), &["check", "-c", "bad.yml"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        stderr.contains("bad.yml:5:15: routes[0].upstream: no upstream named \"apii\""),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("bad.yml:8:11: sources.hello.rule: "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 errors"), "{stderr}");
+    assert!(output.stdout.is_empty(), "nothing on stdout: {output:?}");
+}
+
+#[test]
+fn check_reads_env_variables_from_the_process_environment() {
+    let with_token = "admin:\n  listen: 127.0.0.1:9901\n  token: '${LARDER_CLI_TEST_TOKEN}'\n";
+    let (dir, _) = config_dir("config.yml", with_token);
+    let output = larder()
+        .current_dir(dir.path())
+        .args(["check"])
+        .env("LARDER_CLI_TEST_TOKEN", "s3cret")
+        .output()
+        .expect("run");
+    assert!(output.status.success(), "{output:?}");
+    assert!(text(&output.stdout).contains("(token set)"), "{output:?}");
+
+    let output = larder()
+        .current_dir(dir.path())
+        .args(["check"])
+        .env_remove("LARDER_CLI_TEST_TOKEN")
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        text(&output.stderr).contains(
+            "config.yml:3:11: admin.token: environment variable LARDER_CLI_TEST_TOKEN is not set"
+        ),
+        "{output:?}"
+    );
+}
+
+#[test]
+fn check_reports_a_plugin_that_does_not_compile_at_its_line() {
+    let text_config = "plugins:\n  broken:\n    path: not-a-component.wasm\n";
+    let (dir, _) = config_dir("config.yml", text_config);
+    std::fs::write(dir.path().join("not-a-component.wasm"), b"this is not wasm").unwrap();
+    let output = run(dir.path(), &["check"]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        text(&output.stderr).contains("config.yml:3:5: plugins.broken"),
+        "{output:?}"
+    );
+}
+
+#[test]
+fn version_flag_prints_the_version() {
+    let output = larder().arg("--version").output().expect("run");
+    assert!(output.status.success());
+    assert_eq!(
+        text(&output.stdout).trim(),
+        format!("larder {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn help_mentions_check_and_examples() {
+    let output = larder().arg("--help").output().expect("run");
+    let stdout = text(&output.stdout);
+    assert!(output.status.success());
+    assert!(stdout.contains("check"), "{stdout}");
+    assert!(stdout.contains("larder check -c config.yml"), "{stdout}");
+    assert!(stdout.contains("-e"), "{stdout}");
+}
+
+#[test]
+fn cachepump_command_line_is_accepted() {
+    let (dir, _) = config_dir("my_config.yml", CACHEPUMP);
+    let output = run(
+        dir.path(),
+        &[
+            "check",
+            "-e",
+            "0.0.0.0:8080",
+            "-l",
+            "INFO",
+            "-c",
+            "./my_config.yml",
+        ],
+    );
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        text(&output.stdout).contains("cachepump mode"),
+        "{output:?}"
+    );
+    let output = run(
+        dir.path(),
+        &["check", "--e", ":9090", "--c", "my_config.yml"],
+    );
+    assert!(output.status.success(), "{output:?}");
+    assert!(text(&output.stdout).contains("0.0.0.0:9090"), "{output:?}");
+}
+
+#[test]
+fn log_level_flag_takes_any_case_and_refuses_nonsense() {
+    let (dir, _) = config_dir("config.yml", GOOD);
+    for level in ["DEBUG", "debug", "Warn", "larder=trace"] {
+        let output = run(dir.path(), &["check", "-l", level]);
+        assert!(output.status.success(), "{level}: {output:?}");
+    }
+    let output = run(dir.path(), &["check", "-l", "loud"]);
+    assert_eq!(output.status.code(), Some(2), "usage error: {output:?}");
+    assert!(
+        text(&output.stderr).contains("unknown log level"),
+        "{output:?}"
+    );
+}
+
+#[test]
+fn a_broken_config_exits_before_binding_the_port() {
+    let (dir, _) = config_dir("bad.yml", BAD);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = larder()
+        .current_dir(dir.path())
+        .args(["-c", "bad.yml", "-e", &listen])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let status = wait_for_exit(&mut child).expect("larder exits on its own");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("bad.yml:5:15: routes[0].upstream"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing was started"), "{stderr}");
+}
+
+#[test]
+fn serves_on_the_address_given_with_e() {
+    let (dir, _) = config_dir("config.yml", CACHEPUMP);
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut command = larder();
+    command.args(["-e", &addr.to_string(), "-l", "DEBUG", "-c", "config.yml"]);
+    let mut server = Running::spawn(command, dir.path());
+    let health = poll_until(&mut server, addr, "/health", 200);
+    assert!(health.contains(r#"{"status":"ok"}"#), "{health}");
+    let hello = poll_until(&mut server, addr, "/?key=hello", 200);
+    assert!(hello.contains(r#"{"data":"Hello world!"}"#), "{hello}");
+    assert!(
+        server.log().contains("DEBUG"),
+        "-l DEBUG turns on debug logs:\n{}",
+        server.log()
+    );
+}
+
+#[test]
+fn a_port_in_use_is_a_clear_error() {
+    let (dir, _) = config_dir("config.yml", CACHEPUMP);
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let listen = taken.local_addr().unwrap().to_string();
+    let mut child = larder()
+        .current_dir(dir.path())
+        .args(["-e", &listen])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let status = wait_for_exit(&mut child).expect("larder exits on its own");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&listen), "names the address: {stderr}");
+    drop(taken);
+}
