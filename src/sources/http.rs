@@ -147,7 +147,8 @@ impl HttpProvider {
         let mut method = self.method.clone();
         let mut body = self.body.clone();
         let mut headers = self.headers.clone();
-        for _ in 0..=MAX_REDIRECTS {
+        // Go sends at most ten requests: the tenth redirect is an error.
+        for _ in 0..MAX_REDIRECTS {
             let request = build_request(&method, &uri, &headers, body.clone());
             let response = self
                 .client
