@@ -470,3 +470,18 @@ fn log_level_is_normalised_to_a_filter_directive() {
     assert_at(&error, 2, "log.format");
     assert!(error.message.contains("did you mean \"json\"?"), "{error}");
 }
+
+#[test]
+fn a_section_key_written_without_a_value_is_on_with_defaults() {
+    let config = load("routes:\nadmin:\n").expect("loads");
+    assert_eq!(
+        config.routes,
+        Some(Vec::new()),
+        "`routes:` is proxy mode, not cachepump mode"
+    );
+    let admin = config.admin.expect("`admin:` starts the admin listener");
+    assert_eq!(
+        admin.listen,
+        "127.0.0.1:9901".parse::<SocketAddr>().unwrap()
+    );
+}

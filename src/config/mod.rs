@@ -109,6 +109,7 @@ pub fn load_str_with(
         }
         ConfigErrors(vec![error])
     })?;
+    present_but_empty_sections(&mut config, &index);
     let mut errors: Vec<ConfigError> = index
         .duplicates
         .iter()
@@ -133,6 +134,21 @@ pub fn load_str_with(
     } else {
         errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column.unwrap_or(0)));
         Err(ConfigErrors(errors))
+    }
+}
+
+/// `routes:` or `admin:` written without a value reads as null, which serde
+/// turns into "absent"; but the operator wrote the key, and absent `routes`
+/// means cachepump mode. A written key means the section is on, with defaults.
+fn present_but_empty_sections(config: &mut Config, index: &positions::PositionIndex) {
+    if config.routes.is_none() && index.contains("routes") {
+        config.routes = Some(Vec::new());
+    }
+    if config.admin.is_none() && index.contains("admin") {
+        config.admin = Some(AdminConfig {
+            listen: default_admin_listen(),
+            token: None,
+        });
     }
 }
 
