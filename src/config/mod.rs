@@ -221,6 +221,11 @@ fn strip_path_prefix<'m>(message: &'m str, path: &str) -> &'m str {
 /// Rewrites serde's "unknown field `x`, expected one of `a`, `b`" into an
 /// operator's sentence with a did-you-mean hint.
 fn explain(message: &str) -> String {
+    if let Some(rest) = message.strip_prefix("missing field `")
+        && let Some(name) = rest.strip_suffix('`')
+    {
+        return format!("missing required key {name:?}");
+    }
     let (what, rest) = if let Some(rest) = message.strip_prefix("unknown field ") {
         ("key", rest)
     } else if let Some(rest) = message.strip_prefix("unknown variant ") {

@@ -215,7 +215,7 @@ impl Checker<'_> {
             self.fail(
                 &format!("{path}.path"),
                 format!(
-                    "plugin file {} does not exist (paths are relative to the working directory; build plugins with `cargo build --release --target wasm32-wasip2` in plugins/)",
+                    "plugin file {} does not exist (paths are relative to the working directory; docs/plugins.md says how to build plugins)",
                     plugin.path.display()
                 ),
             );
