@@ -226,7 +226,27 @@ impl Drop for Sources {
 
 /// Checks a schedule rule as `config` validation needs it (no scheduling).
 pub fn validate_rule(rule: &str) -> Result<(), String> {
-    Rule::parse(rule).map(|_| ())
+    let parsed = Rule::parse(rule)?;
+    if parsed.next_after(Utc::now()).is_none() {
+        return Err(format!(
+            "rule {:?} never fires (a date that does not exist, such as February 30th)",
+            parsed.text()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_rule;
+
+    #[test]
+    fn validation_refuses_rules_that_never_fire() {
+        let error = validate_rule("0 0 0 30 2 *").unwrap_err();
+        assert!(error.contains("never fires"), "{error}");
+        assert!(validate_rule("0 0 0 29 2 *").is_ok(), "leap days exist");
+        assert!(validate_rule("").is_ok());
+    }
 }
 
 fn settings_of(source: &SourceConfig, kind: &'static str) -> Settings {
