@@ -236,19 +236,6 @@ pub fn validate_rule(rule: &str) -> Result<(), String> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::validate_rule;
-
-    #[test]
-    fn validation_refuses_rules_that_never_fire() {
-        let error = validate_rule("0 0 0 30 2 *").unwrap_err();
-        assert!(error.contains("never fires"), "{error}");
-        assert!(validate_rule("0 0 0 29 2 *").is_ok(), "leap days exist");
-        assert!(validate_rule("").is_ok());
-    }
-}
-
 fn settings_of(source: &SourceConfig, kind: &'static str) -> Settings {
     Settings {
         kind,
@@ -323,4 +310,17 @@ fn status_of(slot: &Slot) -> serde_json::Value {
         "skipped": record.skipped,
         "not_modified": record.not_modified,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_rule;
+
+    #[test]
+    fn validation_refuses_rules_that_never_fire() {
+        let error = validate_rule("0 0 0 30 2 *").unwrap_err();
+        assert!(error.contains("never fires"), "{error}");
+        assert!(validate_rule("0 0 0 29 2 *").is_ok(), "leap days exist");
+        assert!(validate_rule("").is_ok());
+    }
 }
