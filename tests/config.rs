@@ -485,3 +485,44 @@ fn a_section_key_written_without_a_value_is_on_with_defaults() {
         "127.0.0.1:9901".parse::<SocketAddr>().unwrap()
     );
 }
+
+#[test]
+fn type_errors_and_unknown_keys_in_different_parts_are_reported_together() {
+    let text = "\
+listen: 0.0.0.0:8080
+cache:
+  max_size: lots
+upstreams:
+  api:
+    servers: [\"http://127.0.0.1:9000\"]
+    timeout: 10
+  web:
+    servers: [\"http://127.0.0.1:9001\"]
+    conect_timeout: 1s
+routes:
+  - upstream: api
+  - upstreem: web
+  - upstream: web
+    cache: { enabled: yes please }
+";
+    let errors = load(text).expect_err("rejected").0;
+    let found: Vec<(Option<usize>, &str)> =
+        errors.iter().map(|e| (e.line, e.path.as_str())).collect();
+    assert_eq!(
+        found,
+        vec![
+            (Some(3), "cache.max_size"),
+            (Some(7), "upstreams.api.timeout"),
+            (Some(10), "upstreams.web.conect_timeout"),
+            (Some(13), "routes[1].upstreem"),
+            (Some(15), "routes[2].cache.enabled"),
+        ],
+        "{}",
+        ConfigErrors(errors.clone())
+    );
+    assert!(
+        errors[2]
+            .message
+            .contains("did you mean \"connect_timeout\"?")
+    );
+}

@@ -5,6 +5,7 @@
 
 mod env;
 pub mod model;
+mod partial;
 mod positions;
 pub mod units;
 mod validate;
@@ -91,24 +92,11 @@ pub fn load_str_with(
     if let Err(e) = serde_yaml::from_str::<serde::de::IgnoredAny>(&expanded) {
         return Err(ConfigErrors(vec![serde_error(file, String::new(), &e)]));
     }
-    let deserializer = serde_yaml::Deserializer::from_str(&expanded);
     let index = positions::PositionIndex::build(&expanded);
-    let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        let mut error = serde_error(file, path, e.inner());
-        // serde_yaml places errors raised by a value's own parser (a bad
-        // duration, size or address) at the enclosing mapping; the index
-        // knows where the value itself is. Unknown keys stay where serde_yaml
-        // put them: on the key.
-        if !error.message.starts_with("unknown key")
-            && let Some(at) = index.locate_exact(&error.path)
-        {
-            error.line = Some(at.line);
-            error.column = Some(at.column);
-        }
-        ConfigErrors(vec![error])
-    })?;
+    let mut config = match deserialize(&expanded, file, &index) {
+        Ok(config) => config,
+        Err(first) => return Err(every_serde_error(first, &expanded, file, &index)),
+    };
     present_but_empty_sections(&mut config, &index);
     let mut errors: Vec<ConfigError> = index
         .duplicates
@@ -135,6 +123,55 @@ pub fn load_str_with(
         errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column.unwrap_or(0)));
         Err(ConfigErrors(errors))
     }
+}
+
+/// One typed read of `text`; its error placed as precisely as possible.
+fn deserialize(
+    text: &str,
+    file: &str,
+    index: &positions::PositionIndex,
+) -> Result<Config, ConfigError> {
+    let deserializer = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        let mut error = serde_error(file, path, e.inner());
+        // serde_yaml places errors raised by a value's own parser (a bad
+        // duration, size or address) at the enclosing mapping; the index
+        // knows where the value itself is. Unknown keys stay where serde_yaml
+        // put them: on the key.
+        if !error.message.starts_with("unknown key")
+            && let Some(at) = index.locate_exact(&error.path)
+        {
+            error.line = Some(at.line);
+            error.column = Some(at.column);
+        }
+        error
+    })
+}
+
+/// serde stops at `first`; reading each part of the file alone finds the
+/// errors in the other parts too.
+fn every_serde_error(
+    first: ConfigError,
+    text: &str,
+    file: &str,
+    index: &positions::PositionIndex,
+) -> ConfigErrors {
+    let mut errors = vec![first];
+    for variant in partial::variants(text, index) {
+        // Blanking never breaks valid YAML, but stay safe if it ever does.
+        if serde_yaml::from_str::<serde::de::IgnoredAny>(&variant).is_err() {
+            continue;
+        }
+        if let Err(error) = deserialize(&variant, file, index)
+            && !errors.contains(&error)
+        {
+            errors.push(error);
+        }
+    }
+    errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column.unwrap_or(0)));
+    ConfigErrors(errors)
 }
 
 /// `routes:` or `admin:` written without a value reads as null, which serde

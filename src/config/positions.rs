@@ -31,6 +31,11 @@ pub struct DuplicateKey {
 pub struct PositionIndex {
     values: HashMap<String, Position>,
     keys: HashMap<String, Position>,
+    /// Parent path -> its entries (key position for mappings, item position
+    /// for sequences), in file order.
+    children: HashMap<String, Vec<(String, Position)>>,
+    /// Anchors or aliases tie parts of the file together.
+    pub has_anchors: bool,
     pub duplicates: Vec<DuplicateKey>,
 }
 
@@ -74,6 +79,12 @@ impl PositionIndex {
                 Event::StreamEnd => break,
                 // Only the first document is configuration.
                 Event::DocumentEnd => break,
+                Event::Scalar(ref text, _, anchor, _) if anchor > 0 => {
+                    index.has_anchors = true;
+                    if let Role::Value(path) = index.role(&mut stack, at, Some(text)) {
+                        index.values.insert(path, at);
+                    }
+                }
                 Event::Scalar(text, ..) => match index.role(&mut stack, at, Some(&text)) {
                     Role::Key => {}
                     Role::Value(path) => {
@@ -88,11 +99,16 @@ impl PositionIndex {
                     }
                 },
                 Event::Alias(_) => {
+                    index.has_anchors = true;
                     if let Role::Value(path) = index.role(&mut stack, at, None) {
                         index.values.insert(path, at);
                     }
                 }
                 Event::MappingStart(..) | Event::SequenceStart(..) => {
+                    if matches!(event, Event::MappingStart(a, _) | Event::SequenceStart(a, _) if a > 0)
+                    {
+                        index.has_anchors = true;
+                    }
                     let path = match index.role(&mut stack, at, None) {
                         Role::Value(path) => path,
                         // A mapping or sequence used as a key: index its
@@ -131,6 +147,10 @@ impl PositionIndex {
             Frame::Sequence { path, next_index } => {
                 let child = format!("{path}[{next_index}]");
                 *next_index += 1;
+                self.children
+                    .entry(path.clone())
+                    .or_default()
+                    .push((child.clone(), at));
                 Role::Value(child)
             }
             Frame::Mapping {
@@ -154,6 +174,10 @@ impl PositionIndex {
                     } else {
                         seen.insert(key.clone(), at);
                     }
+                    self.children
+                        .entry(path.clone())
+                        .or_default()
+                        .push((child.clone(), at));
                     self.keys.entry(child).or_insert(at);
                     *pending_key = Some(key);
                     Role::Key
@@ -175,6 +199,12 @@ impl PositionIndex {
             }
             path = parent(path);
         }
+    }
+
+    /// The entries of the mapping or sequence at `path` (`""` is the
+    /// document), each with the place its key or item starts, in file order.
+    pub fn children(&self, path: &str) -> &[(String, Position)] {
+        self.children.get(path).map_or(&[], Vec::as_slice)
     }
 
     /// Where the value at exactly `path` starts, if it is written.
