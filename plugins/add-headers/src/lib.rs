@@ -1,0 +1,137 @@
+//! `add-headers`: sets and removes headers on responses (and requests).
+//!
+//! Config (all optional, unknown keys are refused):
+//! - `set`: `"name: value; name2: value2"`, response headers to set (replacing)
+//! - `remove`: `"server, x-powered-by"`, response headers to remove
+//! - `request_set` / `request_remove`: the same for the request, before the upstream
+//! - `cache_key_from`: a request header whose value becomes an extra cache-key part
+//!
+//! In the cache-store phase, `set: "cache-control: s-maxage=60"` sets the
+//! cached entry's TTL and `set: "surrogate-key: news"` tags it.
+
+use std::cell::RefCell;
+
+wit_bindgen::generate!({ world: "transformer", path: "../../wit" });
+
+use exports::larder::plugin::transform::{
+    Guest, Phase, RequestAction, RequestOut, ResponseOut,
+};
+use larder::plugin::types::{Config, Headers, PluginError, RequestHead, ResponseHead};
+
+#[derive(Default)]
+struct Settings {
+    set: Vec<(String, String)>,
+    remove: Vec<String>,
+    request_set: Vec<(String, String)>,
+    request_remove: Vec<String>,
+    cache_key_from: Option<String>,
+}
+
+thread_local! {
+    static SETTINGS: RefCell<Settings> = RefCell::new(Settings::default());
+}
+
+fn parse_pairs(key: &str, text: &str) -> Result<Vec<(String, String)>, PluginError> {
+    let mut pairs = Vec::new();
+    for item in text.split(';').map(str::trim).filter(|item| !item.is_empty()) {
+        let Some((name, value)) = item.split_once(':') else {
+            return Err(PluginError::InvalidConfig(format!(
+                "{key}: `{item}` is not `name: value`"
+            )));
+        };
+        let name = valid_name(key, name)?;
+        pairs.push((name, value.trim().to_string()));
+    }
+    Ok(pairs)
+}
+
+fn parse_names(key: &str, text: &str) -> Result<Vec<String>, PluginError> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| valid_name(key, name))
+        .collect()
+}
+
+fn valid_name(key: &str, name: &str) -> Result<String, PluginError> {
+    let name = name.trim().to_ascii_lowercase();
+    let is_token = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if is_token {
+        Ok(name)
+    } else {
+        Err(PluginError::InvalidConfig(format!(
+            "{key}: `{name}` is not a valid header name"
+        )))
+    }
+}
+
+fn apply(headers: &mut Headers, set: &[(String, String)], remove: &[String]) {
+    headers.retain(|(name, _)| {
+        !remove.iter().any(|r| r == name) && !set.iter().any(|(s, _)| s == name)
+    });
+    for (name, value) in set {
+        headers.push((name.clone(), value.clone().into_bytes()));
+    }
+}
+
+struct AddHeaders;
+
+impl Guest for AddHeaders {
+    fn init(cfg: Config) -> Result<(), PluginError> {
+        let mut settings = Settings::default();
+        for (key, value) in cfg {
+            match key.as_str() {
+                "set" => settings.set = parse_pairs(&key, &value)?,
+                "remove" => settings.remove = parse_names(&key, &value)?,
+                "request_set" => settings.request_set = parse_pairs(&key, &value)?,
+                "request_remove" => settings.request_remove = parse_names(&key, &value)?,
+                "cache_key_from" => settings.cache_key_from = Some(valid_name(&key, &value)?),
+                other => {
+                    return Err(PluginError::InvalidConfig(format!(
+                        "unknown key `{other}` (expected set, remove, request_set, request_remove, cache_key_from)"
+                    )));
+                }
+            }
+        }
+        SETTINGS.with(|s| *s.borrow_mut() = settings);
+        Ok(())
+    }
+
+    fn on_request(mut req: RequestHead) -> Result<RequestAction, PluginError> {
+        SETTINGS.with(|s| {
+            let settings = s.borrow();
+            let cache_key_extra = settings
+                .cache_key_from
+                .as_ref()
+                .and_then(|wanted| req.headers.iter().find(|(name, _)| name == wanted))
+                .map(|(_, value)| vec![String::from_utf8_lossy(value).into_owned()])
+                .unwrap_or_default();
+            apply(&mut req.headers, &settings.request_set, &settings.request_remove);
+            Ok(RequestAction::Continue(RequestOut {
+                head: req,
+                cache_key_extra,
+            }))
+        })
+    }
+
+    fn on_response(
+        _phase: Phase,
+        _req: RequestHead,
+        mut resp: ResponseHead,
+        _body: Option<Vec<u8>>,
+    ) -> Result<ResponseOut, PluginError> {
+        SETTINGS.with(|s| {
+            let settings = s.borrow();
+            apply(&mut resp.headers, &settings.set, &settings.remove);
+        });
+        Ok(ResponseOut {
+            head: resp,
+            body: None,
+        })
+    }
+}
+
+export!(AddHeaders);
