@@ -1,16 +1,40 @@
 //! The shared HTTP cache (RFC 9111): store, keys and variants, freshness and
 //! validation, request coalescing, the tee into the store, purge and tags.
 //!
-//! Does no I/O to upstreams itself: the proxy hands it an [`Origin`] to call.
+//! [`Cache::serve`] is the one entry point of the request path; the admin API
+//! calls the `purge_*` functions. Does no I/O to upstreams itself: the proxy
+//! hands it an [`Origin`] to call. The RFC rules live as pure functions in
+//! `directives`, `policy` and `key`; `store` keeps entries, `flight` shares one
+//! fetch between concurrent requests, `fill` runs that fetch.
 
-use std::sync::Arc;
+mod directives;
+mod fill;
+mod flight;
+mod key;
+mod policy;
+mod store;
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::{Request, Response};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode};
+use tokio::sync::oneshot;
 
-use crate::body::Body;
+use crate::body::{self, Body};
 use crate::config::{CacheConfig, RouteCache};
-use crate::error::ProxyError;
+use crate::error::{ProxyError, problem_response};
+use crate::proxy::ClientAddr;
+use directives::RequestDirectives;
+use fill::FillJob;
+use flight::{Flight, Head};
+use store::{Entry, Meta, Store};
 
 /// One upstream fetch, as the proxy performs it (forwarding, timeouts, the
 /// cache-store phase of plugins). The cache decides when to call it.
@@ -21,29 +45,955 @@ pub trait Origin: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Response<Body>, ProxyError>>;
 }
 
+/// The name this cache uses in `Cache-Status` (RFC 9211).
+const CACHE_NAME: &str = "larder";
+
+/// Settings that may change on reload without touching the entries.
+struct Settings {
+    max_size: u64,
+    max_object_size: u64,
+    tag_headers: Vec<HeaderName>,
+}
+
+impl Settings {
+    fn from_config(config: &CacheConfig) -> Self {
+        Self {
+            max_size: config.max_size.0,
+            max_object_size: config.max_object_size.0,
+            tag_headers: config
+                .tag_headers
+                .iter()
+                .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+                .collect(),
+        }
+    }
+}
+
+struct Inner {
+    store: ArcSwap<Store>,
+    settings: ArcSwap<Settings>,
+    /// The fill in progress per primary key, joined by concurrent misses.
+    flights: Mutex<HashMap<String, Arc<Flight>>>,
+}
+
 /// The in-memory cache shared by every route; lives across config reloads.
 pub struct Cache {
-    _config: CacheConfig,
+    inner: Arc<Inner>,
+}
+
+/// How a request was forwarded, in RFC 9211 `fwd` words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fwd {
+    UriMiss,
+    VaryMiss,
+    /// The request asked for validation (`no-cache`, `max-age`, `min-fresh`).
+    Request,
+    Stale,
+    Method,
+    Bypass,
+}
+
+impl Fwd {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::UriMiss => "uri-miss",
+            Self::VaryMiss => "vary-miss",
+            Self::Request => "request",
+            Self::Stale => "stale",
+            Self::Method => "method",
+            Self::Bypass => "bypass",
+        }
+    }
+
+    fn metric(self) -> &'static str {
+        match self {
+            Self::UriMiss | Self::VaryMiss => "miss",
+            Self::Request | Self::Stale => "revalidate",
+            Self::Method | Self::Bypass => "bypass",
+        }
+    }
+}
+
+/// What a stored response can do for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Use {
+    Fresh,
+    /// Stale, but the request's `max-stale` accepts it.
+    StaleAccepted,
+    /// Stale within stale-while-revalidate: serve now, refresh behind.
+    StaleWhileRevalidate,
+    Validate(Fwd),
+}
+
+/// Decides how a stored response may be used (RFC 9111 section 4, RFC 5861).
+fn decide(meta: &Meta, request: &RequestDirectives, now: SystemTime) -> Use {
+    let age = meta.timing.current_age(now);
+    if request.no_cache {
+        return Use::Validate(Fwd::Request);
+    }
+    if meta.directives.no_cache {
+        return Use::Validate(Fwd::Stale);
+    }
+    if request
+        .max_age
+        .is_some_and(|max| age > Duration::from_secs(max))
+    {
+        return Use::Validate(Fwd::Request);
+    }
+    if meta.lifetime > age {
+        let left = meta.lifetime - age;
+        if request
+            .min_fresh
+            .is_some_and(|min| left < Duration::from_secs(min))
+        {
+            return Use::Validate(Fwd::Request);
+        }
+        return Use::Fresh;
+    }
+    if meta.directives.forbids_stale() {
+        return Use::Validate(Fwd::Stale);
+    }
+    let staleness = age - meta.lifetime;
+    if let Some(max_stale) = request.max_stale
+        && max_stale.is_none_or(|max| staleness <= Duration::from_secs(max))
+    {
+        return Use::StaleAccepted;
+    }
+    if staleness < meta.stale_while_revalidate {
+        return Use::StaleWhileRevalidate;
+    }
+    Use::Validate(Fwd::Stale)
+}
+
+/// Whether stale-if-error lets this stored response answer after a failure.
+fn stale_if_error_allows(meta: &Meta, request: &RequestDirectives, now: SystemTime) -> bool {
+    if meta.directives.forbids_stale() {
+        return false;
+    }
+    let window = request
+        .stale_if_error
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::ZERO)
+        .max(meta.stale_if_error);
+    let staleness = meta.timing.current_age(now).saturating_sub(meta.lifetime);
+    !window.is_zero() && staleness <= window
+}
+
+/// Upstream statuses that count as errors for stale-if-error (RFC 5861 section 4).
+fn is_error_status(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 500 | 502 | 503 | 504)
+}
+
+fn ttl_seconds(meta: &Meta, now: SystemTime) -> i64 {
+    let lifetime = i64::try_from(meta.lifetime.as_secs()).unwrap_or(i64::MAX);
+    let age = i64::try_from(meta.timing.current_age(now).as_secs()).unwrap_or(i64::MAX);
+    lifetime.saturating_sub(age)
 }
 
 impl Cache {
     pub fn new(config: &CacheConfig) -> Arc<Self> {
         Arc::new(Self {
-            _config: config.clone(),
+            inner: Arc::new(Inner {
+                store: ArcSwap::from_pointee(Store::new(config.max_size.0)),
+                settings: ArcSwap::from_pointee(Settings::from_config(config)),
+                flights: Mutex::new(HashMap::new()),
+            }),
         })
     }
 
-    /// Applies changed settings on reload; entries survive.
-    pub fn apply(&self, _config: &CacheConfig) {}
+    /// Applies changed settings on reload; entries survive. A new `max_size`
+    /// moves the entries into a store of the new size (the excess is evicted).
+    pub fn apply(&self, config: &CacheConfig) {
+        let settings = Settings::from_config(config);
+        if settings.max_size != self.inner.settings.load().max_size {
+            let resized = Store::new(settings.max_size);
+            self.inner.store.load().drain_into(&resized);
+            self.inner.store.store(Arc::new(resized));
+            tracing::info!(max_size = settings.max_size, "cache resized");
+        }
+        self.inner.settings.store(Arc::new(settings));
+    }
 
     /// Answers a request on a cache-enabled route: from the store, by joining
     /// a flight, or through `origin`.
     pub async fn serve(
         &self,
-        _route: &RouteCache,
+        route: &RouteCache,
         request: Request<Body>,
         origin: Arc<dyn Origin>,
     ) -> Result<Response<Body>, ProxyError> {
-        origin.fetch(request).await
+        let method = request.method();
+        if method.as_str() == "PURGE" {
+            return Ok(self.purge_request(route, &request));
+        }
+        if method == Method::GET || method == Method::HEAD {
+            if request.headers().contains_key(header::RANGE) {
+                return pass(request, origin, Fwd::Bypass).await;
+            }
+            return self.serve_cacheable(route, request, origin).await;
+        }
+        if method == Method::OPTIONS || method == Method::TRACE {
+            return pass(request, origin, Fwd::Method).await;
+        }
+        self.serve_unsafe(route, request, origin).await
+    }
+
+    async fn serve_cacheable(
+        &self,
+        route: &RouteCache,
+        request: Request<Body>,
+        origin: Arc<dyn Origin>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let (parts, _) = request.into_parts();
+        let now = SystemTime::now();
+        let key = key::primary_key(&parts.uri, &parts.headers, &route.key);
+        let directives = RequestDirectives::parse(&parts.headers);
+        let variants = self.inner.store.load().get(&key);
+        let authorized = parts.headers.contains_key(header::AUTHORIZATION);
+        let selected = variants
+            .as_ref()
+            .and_then(|v| v.select(&parts.headers))
+            .filter(|e| !authorized || e.meta.directives.allows_authorized())
+            .cloned();
+
+        let Some(entry) = selected else {
+            let fwd = if variants.is_some() {
+                Fwd::VaryMiss
+            } else {
+                Fwd::UriMiss
+            };
+            if directives.only_if_cached {
+                return Ok(not_cached());
+            }
+            if parts.method == Method::HEAD || directives.no_store {
+                let request = Request::from_parts(parts, body::empty());
+                return pass(request, origin, fwd).await;
+            }
+            let job = Lookup {
+                route,
+                parts,
+                directives,
+                key,
+                stale: None,
+                fwd,
+            };
+            return self.fetch_via_flight(job, origin).await;
+        };
+
+        match decide(&entry.meta, &directives, now) {
+            Use::Fresh => {
+                count("hit");
+                let status = format!("{CACHE_NAME}; hit; ttl={}", ttl_seconds(&entry.meta, now));
+                Ok(respond_stored(&entry, &parts, now, status))
+            }
+            Use::StaleAccepted => Ok(self.serve_stale(&entry, &parts, now, "max-stale")),
+            Use::StaleWhileRevalidate => {
+                self.refresh_in_background(route, &parts, &key, &entry, origin);
+                Ok(self.serve_stale(&entry, &parts, now, "swr"))
+            }
+            Use::Validate(fwd) => {
+                if directives.only_if_cached {
+                    return Ok(not_cached());
+                }
+                if directives.no_store {
+                    let request = Request::from_parts(parts, body::empty());
+                    return pass(request, origin, fwd).await;
+                }
+                let job = Lookup {
+                    route,
+                    parts,
+                    directives,
+                    key,
+                    stale: Some(entry),
+                    fwd,
+                };
+                self.fetch_via_flight(job, origin).await
+            }
+        }
+    }
+
+    fn serve_stale(
+        &self,
+        entry: &Entry,
+        parts: &Parts,
+        now: SystemTime,
+        reason: &'static str,
+    ) -> Response<Body> {
+        count("stale");
+        metrics::counter!("larder_cache_stale_served_total", "reason" => reason).increment(1);
+        let status = format!("{CACHE_NAME}; hit; ttl={}", ttl_seconds(&entry.meta, now));
+        respond_stored(entry, parts, now, status)
+    }
+
+    /// Joins the fill in flight for this key, or leads a new one.
+    async fn fetch_via_flight(
+        &self,
+        lookup: Lookup<'_>,
+        origin: Arc<dyn Origin>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let existing = self.flights().get(&lookup.key).map(Arc::clone);
+        match existing {
+            Some(flight) => self.wait_on(flight, lookup, origin).await,
+            None => self.lead(lookup, origin, true).await,
+        }
+    }
+
+    /// Starts a fill and answers from it; `register` makes it joinable.
+    async fn lead(
+        &self,
+        lookup: Lookup<'_>,
+        origin: Arc<dyn Origin>,
+        register: bool,
+    ) -> Result<Response<Body>, ProxyError> {
+        let (flight, leader) = self.start_fill(&lookup, origin, register);
+        let head = flight.wait_head().await;
+        if let Head::Shared {
+            meta,
+            stored,
+            upstream_status,
+        } = head
+        {
+            count(lookup.fwd.metric());
+            let status = forwarded_status(lookup.fwd, upstream_status, stored, false);
+            return Ok(respond_from_flight(&flight, &meta, &lookup.parts, status));
+        }
+        let outcome = leader
+            .await
+            .unwrap_or_else(|_| Err(ProxyError::Internal("the cache fill stopped".into())));
+        Ok(finish_unshared(&lookup, outcome)?)
+    }
+
+    async fn wait_on(
+        &self,
+        flight: Arc<Flight>,
+        lookup: Lookup<'_>,
+        origin: Arc<dyn Origin>,
+    ) -> Result<Response<Body>, ProxyError> {
+        metrics::counter!("larder_cache_coalesced_total").increment(1);
+        match flight.wait_head().await {
+            Head::Shared {
+                meta,
+                stored,
+                upstream_status,
+            } if may_share(&meta, &lookup.parts.headers) => {
+                if flight.reader().is_some() {
+                    count(lookup.fwd.metric());
+                    let status = forwarded_status(lookup.fwd, upstream_status, stored, true);
+                    return Ok(respond_from_flight(&flight, &meta, &lookup.parts, status));
+                }
+                self.lead(lookup, origin, false).await
+            }
+            Head::Failed(failed) => {
+                let now = SystemTime::now();
+                if let Some(stale) = &lookup.stale
+                    && stale_if_error_allows(&stale.meta, &lookup.directives, now)
+                {
+                    return Ok(serve_stale_on_error(stale, &lookup.parts, now, None));
+                }
+                Err(failed.to_error())
+            }
+            _ => self.lead(lookup, origin, false).await,
+        }
+    }
+
+    fn start_fill(
+        &self,
+        lookup: &Lookup<'_>,
+        origin: Arc<dyn Origin>,
+        register: bool,
+    ) -> (
+        Arc<Flight>,
+        oneshot::Receiver<Result<Response<Body>, ProxyError>>,
+    ) {
+        let flight = Flight::new();
+        if register {
+            self.flights()
+                .insert(lookup.key.clone(), Arc::clone(&flight));
+        }
+        let (leader, receiver) = oneshot::channel();
+        let job = FillJob {
+            inner: Arc::clone(&self.inner),
+            flight: Arc::clone(&flight),
+            key: lookup.key.clone(),
+            registered: register,
+            request_headers: lookup.parts.headers.clone(),
+            request_directives: lookup.directives.clone(),
+            fetch: fill_request(&lookup.parts, lookup.stale.as_deref()),
+            origin,
+            stale: lookup.stale.clone(),
+            route_stale_while_revalidate: lookup.route.stale_while_revalidate.map(|d| d.0),
+            route_stale_if_error: lookup.route.stale_if_error.map(|d| d.0),
+            leader,
+        };
+        tokio::spawn(fill::run(job));
+        (flight, receiver)
+    }
+
+    /// Starts one background revalidation for the key unless one is running.
+    fn refresh_in_background(
+        &self,
+        route: &RouteCache,
+        parts: &Parts,
+        key: &str,
+        entry: &Arc<Entry>,
+        origin: Arc<dyn Origin>,
+    ) {
+        if self.flights().contains_key(key) {
+            return;
+        }
+        let lookup = Lookup {
+            route,
+            parts: clone_parts(parts),
+            directives: RequestDirectives::default(),
+            key: key.to_string(),
+            stale: Some(Arc::clone(entry)),
+            fwd: Fwd::Stale,
+        };
+        // The leader's receiver is dropped: nobody waits for this fill.
+        let _ = self.start_fill(&lookup, origin, true);
+    }
+
+    async fn serve_unsafe(
+        &self,
+        route: &RouteCache,
+        request: Request<Body>,
+        origin: Arc<dyn Origin>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let url = key::effective_url(request.uri(), request.headers());
+        let own_key = key::primary_key(request.uri(), request.headers(), &route.key);
+        let response = pass(request, origin, Fwd::Method).await?;
+        let status = response.status();
+        if status.is_success() || status.is_redirection() {
+            let store = self.inner.store.load();
+            let mut removed = store.purge_url(key::url_part(&own_key));
+            for name in [header::LOCATION, header::CONTENT_LOCATION] {
+                let target = response
+                    .headers()
+                    .get(&name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| key::same_origin_target(&url, v));
+                if let Some(target) = target.and_then(|t| t.parse::<http::Uri>().ok()) {
+                    let target_key = key::primary_key(&target, &HeaderMap::new(), &route.key);
+                    removed += store.purge_url(key::url_part(&target_key));
+                }
+            }
+            if removed > 0 {
+                tracing::debug!(url = %url, removed, "cache entries invalidated by an unsafe method");
+            }
+            update_gauges(&store);
+        }
+        Ok(response)
+    }
+
+    /// PURGE on the proxy listener (the Varnish habit), for allowed clients.
+    fn purge_request(&self, route: &RouteCache, request: &Request<Body>) -> Response<Body> {
+        let Some(purge) = &route.purge else {
+            let mut response = problem_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "PURGE is not enabled on this route",
+            );
+            response.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
+            );
+            return response;
+        };
+        let client = request.extensions().get::<ClientAddr>().map(|c| c.0.ip());
+        let allowed = client.is_some_and(|ip| purge.allow.iter().any(|rule| ip_allowed(rule, ip)));
+        if !allowed {
+            tracing::info!(client = ?client, "PURGE refused: client not in purge.allow");
+            return problem_response(StatusCode::FORBIDDEN, "this client may not PURGE");
+        }
+        let key = key::primary_key(request.uri(), request.headers(), &route.key);
+        let store = self.inner.store.load();
+        let purged = store.purge_url(key::url_part(&key));
+        update_gauges(&store);
+        tracing::info!(url = key::url_part(&key), purged, "PURGE");
+        purged_response(purged)
+    }
+
+    /// Removes every variant stored for `url` (`scheme://authority/path?query`,
+    /// matched after the same normalization as request keys). Returns how many went.
+    pub fn purge_url(&self, url: &str) -> usize {
+        let Some(url) = key::normalize_url(url) else {
+            return 0;
+        };
+        let store = self.inner.store.load();
+        let purged = store.purge_url(&url);
+        update_gauges(&store);
+        purged
+    }
+
+    /// Removes entries whose URL starts with `prefix`: a prefix starting with
+    /// `/` matches the path (and query) on any host; otherwise it is matched
+    /// against `scheme://authority/path?query`.
+    pub fn purge_prefix(&self, prefix: &str) -> usize {
+        if prefix.is_empty() {
+            return 0;
+        }
+        let store = self.inner.store.load();
+        let purged = store.purge_prefix(prefix);
+        update_gauges(&store);
+        purged
+    }
+
+    /// Removes entries tagged `tag` (exact match) by a `cache.tag_headers` header.
+    pub fn purge_tag(&self, tag: &str) -> usize {
+        let store = self.inner.store.load();
+        let purged = store.purge_tag(tag.trim());
+        update_gauges(&store);
+        purged
+    }
+
+    /// Bytes held (moka's weighted size; exact after [`Cache::run_pending_tasks`]).
+    pub fn weighted_size(&self) -> u64 {
+        self.inner.store.load().weighted_size()
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.inner.store.load().entry_count()
+    }
+
+    /// Runs moka's deferred maintenance (eviction, counts) now.
+    pub fn run_pending_tasks(&self) {
+        let store = self.inner.store.load();
+        store.run_pending_tasks();
+        update_gauges(&store);
+    }
+
+    fn flights(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Flight>>> {
+        self.inner.flights.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A cacheable request on its way through lookup and fill.
+struct Lookup<'a> {
+    route: &'a RouteCache,
+    parts: Parts,
+    directives: RequestDirectives,
+    key: String,
+    stale: Option<Arc<Entry>>,
+    fwd: Fwd,
+}
+
+/// Forwards a request the cache does not handle, labelling the response.
+async fn pass(
+    request: Request<Body>,
+    origin: Arc<dyn Origin>,
+    fwd: Fwd,
+) -> Result<Response<Body>, ProxyError> {
+    count(fwd.metric());
+    let mut response = origin.fetch(request).await?;
+    let status = format!(
+        "{CACHE_NAME}; fwd={}; fwd-status={}",
+        fwd.as_str(),
+        response.status().as_u16()
+    );
+    add_cache_status(response.headers_mut(), &status);
+    Ok(response)
+}
+
+/// The answer when a fill's response was not shared: the leader's own
+/// response, or stale content when stale-if-error allows, or the error.
+fn finish_unshared(
+    lookup: &Lookup<'_>,
+    outcome: Result<Response<Body>, ProxyError>,
+) -> Result<Response<Body>, ProxyError> {
+    let now = SystemTime::now();
+    let stale_allowed = lookup
+        .stale
+        .as_ref()
+        .filter(|s| stale_if_error_allows(&s.meta, &lookup.directives, now));
+    match outcome {
+        Ok(response) => {
+            let status = response.status();
+            if let Some(stale) = stale_allowed
+                && is_error_status(status)
+            {
+                return Ok(serve_stale_on_error(
+                    stale,
+                    &lookup.parts,
+                    now,
+                    Some(status),
+                ));
+            }
+            count(lookup.fwd.metric());
+            let label = forwarded_status(lookup.fwd, status, false, false);
+            Ok(pass_through(response, &lookup.parts, label))
+        }
+        Err(error) => {
+            if let Some(stale) = stale_allowed {
+                return Ok(serve_stale_on_error(stale, &lookup.parts, now, None));
+            }
+            if lookup.stale.is_some() {
+                // RFC 9111 sections 4.2.4 and 5.2.2.2: a stale response that
+                // could not be revalidated is answered with 504.
+                count("error");
+                tracing::info!(%error, "stale entry could not be revalidated");
+                let mut response = problem_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the stored response is stale and the origin could not be reached to revalidate it",
+                );
+                add_cache_status(response.headers_mut(), &format!("{CACHE_NAME}; fwd=stale"));
+                return Ok(response);
+            }
+            count("error");
+            Err(error)
+        }
+    }
+}
+
+fn serve_stale_on_error(
+    stale: &Entry,
+    parts: &Parts,
+    now: SystemTime,
+    upstream_status: Option<StatusCode>,
+) -> Response<Body> {
+    count("stale");
+    metrics::counter!("larder_cache_stale_served_total", "reason" => "error").increment(1);
+    let ttl = ttl_seconds(&stale.meta, now);
+    let status = match upstream_status {
+        Some(code) => format!(
+            "{CACHE_NAME}; fwd=stale; fwd-status={}; ttl={ttl}; detail=stale-if-error",
+            code.as_u16()
+        ),
+        None => format!("{CACHE_NAME}; fwd=stale; ttl={ttl}; detail=stale-if-error"),
+    };
+    respond_stored(stale, parts, now, status)
+}
+
+/// `Cache-Status` for a forwarded request.
+fn forwarded_status(
+    fwd: Fwd,
+    upstream_status: StatusCode,
+    stored: bool,
+    collapsed: bool,
+) -> String {
+    let mut value = format!(
+        "{CACHE_NAME}; fwd={}; fwd-status={}",
+        fwd.as_str(),
+        upstream_status.as_u16()
+    );
+    if stored {
+        value.push_str("; stored");
+    }
+    if collapsed {
+        value.push_str("; collapsed");
+    }
+    value
+}
+
+/// The 504 for `only-if-cached` when nothing usable is stored.
+fn not_cached() -> Response<Body> {
+    count("miss");
+    let mut response = ProxyError::NotCached.into_response();
+    add_cache_status(
+        response.headers_mut(),
+        &format!("{CACHE_NAME}; detail=only-if-cached"),
+    );
+    response
+}
+
+/// A waiter may take the leader's response only when it is what the cache
+/// would have served it: same Vary selection, Authorization rules met.
+fn may_share(meta: &Meta, request: &HeaderMap) -> bool {
+    if request.contains_key(header::AUTHORIZATION) && !meta.directives.allows_authorized() {
+        return false;
+    }
+    meta.vary_names.is_empty() || meta.matches(&key::vary_values(&meta.vary_names, request))
+}
+
+/// The request the fill sends: always GET, the client's conditionals removed
+/// (the cache wants a full response), the stored validators added.
+fn fill_request(parts: &Parts, stale: Option<&Entry>) -> Request<Body> {
+    let mut headers = parts.headers.clone();
+    for name in policy::CLIENT_CONDITIONALS {
+        headers.remove(name);
+    }
+    if let Some(stale) = stale {
+        policy::add_validators(&mut headers, &stale.meta.headers);
+    }
+    let mut request = Request::new(body::empty());
+    *request.method_mut() = Method::GET;
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = headers;
+    *request.extensions_mut() = parts.extensions.clone();
+    request
+}
+
+fn clone_parts(parts: &Parts) -> Parts {
+    let mut request = Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    *request.extensions_mut() = parts.extensions.clone();
+    request.into_parts().0
+}
+
+/// A response from a stored entry: Age computed now, 304 for a matching
+/// conditional, no body for HEAD.
+fn respond_stored(entry: &Entry, parts: &Parts, now: SystemTime, status: String) -> Response<Body> {
+    let age = entry.meta.timing.current_age(now).as_secs();
+    respond_with(&entry.meta, parts, age, status, || {
+        body::full(entry.body.clone())
+    })
+}
+
+fn respond_from_flight(
+    flight: &Arc<Flight>,
+    meta: &Meta,
+    parts: &Parts,
+    status: String,
+) -> Response<Body> {
+    let age = meta.timing.current_age(SystemTime::now()).as_secs();
+    respond_with(meta, parts, age, status, || match flight.reader() {
+        Some(reader) => body::boxed(reader),
+        None => body::empty(),
+    })
+}
+
+fn respond_with(
+    meta: &Meta,
+    parts: &Parts,
+    age: u64,
+    status: String,
+    body: impl FnOnce() -> Body,
+) -> Response<Body> {
+    let mut response = if policy::is_not_modified(&parts.headers, meta.status, &meta.headers) {
+        let mut response = Response::new(body::empty());
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        *response.headers_mut() = policy::not_modified_headers(&meta.headers);
+        response
+    } else {
+        let body = if parts.method == Method::HEAD {
+            body::empty()
+        } else {
+            body()
+        };
+        let mut response = Response::new(body);
+        *response.status_mut() = meta.status;
+        *response.headers_mut() = meta.headers.clone();
+        response
+    };
+    response
+        .headers_mut()
+        .insert(header::AGE, HeaderValue::from(age));
+    add_cache_status(response.headers_mut(), &status);
+    response
+}
+
+/// An unshared upstream response, answered as is (304 if the client's
+/// conditional matches it, no body for HEAD).
+fn pass_through(response: Response<Body>, parts: &Parts, status: String) -> Response<Body> {
+    let (mut head, body) = response.into_parts();
+    let not_modified = head.status.is_success()
+        && parts.method == Method::GET
+        && policy::is_not_modified(&parts.headers, head.status, &head.headers);
+    let body = if not_modified {
+        head.headers = policy::not_modified_headers(&head.headers);
+        head.status = StatusCode::NOT_MODIFIED;
+        body::empty()
+    } else if parts.method == Method::HEAD {
+        body::empty()
+    } else {
+        body
+    };
+    add_cache_status(&mut head.headers, &status);
+    Response::from_parts(head, body)
+}
+
+/// Appends this cache's member to `Cache-Status`, keeping upstream caches' ones
+/// first (RFC 9211 section 2: ordered from the origin towards the client).
+fn add_cache_status(headers: &mut HeaderMap, value: &str) {
+    let combined = match headers.get("cache-status").and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {value}"),
+        _ => value.to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&combined) {
+        headers.insert(HeaderName::from_static("cache-status"), value);
+    }
+}
+
+fn purged_response(purged: usize) -> Response<Body> {
+    let json = serde_json::json!({ "purged": purged }).to_string();
+    let mut response = Response::new(body::full(Bytes::from(json)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// `rule` is an address (`10.0.0.1`) or a CIDR block (`10.0.0.0/8`, `::1/128`).
+fn ip_allowed(rule: &str, ip: IpAddr) -> bool {
+    let (address, bits) = match rule.trim().split_once('/') {
+        Some((address, bits)) => (address, bits.trim().parse::<u32>().ok()),
+        None => (rule.trim(), None),
+    };
+    let Ok(network) = address.parse::<IpAddr>() else {
+        return false;
+    };
+    match (network.to_canonical(), ip.to_canonical()) {
+        (IpAddr::V4(net), IpAddr::V4(ip)) => {
+            let bits = bits.unwrap_or(32).min(32);
+            let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+            u32::from(net) & mask == u32::from(ip) & mask
+        }
+        (IpAddr::V6(net), IpAddr::V6(ip)) => {
+            let bits = bits.unwrap_or(128).min(128);
+            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            u128::from(net) & mask == u128::from(ip) & mask
+        }
+        _ => false,
+    }
+}
+
+fn count(status: &'static str) {
+    metrics::counter!("larder_cache_requests_total", "status" => status).increment(1);
+}
+
+fn update_gauges(store: &Store) {
+    metrics::gauge!("larder_cache_bytes").set(store.weighted_size() as f64);
+    metrics::gauge!("larder_cache_entries").set(store.entry_count() as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use directives::ResponseDirectives;
+    use policy::Timing;
+
+    fn meta(cache_control: &str, lifetime: u64, age: u64, swr: u64) -> Meta {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_str(cache_control).unwrap(),
+        );
+        let now = SystemTime::now();
+        let stored_at = now - Duration::from_secs(age);
+        Meta {
+            status: StatusCode::OK,
+            directives: ResponseDirectives::parse(&headers),
+            headers,
+            timing: Timing::new(stored_at, stored_at, &HeaderMap::new()),
+            lifetime: Duration::from_secs(lifetime),
+            vary_names: Vec::new(),
+            vary_values: Vec::new(),
+            stale_while_revalidate: Duration::from_secs(swr),
+            stale_if_error: Duration::from_secs(swr),
+            tags: Vec::new(),
+        }
+    }
+
+    fn request(cache_control: &str) -> RequestDirectives {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_str(cache_control).unwrap(),
+        );
+        RequestDirectives::parse(&headers)
+    }
+
+    #[test]
+    fn decide_follows_freshness_and_request_directives() {
+        let now = SystemTime::now();
+        let fresh = meta("max-age=100", 100, 10, 0);
+        assert_eq!(decide(&fresh, &request(""), now), Use::Fresh);
+        assert_eq!(
+            decide(&fresh, &request("no-cache"), now),
+            Use::Validate(Fwd::Request)
+        );
+        assert_eq!(
+            decide(&fresh, &request("max-age=5"), now),
+            Use::Validate(Fwd::Request)
+        );
+        assert_eq!(
+            decide(&fresh, &request("min-fresh=95"), now),
+            Use::Validate(Fwd::Request)
+        );
+        let stale = meta("max-age=10", 10, 20, 0);
+        assert_eq!(decide(&stale, &request(""), now), Use::Validate(Fwd::Stale));
+        assert_eq!(
+            decide(&stale, &request("max-stale"), now),
+            Use::StaleAccepted
+        );
+        assert_eq!(
+            decide(&stale, &request("max-stale=5"), now),
+            Use::Validate(Fwd::Stale)
+        );
+        let must = meta("max-age=10, must-revalidate", 10, 20, 60);
+        assert_eq!(
+            decide(&must, &request("max-stale"), now),
+            Use::Validate(Fwd::Stale)
+        );
+        let swr = meta("max-age=10", 10, 20, 60);
+        assert_eq!(decide(&swr, &request(""), now), Use::StaleWhileRevalidate);
+        let no_cache = meta("no-cache", 100, 0, 0);
+        assert_eq!(
+            decide(&no_cache, &request(""), now),
+            Use::Validate(Fwd::Stale)
+        );
+    }
+
+    #[test]
+    fn stale_if_error_windows() {
+        let now = SystemTime::now();
+        assert!(stale_if_error_allows(
+            &meta("max-age=10", 10, 20, 60),
+            &request(""),
+            now
+        ));
+        assert!(!stale_if_error_allows(
+            &meta("max-age=10", 10, 100, 60),
+            &request(""),
+            now
+        ));
+        assert!(stale_if_error_allows(
+            &meta("max-age=10", 10, 100, 0),
+            &request("stale-if-error=200"),
+            now
+        ));
+        assert!(!stale_if_error_allows(
+            &meta("max-age=10, proxy-revalidate", 10, 20, 60),
+            &request(""),
+            now
+        ));
+    }
+
+    #[test]
+    fn purge_allow_rules_accept_addresses_and_cidrs() {
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        assert!(ip_allowed("127.0.0.1", local));
+        assert!(ip_allowed("127.0.0.0/8", local));
+        assert!(!ip_allowed("10.0.0.0/8", local));
+        assert!(ip_allowed("0.0.0.0/0", local));
+        assert!(ip_allowed(
+            "127.0.0.1/32",
+            "::ffff:127.0.0.1".parse().unwrap()
+        ));
+        assert!(ip_allowed("::1", "::1".parse().unwrap()));
+        assert!(!ip_allowed("garbage", local));
+    }
+
+    #[test]
+    fn cache_status_appends_after_upstream_members() {
+        let mut headers = HeaderMap::new();
+        add_cache_status(&mut headers, "larder; hit");
+        assert_eq!(headers.get("cache-status").unwrap(), "larder; hit");
+        let mut upstream = HeaderMap::new();
+        upstream.insert(
+            "cache-status",
+            HeaderValue::from_static("origin-cache; hit"),
+        );
+        add_cache_status(&mut upstream, "larder; fwd=uri-miss");
+        assert_eq!(
+            upstream.get("cache-status").unwrap(),
+            "origin-cache; hit, larder; fwd=uri-miss"
+        );
     }
 }

@@ -1,0 +1,314 @@
+//! Cache-Control parsing (RFC 9111 section 5.2) into plain structs, one for
+//! requests and one for responses.
+//!
+//! Pure and allocation-light: no I/O, no clocks. Must not decide policy; the
+//! rules that combine directives live in `policy`.
+
+use http::HeaderMap;
+use http::header::{CACHE_CONTROL, PRAGMA};
+
+/// The largest delta-seconds a cache must handle; bigger values saturate to it
+/// (RFC 9111 section 1.2.2).
+const DELTA_SECONDS_MAX: u64 = 2_147_483_648;
+
+/// A directive's numeric argument as written: missing, a valid delta-seconds,
+/// or something else (which the freshness rules treat as "already stale").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seconds {
+    Valid(u64),
+    Invalid,
+}
+
+impl Seconds {
+    pub fn valid(self) -> Option<u64> {
+        match self {
+            Self::Valid(s) => Some(s),
+            Self::Invalid => None,
+        }
+    }
+}
+
+/// Response directives a shared cache acts on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResponseDirectives {
+    pub no_store: bool,
+    /// Qualified `no-cache="field"` is treated as unqualified (the safe reading).
+    pub no_cache: bool,
+    /// Qualified `private="field"` is treated as unqualified: not stored.
+    pub private: bool,
+    pub public: bool,
+    pub must_revalidate: bool,
+    pub proxy_revalidate: bool,
+    pub must_understand: bool,
+    pub immutable: bool,
+    pub max_age: Option<Seconds>,
+    pub s_maxage: Option<Seconds>,
+    pub stale_while_revalidate: Option<u64>,
+    pub stale_if_error: Option<u64>,
+}
+
+impl ResponseDirectives {
+    pub fn parse(headers: &HeaderMap) -> Self {
+        let mut parsed = Self::default();
+        for (name, value) in directives(headers) {
+            match name.to_ascii_lowercase().as_str() {
+                "no-store" => parsed.no_store = true,
+                "no-cache" => parsed.no_cache = true,
+                "private" => parsed.private = true,
+                "public" => parsed.public = true,
+                "must-revalidate" => parsed.must_revalidate = true,
+                "proxy-revalidate" => parsed.proxy_revalidate = true,
+                "must-understand" => parsed.must_understand = true,
+                "immutable" => parsed.immutable = true,
+                "max-age" => parsed.max_age = Some(merge(parsed.max_age, value)),
+                "s-maxage" => parsed.s_maxage = Some(merge(parsed.s_maxage, value)),
+                "stale-while-revalidate" => {
+                    parsed.stale_while_revalidate = delta_seconds(value).valid()
+                }
+                "stale-if-error" => parsed.stale_if_error = delta_seconds(value).valid(),
+                _ => {}
+            }
+        }
+        parsed
+    }
+
+    /// `must-revalidate` or, for a shared cache, `proxy-revalidate`: once
+    /// stale, never served without a successful validation.
+    pub fn forbids_stale(&self) -> bool {
+        self.must_revalidate || self.proxy_revalidate || self.no_cache
+    }
+
+    /// The directives that let a shared cache reuse a response to a request
+    /// carrying `Authorization` (RFC 9111 section 3.5).
+    pub fn allows_authorized(&self) -> bool {
+        self.public || self.s_maxage.is_some() || self.must_revalidate
+    }
+}
+
+/// Request directives (RFC 9111 section 5.2.1).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestDirectives {
+    /// Also set by `Pragma: no-cache` when the request has no Cache-Control.
+    pub no_cache: bool,
+    pub no_store: bool,
+    pub only_if_cached: bool,
+    pub max_age: Option<u64>,
+    pub min_fresh: Option<u64>,
+    /// `Some(None)`: any staleness is acceptable; `Some(Some(n))`: up to n seconds.
+    pub max_stale: Option<Option<u64>>,
+    pub stale_if_error: Option<u64>,
+}
+
+impl RequestDirectives {
+    pub fn parse(headers: &HeaderMap) -> Self {
+        let mut parsed = Self::default();
+        if !headers.contains_key(CACHE_CONTROL) {
+            parsed.no_cache = pragma_no_cache(headers);
+            return parsed;
+        }
+        for (name, value) in directives(headers) {
+            match name.to_ascii_lowercase().as_str() {
+                "no-cache" => parsed.no_cache = true,
+                "no-store" => parsed.no_store = true,
+                "only-if-cached" => parsed.only_if_cached = true,
+                // An invalid max-age asks for nothing older than zero seconds.
+                "max-age" => parsed.max_age = Some(delta_seconds(value).valid().unwrap_or(0)),
+                "min-fresh" => parsed.min_fresh = delta_seconds(value).valid(),
+                "max-stale" => {
+                    parsed.max_stale = match value {
+                        None => Some(None),
+                        Some(_) => delta_seconds(value).valid().map(Some),
+                    }
+                }
+                "stale-if-error" => parsed.stale_if_error = delta_seconds(value).valid(),
+                _ => {}
+            }
+        }
+        parsed
+    }
+}
+
+fn pragma_no_cache(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(PRAGMA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
+}
+
+/// A directive seen twice with different values is invalid (RFC 9111 section 4.2.1).
+fn merge(previous: Option<Seconds>, value: Option<&str>) -> Seconds {
+    let current = delta_seconds(value);
+    match previous {
+        None => current,
+        Some(earlier) if earlier == current => current,
+        Some(_) => Seconds::Invalid,
+    }
+}
+
+/// Parses delta-seconds (RFC 9111 section 1.2.2): digits only, quotes
+/// tolerated, saturating at 2^31.
+pub fn delta_seconds(value: Option<&str>) -> Seconds {
+    let Some(raw) = value else {
+        return Seconds::Invalid;
+    };
+    let raw = raw.trim();
+    let digits = raw
+        .strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .unwrap_or(raw);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Seconds::Invalid;
+    }
+    let seconds = digits.parse::<u64>().unwrap_or(DELTA_SECONDS_MAX);
+    Seconds::Valid(seconds.min(DELTA_SECONDS_MAX))
+}
+
+/// Every `name[=value]` directive across all Cache-Control field lines;
+/// commas inside quoted strings do not split.
+fn directives(headers: &HeaderMap) -> impl Iterator<Item = (&str, Option<&str>)> {
+    headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(split_list)
+        .filter_map(|item| {
+            let (name, value) = match item.split_once('=') {
+                Some((n, v)) => (n.trim(), Some(v.trim())),
+                None => (item.trim(), None),
+            };
+            (!name.is_empty()).then_some((name, value))
+        })
+}
+
+/// Splits a comma-separated field value, honouring double quotes.
+pub fn split_list(value: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(value);
+    std::iter::from_fn(move || {
+        loop {
+            let current = rest?;
+            let mut in_quotes = false;
+            let mut cut = None;
+            for (i, b) in current.bytes().enumerate() {
+                match b {
+                    b'"' => in_quotes = !in_quotes,
+                    b',' if !in_quotes => {
+                        cut = Some(i);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            let item = match cut {
+                Some(i) => {
+                    rest = Some(&current[i + 1..]);
+                    &current[..i]
+                }
+                None => {
+                    rest = None;
+                    current
+                }
+            };
+            let item = item.trim();
+            if !item.is_empty() {
+                return Some(item);
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn response_directives_are_read_across_field_lines_and_cases() {
+        let parsed = ResponseDirectives::parse(&headers(&[
+            ("cache-control", "Public, MAX-AGE=60"),
+            ("cache-control", "s-maxage=\"30\", stale-while-revalidate=5"),
+        ]));
+        assert!(parsed.public);
+        assert_eq!(parsed.max_age, Some(Seconds::Valid(60)));
+        assert_eq!(parsed.s_maxage, Some(Seconds::Valid(30)));
+        assert_eq!(parsed.stale_while_revalidate, Some(5));
+    }
+
+    #[test]
+    fn conflicting_duplicate_max_age_is_invalid() {
+        let parsed =
+            ResponseDirectives::parse(&headers(&[("cache-control", "max-age=60, max-age=30")]));
+        assert_eq!(parsed.max_age, Some(Seconds::Invalid));
+        let same =
+            ResponseDirectives::parse(&headers(&[("cache-control", "max-age=5, max-age=5")]));
+        assert_eq!(same.max_age, Some(Seconds::Valid(5)));
+    }
+
+    #[test]
+    fn delta_seconds_rejects_signs_and_fractions_and_saturates() {
+        assert_eq!(delta_seconds(Some("10")), Seconds::Valid(10));
+        assert_eq!(delta_seconds(Some("-1")), Seconds::Invalid);
+        assert_eq!(delta_seconds(Some("+1")), Seconds::Invalid);
+        assert_eq!(delta_seconds(Some("1.5")), Seconds::Invalid);
+        assert_eq!(delta_seconds(None), Seconds::Invalid);
+        assert_eq!(
+            delta_seconds(Some("99999999999999999999999")),
+            Seconds::Valid(DELTA_SECONDS_MAX)
+        );
+    }
+
+    #[test]
+    fn qualified_private_and_no_cache_count_as_unqualified() {
+        let parsed = ResponseDirectives::parse(&headers(&[(
+            "cache-control",
+            "private=\"set-cookie, x-a\", no-cache=\"x-b\", max-age=10",
+        )]));
+        assert!(parsed.private);
+        assert!(parsed.no_cache);
+        assert_eq!(parsed.max_age, Some(Seconds::Valid(10)));
+    }
+
+    #[test]
+    fn request_pragma_no_cache_applies_only_without_cache_control() {
+        let pragma = RequestDirectives::parse(&headers(&[("pragma", "no-cache")]));
+        assert!(pragma.no_cache);
+        let both = RequestDirectives::parse(&headers(&[
+            ("pragma", "no-cache"),
+            ("cache-control", "max-age=10"),
+        ]));
+        assert!(!both.no_cache);
+        assert_eq!(both.max_age, Some(10));
+    }
+
+    #[test]
+    fn request_max_stale_with_and_without_value() {
+        let any = RequestDirectives::parse(&headers(&[("cache-control", "max-stale")]));
+        assert_eq!(any.max_stale, Some(None));
+        let bounded = RequestDirectives::parse(&headers(&[("cache-control", "max-stale=5")]));
+        assert_eq!(bounded.max_stale, Some(Some(5)));
+        let flags = RequestDirectives::parse(&headers(&[(
+            "cache-control",
+            "only-if-cached, no-store, min-fresh=3",
+        )]));
+        assert!(flags.only_if_cached && flags.no_store);
+        assert_eq!(flags.min_fresh, Some(3));
+    }
+
+    #[test]
+    fn list_split_keeps_quoted_commas() {
+        let items: Vec<_> = split_list(" a, b=\"x, y\" ,, c ").collect();
+        assert_eq!(items, vec!["a", "b=\"x, y\"", "c"]);
+    }
+}

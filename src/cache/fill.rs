@@ -1,0 +1,412 @@
+//! The fill: one upstream fetch for a flight, run in its own task so a
+//! leader's disconnect does not stop it. It decides whether the response can
+//! be shared, tees the body into the flight and commits the copy on a clean end.
+//!
+//! Policy when every client has gone: a storable response is read to the end
+//! (bounded by an idle timeout) so the next client gets a hit; anything that
+//! is not being stored is abandoned at once.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::sync::oneshot;
+
+use super::directives::{RequestDirectives, ResponseDirectives};
+use super::flight::{FailedFetch, Flight, Head, clone_error};
+use super::policy::{self, NotStorable, Timing};
+use super::store::{Entry, Meta};
+use super::{Inner, Origin, is_error_status, key, update_gauges};
+use crate::body::{self, Body};
+use crate::error::ProxyError;
+
+/// A storing fill gives up when the upstream sends nothing for this long.
+const FILL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A response that is not being stored runs at most this far ahead of its
+/// slowest reader.
+const STREAM_WINDOW: usize = 1024 * 1024;
+/// Stale entries with a validator are kept this long for revalidation.
+const VALIDATOR_RETENTION: Duration = Duration::from_secs(60 * 60);
+/// Every entry outlives its freshness by at least this (for max-stale).
+const MIN_STALE_RETENTION: Duration = Duration::from_secs(60);
+
+pub struct FillJob {
+    pub inner: Arc<Inner>,
+    pub flight: Arc<Flight>,
+    pub key: String,
+    pub registered: bool,
+    /// The leading request's headers: storability and Vary are judged on them.
+    pub request_headers: HeaderMap,
+    pub request_directives: RequestDirectives,
+    pub fetch: Request<Body>,
+    pub origin: Arc<dyn Origin>,
+    /// The stored response being revalidated, if any.
+    pub stale: Option<Arc<Entry>>,
+    pub route_stale_while_revalidate: Option<Duration>,
+    pub route_stale_if_error: Option<Duration>,
+    /// Gets the response when it is not shared through the flight.
+    pub leader: oneshot::Sender<Result<Response<Body>, ProxyError>>,
+}
+
+struct Fill {
+    inner: Arc<Inner>,
+    flight: Arc<Flight>,
+    key: String,
+    registered: bool,
+    request_headers: HeaderMap,
+    request_directives: RequestDirectives,
+    stale: Option<Arc<Entry>>,
+    route_stale_while_revalidate: Option<Duration>,
+    route_stale_if_error: Option<Duration>,
+}
+
+type Leader = oneshot::Sender<Result<Response<Body>, ProxyError>>;
+
+enum Step {
+    Data(Bytes),
+    Skip,
+    End,
+    Failed(String),
+    Abandoned,
+}
+
+pub async fn run(job: FillJob) {
+    let FillJob {
+        inner,
+        flight,
+        key,
+        registered,
+        request_headers,
+        request_directives,
+        fetch,
+        origin,
+        stale,
+        route_stale_while_revalidate,
+        route_stale_if_error,
+        leader,
+    } = job;
+    let fill = Fill {
+        inner,
+        flight,
+        key,
+        registered,
+        request_headers,
+        request_directives,
+        stale,
+        route_stale_while_revalidate,
+        route_stale_if_error,
+    };
+    let request_time = SystemTime::now();
+    let result = origin.fetch(fetch).await;
+    let response_time = SystemTime::now();
+    let response = match result {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::debug!(key = %fill.key, %error, "cache fill failed");
+            let failed = FailedFetch {
+                error: clone_error(&error),
+            };
+            fill.unregister();
+            fill.flight.set_head(Head::Failed(Arc::new(failed)));
+            let _ = leader.send(Err(error));
+            return;
+        }
+    };
+    if let Some(stale) = fill.stale.clone() {
+        if response.status() == StatusCode::NOT_MODIFIED {
+            fill.refresh(&stale, response, request_time, response_time, leader);
+            return;
+        }
+        if is_error_status(response.status()) {
+            // The leader decides between this error and stale-if-error.
+            fill.solo(response, leader);
+            return;
+        }
+    }
+    fill.stream(response, request_time, response_time, leader)
+        .await;
+}
+
+impl Fill {
+    fn unregister(&self) {
+        if !self.registered {
+            return;
+        }
+        let mut flights = self.inner.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if flights
+            .get(&self.key)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
+        {
+            flights.remove(&self.key);
+        }
+    }
+
+    /// Hands the response to the leader alone; waiters fetch on their own.
+    fn solo(&self, response: Response<Body>, leader: Leader) {
+        self.unregister();
+        self.flight.set_head(Head::Solo);
+        let _ = leader.send(Ok(response));
+    }
+
+    fn check(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        directives: &ResponseDirectives,
+    ) -> Result<(), NotStorable> {
+        policy::check_storable(
+            &Method::GET,
+            &self.request_headers,
+            &self.request_directives,
+            status,
+            headers,
+            directives,
+        )
+    }
+
+    fn meta(&self, status: StatusCode, headers: HeaderMap, timing: Timing) -> Meta {
+        let directives = ResponseDirectives::parse(&headers);
+        let lifetime = policy::freshness_lifetime(status, &headers, &directives, timing.date);
+        let vary_names = key::vary_names(&headers);
+        let vary_values = key::vary_values(&vary_names, &self.request_headers);
+        let stale_while_revalidate = directives
+            .stale_while_revalidate
+            .map(Duration::from_secs)
+            .or(self.route_stale_while_revalidate)
+            .unwrap_or(Duration::ZERO);
+        let stale_if_error = directives
+            .stale_if_error
+            .map(Duration::from_secs)
+            .or(self.route_stale_if_error)
+            .unwrap_or(Duration::ZERO);
+        let tags = self.tags(&headers);
+        Meta {
+            status,
+            headers,
+            directives,
+            timing,
+            lifetime,
+            vary_names,
+            vary_values,
+            stale_while_revalidate,
+            stale_if_error,
+            tags,
+        }
+    }
+
+    fn tags(&self, headers: &HeaderMap) -> Vec<String> {
+        let settings = self.inner.settings.load();
+        let mut tags: Vec<String> = settings
+            .tag_headers
+            .iter()
+            .flat_map(|name| headers.get_all(name).iter())
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split([' ', ',']))
+            .filter(|t| !t.is_empty())
+            .map(str::to_string)
+            .collect();
+        tags.sort_unstable();
+        tags.dedup();
+        tags
+    }
+
+    fn commit(&self, meta: Arc<Meta>, body: Bytes) {
+        let store = self.inner.store.load();
+        let retain = retention(&meta, SystemTime::now());
+        store.put(&self.key, Arc::new(Entry { meta, body }), retain);
+        metrics::counter!("larder_cache_stored_total").increment(1);
+        update_gauges(&store);
+    }
+
+    fn forget_stale(&self) {
+        if let Some(stale) = &self.stale {
+            self.inner.store.load().remove_entry(&self.key, stale);
+        }
+    }
+
+    /// A 304 to a revalidation: the stored response gets the new header
+    /// fields and timing (RFC 9111 section 4.3.4) and is served as a 200.
+    fn refresh(
+        &self,
+        stale: &Arc<Entry>,
+        response: Response<Body>,
+        request_time: SystemTime,
+        response_time: SystemTime,
+        leader: Leader,
+    ) {
+        let (head, _) = response.into_parts();
+        let mut merged = policy::merge_not_modified(&stale.meta.headers, &head.headers);
+        if !head.headers.contains_key(header::DATE) {
+            merged.insert(header::DATE, policy::date_value(response_time));
+        }
+        let timing = Timing::new(request_time, response_time, &head.headers);
+        let meta = Arc::new(self.meta(stale.meta.status, merged, timing));
+        if let Err(reason) = self.check(meta.status, &meta.headers, &meta.directives) {
+            tracing::debug!(key = %self.key, reason = reason.as_str(), "revalidated response no longer storable");
+            self.forget_stale();
+            let mut response = Response::new(body::full(stale.body.clone()));
+            *response.status_mut() = meta.status;
+            *response.headers_mut() = meta.headers.clone();
+            self.solo(response, leader);
+            return;
+        }
+        self.commit(Arc::clone(&meta), stale.body.clone());
+        if !stale.body.is_empty() {
+            self.flight.push(stale.body.clone());
+        }
+        self.flight.finish(true);
+        self.unregister();
+        self.flight.set_head(Head::Shared {
+            meta,
+            stored: true,
+            upstream_status: StatusCode::NOT_MODIFIED,
+        });
+    }
+
+    /// A full response: shared and teed into the store when storable,
+    /// otherwise handed to the leader alone.
+    async fn stream(
+        &self,
+        response: Response<Body>,
+        request_time: SystemTime,
+        response_time: SystemTime,
+        leader: Leader,
+    ) {
+        let (head, mut body) = response.into_parts();
+        let timing = Timing::new(request_time, response_time, &head.headers);
+        let mut stored_headers = policy::storable_headers(&head.headers);
+        if !stored_headers.contains_key(header::DATE) {
+            stored_headers.insert(header::DATE, policy::date_value(response_time));
+        }
+        let meta = Arc::new(self.meta(head.status, stored_headers, timing));
+        let max_object = self.inner.settings.load().max_object_size;
+        let declared_length = content_length(&head.headers);
+        let verdict = self.check(head.status, &head.headers, &meta.directives);
+        let too_big = declared_length.is_some_and(|length| length > max_object);
+        if verdict.is_err() || too_big {
+            let reason = verdict.err().map_or("max-object-size", NotStorable::as_str);
+            tracing::debug!(key = %self.key, reason, "response not stored");
+            self.forget_stale();
+            self.solo(Response::from_parts(head, body), leader);
+            return;
+        }
+        drop(leader);
+        self.flight.set_head(Head::Shared {
+            meta: Arc::clone(&meta),
+            stored: true,
+            upstream_status: head.status,
+        });
+
+        let mut storing = true;
+        let mut total: u64 = 0;
+        loop {
+            match self.next_frame(&mut body, storing).await {
+                Step::Data(chunk) => {
+                    total += chunk.len() as u64;
+                    if storing && total > max_object {
+                        storing = false;
+                        self.unregister();
+                        self.flight.stop_keeping();
+                        tracing::debug!(key = %self.key, max_object, "response outgrew max_object_size; streaming it uncached");
+                    }
+                    self.flight.push(chunk);
+                    if !storing && !self.pace().await {
+                        self.flight.finish(false);
+                        return;
+                    }
+                }
+                Step::Skip => {}
+                Step::End => break,
+                Step::Failed(reason) => {
+                    tracing::warn!(key = %self.key, reason, "upstream body failed; nothing stored");
+                    self.unregister();
+                    self.flight.finish(false);
+                    return;
+                }
+                Step::Abandoned => {
+                    tracing::debug!(key = %self.key, "every reader left an unstored response; fill abandoned");
+                    self.unregister();
+                    self.flight.finish(false);
+                    return;
+                }
+            }
+        }
+        if storing {
+            let body = self.flight.collected();
+            if declared_length.is_none_or(|length| length == body.len() as u64) {
+                self.commit(meta, body);
+            }
+        }
+        self.unregister();
+        self.flight.finish(true);
+    }
+
+    async fn next_frame(&self, body: &mut Body, storing: bool) -> Step {
+        let frame = async {
+            match body.frame().await {
+                None => Step::End,
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => Step::Data(data),
+                    _ => Step::Skip,
+                },
+                Some(Err(error)) => Step::Failed(error.to_string()),
+            }
+        };
+        if storing {
+            return tokio::time::timeout(FILL_IDLE_TIMEOUT, frame)
+                .await
+                .unwrap_or_else(|_| Step::Failed("the upstream body stalled".to_string()));
+        }
+        tokio::select! {
+            step = frame => step,
+            () = self.all_readers_gone() => Step::Abandoned,
+        }
+    }
+
+    async fn all_readers_gone(&self) {
+        while self.flight.reader_count() > 0 {
+            self.flight.readers_changed().await;
+        }
+    }
+
+    /// Backpressure for an unstored response: waits until the slowest reader
+    /// is within the window. False when every reader has gone.
+    async fn pace(&self) -> bool {
+        loop {
+            if self.flight.reader_count() == 0 {
+                return false;
+            }
+            if self.flight.unread_bytes() <= STREAM_WINDOW {
+                return true;
+            }
+            self.flight.readers_changed().await;
+        }
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// How long moka keeps an entry: its remaining freshness plus the time it
+/// can still serve stale or be revalidated.
+fn retention(meta: &Meta, now: SystemTime) -> Duration {
+    let remaining = meta.lifetime.saturating_sub(meta.timing.current_age(now));
+    let validation = if policy::has_validator(&meta.headers) {
+        VALIDATOR_RETENTION
+    } else {
+        Duration::ZERO
+    };
+    let after_stale = meta
+        .stale_while_revalidate
+        .max(meta.stale_if_error)
+        .max(validation)
+        .max(MIN_STALE_RETENTION);
+    remaining + after_stale
+}

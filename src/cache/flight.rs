@@ -1,0 +1,321 @@
+//! Request coalescing: one upstream fetch per key, its body broadcast to every
+//! reader as it arrives, with a replay buffer for late joiners.
+//!
+//! A [`Flight`] is plain shared state (head outcome, body chunks, readers); the
+//! fill task in `fill` writes it, [`FlightBody`] reads it. Must not talk to
+//! the upstream or the store itself.
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use http_body::Frame;
+use tokio::sync::{Notify, watch};
+
+use super::store::Meta;
+use crate::body::BoxError;
+use crate::error::ProxyError;
+
+/// What the leader's fetch turned out to be, as far as waiters are concerned.
+#[derive(Clone)]
+pub enum Head {
+    Pending,
+    /// A shareable response whose body readers stream from the flight;
+    /// `stored` says it will be committed to the store on a clean end.
+    Shared {
+        meta: Arc<Meta>,
+        stored: bool,
+        /// What the origin answered (304 when a revalidation refreshed the entry).
+        upstream_status: http::StatusCode,
+    },
+    /// Not shareable: the leader has it; everyone else fetches on their own.
+    Solo,
+    /// The upstream failed without a response.
+    Failed(Arc<FailedFetch>),
+}
+
+/// A copy of the upstream error, so each waiter can return its own.
+pub struct FailedFetch {
+    pub error: ProxyError,
+}
+
+impl FailedFetch {
+    pub fn to_error(&self) -> ProxyError {
+        clone_error(&self.error)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    Complete,
+    Aborted,
+}
+
+struct Buffer {
+    chunks: VecDeque<Bytes>,
+    /// Absolute index of `chunks[0]`; above zero once chunks are trimmed.
+    base: usize,
+    end: Option<End>,
+    /// Reader id to the absolute index of the next chunk it reads.
+    readers: HashMap<u64, usize>,
+    /// While set, every chunk is kept (for the store and late joiners).
+    keep_all: bool,
+    wakers: Vec<Waker>,
+}
+
+pub struct Flight {
+    head: watch::Sender<Head>,
+    buffer: Mutex<Buffer>,
+    /// Signalled when a reader consumes or leaves, for backpressure and abort.
+    readers_changed: Notify,
+    next_reader: AtomicU64,
+}
+
+impl Flight {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            head: watch::Sender::new(Head::Pending),
+            buffer: Mutex::new(Buffer {
+                chunks: VecDeque::new(),
+                base: 0,
+                end: None,
+                readers: HashMap::new(),
+                keep_all: true,
+                wakers: Vec::new(),
+            }),
+            readers_changed: Notify::new(),
+            next_reader: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Buffer> {
+        // A poisoned buffer only means a reader panicked; the data is intact.
+        self.buffer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_head(&self, head: Head) {
+        self.head.send_replace(head);
+    }
+
+    /// Waits for the head outcome; a vanished fill task counts as `Solo`.
+    pub async fn wait_head(&self) -> Head {
+        let mut receiver = self.head.subscribe();
+        match receiver.wait_for(|h| !matches!(h, Head::Pending)).await {
+            Ok(head) => head.clone(),
+            Err(_) => Head::Solo,
+        }
+    }
+
+    /// A body reading from the first chunk; `None` once the replay buffer has
+    /// been given up (the response grew too large to keep).
+    pub fn reader(self: &Arc<Self>) -> Option<FlightBody> {
+        let id = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        let mut buffer = self.lock();
+        if !buffer.keep_all && buffer.base > 0 {
+            return None;
+        }
+        let start = buffer.base;
+        buffer.readers.insert(id, start);
+        Some(FlightBody {
+            flight: Arc::clone(self),
+            id,
+        })
+    }
+
+    pub fn reader_count(&self) -> usize {
+        self.lock().readers.len()
+    }
+
+    pub fn push(&self, chunk: Bytes) {
+        let wakers = {
+            let mut buffer = self.lock();
+            buffer.chunks.push_back(chunk);
+            std::mem::take(&mut buffer.wakers)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    pub fn finish(&self, complete: bool) {
+        let wakers = {
+            let mut buffer = self.lock();
+            buffer.end = Some(if complete {
+                End::Complete
+            } else {
+                End::Aborted
+            });
+            std::mem::take(&mut buffer.wakers)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// Stops keeping the replay copy: chunks every reader has read are dropped.
+    pub fn stop_keeping(&self) {
+        let mut buffer = self.lock();
+        buffer.keep_all = false;
+        trim(&mut buffer);
+    }
+
+    /// Bytes buffered but not yet read by the slowest reader.
+    pub fn unread_bytes(&self) -> usize {
+        self.lock().chunks.iter().map(Bytes::len).sum()
+    }
+
+    /// The whole body, for the store; only meaningful while keeping all.
+    pub fn collected(&self) -> Bytes {
+        let buffer = self.lock();
+        let total: usize = buffer.chunks.iter().map(Bytes::len).sum();
+        if buffer.chunks.len() == 1 {
+            return buffer.chunks[0].clone();
+        }
+        let mut body = Vec::with_capacity(total);
+        for chunk in &buffer.chunks {
+            body.extend_from_slice(chunk);
+        }
+        Bytes::from(body)
+    }
+
+    /// Waits until a reader reads or leaves.
+    pub async fn readers_changed(&self) {
+        self.readers_changed.notified().await;
+    }
+}
+
+fn trim(buffer: &mut Buffer) {
+    if buffer.keep_all {
+        return;
+    }
+    let slowest = buffer
+        .readers
+        .values()
+        .copied()
+        .min()
+        .unwrap_or(buffer.base + buffer.chunks.len());
+    while buffer.base < slowest && !buffer.chunks.is_empty() {
+        buffer.chunks.pop_front();
+        buffer.base += 1;
+    }
+}
+
+/// One reader's view of a flight's body.
+pub struct FlightBody {
+    flight: Arc<Flight>,
+    id: u64,
+}
+
+impl http_body::Body for FlightBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let mut buffer = this.flight.lock();
+        let Some(position) = buffer.readers.get(&this.id).copied() else {
+            return Poll::Ready(Some(Err("flight reader lost its place".into())));
+        };
+        let offset = position.saturating_sub(buffer.base);
+        if let Some(chunk) = buffer.chunks.get(offset).cloned() {
+            buffer.readers.insert(this.id, position + 1);
+            trim(&mut buffer);
+            drop(buffer);
+            this.flight.readers_changed.notify_one();
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        match buffer.end {
+            Some(End::Complete) => Poll::Ready(None),
+            Some(End::Aborted) => {
+                Poll::Ready(Some(Err("the upstream response ended early".into())))
+            }
+            None => {
+                buffer.wakers.push(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for FlightBody {
+    fn drop(&mut self) {
+        {
+            let mut buffer = self.flight.lock();
+            buffer.readers.remove(&self.id);
+            trim(&mut buffer);
+        }
+        self.flight.readers_changed.notify_one();
+    }
+}
+
+/// `ProxyError` is not `Clone` (it is the proxy's type); the cache needs one
+/// copy per coalesced waiter.
+pub fn clone_error(error: &ProxyError) -> ProxyError {
+    match error {
+        ProxyError::NoRoute(s) => ProxyError::NoRoute(s.clone()),
+        ProxyError::BadRequest(s) => ProxyError::BadRequest(s.clone()),
+        ProxyError::BodyTooLarge { limit } => ProxyError::BodyTooLarge { limit: *limit },
+        ProxyError::UpstreamUnavailable { upstream, reason } => ProxyError::UpstreamUnavailable {
+            upstream: upstream.clone(),
+            reason: reason.clone(),
+        },
+        ProxyError::UpstreamTimeout {
+            upstream,
+            timeout_ms,
+        } => ProxyError::UpstreamTimeout {
+            upstream: upstream.clone(),
+            timeout_ms: *timeout_ms,
+        },
+        ProxyError::NotCached => ProxyError::NotCached,
+        ProxyError::PluginFailed { plugin, reason } => ProxyError::PluginFailed {
+            plugin: plugin.clone(),
+            reason: reason.clone(),
+        },
+        ProxyError::NotFound(s) => ProxyError::NotFound(s.clone()),
+        ProxyError::Internal(s) => ProxyError::Internal(s.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn late_reader_replays_from_the_start() {
+        let flight = Flight::new();
+        flight.push(Bytes::from_static(b"ab"));
+        let early = flight.reader().unwrap();
+        flight.push(Bytes::from_static(b"cd"));
+        let late = flight.reader().unwrap();
+        flight.finish(true);
+        assert_eq!(early.collect().await.unwrap().to_bytes(), "abcd");
+        assert_eq!(late.collect().await.unwrap().to_bytes(), "abcd");
+        assert_eq!(flight.collected(), "abcd");
+    }
+
+    #[tokio::test]
+    async fn aborted_flight_ends_readers_with_an_error() {
+        let flight = Flight::new();
+        let reader = flight.reader().unwrap();
+        flight.push(Bytes::from_static(b"ab"));
+        flight.finish(false);
+        assert!(reader.collect().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn without_replay_chunks_go_once_read_and_joiners_are_refused() {
+        let flight = Flight::new();
+        let mut reader = flight.reader().unwrap();
+        flight.stop_keeping();
+        flight.push(Bytes::from_static(b"ab"));
+        let frame = reader.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "ab");
+        assert_eq!(flight.unread_bytes(), 0);
+        assert!(flight.reader().is_none());
+        drop(reader);
+        assert_eq!(flight.reader_count(), 0);
+    }
+}

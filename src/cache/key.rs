@@ -1,0 +1,296 @@
+//! Cache keys and Vary secondary keys.
+//!
+//! A primary key is the normalized effective URL (`scheme://authority/path?query`,
+//! lowercase host, default port dropped), with the route's query rules applied,
+//! followed by `\n name:value` for each header the route adds to the key.
+//! GET and HEAD share keys; nothing else is keyed. Pure functions only.
+
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Uri, uri::Authority};
+
+use super::directives::split_list;
+use crate::config::CacheKeyConfig;
+
+/// Separates the URL from route-added header values in a primary key.
+pub const KEY_HEADER_SEPARATOR: char = '\n';
+
+/// The request's effective URL: the URI's own scheme and authority when
+/// absolute, else `http` and the Host header.
+pub fn effective_url(uri: &Uri, headers: &HeaderMap) -> String {
+    let scheme = uri.scheme_str().unwrap_or("http").to_ascii_lowercase();
+    let authority = uri
+        .authority()
+        .map(Authority::as_str)
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+        .unwrap_or("");
+    let path_and_query = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let path_and_query = if path_and_query.is_empty() {
+        "/"
+    } else {
+        path_and_query
+    };
+    let mut url = String::with_capacity(scheme.len() + authority.len() + path_and_query.len() + 3);
+    url.push_str(&scheme);
+    url.push_str("://");
+    url.push_str(&normalize_authority(&scheme, authority));
+    url.push_str(path_and_query);
+    url
+}
+
+/// Lowercase host, default port dropped.
+fn normalize_authority(scheme: &str, authority: &str) -> String {
+    let authority = authority.trim().to_ascii_lowercase();
+    let default_port = match scheme {
+        "https" => ":443",
+        _ => ":80",
+    };
+    match authority.strip_suffix(default_port) {
+        // An IPv6 literal keeps its brackets; only a trailing ":port" goes.
+        Some(host) if !host.is_empty() => host.to_string(),
+        _ => authority,
+    }
+}
+
+/// The primary key for a request on a route.
+pub fn primary_key(uri: &Uri, headers: &HeaderMap, config: &CacheKeyConfig) -> String {
+    let mut key = effective_url(uri, headers);
+    if !config.ignore_query.is_empty() || config.sort_query {
+        key = rewrite_query(&key, config);
+    }
+    for name in &config.headers {
+        key.push(KEY_HEADER_SEPARATOR);
+        key.push_str(&name.to_ascii_lowercase());
+        key.push(':');
+        let value = join_field(headers, name.as_str());
+        key.push_str(value.as_deref().unwrap_or(""));
+    }
+    key
+}
+
+/// Drops ignored query parameters and sorts the rest when asked.
+fn rewrite_query(url: &str, config: &CacheKeyConfig) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let mut pairs: Vec<&str> = query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(n, _)| n);
+            !config.ignore_query.iter().any(|ignored| ignored == name)
+        })
+        .collect();
+    if config.sort_query {
+        pairs.sort_unstable();
+    }
+    if pairs.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", pairs.join("&"))
+    }
+}
+
+/// Normalizes an operator-given URL the way request keys are built, for purge.
+pub fn normalize_url(url: &str) -> Option<String> {
+    let uri: Uri = url.trim().parse().ok()?;
+    uri.authority()?;
+    Some(effective_url(&uri, &HeaderMap::new()))
+}
+
+/// The URL part of a primary key (without route-added header values).
+pub fn url_part(key: &str) -> &str {
+    key.split_once(KEY_HEADER_SEPARATOR)
+        .map_or(key, |(url, _)| url)
+}
+
+/// The path-and-query part of a URL key (`/a?b` of `http://h/a?b`).
+pub fn path_part(url: &str) -> &str {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    after_scheme
+        .find('/')
+        .map_or("/", |slash| &after_scheme[slash..])
+}
+
+/// The request headers named by a response's Vary field, lowercased, in order.
+pub fn vary_names(response: &HeaderMap) -> Vec<HeaderName> {
+    let mut names: Vec<HeaderName> = response
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(split_list)
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    names.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
+    names
+}
+
+/// The normalized values of the selecting headers in a request; `None` for
+/// an absent header (which only matches an absent header).
+pub fn vary_values(names: &[HeaderName], request: &HeaderMap) -> Vec<Option<String>> {
+    names
+        .iter()
+        .map(|name| join_field(request, name.as_str()).map(|v| normalize_vary_value(&v)))
+        .collect()
+}
+
+/// Trims, lowercases, collapses whitespace runs and removes it around commas.
+pub fn normalize_vary_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for (i, item) in value.split(',').enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let mut first = true;
+        for word in item.split_ascii_whitespace() {
+            if !first {
+                out.push(' ');
+            }
+            first = false;
+            out.push_str(&word.to_ascii_lowercase());
+        }
+    }
+    out
+}
+
+/// All field lines of `name`, joined with ", " as RFC 9110 section 5.3 combines them.
+fn join_field(headers: &HeaderMap, name: &str) -> Option<String> {
+    let mut values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
+    let first = values.next()?;
+    let mut joined = first.to_string();
+    for more in values {
+        joined.push_str(", ");
+        joined.push_str(more);
+    }
+    Some(joined)
+}
+
+/// Resolves a Location/Content-Location value against the request URL and
+/// returns it only when it has the same origin (RFC 9111 section 4.4).
+pub fn same_origin_target(request_url: &str, reference: &str) -> Option<String> {
+    let base = url::Url::parse(request_url).ok()?;
+    let target = base.join(reference.trim()).ok()?;
+    let same = target.scheme() == base.scheme()
+        && target.host_str() == base.host_str()
+        && target.port_or_known_default() == base.port_or_known_default();
+    same.then(|| normalize_url(target.as_str())).flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn host(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_str(value).unwrap());
+        h
+    }
+
+    #[test]
+    fn origin_form_uses_host_and_drops_default_port() {
+        let uri: Uri = "/a/b?x=1".parse().unwrap();
+        assert_eq!(
+            effective_url(&uri, &host("Example.COM:80")),
+            "http://example.com/a/b?x=1"
+        );
+        assert_eq!(
+            effective_url(&uri, &host("example.com:8080")),
+            "http://example.com:8080/a/b?x=1"
+        );
+        let absolute: Uri = "https://EX.com:443/p".parse().unwrap();
+        assert_eq!(
+            effective_url(&absolute, &HeaderMap::new()),
+            "https://ex.com/p"
+        );
+    }
+
+    #[test]
+    fn route_key_rules_drop_sort_and_add_headers() {
+        let uri: Uri = "/p?utm_source=x&b=2&a=1".parse().unwrap();
+        let mut headers = host("h");
+        headers.insert("x-tenant", HeaderValue::from_static("blue"));
+        let config = CacheKeyConfig {
+            ignore_query: vec!["utm_source".into()],
+            sort_query: true,
+            headers: vec!["X-Tenant".into()],
+        };
+        assert_eq!(
+            primary_key(&uri, &headers, &config),
+            "http://h/p?a=1&b=2\nx-tenant:blue"
+        );
+        let only_ignored: Uri = "/p?utm_source=x".parse().unwrap();
+        let plain = CacheKeyConfig {
+            ignore_query: vec!["utm_source".into()],
+            ..Default::default()
+        };
+        assert_eq!(primary_key(&only_ignored, &headers, &plain), "http://h/p");
+    }
+
+    #[test]
+    fn vary_values_are_normalized() {
+        assert_eq!(
+            normalize_vary_value("  GZIP ,  br,deflate  "),
+            "gzip,br,deflate"
+        );
+        assert_eq!(
+            normalize_vary_value("en-US,  fr  ;q=0.5"),
+            "en-us,fr ;q=0.5"
+        );
+        let mut request = HeaderMap::new();
+        request.append("accept-language", HeaderValue::from_static("en"));
+        request.append("accept-language", HeaderValue::from_static("fr"));
+        let names = vec![
+            HeaderName::from_static("accept-language"),
+            HeaderName::from_static("x-missing"),
+        ];
+        assert_eq!(
+            vary_values(&names, &request),
+            vec![Some("en,fr".to_string()), None]
+        );
+    }
+
+    #[test]
+    fn vary_names_are_lowercased_and_deduplicated() {
+        let mut response = HeaderMap::new();
+        response.append(
+            header::VARY,
+            HeaderValue::from_static("Accept-Encoding, accept"),
+        );
+        response.append(header::VARY, HeaderValue::from_static("ACCEPT"));
+        let names = vary_names(&response);
+        assert_eq!(
+            names,
+            vec![
+                HeaderName::from_static("accept"),
+                HeaderName::from_static("accept-encoding")
+            ]
+        );
+    }
+
+    #[test]
+    fn invalidation_targets_must_share_the_origin() {
+        let base = "http://h/a/b";
+        assert_eq!(
+            same_origin_target(base, "/c").as_deref(),
+            Some("http://h/c")
+        );
+        assert_eq!(
+            same_origin_target(base, "d").as_deref(),
+            Some("http://h/a/d")
+        );
+        assert_eq!(same_origin_target(base, "http://other/c"), None);
+    }
+
+    #[test]
+    fn key_parts() {
+        assert_eq!(url_part("http://h/p\nx:1"), "http://h/p");
+        assert_eq!(path_part("http://h:81/p?q"), "/p?q");
+        assert_eq!(path_part("http://h"), "/");
+        assert_eq!(
+            normalize_url("HTTP://H:80/x").as_deref(),
+            Some("http://h/x")
+        );
+        assert_eq!(normalize_url("/relative"), None);
+    }
+}
