@@ -1,18 +1,45 @@
 //! Wasm plugins: one wasmtime engine, components compiled (and cached on
 //! disk) at load, sandboxed instances per call, the WIT host imports, and the
-//! failure policy (on_error, circuit breaker).
+//! failure policy (on_error, circuit breaker). The main type is
+//! [`PluginHost`]; the proxy calls its transformer hooks, the sources call
+//! [`PluginHost::fetch`].
 //!
 //! Must not hand a plugin anything its config did not grant.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+mod bindings;
+mod breaker;
+mod call;
+mod engine;
+mod fetcher;
+mod host_imports;
+mod http_client;
+mod loader;
+mod transformer;
 
-use bytes::Bytes;
-use http::Response;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
-use crate::body::Body;
-use crate::config::{PluginConfig, PluginPhase};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt as _;
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderValue, Response};
+use http_body_util::{BodyExt, BodyStream, StreamBody};
+
+use crate::body::{self, Body};
+use crate::config::{OnError, PluginConfig, PluginPhase};
 use crate::error::ProxyError;
+
+use breaker::Admission;
+use call::{Failure, FailureKind};
+use engine::PluginEngine;
+pub use loader::PluginStats;
+use loader::{Kind, LoadedPlugin, PluginSlot};
+use transformer::RequestEdit;
+
+/// The largest response body handed to a transformer's `on-response`.
+pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
@@ -43,50 +70,452 @@ pub struct FetchContext {
     pub config: BTreeMap<String, String>,
 }
 
+/// Extra cache-key parts a transformer's `on-request` asked for; put in the
+/// request's extensions for the cache to fold into the key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheKeyExtra(pub Vec<String>);
+
+/// A value a fetcher produced for a source, as its `cache` view shows it.
+#[derive(Debug, Clone)]
+pub struct SourceValue {
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Bytes,
+    pub produced_at: Instant,
+}
+
+/// The values one fetcher plugin produced, by source name. Filled by the
+/// host from each successful run, so a plugin sees only its own sources.
+#[derive(Debug, Default)]
+pub struct SourceValues(Mutex<HashMap<String, SourceValue>>);
+
+impl SourceValues {
+    pub fn get(&self, source: &str) -> Option<SourceValue> {
+        self.0.lock().ok()?.get(source).cloned()
+    }
+
+    fn insert(&self, source: &str, value: SourceValue) {
+        if let Ok(mut values) = self.0.lock() {
+            values.insert(source.to_string(), value);
+        }
+    }
+}
+
 /// Every loaded plugin; lives across reloads and swaps plugins in place.
-pub struct PluginHost {}
+pub struct PluginHost {
+    engine: Option<Arc<PluginEngine>>,
+    slots: RwLock<BTreeMap<String, Arc<PluginSlot>>>,
+}
 
 impl PluginHost {
     /// Compiles every plugin and probes its `init` with its config.
-    pub async fn load(_config: &BTreeMap<String, PluginConfig>) -> Result<Arc<Self>, PluginError> {
-        Ok(Arc::new(Self {}))
+    pub async fn load(config: &BTreeMap<String, PluginConfig>) -> Result<Arc<Self>, PluginError> {
+        if config.is_empty() {
+            // No plugins: do not build the engine (or its address space).
+            return Ok(Arc::new(Self {
+                engine: None,
+                slots: RwLock::default(),
+            }));
+        }
+        let engine = shared_engine(config.keys().next().map_or("", String::as_str))?;
+        let mut slots = BTreeMap::new();
+        for (name, plugin_config) in config {
+            let plugin = loader::load_plugin(&engine, name, plugin_config)
+                .await
+                .map_err(|reason| PluginError::Load {
+                    plugin: name.clone(),
+                    reason,
+                })?;
+            let slot = PluginSlot::new(plugin);
+            loader::watch(engine.clone(), &slot);
+            slots.insert(name.clone(), slot);
+        }
+        Ok(Arc::new(Self {
+            engine: Some(engine),
+            slots: RwLock::new(slots),
+        }))
     }
 
     /// Applies a reloaded `plugins:` map; a plugin that fails to load keeps its old build.
-    pub async fn apply(&self, _config: &BTreeMap<String, PluginConfig>) -> Result<(), PluginError> {
-        Ok(())
+    pub async fn apply(&self, config: &BTreeMap<String, PluginConfig>) -> Result<(), PluginError> {
+        let Some(engine) = self.engine.clone().or_else(|| {
+            (!config.is_empty())
+                .then(|| engine::shared().ok())
+                .flatten()
+        }) else {
+            if config.is_empty() {
+                self.replace_slots(BTreeMap::new());
+                return Ok(());
+            }
+            return Err(shared_engine("").err().unwrap_or(PluginError::Load {
+                plugin: String::new(),
+                reason: "the plugin engine is unavailable".to_string(),
+            }));
+        };
+        let existing = self.slots.read().map(|s| s.clone()).unwrap_or_default();
+        let mut next = BTreeMap::new();
+        let mut first_error = None;
+        for (name, plugin_config) in config {
+            let slot = existing.get(name);
+            if let Some(slot) = slot {
+                if is_unchanged(slot, plugin_config).await {
+                    next.insert(name.clone(), slot.clone());
+                    continue;
+                }
+            }
+            match loader::load_plugin(&engine, name, plugin_config).await {
+                Ok(plugin) => {
+                    let path_changed =
+                        slot.is_some_and(|s| s.current.load().config.path != plugin_config.path);
+                    let slot = match slot {
+                        Some(slot) => {
+                            slot.swap(plugin);
+                            slot.clone()
+                        }
+                        None => PluginSlot::new(plugin),
+                    };
+                    if path_changed || !existing.contains_key(name) {
+                        loader::watch(engine.clone(), &slot);
+                    }
+                    tracing::info!(plugin = %name, "plugin (re)loaded");
+                    next.insert(name.clone(), slot);
+                }
+                Err(reason) => {
+                    tracing::error!(plugin = %name, %reason, "plugin failed to load; keeping its previous build if any");
+                    if let Some(slot) = slot {
+                        next.insert(name.clone(), slot.clone());
+                    }
+                    first_error.get_or_insert(PluginError::Load {
+                        plugin: name.clone(),
+                        reason,
+                    });
+                }
+            }
+        }
+        self.replace_slots(next);
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn replace_slots(&self, next: BTreeMap<String, Arc<PluginSlot>>) {
+        if let Ok(mut slots) = self.slots.write() {
+            *slots = next;
+        }
+    }
+
+    fn slot(&self, name: &str) -> Option<Arc<PluginSlot>> {
+        self.slots.read().ok()?.get(name).cloned()
+    }
+
+    /// Counters of one plugin (for tests and the admin side).
+    pub fn stats(&self, plugin: &str) -> Option<PluginStats> {
+        self.slot(plugin).map(|slot| slot.stats())
     }
 
     /// Runs `on-request` of each plugin in `chain`, in order. `Some(response)`
     /// means a plugin answered directly and the request goes no further.
+    /// Extra cache-key parts land in the request's [`CacheKeyExtra`] extension.
     pub async fn on_request(
         &self,
-        _chain: &[String],
-        _request: &mut http::request::Parts,
+        chain: &[String],
+        request: &mut http::request::Parts,
     ) -> Result<Option<Response<Body>>, ProxyError> {
+        let Some(engine) = &self.engine else {
+            return Ok(None);
+        };
+        for (slot, plugin) in self.transformers(chain, None) {
+            let head = transformer::request_head(request);
+            let call = transformer::on_request(engine, &plugin, &head);
+            let Some(edit) = guarded(&slot, &plugin, call).await? else {
+                continue;
+            };
+            match edit {
+                RequestEdit::Respond(response) => return Ok(Some(response)),
+                RequestEdit::Continue {
+                    method,
+                    path_and_query,
+                    headers,
+                    cache_key_extra,
+                } => {
+                    request.method = method;
+                    request.uri = with_path_and_query(&request.uri, path_and_query)?;
+                    request.headers = headers;
+                    if !cache_key_extra.is_empty() {
+                        let extra = request
+                            .extensions
+                            .get_or_insert_with(CacheKeyExtra::default);
+                        extra.0.extend(cache_key_extra);
+                    }
+                }
+            }
+        }
         Ok(None)
     }
 
     /// Runs `on-response` of the plugins in `chain` configured for `phase`.
+    /// The body is collected only when at least one plugin runs.
     pub async fn on_response(
         &self,
-        _chain: &[String],
-        _phase: PluginPhase,
-        _request: &http::request::Parts,
+        chain: &[String],
+        phase: PluginPhase,
+        request: &http::request::Parts,
         response: Response<Body>,
     ) -> Result<Response<Body>, ProxyError> {
-        Ok(response)
+        let Some(engine) = &self.engine else {
+            return Ok(response);
+        };
+        let selected = self.transformers(chain, Some(phase));
+        if selected.is_empty() {
+            return Ok(response);
+        }
+        let (mut parts, body) = response.into_parts();
+        let mut bytes = match collect_capped(body, MAX_BODY_BYTES).await? {
+            Collected::Whole(bytes) => bytes,
+            Collected::TooLarge(body) => {
+                for (slot, plugin) in &selected {
+                    let failure = Failure::new(
+                        FailureKind::TooLarge,
+                        format!("response body over {MAX_BODY_BYTES} bytes"),
+                    );
+                    if let Some(error) = fail(slot, plugin, failure) {
+                        return Err(error);
+                    }
+                }
+                return Ok(Response::from_parts(parts, body));
+            }
+        };
+        let original_length = parts.headers.get(CONTENT_LENGTH).cloned();
+        let original_encoding = parts.headers.get(TRANSFER_ENCODING).cloned();
+        let request_head = transformer::request_head(request);
+        let mut body_changed = false;
+        for (slot, plugin) in &selected {
+            let head = transformer::response_head(&parts);
+            let call = transformer::on_response(
+                engine,
+                plugin,
+                transformer::wit_phase(phase),
+                &request_head,
+                &head,
+                &bytes,
+            );
+            let Some(edit) = guarded(slot, plugin, call).await? else {
+                continue;
+            };
+            parts.status = edit.status;
+            parts.headers = edit.headers;
+            if let Some(new_body) = edit.body {
+                bytes = new_body;
+                body_changed = true;
+            }
+        }
+        parts.headers.remove(CONTENT_LENGTH);
+        parts.headers.remove(TRANSFER_ENCODING);
+        if body_changed {
+            parts
+                .headers
+                .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        } else {
+            // The bytes are the upstream's: keep its framing headers as they were.
+            if let Some(length) = original_length {
+                parts.headers.insert(CONTENT_LENGTH, length);
+            }
+            if let Some(encoding) = original_encoding {
+                parts.headers.insert(TRANSFER_ENCODING, encoding);
+            }
+        }
+        Ok(Response::from_parts(parts, body::full(bytes)))
     }
 
     /// One run of a fetcher plugin for a source.
     pub async fn fetch(
         &self,
         plugin: &str,
-        _context: FetchContext,
+        context: FetchContext,
     ) -> Result<FetchOutcome, PluginError> {
-        Err(PluginError::Call {
+        let call_error = |reason: String| PluginError::Call {
             plugin: plugin.to_string(),
-            reason: "fetcher plugins are not implemented yet".to_string(),
-        })
+            reason,
+        };
+        let (Some(engine), Some(slot)) = (&self.engine, self.slot(plugin)) else {
+            return Err(call_error("no such plugin is loaded".to_string()));
+        };
+        let loaded = slot.current.load_full();
+        let call = fetcher::run(engine, &loaded, &slot.source_values, context);
+        match attempt(&slot, &loaded, call).await {
+            Ok(outcome) => Ok(outcome),
+            Err(failure) => Err(call_error(format!(
+                "{}: {}",
+                failure.kind.as_str(),
+                failure.describe()
+            ))),
+        }
     }
+
+    /// The transformers of `chain` (for `phase`, if given), in chain order.
+    fn transformers(
+        &self,
+        chain: &[String],
+        phase: Option<PluginPhase>,
+    ) -> Vec<(Arc<PluginSlot>, Arc<LoadedPlugin>)> {
+        chain
+            .iter()
+            .filter_map(|name| {
+                let slot = self.slot(name);
+                if slot.is_none() {
+                    tracing::warn!(plugin = %name, "route names a plugin that is not loaded; skipped");
+                }
+                slot
+            })
+            .map(|slot| {
+                let plugin = slot.current.load_full();
+                (slot, plugin)
+            })
+            .filter(|(_, plugin)| matches!(plugin.kind, Kind::Transformer(_)))
+            .filter(|(_, plugin)| phase.is_none_or(|phase| plugin.config.phase == phase))
+            .collect()
+    }
+}
+
+fn shared_engine(plugin: &str) -> Result<Arc<PluginEngine>, PluginError> {
+    engine::shared().map_err(|reason| PluginError::Load {
+        plugin: plugin.to_string(),
+        reason: format!("the wasm engine could not start: {reason}"),
+    })
+}
+
+async fn is_unchanged(slot: &PluginSlot, config: &PluginConfig) -> bool {
+    use sha2::Digest as _;
+    let current = slot.current.load();
+    if current.config != *config {
+        return false;
+    }
+    match tokio::fs::read(&config.path).await {
+        Ok(wasm) => hex::encode(sha2::Sha256::digest(&wasm)) == current.wasm_sha256,
+        Err(_) => false,
+    }
+}
+
+fn with_path_and_query(
+    uri: &http::Uri,
+    path_and_query: http::uri::PathAndQuery,
+) -> Result<http::Uri, ProxyError> {
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query);
+    http::Uri::from_parts(parts)
+        .map_err(|e| ProxyError::Internal(format!("rebuilding the URI after a plugin: {e}")))
+}
+
+/// Runs one guest call under the breaker, with metrics; the failure (if
+/// any) is logged and counted, not yet judged.
+async fn attempt<T>(
+    slot: &PluginSlot,
+    plugin: &LoadedPlugin,
+    call: impl Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    use std::sync::atomic::Ordering::Relaxed;
+    if slot.breaker.admit(Instant::now()) == Admission::Skip {
+        slot.counters.skipped.fetch_add(1, Relaxed);
+        return Err(Failure::new(
+            FailureKind::CircuitOpen,
+            "circuit open after repeated failures; not called",
+        ));
+    }
+    let name = slot.name.to_string();
+    slot.counters.invocations.fetch_add(1, Relaxed);
+    metrics::counter!("larder_plugin_invocations_total", "plugin" => name.clone()).increment(1);
+    let started = Instant::now();
+    let result = call.await;
+    metrics::histogram!("larder_plugin_duration_seconds", "plugin" => name.clone())
+        .record(started.elapsed().as_secs_f64());
+    match &result {
+        Ok(_) => slot.breaker.record_success(),
+        Err(failure) => {
+            slot.counters.failures.fetch_add(1, Relaxed);
+            metrics::counter!("larder_plugin_failures_total", "plugin" => name.clone(), "kind" => failure.kind.as_str())
+                .increment(1);
+            tracing::error!(
+                plugin = %name,
+                kind = failure.kind.as_str(),
+                on_error = ?plugin.config.on_error,
+                reason = %failure.describe(),
+                "plugin call failed"
+            );
+            if slot.breaker.record_failure(Instant::now()) {
+                tracing::warn!(plugin = %name, "plugin failed repeatedly; circuit open, calls skipped for a while");
+            }
+        }
+    }
+    let open = if slot.breaker.is_open() { 1.0 } else { 0.0 };
+    metrics::gauge!("larder_plugin_circuit_open", "plugin" => name).set(open);
+    result
+}
+
+/// [`attempt`] plus the plugin's `on_error`: `Ok(None)` means skip the
+/// plugin (open), `Err` answers the client 502 (closed).
+async fn guarded<T>(
+    slot: &PluginSlot,
+    plugin: &LoadedPlugin,
+    call: impl Future<Output = Result<T, Failure>>,
+) -> Result<Option<T>, ProxyError> {
+    match attempt(slot, plugin, call).await {
+        Ok(value) => Ok(Some(value)),
+        Err(failure) => match judge(plugin, &failure) {
+            Some(error) => Err(error),
+            None => Ok(None),
+        },
+    }
+}
+
+/// A failure that happened without calling the guest (body too large).
+fn fail(slot: &PluginSlot, plugin: &LoadedPlugin, failure: Failure) -> Option<ProxyError> {
+    metrics::counter!("larder_plugin_failures_total", "plugin" => slot.name.to_string(), "kind" => failure.kind.as_str())
+        .increment(1);
+    tracing::warn!(plugin = &*slot.name, kind = failure.kind.as_str(), reason = %failure.detail, "plugin skipped");
+    judge(plugin, &failure)
+}
+
+fn judge(plugin: &LoadedPlugin, failure: &Failure) -> Option<ProxyError> {
+    match plugin.config.on_error {
+        OnError::Open => None,
+        OnError::Closed => Some(ProxyError::PluginFailed {
+            plugin: plugin.name.to_string(),
+            reason: format!("{}: {}", failure.kind.as_str(), failure.detail),
+        }),
+    }
+}
+
+enum Collected {
+    Whole(Bytes),
+    /// Over the cap: the body as it was (bytes read so far, then the rest).
+    TooLarge(Body),
+}
+
+/// Reads a body up to `cap` bytes; above it, hands back an equivalent body.
+async fn collect_capped(body: Body, cap: usize) -> Result<Collected, ProxyError> {
+    use http_body::Body as _;
+    if body.size_hint().lower() > cap as u64 {
+        return Ok(Collected::TooLarge(body));
+    }
+    let mut stream = BodyStream::new(body);
+    let mut collected = BytesMut::new();
+    let mut trailers = None;
+    while let Some(frame) = stream.next().await {
+        let frame = frame.map_err(|e| ProxyError::UpstreamUnavailable {
+            upstream: "upstream".to_string(),
+            reason: format!("response body broke: {e}"),
+        })?;
+        match frame.into_data() {
+            Ok(data) => {
+                collected.extend_from_slice(&data);
+                if collected.len() > cap {
+                    let read = http_body::Frame::data(collected.freeze());
+                    let rest = futures_util::stream::once(async { Ok(read) }).chain(stream);
+                    return Ok(Collected::TooLarge(BodyExt::boxed(StreamBody::new(rest))));
+                }
+            }
+            Err(frame) => trailers = frame.into_trailers().ok(),
+        }
+    }
+    if trailers.is_some() {
+        tracing::debug!("response trailers dropped: a plugin transformed the body");
+    }
+    Ok(Collected::Whole(collected.freeze()))
 }

@@ -13,9 +13,7 @@ use std::cell::RefCell;
 
 wit_bindgen::generate!({ world: "transformer", path: "../../wit" });
 
-use exports::larder::plugin::transform::{
-    Guest, Phase, RequestAction, RequestOut, ResponseOut,
-};
+use exports::larder::plugin::transform::{Guest, Phase, RequestAction, RequestOut, ResponseOut};
 use larder::plugin::types::{Config, Headers, PluginError, RequestHead, ResponseHead};
 
 #[derive(Default)]
@@ -33,7 +31,11 @@ thread_local! {
 
 fn parse_pairs(key: &str, text: &str) -> Result<Vec<(String, String)>, PluginError> {
     let mut pairs = Vec::new();
-    for item in text.split(';').map(str::trim).filter(|item| !item.is_empty()) {
+    for item in text
+        .split(';')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+    {
         let Some((name, value)) = item.split_once(':') else {
             return Err(PluginError::InvalidConfig(format!(
                 "{key}: `{item}` is not `name: value`"
@@ -109,7 +111,11 @@ impl Guest for AddHeaders {
                 .and_then(|wanted| req.headers.iter().find(|(name, _)| name == wanted))
                 .map(|(_, value)| vec![String::from_utf8_lossy(value).into_owned()])
                 .unwrap_or_default();
-            apply(&mut req.headers, &settings.request_set, &settings.request_remove);
+            apply(
+                &mut req.headers,
+                &settings.request_set,
+                &settings.request_remove,
+            );
             Ok(RequestAction::Continue(RequestOut {
                 head: req,
                 cache_key_extra,

@@ -40,7 +40,9 @@ impl Guest for AnswerDirect {
                             .ok()
                             .filter(|status| (100..600).contains(status))
                             .ok_or_else(|| {
-                                PluginError::InvalidConfig(format!("status: `{value}` is not an HTTP status"))
+                                PluginError::InvalidConfig(format!(
+                                    "status: `{value}` is not an HTTP status"
+                                ))
                             })?
                     }
                     other => {
@@ -55,7 +57,11 @@ impl Guest for AnswerDirect {
     fn on_request(req: RequestHead) -> Result<RequestAction, PluginError> {
         SETTINGS.with(|s| {
             let settings = s.borrow();
-            if req.headers.iter().any(|(name, _)| *name == settings.require) {
+            if req
+                .headers
+                .iter()
+                .any(|(name, _)| *name == settings.require)
+            {
                 return Ok(RequestAction::Continue(RequestOut {
                     head: req,
                     cache_key_extra: Vec::new(),
@@ -63,7 +69,10 @@ impl Guest for AnswerDirect {
             }
             log(
                 LogLevel::Info,
-                &format!("refusing {} {}: no {} header", req.method, req.path_with_query, settings.require),
+                &format!(
+                    "refusing {} {}: no {} header",
+                    req.method, req.path_with_query, settings.require
+                ),
             );
             Ok(RequestAction::Respond(DirectResponse {
                 head: ResponseHead {
@@ -81,7 +90,10 @@ impl Guest for AnswerDirect {
         resp: ResponseHead,
         _body: Option<Vec<u8>>,
     ) -> Result<ResponseOut, PluginError> {
-        Ok(ResponseOut { head: resp, body: None })
+        Ok(ResponseOut {
+            head: resp,
+            body: None,
+        })
     }
 }
 

@@ -3,6 +3,7 @@
 //! JSON pointer, e.g. `/data/items`; default: the whole document). Sends
 //! If-None-Match with the previous ETag, and answers not-modified when the
 //! origin says 304 or the value is the same as the one already served.
+//! `url` may be set on the plugin or on each source (`plugin.config`).
 
 use std::cell::RefCell;
 
@@ -11,7 +12,7 @@ use serde_json::Value;
 wit_bindgen::generate!({ world: "fetcher", path: "../../wit" });
 
 use exports::larder::plugin::fetch::{FetchContext, FetchResult, Guest};
-use larder::plugin::http_client::{send, HttpError, OutgoingRequest};
+use larder::plugin::http_client::{HttpError, OutgoingRequest, send};
 use larder::plugin::log::log;
 use larder::plugin::types::{Config, LogLevel, PluginError};
 
@@ -45,14 +46,18 @@ impl Guest for HttpJson {
             match key.as_str() {
                 "url" => settings.url = value,
                 "pointer" => settings.pointer = value,
-                other => return Err(PluginError::InvalidConfig(format!("unknown key `{other}` (expected url, pointer)"))),
+                other => {
+                    return Err(PluginError::InvalidConfig(format!(
+                        "unknown key `{other}` (expected url, pointer)"
+                    )));
+                }
             }
         }
-        if settings.url.is_empty() {
-            return Err(PluginError::InvalidConfig("url is required".to_string()));
-        }
         if !settings.pointer.is_empty() && !settings.pointer.starts_with('/') {
-            return Err(PluginError::InvalidConfig(format!("pointer `{}` must start with /", settings.pointer)));
+            return Err(PluginError::InvalidConfig(format!(
+                "pointer `{}` must start with /",
+                settings.pointer
+            )));
         }
         SETTINGS.with(|s| *s.borrow_mut() = settings);
         Ok(())
@@ -63,17 +68,31 @@ impl Guest for HttpJson {
             let s = s.borrow();
             (s.url.clone(), s.pointer.clone())
         });
+        // `url` may come from the source's `plugin.config`, so the load-time
+        // probe (plugin config only) cannot insist on it; a run can.
+        if url.is_empty() {
+            return Err(PluginError::InvalidConfig("url is required".to_string()));
+        }
         let mut headers = vec![("accept".to_string(), b"application/json".to_vec())];
         if let Some(etag) = &ctx.previous_etag {
             headers.push(("if-none-match".to_string(), etag.clone().into_bytes()));
         }
-        let response = send(&OutgoingRequest { method: "GET".to_string(), url: url.clone(), headers, body: None, timeout_ms: None })
-            .map_err(|e| PluginError::Upstream(format!("GET {url}: {}", describe(e))))?;
+        let response = send(&OutgoingRequest {
+            method: "GET".to_string(),
+            url: url.clone(),
+            headers,
+            body: None,
+            timeout_ms: None,
+        })
+        .map_err(|e| PluginError::Upstream(format!("GET {url}: {}", describe(e))))?;
         if response.status == 304 {
             return Ok(FetchResult::NotModified);
         }
         if response.status != 200 {
-            return Err(PluginError::Upstream(format!("GET {url}: status {}", response.status)));
+            return Err(PluginError::Upstream(format!(
+                "GET {url}: status {}",
+                response.status
+            )));
         }
         let document: Value = serde_json::from_slice(&response.body)
             .map_err(|e| PluginError::Upstream(format!("GET {url}: not JSON: {e}")))?;
@@ -81,11 +100,18 @@ impl Guest for HttpJson {
             .pointer(&pointer)
             .ok_or_else(|| PluginError::Upstream(format!("GET {url}: no value at {pointer}")))?;
         let body = serde_json::to_vec(picked).map_err(|e| PluginError::Internal(e.to_string()))?;
-        if larder::plugin::cache::get(&ctx.source_id).is_some_and(|previous| previous.body == body) {
-            log(LogLevel::Debug, &format!("{}: value unchanged", ctx.source_id));
+        if larder::plugin::cache::get(&ctx.source_id).is_some_and(|previous| previous.body == body)
+        {
+            log(
+                LogLevel::Debug,
+                &format!("{}: value unchanged", ctx.source_id),
+            );
             return Ok(FetchResult::NotModified);
         }
-        Ok(FetchResult::Updated((vec![("content-type".to_string(), b"application/json".to_vec())], body)))
+        Ok(FetchResult::Updated((
+            vec![("content-type".to_string(), b"application/json".to_vec())],
+            body,
+        )))
     }
 }
 

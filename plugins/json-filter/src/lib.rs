@@ -23,7 +23,11 @@ thread_local! {
 }
 
 fn fields(text: &str) -> Vec<String> {
-    text.split(',').map(str::trim).filter(|f| !f.is_empty()).map(String::from).collect()
+    text.split(',')
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 fn filter_object(value: &mut Value, filter: &Filter) {
@@ -37,7 +41,10 @@ fn filter_object(value: &mut Value, filter: &Filter) {
 
 fn is_json(resp: &ResponseHead) -> bool {
     resp.headers.iter().any(|(name, value)| {
-        name == "content-type" && String::from_utf8_lossy(value).to_ascii_lowercase().contains("json")
+        name == "content-type"
+            && String::from_utf8_lossy(value)
+                .to_ascii_lowercase()
+                .contains("json")
     })
 }
 
@@ -50,19 +57,29 @@ impl Guest for JsonFilter {
             let next = match key.as_str() {
                 "keep" => Filter::Keep(fields(&value)),
                 "drop" => Filter::Drop(fields(&value)),
-                other => return Err(PluginError::InvalidConfig(format!("unknown key `{other}` (expected keep or drop)"))),
+                other => {
+                    return Err(PluginError::InvalidConfig(format!(
+                        "unknown key `{other}` (expected keep or drop)"
+                    )));
+                }
             };
             if filter.replace(next).is_some() {
-                return Err(PluginError::InvalidConfig("set either keep or drop, not both".to_string()));
+                return Err(PluginError::InvalidConfig(
+                    "set either keep or drop, not both".to_string(),
+                ));
             }
         }
-        let filter = filter.ok_or_else(|| PluginError::InvalidConfig("set keep or drop".to_string()))?;
+        let filter =
+            filter.ok_or_else(|| PluginError::InvalidConfig("set keep or drop".to_string()))?;
         FILTER.with(|f| *f.borrow_mut() = filter);
         Ok(())
     }
 
     fn on_request(req: RequestHead) -> Result<RequestAction, PluginError> {
-        Ok(RequestAction::Continue(RequestOut { head: req, cache_key_extra: Vec::new() }))
+        Ok(RequestAction::Continue(RequestOut {
+            head: req,
+            cache_key_extra: Vec::new(),
+        }))
     }
 
     fn on_response(
@@ -72,24 +89,38 @@ impl Guest for JsonFilter {
         body: Option<Vec<u8>>,
     ) -> Result<ResponseOut, PluginError> {
         let Some(body) = body.filter(|_| is_json(&resp)) else {
-            return Ok(ResponseOut { head: resp, body: None });
+            return Ok(ResponseOut {
+                head: resp,
+                body: None,
+            });
         };
         let mut value: Value = match serde_json::from_slice(&body) {
             Ok(value) => value,
             Err(e) => {
-                log(LogLevel::Warn, &format!("body is not valid JSON, left unchanged: {e}"));
-                return Ok(ResponseOut { head: resp, body: None });
+                log(
+                    LogLevel::Warn,
+                    &format!("body is not valid JSON, left unchanged: {e}"),
+                );
+                return Ok(ResponseOut {
+                    head: resp,
+                    body: None,
+                });
             }
         };
         FILTER.with(|f| {
             let filter = f.borrow();
             match &mut value {
-                Value::Array(items) => items.iter_mut().for_each(|item| filter_object(item, &filter)),
+                Value::Array(items) => items
+                    .iter_mut()
+                    .for_each(|item| filter_object(item, &filter)),
                 object => filter_object(object, &filter),
             }
         });
         let body = serde_json::to_vec(&value).map_err(|e| PluginError::Internal(e.to_string()))?;
-        Ok(ResponseOut { head: resp, body: Some(body) })
+        Ok(ResponseOut {
+            head: resp,
+            body: Some(body),
+        })
     }
 }
 

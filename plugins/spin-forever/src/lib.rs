@@ -58,11 +58,14 @@ impl Guest for Fault {
                 ("when", "response") => WHEN.set(When::Response),
                 ("when", "never") => WHEN.set(When::Never),
                 ("when", "init") => fault(),
-                ("mib", mib) => MIB.set(
-                    mib.parse()
-                        .map_err(|_| PluginError::InvalidConfig(format!("mib: `{mib}` is not a number")))?,
-                ),
-                _ => return Err(PluginError::InvalidConfig(format!("unknown setting {key}={value}"))),
+                ("mib", mib) => MIB.set(mib.parse().map_err(|_| {
+                    PluginError::InvalidConfig(format!("mib: `{mib}` is not a number"))
+                })?),
+                _ => {
+                    return Err(PluginError::InvalidConfig(format!(
+                        "unknown setting {key}={value}"
+                    )));
+                }
             }
         }
         Ok(())
@@ -72,7 +75,10 @@ impl Guest for Fault {
         if WHEN.get() == When::Request {
             fault();
         }
-        Ok(RequestAction::Continue(RequestOut { head: req, cache_key_extra: Vec::new() }))
+        Ok(RequestAction::Continue(RequestOut {
+            head: req,
+            cache_key_extra: Vec::new(),
+        }))
     }
 
     fn on_response(
@@ -84,7 +90,10 @@ impl Guest for Fault {
         if WHEN.get() == When::Response {
             fault();
         }
-        Ok(ResponseOut { head: resp, body: None })
+        Ok(ResponseOut {
+            head: resp,
+            body: None,
+        })
     }
 }
 

@@ -1,0 +1,149 @@
+//! The host side of the WIT imports: `log`, `http-client` and `cache`,
+//! implemented on a store's [`StoreState`].
+//!
+//! Must not let a guest reach beyond its grants: no grant, no call.
+
+use std::time::{Duration, Instant};
+
+use super::bindings::LogLevel;
+use super::bindings::fetcher::larder::plugin::{cache, http_client};
+use super::bindings::transformer::larder::plugin::{log, types};
+use super::engine::StoreState;
+use super::http_client::{self as client, OutboundRequest, SendError};
+
+/// Longest log message kept from a guest.
+const MAX_MESSAGE_BYTES: usize = 4096;
+/// Log calls per call of the guest; the rest is dropped.
+const MAX_LOG_CALLS: u32 = 200;
+
+impl types::Host for StoreState {}
+
+fn tracing_level(level: LogLevel) -> tracing::Level {
+    match level {
+        LogLevel::Trace => tracing::Level::TRACE,
+        LogLevel::Debug => tracing::Level::DEBUG,
+        LogLevel::Info => tracing::Level::INFO,
+        LogLevel::Warn => tracing::Level::WARN,
+        LogLevel::Error => tracing::Level::ERROR,
+    }
+}
+
+fn truncate(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("…");
+    }
+    message
+}
+
+impl log::Host for StoreState {
+    async fn enabled(&mut self, level: LogLevel) -> bool {
+        match tracing_level(level) {
+            tracing::Level::TRACE => tracing::enabled!(tracing::Level::TRACE),
+            tracing::Level::DEBUG => tracing::enabled!(tracing::Level::DEBUG),
+            tracing::Level::INFO => tracing::enabled!(tracing::Level::INFO),
+            tracing::Level::WARN => tracing::enabled!(tracing::Level::WARN),
+            _ => tracing::enabled!(tracing::Level::ERROR),
+        }
+    }
+
+    async fn log(&mut self, level: LogLevel, message: String) {
+        self.log_lines += 1;
+        if self.log_lines > MAX_LOG_CALLS {
+            return;
+        }
+        let message = truncate(message);
+        let plugin = &*self.plugin;
+        match level {
+            LogLevel::Trace => tracing::trace!(plugin, "{message}"),
+            LogLevel::Debug => tracing::debug!(plugin, "{message}"),
+            LogLevel::Info => tracing::info!(plugin, "{message}"),
+            LogLevel::Warn => tracing::warn!(plugin, "{message}"),
+            LogLevel::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+}
+
+impl http_client::Host for StoreState {
+    async fn send(
+        &mut self,
+        request: http_client::OutgoingRequest,
+    ) -> Result<http_client::IncomingResponse, http_client::HttpError> {
+        let plugin = self.plugin.clone();
+        let started = Instant::now();
+        let result = self.send_checked(request).await;
+        // Waiting on the network does not count against the CPU budget.
+        self.budget.add_waiting(started.elapsed());
+        match result {
+            Ok(response) => Ok(response),
+            Err(error) => {
+                tracing::warn!(plugin = &*plugin, %error, "plugin http-client call failed");
+                Err(to_wit_error(error))
+            }
+        }
+    }
+}
+
+impl StoreState {
+    async fn send_checked(
+        &mut self,
+        request: http_client::OutgoingRequest,
+    ) -> Result<http_client::IncomingResponse, SendError> {
+        let Some(grant) = self.http.as_mut() else {
+            return Err(SendError::Denied(
+                "this plugin has no http-client grant".to_string(),
+            ));
+        };
+        if grant.requests_made >= client::MAX_REQUESTS_PER_CALL {
+            return Err(SendError::TooManyRequests);
+        }
+        grant.requests_made += 1;
+        let url = grant.allow.check(&request.url).map_err(SendError::Denied)?;
+        let timeout = request
+            .timeout_ms
+            .map(|ms| Duration::from_millis(u64::from(ms)))
+            .unwrap_or(client::REQUEST_TIMEOUT)
+            .min(client::REQUEST_TIMEOUT);
+        tracing::debug!(plugin = &*self.plugin, method = %request.method, %url, "plugin http-client call");
+        let response = client::send(OutboundRequest {
+            method: request.method,
+            url,
+            headers: request.headers,
+            body: request.body,
+            timeout,
+        })
+        .await?;
+        Ok(http_client::IncomingResponse {
+            status: response.status,
+            headers: response.headers,
+            body: response.body.to_vec(),
+        })
+    }
+}
+
+fn to_wit_error(error: SendError) -> http_client::HttpError {
+    use http_client::HttpError;
+    match error {
+        SendError::Denied(why) => HttpError::Denied(why),
+        SendError::Timeout => HttpError::Timeout,
+        SendError::TooLarge => HttpError::TooLarge,
+        SendError::Connection(why) => HttpError::Connection(why),
+        SendError::InvalidRequest(why) => HttpError::InvalidRequest(why),
+        SendError::TooManyRequests => HttpError::TooManyRequests,
+    }
+}
+
+impl cache::Host for StoreState {
+    async fn get(&mut self, key: String) -> Option<cache::Entry> {
+        let value = self.source_values.as_ref()?.get(&key)?;
+        Some(cache::Entry {
+            headers: value.headers.clone(),
+            body: value.body.to_vec(),
+            age_seconds: u32::try_from(value.produced_at.elapsed().as_secs()).unwrap_or(u32::MAX),
+        })
+    }
+}

@@ -1,0 +1,325 @@
+//! The `http-client` host import for fetchers: the allow-list of origins a
+//! plugin was granted (`allow_hosts`), and the buffered outbound call with
+//! its caps (timeout, response size, requests per run).
+//!
+//! Must not reach an origin that is not on the plugin's list: URLs are
+//! parsed with `url` (IDNA, case, default ports), user information is
+//! refused and redirects are never followed.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use url::{Host, Url};
+
+/// The largest response body a plugin may receive.
+pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+/// Calls one run (or one request) may make.
+pub const MAX_REQUESTS_PER_CALL: u32 = 16;
+/// The longest a single outbound call may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One `allow_hosts` entry: scheme, host (exact, or `*.` for subdomains)
+/// and port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AllowedOrigin {
+    scheme: String,
+    host: HostPattern,
+    port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum HostPattern {
+    Exact(Host<String>),
+    /// `*.example.com`: any subdomain of `example.com`, not itself.
+    Subdomains(String),
+}
+
+impl AllowedOrigin {
+    /// Parses `https://api.example.com`, `http://127.0.0.1:8080`, `https://*.example.com`.
+    pub fn parse(entry: &str) -> Result<Self, String> {
+        let url = Url::parse(entry).map_err(|e| format!("`{entry}` is not a URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!(
+                "`{entry}`: only http and https origins can be allowed"
+            ));
+        }
+        if has_userinfo(&url) {
+            return Err(format!("`{entry}`: an origin has no user information"));
+        }
+        if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+            return Err(format!(
+                "`{entry}`: give an origin (scheme, host, optional port) without a path"
+            ));
+        }
+        let host = match url.host() {
+            Some(Host::Domain(domain)) if domain.starts_with("*.") => {
+                HostPattern::Subdomains(domain[1..].to_string())
+            }
+            Some(host) if !host.to_string().contains('*') => HostPattern::Exact(host.to_owned()),
+            _ => return Err(format!("`{entry}`: `*` is only allowed as a leading `*.`")),
+        };
+        let port = url
+            .port_or_known_default()
+            .ok_or_else(|| format!("`{entry}` has no port"))?;
+        Ok(Self {
+            scheme: url.scheme().to_string(),
+            host,
+            port,
+        })
+    }
+
+    fn allows(&self, url: &Url) -> bool {
+        let host_matches = match (&self.host, url.host()) {
+            (HostPattern::Exact(allowed), Some(host)) => *allowed == host.to_owned(),
+            (HostPattern::Subdomains(suffix), Some(Host::Domain(domain))) => {
+                domain.len() > suffix.len() && domain.ends_with(suffix.as_str())
+            }
+            _ => false,
+        };
+        host_matches
+            && self.scheme == url.scheme()
+            && Some(self.port) == url.port_or_known_default()
+    }
+}
+
+fn has_userinfo(url: &Url) -> bool {
+    !url.username().is_empty() || url.password().is_some()
+}
+
+/// A plugin's parsed `allow_hosts`. Empty: no outbound HTTP at all.
+#[derive(Debug, Clone, Default)]
+pub struct AllowList(Vec<AllowedOrigin>);
+
+impl AllowList {
+    pub fn parse(entries: &[String]) -> Result<Self, String> {
+        entries
+            .iter()
+            .map(|entry| AllowedOrigin::parse(entry))
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+
+    /// The parsed URL if the plugin may call it, else why not.
+    pub fn check(&self, raw: &str) -> Result<Url, String> {
+        let url = Url::parse(raw).map_err(|e| format!("`{raw}` is not a URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("scheme `{}` is not allowed", url.scheme()));
+        }
+        if has_userinfo(&url) {
+            return Err("URLs with user information are refused".to_string());
+        }
+        if self.0.iter().any(|origin| origin.allows(&url)) {
+            Ok(url)
+        } else {
+            Err(format!(
+                "{} is not in allow_hosts",
+                url.origin().ascii_serialization()
+            ))
+        }
+    }
+}
+
+/// What a store's guest may do over HTTP, and how much it has done.
+pub struct HttpGrant {
+    pub allow: Arc<AllowList>,
+    pub requests_made: u32,
+}
+
+/// Why an outbound call did not produce a response.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("denied: {0}")]
+    Denied(String),
+    #[error("timed out")]
+    Timeout,
+    #[error("response larger than {MAX_RESPONSE_BYTES} bytes")]
+    TooLarge,
+    #[error("connection failed: {0}")]
+    Connection(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("more than {MAX_REQUESTS_PER_CALL} requests in one call")]
+    TooManyRequests,
+}
+
+pub struct OutboundRequest {
+    pub method: String,
+    pub url: Url,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Option<Vec<u8>>,
+    pub timeout: Duration,
+}
+
+pub struct OutboundResponse {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Bytes,
+}
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+fn client() -> &'static HttpsClient {
+    static CLIENT: OnceLock<HttpsClient> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Client::builder(TokioExecutor::new()).build(connector)
+    })
+}
+
+/// Headers a plugin may not set: the client manages them.
+fn is_managed_header(name: &str) -> bool {
+    matches!(
+        name,
+        "host"
+            | "connection"
+            | "content-length"
+            | "transfer-encoding"
+            | "upgrade"
+            | "te"
+            | "keep-alive"
+    )
+}
+
+/// One buffered request; the URL was already checked against the allow-list.
+pub async fn send(request: OutboundRequest) -> Result<OutboundResponse, SendError> {
+    let method = http::Method::from_bytes(request.method.as_bytes())
+        .map_err(|_| SendError::InvalidRequest(format!("method `{}`", request.method)))?;
+    let mut builder = http::Request::builder()
+        .method(method)
+        .uri(request.url.as_str());
+    for (name, value) in &request.headers {
+        let name = name.to_ascii_lowercase();
+        if !is_managed_header(&name) {
+            builder = builder.header(name, value.as_slice());
+        }
+    }
+    let body = Full::new(Bytes::from(request.body.unwrap_or_default()));
+    let outgoing = builder
+        .body(body)
+        .map_err(|e| SendError::InvalidRequest(e.to_string()))?;
+    let exchange = async {
+        let response = client()
+            .request(outgoing)
+            .await
+            .map_err(|e| SendError::Connection(format!("{e:#}")))?;
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    SendError::TooLarge
+                } else {
+                    SendError::Connection(e.to_string())
+                }
+            })?
+            .to_bytes();
+        let headers = parts
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str().to_string(), value.as_bytes().to_vec()))
+            .collect();
+        Ok(OutboundResponse {
+            status: parts.status.as_u16(),
+            headers,
+            body,
+        })
+    };
+    tokio::time::timeout(request.timeout, exchange)
+        .await
+        .unwrap_or(Err(SendError::Timeout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(entries: &[&str]) -> AllowList {
+        let entries: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
+        AllowList::parse(&entries).expect("valid allow list")
+    }
+
+    #[test]
+    fn allows_the_listed_origin_with_any_path() {
+        let allow = list(&["https://api.example.com"]);
+        assert!(allow.check("https://api.example.com/v1/items?x=1").is_ok());
+        assert!(allow.check("https://api.example.com:443/").is_ok());
+    }
+
+    #[test]
+    fn refuses_other_scheme_or_port() {
+        let allow = list(&["https://api.example.com"]);
+        assert!(allow.check("http://api.example.com/").is_err());
+        assert!(allow.check("https://api.example.com:8443/").is_err());
+        let local = list(&["http://127.0.0.1:8080"]);
+        assert!(local.check("http://127.0.0.1:8080/x").is_ok());
+        assert!(local.check("http://127.0.0.1:8081/x").is_err());
+        assert!(local.check("http://127.0.0.1/x").is_err());
+    }
+
+    #[test]
+    fn refuses_userinfo_tricks() {
+        let allow = list(&["https://api.example.com", "http://127.0.0.1:8080"]);
+        assert!(
+            allow
+                .check("https://api.example.com@evil.example.org/")
+                .is_err()
+        );
+        assert!(allow.check("http://127.0.0.1:8080@evil.invalid/").is_err());
+        assert!(allow.check("https://user:pw@api.example.com/").is_err());
+        assert!(AllowedOrigin::parse("https://user@api.example.com").is_err());
+    }
+
+    #[test]
+    fn matches_hosts_case_insensitively_and_through_idna() {
+        let allow = list(&["https://API.Example.COM", "https://bücher.example"]);
+        assert!(allow.check("https://api.example.com/").is_ok());
+        assert!(allow.check("https://xn--bcher-kva.example/").is_ok());
+        assert!(allow.check("https://BÜCHER.example/").is_ok());
+        assert!(allow.check("https://bucher.example/").is_err());
+    }
+
+    #[test]
+    fn wildcard_covers_subdomains_only() {
+        let allow = list(&["https://*.example.com"]);
+        assert!(allow.check("https://a.example.com/").is_ok());
+        assert!(allow.check("https://a.b.example.com/").is_ok());
+        assert!(allow.check("https://example.com/").is_err());
+        assert!(allow.check("https://evilexample.com/").is_err());
+    }
+
+    #[test]
+    fn an_empty_list_allows_nothing() {
+        assert!(
+            AllowList::default()
+                .check("https://api.example.com/")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn refuses_non_http_schemes_and_bad_entries() {
+        let allow = list(&["https://api.example.com"]);
+        assert!(allow.check("file:///etc/passwd").is_err());
+        assert!(AllowedOrigin::parse("ftp://example.com").is_err());
+        assert!(AllowedOrigin::parse("https://example.com/path").is_err());
+        assert!(AllowedOrigin::parse("https://a*.example.com").is_err());
+        assert!(AllowedOrigin::parse("example.com").is_err());
+    }
+
+    #[test]
+    fn ip_literals_match_exactly() {
+        let allow = list(&["http://[::1]:9000"]);
+        assert!(allow.check("http://[0:0:0:0:0:0:0:1]:9000/").is_ok());
+        assert!(allow.check("http://127.0.0.1:9000/").is_err());
+    }
+}

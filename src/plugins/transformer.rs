@@ -1,0 +1,211 @@
+//! Transformer calls: converting between `http` types and the WIT records,
+//! running `on-request` / `on-response` in an instance (fresh per call, or
+//! pooled with `reuse: true`), and checking what the guest handed back.
+//!
+//! Must not let a guest's malformed answer through: invalid methods,
+//! paths, header names or statuses are a plugin failure.
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode};
+
+use super::bindings::transformer::exports::larder::plugin::transform::{
+    Phase, RequestAction, ResponseOut,
+};
+use super::bindings::transformer::larder::plugin::types::{RequestHead, ResponseHead};
+use super::call::{Failure, FailureKind, backstop, settle};
+use super::engine::{PluginEngine, start_call};
+use super::loader::{Kind, LoadedPlugin, TransformerInstance, instantiate_transformer};
+use crate::body::{self, Body};
+use crate::config::PluginPhase;
+
+type WitHeaders = Vec<(String, Vec<u8>)>;
+
+/// What `on-request` decided, checked and converted.
+pub enum RequestEdit {
+    Continue {
+        method: Method,
+        path_and_query: http::uri::PathAndQuery,
+        headers: HeaderMap,
+        cache_key_extra: Vec<String>,
+    },
+    Respond(Response<Body>),
+}
+
+/// What `on-response` returned, checked and converted.
+pub struct ResponseEdit {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// `None`: the body is unchanged.
+    pub body: Option<Bytes>,
+}
+
+pub fn wit_phase(phase: PluginPhase) -> Phase {
+    match phase {
+        PluginPhase::Downstream => Phase::DownstreamResponse,
+        PluginPhase::CacheStore => Phase::CacheStore,
+    }
+}
+
+fn to_wit_headers(headers: &HeaderMap) -> WitHeaders {
+    headers
+        .iter()
+        .map(|(name, value)| (name.as_str().to_string(), value.as_bytes().to_vec()))
+        .collect()
+}
+
+fn from_wit_headers(headers: WitHeaders) -> Result<HeaderMap, String> {
+    let mut map = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("invalid header name `{name}`"))?;
+        let value = HeaderValue::from_bytes(&value)
+            .map_err(|_| format!("invalid value for header `{name}`"))?;
+        map.append(header, value);
+    }
+    Ok(map)
+}
+
+pub fn request_head(request: &http::request::Parts) -> RequestHead {
+    let authority = request
+        .uri
+        .authority()
+        .map(|authority| authority.as_str().to_string())
+        .or_else(|| {
+            request
+                .headers
+                .get(http::header::HOST)
+                .and_then(|host| host.to_str().ok())
+                .map(str::to_string)
+        });
+    RequestHead {
+        method: request.method.as_str().to_string(),
+        path_with_query: request
+            .uri
+            .path_and_query()
+            .map_or("/", |path| path.as_str())
+            .to_string(),
+        authority,
+        headers: to_wit_headers(&request.headers),
+    }
+}
+
+pub fn response_head(response: &http::response::Parts) -> ResponseHead {
+    ResponseHead {
+        status: response.status.as_u16(),
+        headers: to_wit_headers(&response.headers),
+    }
+}
+
+fn check_request_action(action: RequestAction) -> Result<RequestEdit, String> {
+    match action {
+        RequestAction::Continue(out) => {
+            let method = Method::from_bytes(out.head.method.as_bytes())
+                .map_err(|_| format!("invalid method `{}`", out.head.method))?;
+            if !out.head.path_with_query.starts_with('/') {
+                return Err(format!(
+                    "path `{}` does not start with /",
+                    out.head.path_with_query
+                ));
+            }
+            let path_and_query = out
+                .head
+                .path_with_query
+                .parse()
+                .map_err(|_| format!("invalid path `{}`", out.head.path_with_query))?;
+            Ok(RequestEdit::Continue {
+                method,
+                path_and_query,
+                headers: from_wit_headers(out.head.headers)?,
+                cache_key_extra: out.cache_key_extra,
+            })
+        }
+        RequestAction::Respond(direct) => {
+            let status = StatusCode::from_u16(direct.head.status)
+                .map_err(|_| format!("invalid status {}", direct.head.status))?;
+            let mut headers = from_wit_headers(direct.head.headers)?;
+            headers.remove(http::header::TRANSFER_ENCODING);
+            headers.insert(
+                http::header::CONTENT_LENGTH,
+                HeaderValue::from(direct.body.len()),
+            );
+            let mut response = Response::new(body::full(direct.body));
+            *response.status_mut() = status;
+            *response.headers_mut() = headers;
+            Ok(RequestEdit::Respond(response))
+        }
+    }
+}
+
+fn check_response_out(out: ResponseOut) -> Result<ResponseEdit, String> {
+    let status = StatusCode::from_u16(out.head.status)
+        .map_err(|_| format!("invalid status {}", out.head.status))?;
+    Ok(ResponseEdit {
+        status,
+        headers: from_wit_headers(out.head.headers)?,
+        body: out.body.map(Bytes::from),
+    })
+}
+
+async fn checkout(
+    engine: &PluginEngine,
+    plugin: &LoadedPlugin,
+) -> Result<TransformerInstance, Failure> {
+    let Kind::Transformer(pre) = &plugin.kind else {
+        return Err(Failure::new(FailureKind::Error, "not a transformer"));
+    };
+    if let Some(mut instance) = plugin.take_idle() {
+        start_call(&mut instance.store);
+        return Ok(instance);
+    }
+    instantiate_transformer(engine, plugin, pre).await
+}
+
+/// One `on-request` call.
+pub async fn on_request(
+    engine: &PluginEngine,
+    plugin: &LoadedPlugin,
+    head: &RequestHead,
+) -> Result<RequestEdit, Failure> {
+    let limit = backstop(plugin);
+    let call = async {
+        let mut instance = checkout(engine, plugin).await?;
+        let result = instance
+            .bindings
+            .larder_plugin_transform()
+            .call_on_request(&mut instance.store, head)
+            .await;
+        let action = settle(result, &instance.store, "on-request")?;
+        plugin.put_idle(instance);
+        check_request_action(action).map_err(|why| Failure::new(FailureKind::Error, why))
+    };
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or_else(|_| Err(Failure::timed_out(limit)))
+}
+
+/// One `on-response` call with the whole body.
+pub async fn on_response(
+    engine: &PluginEngine,
+    plugin: &LoadedPlugin,
+    phase: Phase,
+    request: &RequestHead,
+    response: &ResponseHead,
+    body: &[u8],
+) -> Result<ResponseEdit, Failure> {
+    let limit = backstop(plugin);
+    let call = async {
+        let mut instance = checkout(engine, plugin).await?;
+        let result = instance
+            .bindings
+            .larder_plugin_transform()
+            .call_on_response(&mut instance.store, phase, request, response, Some(body))
+            .await;
+        let out = settle(result, &instance.store, "on-response")?;
+        plugin.put_idle(instance);
+        check_response_out(out).map_err(|why| Failure::new(FailureKind::Error, why))
+    };
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or_else(|_| Err(Failure::timed_out(limit)))
+}

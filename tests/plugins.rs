@@ -1,0 +1,625 @@
+//! Wasm plugins, end to end with the real components from `plugins/`
+//! (build them first: `cd plugins && cargo build --release`): transforms,
+//! direct answers, fetchers and their allow-list, contained faults under
+//! both `on_error` settings, the circuit breaker, the precompiled cache and
+//! hot reload.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use larder::body::{self, Body};
+use larder::config::{PluginConfig, PluginPhase};
+use larder::error::ProxyError;
+use larder::plugins::{CacheKeyExtra, FetchContext, FetchOutcome, PluginError, PluginHost};
+
+/// A built plugin component; fails (never skips) when it was not built.
+fn wasm(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("plugins/target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: build the plugins first with `cd plugins && cargo build --release`",
+        path.display()
+    );
+    path
+}
+
+fn plugin(yaml: &str) -> PluginConfig {
+    serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("bad test plugin config: {e}\n{yaml}"))
+}
+
+async fn host(plugins: &[(&str, PluginConfig)]) -> Arc<PluginHost> {
+    let map: BTreeMap<String, PluginConfig> = plugins
+        .iter()
+        .map(|(name, config)| (name.to_string(), config.clone()))
+        .collect();
+    PluginHost::load(&map)
+        .await
+        .unwrap_or_else(|e| panic!("plugins failed to load: {e}"))
+}
+
+fn chain(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+fn request(headers: &[(&str, &str)]) -> http::request::Parts {
+    let mut builder = Request::builder()
+        .method("GET")
+        .uri("http://shop.test/items?page=2");
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    builder.body(()).expect("valid test request").into_parts().0
+}
+
+fn response(content_type: &str, body_text: &str) -> Response<Body> {
+    Response::builder()
+        .status(200)
+        .header("content-type", content_type)
+        .header("content-length", body_text.len())
+        .header("server", "origin/1.0")
+        .body(body::full(body_text.to_string()))
+        .expect("valid test response")
+}
+
+async fn text(response: Response<Body>) -> (http::response::Parts, String) {
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.expect("body").to_bytes();
+    (parts, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn fault_config(name: &str, on_error: &str) -> PluginConfig {
+    plugin(&format!(
+        "path: {}\non_error: {on_error}\nlimits: {{ memory: 32MiB, timeout: 100ms }}\nconfig: {{ mib: '512' }}",
+        wasm(name).display()
+    ))
+}
+
+fn add_headers(config: &str) -> PluginConfig {
+    plugin(&format!(
+        "path: {}\nconfig: {config}",
+        wasm("add_headers").display()
+    ))
+}
+
+#[tokio::test]
+async fn add_headers_sets_and_removes_headers_on_both_sides() {
+    let host = host(&[(
+        "hdr",
+        add_headers(
+            "{ set: 'x-served-by: larder; access-control-allow-origin: *', remove: 'server', request_set: 'x-from-plugin: yes' }",
+        ),
+    )])
+    .await;
+    let mut parts = request(&[("accept", "text/html")]);
+    let answered = host.on_request(&chain(&["hdr"]), &mut parts).await;
+    assert!(matches!(answered, Ok(None)), "on-request carries on");
+    assert_eq!(parts.headers["x-from-plugin"], "yes");
+    assert_eq!(parts.headers["accept"], "text/html", "other headers kept");
+    assert_eq!(
+        parts.uri.path_and_query().map(|p| p.as_str()),
+        Some("/items?page=2")
+    );
+
+    let out = host
+        .on_response(
+            &chain(&["hdr"]),
+            PluginPhase::Downstream,
+            &parts,
+            response("text/plain", "hello"),
+        )
+        .await
+        .expect("plugin runs");
+    let (head, body) = text(out).await;
+    assert_eq!(head.headers["x-served-by"], "larder");
+    assert_eq!(head.headers["access-control-allow-origin"], "*");
+    assert!(
+        head.headers.get("server").is_none(),
+        "server header removed"
+    );
+    assert_eq!(body, "hello", "body untouched when the plugin returns none");
+    assert_eq!(head.headers["content-length"], "5");
+}
+
+#[tokio::test]
+async fn on_response_runs_only_the_plugins_of_the_given_phase() {
+    let mut store_phase = add_headers("{ set: 'cache-control: s-maxage=60; surrogate-key: news' }");
+    store_phase.phase = PluginPhase::CacheStore;
+    let host = host(&[("ttl", store_phase)]).await;
+    let parts = request(&[]);
+    let downstream = host
+        .on_response(
+            &chain(&["ttl"]),
+            PluginPhase::Downstream,
+            &parts,
+            response("text/plain", "x"),
+        )
+        .await
+        .expect("no plugin runs");
+    assert!(downstream.headers().get("cache-control").is_none());
+    let stored = host
+        .on_response(
+            &chain(&["ttl"]),
+            PluginPhase::CacheStore,
+            &parts,
+            response("text/plain", "x"),
+        )
+        .await
+        .expect("plugin runs");
+    assert_eq!(stored.headers()["cache-control"], "s-maxage=60");
+    assert_eq!(stored.headers()["surrogate-key"], "news");
+}
+
+#[tokio::test]
+async fn on_request_can_answer_directly() {
+    let guard = plugin(&format!(
+        "path: {}\nconfig: {{ require: x-api-key, status: '401' }}",
+        wasm("answer_direct").display()
+    ));
+    let host = host(&[("guard", guard)]).await;
+    let mut without = request(&[]);
+    let answer = host
+        .on_request(&chain(&["guard"]), &mut without)
+        .await
+        .expect("plugin runs")
+        .expect("plugin answers directly");
+    let (head, body) = text(answer).await;
+    assert_eq!(head.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body, "missing x-api-key header\n");
+    assert_eq!(
+        head.headers["content-length"],
+        body.len().to_string().as_str()
+    );
+
+    let mut with = request(&[("x-api-key", "k")]);
+    let carried_on = host.on_request(&chain(&["guard"]), &mut with).await;
+    assert!(matches!(carried_on, Ok(None)));
+}
+
+#[tokio::test]
+async fn on_request_can_add_cache_key_parts() {
+    let host = host(&[("device", add_headers("{ cache_key_from: x-device }"))]).await;
+    let mut parts = request(&[("x-device", "mobile")]);
+    host.on_request(&chain(&["device"]), &mut parts)
+        .await
+        .expect("plugin runs");
+    assert_eq!(
+        parts.extensions.get::<CacheKeyExtra>(),
+        Some(&CacheKeyExtra(vec!["mobile".to_string()]))
+    );
+    let mut plain = request(&[]);
+    host.on_request(&chain(&["device"]), &mut plain)
+        .await
+        .expect("plugin runs");
+    assert!(plain.extensions.get::<CacheKeyExtra>().is_none());
+}
+
+#[tokio::test]
+async fn json_filter_rewrites_the_body_and_fixes_content_length() {
+    let mut filter = plugin(&format!(
+        "path: {}\nconfig: {{ keep: 'id,name' }}\nphase: cache_store",
+        wasm("json_filter").display()
+    ));
+    filter.phase = PluginPhase::CacheStore;
+    let host = host(&[("slim", filter)]).await;
+    let parts = request(&[]);
+    let upstream = r#"[{"id":1,"name":"a","secret":"x"},{"id":2,"name":"b","internal":true}]"#;
+    let out = host
+        .on_response(
+            &chain(&["slim"]),
+            PluginPhase::CacheStore,
+            &parts,
+            response("application/json", upstream),
+        )
+        .await
+        .expect("plugin runs");
+    let (head, body) = text(out).await;
+    assert_eq!(body, r#"[{"id":1,"name":"a"},{"id":2,"name":"b"}]"#);
+    assert_eq!(
+        head.headers["content-length"],
+        body.len().to_string().as_str()
+    );
+
+    let html = host
+        .on_response(
+            &chain(&["slim"]),
+            PluginPhase::CacheStore,
+            &parts,
+            response("text/html", "<p>hi</p>"),
+        )
+        .await
+        .expect("plugin runs");
+    assert_eq!(text(html).await.1, "<p>hi</p>", "non-JSON passes through");
+}
+
+#[tokio::test]
+async fn a_bad_plugin_config_is_a_load_error_naming_the_plugin() {
+    let map = BTreeMap::from([(
+        "broken-cors".to_string(),
+        add_headers("{ set: 'no colon here' }"),
+    )]);
+    match PluginHost::load(&map).await {
+        Err(PluginError::Load { plugin, reason }) => {
+            assert_eq!(plugin, "broken-cors");
+            assert!(reason.contains("not `name: value`"), "reason: {reason}");
+        }
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("a bad config must not load"),
+    }
+    let garbage = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(garbage.path(), b"not wasm at all").expect("write");
+    let map = BTreeMap::from([(
+        "junk".to_string(),
+        plugin(&format!("path: {}", garbage.path().display())),
+    )]);
+    assert!(
+        matches!(PluginHost::load(&map).await, Err(PluginError::Load { plugin, .. }) if plugin == "junk")
+    );
+}
+
+/// A real HTTP origin on 127.0.0.1 answering every request with `body`.
+async fn origin(status: u16, body: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            Response::builder()
+                                .status(status)
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                                .expect("response"),
+                        )
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    (addr, hits)
+}
+
+fn fetch_context(source: &str, url: &str) -> FetchContext {
+    FetchContext {
+        source: source.to_string(),
+        scheduled_at: 0,
+        previous_etag: None,
+        config: BTreeMap::from([("url".to_string(), url.to_string())]),
+    }
+}
+
+#[tokio::test]
+async fn a_fetcher_fills_a_source_through_an_allowed_origin() {
+    let (addr, hits) = origin(200, r#"{"data":{"temp":21,"unit":"C"},"meta":1}"#).await;
+    let fetcher = plugin(&format!(
+        "path: {}\nconfig: {{ pointer: /data }}\nallow_hosts: ['http://{addr}']",
+        wasm("http_json").display()
+    ));
+    let host = host(&[("weather", fetcher)]).await;
+    let url = format!("http://{addr}/now");
+    match host.fetch("weather", fetch_context("w", &url)).await {
+        Ok(FetchOutcome::Updated { content_type, body }) => {
+            assert_eq!(body, Bytes::from_static(br#"{"temp":21,"unit":"C"}"#));
+            assert_eq!(content_type.as_deref(), Some("application/json"));
+        }
+        other => panic!("expected a value, got {other:?}"),
+    }
+    // The plugin sees its own last value through `cache.get` and reports no change.
+    let again = host.fetch("weather", fetch_context("w", &url)).await;
+    assert!(
+        matches!(again, Ok(FetchOutcome::NotModified)),
+        "got {again:?}"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_fetcher_cannot_reach_origins_outside_allow_hosts() {
+    let (allowed, _) = origin(200, "{}").await;
+    let (other, other_hits) = origin(200, r#"{"secret":1}"#).await;
+    let fetcher = plugin(&format!(
+        "path: {}\nallow_hosts: ['http://{allowed}']",
+        wasm("http_json").display()
+    ));
+    let host = host(&[("f", fetcher)]).await;
+    for url in [
+        format!("http://{other}/"),
+        format!("http://{allowed}@{other}/"),
+        format!("http://user@{allowed}/"),
+        format!("https://{allowed}/"),
+    ] {
+        match host.fetch("f", fetch_context("s", &url)).await {
+            Err(PluginError::Call { reason, .. }) => {
+                assert!(reason.contains("denied"), "{url}: {reason}")
+            }
+            other => panic!("{url} must be denied, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        other_hits.load(Ordering::SeqCst),
+        0,
+        "the other origin was never contacted"
+    );
+}
+
+async fn assert_contained(name: &str) {
+    let open = fault_config(name, "open");
+    let closed = fault_config(name, "closed");
+    let host = host(&[
+        ("fault-open", open),
+        ("fault-closed", closed),
+        ("hdr", add_headers("{ request_set: 'x-ok: 1' }")),
+    ])
+    .await;
+    let started = Instant::now();
+    let mut parts = request(&[]);
+    let skipped = host
+        .on_request(&chain(&["fault-open", "hdr"]), &mut parts)
+        .await;
+    assert!(matches!(skipped, Ok(None)), "{name} under open is skipped");
+    assert_eq!(
+        parts.headers["x-ok"], "1",
+        "the rest of the chain still ran"
+    );
+
+    let mut parts = request(&[]);
+    match host
+        .on_request(&chain(&["fault-closed", "hdr"]), &mut parts)
+        .await
+    {
+        Err(error @ ProxyError::PluginFailed { .. }) => {
+            assert_eq!(error.status(), StatusCode::BAD_GATEWAY);
+            let (head, body) = text(error.into_response()).await;
+            assert_eq!(head.headers["content-type"], "application/problem+json");
+            assert!(body.contains("fault-closed"), "{body}");
+        }
+        other => panic!("{name} under closed must fail the request, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "contained promptly"
+    );
+    for plugin in ["fault-open", "fault-closed"] {
+        let stats = host.stats(plugin).expect("stats");
+        assert_eq!(
+            (stats.invocations, stats.failures),
+            (1, 1),
+            "{plugin}: {stats:?}"
+        );
+    }
+    // Other plugins of the same host keep working.
+    let mut parts = request(&[]);
+    host.on_request(&chain(&["hdr"]), &mut parts)
+        .await
+        .expect("healthy plugin runs");
+    assert_eq!(parts.headers["x-ok"], "1");
+}
+
+#[tokio::test]
+async fn an_endless_loop_is_stopped_by_the_time_limit() {
+    assert_contained("spin_forever").await;
+}
+
+#[tokio::test]
+async fn a_memory_hog_is_stopped_by_the_memory_limit() {
+    assert_contained("eat_memory").await;
+}
+
+#[tokio::test]
+async fn a_panicking_plugin_is_contained() {
+    assert_contained("panic").await;
+}
+
+#[tokio::test]
+async fn a_plugin_that_fails_in_on_response_leaves_the_response_alone_under_open() {
+    let mut config = fault_config("panic", "open");
+    config
+        .config
+        .insert("when".to_string(), "response".to_string());
+    let host = host(&[("p", config)]).await;
+    let out = host
+        .on_response(
+            &chain(&["p"]),
+            PluginPhase::Downstream,
+            &request(&[]),
+            response("text/plain", "intact"),
+        )
+        .await
+        .expect("open skips the plugin");
+    let (head, body) = text(out).await;
+    assert_eq!(body, "intact");
+    assert_eq!(head.headers["server"], "origin/1.0");
+}
+
+#[tokio::test]
+async fn repeated_failures_open_the_circuit() {
+    let host = host(&[("p", fault_config("panic", "open"))]).await;
+    for _ in 0..12 {
+        let mut parts = request(&[]);
+        let result = host.on_request(&chain(&["p"]), &mut parts).await;
+        assert!(
+            matches!(result, Ok(None)),
+            "requests keep succeeding under open"
+        );
+    }
+    let stats = host.stats("p").expect("stats");
+    assert!(stats.circuit_open, "{stats:?}");
+    assert_eq!(
+        stats.invocations, 5,
+        "the plugin is not called once the circuit opened"
+    );
+    assert_eq!(stats.skipped, 7);
+}
+
+#[tokio::test]
+async fn bodies_over_the_cap_skip_the_plugin_under_open_and_fail_under_closed() {
+    let big = "x".repeat(larder::plugins::MAX_BODY_BYTES + 1);
+    let open = add_headers("{ set: 'x-seen: 1' }");
+    let mut closed = open.clone();
+    closed.on_error = larder::config::OnError::Closed;
+    let host = host(&[("open", open), ("closed", closed)]).await;
+    let out = host
+        .on_response(
+            &chain(&["open"]),
+            PluginPhase::Downstream,
+            &request(&[]),
+            response("text/plain", &big),
+        )
+        .await
+        .expect("skipped under open");
+    let (head, body) = text(out).await;
+    assert!(head.headers.get("x-seen").is_none());
+    assert_eq!(body.len(), big.len(), "the body streams through whole");
+    let failed = host
+        .on_response(
+            &chain(&["closed"]),
+            PluginPhase::Downstream,
+            &request(&[]),
+            response("text/plain", &big),
+        )
+        .await;
+    assert!(matches!(failed, Err(ProxyError::PluginFailed { .. })));
+}
+
+#[tokio::test]
+async fn reused_instances_give_the_same_answers() {
+    let mut config = add_headers("{ set: 'x-reused: yes' }");
+    config.reuse = true;
+    let host = host(&[("r", config)]).await;
+    for _ in 0..5 {
+        let out = host
+            .on_response(
+                &chain(&["r"]),
+                PluginPhase::Downstream,
+                &request(&[]),
+                response("text/plain", "a"),
+            )
+            .await
+            .expect("plugin runs");
+        assert_eq!(out.headers()["x-reused"], "yes");
+    }
+}
+
+/// The component bytes plus a custom section, so its hash is new to the cache.
+fn unique_copy(name: &str, dir: &Path) -> PathBuf {
+    let mut bytes = std::fs::read(wasm(name)).expect("read wasm");
+    let nonce = format!("{:?}{}", Instant::now(), std::process::id());
+    let section_name = b"larder-test";
+    let payload_len = 1 + section_name.len() + nonce.len();
+    assert!(payload_len < 128, "one-byte LEB128 lengths");
+    bytes.push(0);
+    bytes.push(payload_len as u8);
+    bytes.push(section_name.len() as u8);
+    bytes.extend_from_slice(section_name);
+    bytes.extend_from_slice(nonce.as_bytes());
+    let path = dir.join(format!("{name}.wasm"));
+    std::fs::write(&path, bytes).expect("write wasm");
+    path
+}
+
+#[tokio::test]
+async fn a_restart_loads_the_precompiled_artifact_instead_of_compiling() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = unique_copy("add_headers", dir.path());
+    let config = plugin(&format!(
+        "path: {}\nconfig: {{ set: 'x-a: 1' }}",
+        path.display()
+    ));
+    let first = host(&[("a", config.clone())]).await;
+    assert_eq!(
+        first.stats("a").map(|s| s.compiled),
+        Some(true),
+        "new bytes are compiled"
+    );
+    drop(first);
+    let second = host(&[("a", config)]).await;
+    let stats = second.stats("a").expect("stats");
+    assert!(
+        !stats.compiled,
+        "unchanged bytes load precompiled: {stats:?}"
+    );
+    assert_eq!(stats.compilations, 0);
+}
+
+async fn poll_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_changed_plugin_file_is_swapped_in_and_a_broken_one_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("live.wasm");
+    std::fs::copy(wasm("add_headers"), &path).expect("copy");
+    let host = host(&[("live", plugin(&format!("path: {}", path.display())))]).await;
+    let answers_directly = |host: Arc<PluginHost>| async move {
+        let mut parts = request(&[]);
+        matches!(
+            host.on_request(&chain(&["live"]), &mut parts).await,
+            Ok(Some(_))
+        )
+    };
+    assert!(!answers_directly(host.clone()).await);
+
+    std::fs::write(&path, std::fs::read(wasm("answer_direct")).expect("read")).expect("overwrite");
+    poll_until("the new build answers directly", async || {
+        answers_directly(host.clone()).await
+    })
+    .await;
+
+    std::fs::write(&path, b"\0asm garbage").expect("overwrite with garbage");
+    poll_until("the broken build is refused", async || {
+        host.stats("live").is_some_and(|s| s.rejected_builds > 0)
+    })
+    .await;
+    assert!(
+        answers_directly(host.clone()).await,
+        "the previous build keeps serving"
+    );
+}
+
+#[tokio::test]
+async fn larder_check_rejects_a_bad_plugin_config_naming_the_plugin() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("larder.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:0\nplugins:\n  bad-cors:\n    path: {}\n    config: {{ set: 'missing the colon' }}\n",
+            wasm("add_headers").display()
+        ),
+    )
+    .expect("write config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_larder"))
+        .args(["check", "-c"])
+        .arg(&config)
+        .output()
+        .expect("run larder check");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("bad-cors"), "names the plugin: {stderr}");
+    assert!(stderr.contains("missing the colon"), "says why: {stderr}");
+}
