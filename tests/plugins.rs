@@ -362,7 +362,7 @@ async fn a_fetcher_cannot_reach_origins_outside_allow_hosts() {
     );
 }
 
-async fn assert_contained(name: &str) {
+async fn assert_contained(name: &str, kind: &str, detail: &str) {
     let open = fault_config(name, "open");
     let closed = fault_config(name, "closed");
     let host = host(&[
@@ -406,6 +406,9 @@ async fn assert_contained(name: &str) {
             (1, 1),
             "{plugin}: {stats:?}"
         );
+        assert_eq!(stats.last_failure_kind, Some(kind), "{plugin}: {stats:?}");
+        let described = stats.last_failure.unwrap_or_default();
+        assert!(described.contains(detail), "{plugin}: {described}");
     }
     // Other plugins of the same host keep working.
     let mut parts = request(&[]);
@@ -417,17 +420,17 @@ async fn assert_contained(name: &str) {
 
 #[tokio::test]
 async fn an_endless_loop_is_stopped_by_the_time_limit() {
-    assert_contained("spin_forever").await;
+    assert_contained("spin_forever", "timeout", "time limit").await;
 }
 
 #[tokio::test]
 async fn a_memory_hog_is_stopped_by_the_memory_limit() {
-    assert_contained("eat_memory").await;
+    assert_contained("eat_memory", "oom", "memory allocation").await;
 }
 
 #[tokio::test]
 async fn a_panicking_plugin_is_contained() {
-    assert_contained("panic").await;
+    assert_contained("panic", "trap", "boom: deliberate panic").await;
 }
 
 #[tokio::test]

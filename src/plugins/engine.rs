@@ -95,10 +95,10 @@ impl PluginEngine {
         // SAFETY: the bytes were produced just now by this engine.
         let component = unsafe { Component::deserialize(&self.engine, &compiled) }
             .map_err(|e| format!("loading the compiled component: {e:#}"))?;
-        if let Some(path) = artifact {
-            if let Err(error) = write_atomically(&path, &compiled) {
-                tracing::warn!(path = %path.display(), %error, "could not store the precompiled plugin; the next start compiles again");
-            }
+        if let Some(path) = artifact
+            && let Err(error) = write_atomically(&path, &compiled)
+        {
+            tracing::warn!(path = %path.display(), %error, "could not store the precompiled plugin; the next start compiles again");
         }
         Ok((component, true))
     }

@@ -35,7 +35,7 @@ fn truncate(mut message: String) -> String {
             end -= 1;
         }
         message.truncate(end);
-        message.push_str("…");
+        message.push('…');
     }
     message
 }

@@ -83,10 +83,10 @@ impl LoadedPlugin {
         if !self.config.reuse {
             return;
         }
-        if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < MAX_IDLE_INSTANCES {
-                idle.push(instance);
-            }
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < MAX_IDLE_INSTANCES
+        {
+            idle.push(instance);
         }
     }
 }
@@ -106,6 +106,10 @@ pub struct PluginStats {
     /// Whether the current build was compiled (false: loaded precompiled).
     pub compiled: bool,
     pub circuit_open: bool,
+    /// `trap`, `timeout`, `oom`, `error` or `too_large` of the latest failure.
+    pub last_failure_kind: Option<&'static str>,
+    /// The latest failure's detail, with the guest's stderr.
+    pub last_failure: Option<String>,
     pub kind: &'static str,
     pub wasm_sha256: String,
 }
@@ -117,6 +121,8 @@ pub struct Counters {
     pub skipped: std::sync::atomic::AtomicU64,
     pub compilations: std::sync::atomic::AtomicU64,
     pub rejected_builds: std::sync::atomic::AtomicU64,
+    /// Kind and description of the latest failure.
+    pub last_failure: Mutex<Option<(&'static str, String)>>,
 }
 
 /// A plugin by name: its current build, breaker, counters and watcher.
@@ -160,7 +166,15 @@ impl PluginSlot {
     pub fn stats(&self) -> PluginStats {
         use std::sync::atomic::Ordering::Relaxed;
         let current = self.current.load();
+        let last_failure = self
+            .counters
+            .last_failure
+            .lock()
+            .ok()
+            .and_then(|last| last.clone());
         PluginStats {
+            last_failure_kind: last_failure.as_ref().map(|(kind, _)| *kind),
+            last_failure: last_failure.map(|(_, detail)| detail),
             invocations: self.counters.invocations.load(Relaxed),
             failures: self.counters.failures.load(Relaxed),
             skipped: self.counters.skipped.load(Relaxed),

@@ -156,11 +156,11 @@ impl PluginHost {
         let mut first_error = None;
         for (name, plugin_config) in config {
             let slot = existing.get(name);
-            if let Some(slot) = slot {
-                if is_unchanged(slot, plugin_config).await {
-                    next.insert(name.clone(), slot.clone());
-                    continue;
-                }
+            if let Some(slot) = slot
+                && is_unchanged(slot, plugin_config).await
+            {
+                next.insert(name.clone(), slot.clone());
+                continue;
             }
             match loader::load_plugin(&engine, name, plugin_config).await {
                 Ok(plugin) => {
@@ -429,6 +429,9 @@ async fn attempt<T>(
         Ok(_) => slot.breaker.record_success(),
         Err(failure) => {
             slot.counters.failures.fetch_add(1, Relaxed);
+            if let Ok(mut last) = slot.counters.last_failure.lock() {
+                *last = Some((failure.kind.as_str(), failure.describe()));
+            }
             metrics::counter!("larder_plugin_failures_total", "plugin" => name.clone(), "kind" => failure.kind.as_str())
                 .increment(1);
             tracing::error!(
