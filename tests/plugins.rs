@@ -626,3 +626,44 @@ async fn larder_check_rejects_a_bad_plugin_config_naming_the_plugin() {
     assert!(stderr.contains("bad-cors"), "names the plugin: {stderr}");
     assert!(stderr.contains("missing the colon"), "says why: {stderr}");
 }
+
+#[tokio::test]
+async fn a_reload_adds_changes_and_keeps_plugins_whose_new_config_is_bad() {
+    let host = host(&[]).await;
+    let header_after = |host: Arc<PluginHost>| async move {
+        let out = host
+            .on_response(
+                &chain(&["hdr"]),
+                PluginPhase::Downstream,
+                &request(&[]),
+                response("text/plain", "x"),
+            )
+            .await
+            .expect("plugin runs");
+        out.headers()
+            .get("x-version")
+            .map(|v| v.to_str().unwrap_or_default().to_string())
+    };
+    let config = |set: &str| BTreeMap::from([("hdr".to_string(), add_headers(set))]);
+
+    host.apply(&config("{ set: 'x-version: 1' }"))
+        .await
+        .expect("added");
+    assert_eq!(header_after(host.clone()).await.as_deref(), Some("1"));
+    host.apply(&config("{ set: 'x-version: 2' }"))
+        .await
+        .expect("changed");
+    assert_eq!(header_after(host.clone()).await.as_deref(), Some("2"));
+
+    match host.apply(&config("{ set: 'broken' }")).await {
+        Err(PluginError::Load { plugin, .. }) => assert_eq!(plugin, "hdr"),
+        other => panic!("a bad config must be refused, got {other:?}"),
+    }
+    assert_eq!(
+        header_after(host.clone()).await.as_deref(),
+        Some("2"),
+        "the previous build keeps running"
+    );
+    host.apply(&BTreeMap::new()).await.expect("removed");
+    assert!(host.stats("hdr").is_none());
+}

@@ -18,7 +18,7 @@ mod transformer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -102,7 +102,8 @@ impl SourceValues {
 
 /// Every loaded plugin; lives across reloads and swaps plugins in place.
 pub struct PluginHost {
-    engine: Option<Arc<PluginEngine>>,
+    /// Set once the first plugin is configured (at load or a later reload).
+    engine: OnceLock<Arc<PluginEngine>>,
     slots: RwLock<BTreeMap<String, Arc<PluginSlot>>>,
 }
 
@@ -112,7 +113,7 @@ impl PluginHost {
         if config.is_empty() {
             // No plugins: do not build the engine (or its address space).
             return Ok(Arc::new(Self {
-                engine: None,
+                engine: OnceLock::new(),
                 slots: RwLock::default(),
             }));
         }
@@ -130,26 +131,23 @@ impl PluginHost {
             slots.insert(name.clone(), slot);
         }
         Ok(Arc::new(Self {
-            engine: Some(engine),
+            engine: OnceLock::from(engine),
             slots: RwLock::new(slots),
         }))
     }
 
     /// Applies a reloaded `plugins:` map; a plugin that fails to load keeps its old build.
     pub async fn apply(&self, config: &BTreeMap<String, PluginConfig>) -> Result<(), PluginError> {
-        let Some(engine) = self.engine.clone().or_else(|| {
-            (!config.is_empty())
-                .then(|| engine::shared().ok())
-                .flatten()
-        }) else {
-            if config.is_empty() {
-                self.replace_slots(BTreeMap::new());
-                return Ok(());
+        if config.is_empty() {
+            self.replace_slots(BTreeMap::new());
+            return Ok(());
+        }
+        let engine = match self.engine.get() {
+            Some(engine) => engine.clone(),
+            None => {
+                let engine = shared_engine(config.keys().next().map_or("", String::as_str))?;
+                self.engine.get_or_init(|| engine).clone()
             }
-            return Err(shared_engine("").err().unwrap_or(PluginError::Load {
-                plugin: String::new(),
-                reason: "the plugin engine is unavailable".to_string(),
-            }));
         };
         let existing = self.slots.read().map(|s| s.clone()).unwrap_or_default();
         let mut next = BTreeMap::new();
@@ -218,7 +216,7 @@ impl PluginHost {
         chain: &[String],
         request: &mut http::request::Parts,
     ) -> Result<Option<Response<Body>>, ProxyError> {
-        let Some(engine) = &self.engine else {
+        let Some(engine) = self.engine.get() else {
             return Ok(None);
         };
         for (slot, plugin) in self.transformers(chain, None) {
@@ -259,7 +257,7 @@ impl PluginHost {
         request: &http::request::Parts,
         response: Response<Body>,
     ) -> Result<Response<Body>, ProxyError> {
-        let Some(engine) = &self.engine else {
+        let Some(engine) = self.engine.get() else {
             return Ok(response);
         };
         let selected = self.transformers(chain, Some(phase));
@@ -334,7 +332,7 @@ impl PluginHost {
             plugin: plugin.to_string(),
             reason,
         };
-        let (Some(engine), Some(slot)) = (&self.engine, self.slot(plugin)) else {
+        let (Some(engine), Some(slot)) = (self.engine.get(), self.slot(plugin)) else {
             return Err(call_error("no such plugin is loaded".to_string()));
         };
         let loaded = slot.current.load_full();
