@@ -360,7 +360,7 @@ impl Cache {
         let outcome = leader
             .await
             .unwrap_or_else(|_| Err(ProxyError::Internal("the cache fill stopped".into())));
-        Ok(finish_unshared(&lookup, outcome)?)
+        finish_unshared(&lookup, outcome)
     }
 
     async fn wait_on(
