@@ -33,7 +33,7 @@ use crate::error::{ProxyError, problem_response};
 use crate::proxy::ClientAddr;
 use directives::RequestDirectives;
 use fill::FillJob;
-use flight::{Flight, Head};
+use flight::{Flight, FlightBody, Head};
 use store::{Entry, Meta, Store};
 
 /// One upstream fetch, as the proxy performs it (forwarding, timeouts, the
@@ -331,21 +331,35 @@ impl Cache {
         lookup: Lookup<'_>,
         origin: Arc<dyn Origin>,
     ) -> Result<Response<Body>, ProxyError> {
-        let existing = self.flights().get(&lookup.key).map(Arc::clone);
-        match existing {
-            Some(flight) => self.wait_on(flight, lookup, origin).await,
-            None => self.lead(lookup, origin, true).await,
+        let joined = {
+            let mut flights = self.flights();
+            match flights.get(&lookup.key) {
+                Some(flight) => Ok(Arc::clone(flight)),
+                None => {
+                    let flight = Flight::new();
+                    flights.insert(lookup.key.clone(), Arc::clone(&flight));
+                    Err(flight)
+                }
+            }
+        };
+        match joined {
+            Ok(flight) => self.wait_on(flight, lookup, origin).await,
+            Err(flight) => self.lead(flight, lookup, origin, true).await,
         }
     }
 
-    /// Starts a fill and answers from it; `register` makes it joinable.
+    /// Runs a fill for `flight` and answers from it; `registered` says the
+    /// flight is in the map (joinable).
     async fn lead(
         &self,
+        flight: Arc<Flight>,
         lookup: Lookup<'_>,
         origin: Arc<dyn Origin>,
-        register: bool,
+        registered: bool,
     ) -> Result<Response<Body>, ProxyError> {
-        let (flight, leader) = self.start_fill(&lookup, origin, register);
+        // The leader reads from the first chunk, whatever happens to the replay buffer.
+        let reader = flight.reader();
+        let leader = self.start_fill(&flight, &lookup, origin, registered);
         let head = flight.wait_head().await;
         if let Head::Shared {
             meta,
@@ -355,8 +369,9 @@ impl Cache {
         {
             count(lookup.fwd.metric());
             let status = forwarded_status(lookup.fwd, upstream_status, stored, false);
-            return Ok(respond_from_flight(&flight, &meta, &lookup.parts, status));
+            return Ok(respond_from_flight(reader, &meta, &lookup.parts, status));
         }
+        drop(reader);
         let outcome = leader
             .await
             .unwrap_or_else(|_| Err(ProxyError::Internal("the cache fill stopped".into())));
@@ -375,14 +390,19 @@ impl Cache {
                 meta,
                 stored,
                 upstream_status,
-            } if may_share(&meta, &lookup.parts.headers) => {
-                if flight.reader().is_some() {
+            } if may_share(&meta, &lookup.parts.headers) => match flight.reader() {
+                Some(reader) => {
                     count(lookup.fwd.metric());
                     let status = forwarded_status(lookup.fwd, upstream_status, stored, true);
-                    return Ok(respond_from_flight(&flight, &meta, &lookup.parts, status));
+                    Ok(respond_from_flight(
+                        Some(reader),
+                        &meta,
+                        &lookup.parts,
+                        status,
+                    ))
                 }
-                self.lead(lookup, origin, false).await
-            }
+                None => self.lead(Flight::new(), lookup, origin, false).await,
+            },
             Head::Failed(failed) => {
                 let now = SystemTime::now();
                 if let Some(stale) = &lookup.stale
@@ -392,30 +412,23 @@ impl Cache {
                 }
                 Err(failed.to_error())
             }
-            _ => self.lead(lookup, origin, false).await,
+            _ => self.lead(Flight::new(), lookup, origin, false).await,
         }
     }
 
     fn start_fill(
         &self,
+        flight: &Arc<Flight>,
         lookup: &Lookup<'_>,
         origin: Arc<dyn Origin>,
-        register: bool,
-    ) -> (
-        Arc<Flight>,
-        oneshot::Receiver<Result<Response<Body>, ProxyError>>,
-    ) {
-        let flight = Flight::new();
-        if register {
-            self.flights()
-                .insert(lookup.key.clone(), Arc::clone(&flight));
-        }
+        registered: bool,
+    ) -> oneshot::Receiver<Result<Response<Body>, ProxyError>> {
         let (leader, receiver) = oneshot::channel();
         let job = FillJob {
             inner: Arc::clone(&self.inner),
-            flight: Arc::clone(&flight),
+            flight: Arc::clone(flight),
             key: lookup.key.clone(),
-            registered: register,
+            registered,
             request_headers: lookup.parts.headers.clone(),
             request_directives: lookup.directives.clone(),
             fetch: fill_request(&lookup.parts, lookup.stale.as_deref()),
@@ -426,7 +439,7 @@ impl Cache {
             leader,
         };
         tokio::spawn(fill::run(job));
-        (flight, receiver)
+        receiver
     }
 
     /// Starts one background revalidation for the key unless one is running.
@@ -438,9 +451,15 @@ impl Cache {
         entry: &Arc<Entry>,
         origin: Arc<dyn Origin>,
     ) {
-        if self.flights().contains_key(key) {
-            return;
-        }
+        let flight = {
+            let mut flights = self.flights();
+            if flights.contains_key(key) {
+                return;
+            }
+            let flight = Flight::new();
+            flights.insert(key.to_string(), Arc::clone(&flight));
+            flight
+        };
         let lookup = Lookup {
             route,
             parts: clone_parts(parts),
@@ -449,8 +468,8 @@ impl Cache {
             stale: Some(Arc::clone(entry)),
             fwd: Fwd::Stale,
         };
-        // The leader's receiver is dropped: nobody waits for this fill.
-        let _ = self.start_fill(&lookup, origin, true);
+        // Nobody waits for this fill: its leader channel is dropped at once.
+        drop(self.start_fill(&flight, &lookup, origin, true));
     }
 
     async fn serve_unsafe(
@@ -742,13 +761,13 @@ fn respond_stored(entry: &Entry, parts: &Parts, now: SystemTime, status: String)
 }
 
 fn respond_from_flight(
-    flight: &Arc<Flight>,
+    reader: Option<FlightBody>,
     meta: &Meta,
     parts: &Parts,
     status: String,
 ) -> Response<Body> {
     let age = meta.timing.current_age(SystemTime::now()).as_secs();
-    respond_with(meta, parts, age, status, || match flight.reader() {
+    respond_with(meta, parts, age, status, move || match reader {
         Some(reader) => body::boxed(reader),
         None => body::empty(),
     })

@@ -34,14 +34,9 @@ const NOT_STORED: &[HeaderName] = &[
     header::AGE,
 ];
 
-/// Fields a 304 must not overwrite: they describe the stored body (RFC 9111
-/// section 3.2).
-const KEPT_ON_UPDATE: &[HeaderName] = &[
-    header::CONTENT_LENGTH,
-    header::CONTENT_ENCODING,
-    header::CONTENT_RANGE,
-    header::TRANSFER_ENCODING,
-];
+/// The one field a 304 must not overwrite (RFC 9111 section 3.2); hop-by-hop
+/// fields never get this far.
+const KEPT_ON_UPDATE: &[HeaderName] = &[header::CONTENT_LENGTH];
 
 /// Fields a 304 to a client carries from the stored 200 (RFC 9110 section 15.4.5).
 const NOT_MODIFIED_FIELDS: &[HeaderName] = &[
