@@ -1,1 +1,60 @@
 //! Logging (tracing, text or JSON) and the Prometheus metrics recorder.
+//!
+//! Owns the process-wide subscriber and recorder; both are installed at most
+//! once per process, because tests start many servers in one process. Must not
+//! decide what is logged or counted: the modules that know the event do that.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Seconds: from a fast cache hit to a slow upstream.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global tracing subscriber: `level` is a level in any case
+/// (`INFO`) or an EnvFilter directive (`larder=debug,hyper=warn`). A second
+/// call in the same process is a no-op.
+pub fn init(level: &str, format: LogFormat) {
+    let filter =
+        EnvFilter::try_new(level.to_ascii_lowercase()).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let installed = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    // Already installed (a second server in the same process): keep the first.
+    drop(installed);
+    metrics();
+}
+
+/// The process's Prometheus recorder, installed on first use.
+pub fn metrics() -> &'static PrometheusHandle {
+    METRICS.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets(DURATION_BUCKETS)
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        match builder.install_recorder() {
+            Ok(handle) => handle,
+            Err(error) => {
+                // Someone else owns the global recorder: render an empty one
+                // rather than fail, and say so once.
+                tracing::warn!(%error, "a metrics recorder was already installed; /metrics will be empty");
+                PrometheusBuilder::new().build_recorder().handle()
+            }
+        }
+    })
+}
+
+/// The Prometheus text exposition of every Larder metric.
+pub fn render_metrics() -> String {
+    metrics().render()
+}

@@ -1,10 +1,502 @@
 //! Routing, forwarding and header hygiene: the request path from a client's
 //! request to the upstream's response.
 //!
+//! [`Proxy`] is built from one config and swapped whole on reload. Its
+//! [`Proxy::handle`] reads as the phases of a request: `route`, `on_request`
+//! plugins, then a source, the cache (which calls back into [`RouteOrigin`])
+//! or the upstream, then `on_response` plugins and `respond`.
 //! Asks `cache` for cached answers but never decides cacheability itself.
 
+mod access;
+mod headers;
+mod limit;
+mod router;
+mod upgrade;
+mod upstream;
+
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::future::BoxFuture;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+
+use crate::body::{self, Body};
+use crate::cache::{self, Cache};
+use crate::config::{Config, PluginPhase, RouteCache, Upstream};
+use crate::error::ProxyError;
+use crate::plugins::PluginHost;
+use crate::sources::Sources;
+
+pub use limit::LimitTripped;
+pub use upstream::UpstreamClient;
 
 /// The client's address, put into every request's extensions on accept.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
+
+/// The shared parts a [`Proxy`] is built around; they outlive reloads.
+#[derive(Clone)]
+pub struct Shared {
+    pub cache: Arc<Cache>,
+    pub sources: Arc<Sources>,
+    pub plugins: Arc<PluginHost>,
+}
+
+/// Where a route sends its requests.
+enum Target {
+    Upstream(Arc<RouteOrigin>),
+    Source(String),
+}
+
+/// One compiled `routes:` entry.
+struct RouteEntry {
+    matcher: router::Matcher,
+    /// The `route` label of `larder_requests_total`.
+    label: Arc<str>,
+    target: Target,
+    cache: RouteCache,
+    plugins: Arc<[String]>,
+    max_request_body: Option<u64>,
+}
+
+/// The upstream behind one route, as the cache calls it: forwards, then runs
+/// the route's cache-store phase plugins on what came back (once per fill).
+pub struct RouteOrigin {
+    upstream: Arc<UpstreamClient>,
+    plugins: Arc<PluginHost>,
+    chain: Arc<[String]>,
+}
+
+impl cache::Origin for RouteOrigin {
+    fn fetch(
+        &self,
+        request: Request<Body>,
+    ) -> BoxFuture<'static, Result<Response<Body>, ProxyError>> {
+        let upstream = self.upstream.clone();
+        let plugins = self.plugins.clone();
+        let chain = self.chain.clone();
+        Box::pin(async move {
+            let head = (!chain.is_empty()).then(|| copy_head(&request));
+            let response = forward(&upstream, request).await?;
+            match head {
+                Some(head) => {
+                    plugins
+                        .on_response(&chain, PluginPhase::CacheStore, &head, response)
+                        .await
+                }
+                None => Ok(response),
+            }
+        })
+    }
+}
+
+/// Sends a cleaned request upstream and cleans the response's headers.
+async fn forward(
+    upstream: &UpstreamClient,
+    request: Request<Body>,
+) -> Result<Response<Body>, ProxyError> {
+    let tripped = request.extensions().get::<LimitTripped>().cloned();
+    match upstream.send(request).await {
+        Ok(response) => {
+            let (mut parts, incoming) = response.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers, false);
+            Ok(Response::from_parts(parts, body::boxed(incoming)))
+        }
+        Err(error) => match tripped {
+            Some(tripped) if tripped.is_tripped() => Err(ProxyError::BodyTooLarge {
+                limit: tripped.limit(),
+            }),
+            _ => Err(error),
+        },
+    }
+}
+
+/// The request path for one config. Immutable; a reload builds a new one.
+pub struct Proxy {
+    /// `None`: no `routes:` key, cachepump mode.
+    routes: Option<Vec<RouteEntry>>,
+    shared: Shared,
+    upstreams: BTreeMap<String, Arc<UpstreamClient>>,
+    max_request_body: Option<u64>,
+    access_log: bool,
+}
+
+impl Proxy {
+    /// Builds the request path for `config`, reusing the clients (and their
+    /// connection pools) of `previous` whose upstream config is unchanged.
+    pub fn build(
+        config: &Config,
+        shared: Shared,
+        previous: Option<&Proxy>,
+    ) -> Result<Self, String> {
+        let mut upstreams = BTreeMap::new();
+        for (name, upstream) in &config.upstreams {
+            upstreams.insert(name.clone(), reuse_or_build(name, upstream, previous)?);
+        }
+        let routes = match &config.routes {
+            None => None,
+            Some(routes) => Some(
+                routes
+                    .iter()
+                    .map(|route| {
+                        let plugins: Arc<[String]> = route.plugins.clone().into();
+                        let target = match (&route.upstream, &route.source) {
+                            (Some(name), _) => {
+                                let upstream = upstreams.get(name).ok_or_else(|| {
+                                    format!("route names unknown upstream {name}")
+                                })?;
+                                Target::Upstream(Arc::new(RouteOrigin {
+                                    upstream: upstream.clone(),
+                                    plugins: shared.plugins.clone(),
+                                    chain: plugins.clone(),
+                                }))
+                            }
+                            (None, Some(source)) => Target::Source(source.clone()),
+                            (None, None) => {
+                                return Err("a route needs an upstream or a source".to_string());
+                            }
+                        };
+                        let label = format!(
+                            "{}{}",
+                            route.matcher.host.as_deref().unwrap_or(""),
+                            route.matcher.path_prefix.as_deref().unwrap_or("/")
+                        );
+                        Ok(RouteEntry {
+                            matcher: router::Matcher::new(&route.matcher),
+                            label: label.into(),
+                            target,
+                            cache: route.cache.clone(),
+                            plugins,
+                            max_request_body: route.max_request_body.map(|size| size.0),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, String>>()?,
+            ),
+        };
+        Ok(Self {
+            routes,
+            shared,
+            upstreams,
+            max_request_body: config.server.max_request_body.map(|size| size.0),
+            access_log: config.log.access_log,
+        })
+    }
+
+    /// Answers one request; never fails: errors become problem+json here.
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let method = request.method().clone();
+        let path = self
+            .access_log
+            .then(|| request.uri().path().to_string())
+            .unwrap_or_default();
+        let mut outcome = Outcome::default();
+        let mut response = match self.dispatch(request, &mut outcome).await {
+            Ok(response) => response,
+            Err(error) => {
+                log_error(&error, &method);
+                error.into_response()
+            }
+        };
+        headers::append_via(response.headers_mut());
+        let status = response.status();
+        let route: Arc<str> = outcome.route.unwrap_or_else(|| Arc::from("none"));
+        metrics::counter!("larder_requests_total", "route" => route.clone(), "status" => status_label(status))
+            .increment(1);
+        metrics::histogram!("larder_request_duration_seconds", "route" => route)
+            .record(started.elapsed().as_secs_f64());
+        if !self.access_log {
+            return response;
+        }
+        let entry = access::AccessEntry {
+            method,
+            path,
+            status,
+            upstream: outcome.upstream,
+            cache_status: response
+                .headers()
+                .get("cache-status")
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_string),
+            started,
+        };
+        response.map(|inner| body::boxed(access::LoggedBody::new(inner, entry)))
+    }
+
+    async fn dispatch(
+        &self,
+        request: Request<Incoming>,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, ProxyError> {
+        check_request(&request)?;
+        let host = router::request_host(&request);
+        let path = request.uri().path();
+        let Some(routes) = &self.routes else {
+            if path == "/health" {
+                return Ok(health());
+            }
+            return Ok(self.shared.sources.serve_by_key(&request));
+        };
+        let Some(route) = routes
+            .iter()
+            .find(|route| route.matcher.is_match(host, path))
+        else {
+            if path == "/health" {
+                return Ok(health());
+            }
+            if request.version() < Version::HTTP_2 && request.uri().scheme().is_some() {
+                return Err(ProxyError::BadRequest(
+                    "absolute-form request for a host this proxy does not serve; Larder is not a forward proxy".to_string(),
+                ));
+            }
+            return Err(ProxyError::NoRoute(format!(
+                "{}{}",
+                host.unwrap_or(""),
+                path
+            )));
+        };
+        outcome.route = Some(route.label.clone());
+        self.serve_route(route, request, outcome).await
+    }
+
+    async fn serve_route(
+        &self,
+        route: &RouteEntry,
+        mut request: Request<Incoming>,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, ProxyError> {
+        let limit = route.max_request_body.or(self.max_request_body);
+        if let Some(limit) = limit {
+            check_content_length(&request, limit)?;
+        }
+        if let Target::Upstream(origin) = &route.target {
+            outcome.upstream = Some(origin.upstream.name().clone());
+            if headers::is_upgrade_request(request.headers()) {
+                prepare_request_headers(&mut request, true);
+                return upgrade::tunnel(&origin.upstream, request).await;
+            }
+        }
+        prepare_request_headers(&mut request, false);
+        let (mut parts, incoming) = request.into_parts();
+        let body = match limit {
+            Some(limit) => {
+                let tripped = LimitTripped::new(limit);
+                parts.extensions.insert(tripped.clone());
+                body::boxed(limit::LimitedBody::new(incoming, limit, tripped))
+            }
+            None => body::boxed(incoming),
+        };
+        let plugins = &self.shared.plugins;
+        if !route.plugins.is_empty()
+            && let Some(answer) = plugins.on_request(&route.plugins, &mut parts).await?
+        {
+            return Ok(answer);
+        }
+        let head = (!route.plugins.is_empty()).then(|| copy_head_parts(&parts));
+        let request = Request::from_parts(parts, body);
+        let response = match &route.target {
+            Target::Source(name) => self.shared.sources.serve_source(name, &request),
+            Target::Upstream(origin) if route.cache.enabled => {
+                let origin: Arc<dyn cache::Origin> = origin.clone();
+                self.shared
+                    .cache
+                    .serve(&route.cache, request, origin)
+                    .await?
+            }
+            Target::Upstream(origin) => cache::Origin::fetch(origin.as_ref(), request).await?,
+        };
+        match head {
+            Some(head) => {
+                plugins
+                    .on_response(&route.plugins, PluginPhase::Downstream, &head, response)
+                    .await
+            }
+            None => Ok(response),
+        }
+    }
+
+    /// The upstreams this proxy forwards to, by name.
+    pub fn upstream(&self, name: &str) -> Option<&Arc<UpstreamClient>> {
+        self.upstreams.get(name)
+    }
+}
+
+/// What the access log and metrics learn while a request is dispatched.
+#[derive(Default)]
+struct Outcome {
+    route: Option<Arc<str>>,
+    upstream: Option<Arc<str>>,
+}
+
+fn reuse_or_build(
+    name: &str,
+    config: &Upstream,
+    previous: Option<&Proxy>,
+) -> Result<Arc<UpstreamClient>, String> {
+    if let Some(existing) = previous.and_then(|proxy| proxy.upstream(name))
+        && existing.is_built_from(config)
+    {
+        return Ok(existing.clone());
+    }
+    UpstreamClient::new(name, config).map(Arc::new)
+}
+
+/// Refuses requests no origin should see: a Host header that is not a valid
+/// authority, or an HTTP/1.1 request without any host.
+fn check_request<B>(request: &Request<B>) -> Result<(), ProxyError> {
+    let host_headers = request.headers().get_all(header::HOST);
+    let mut count = 0;
+    for value in host_headers {
+        count += 1;
+        let valid = value
+            .to_str()
+            .ok()
+            .and_then(|text| text.parse::<http::uri::Authority>().ok())
+            .is_some_and(|authority| {
+                !authority.host().is_empty() && !authority.as_str().contains('@')
+            });
+        if !valid {
+            return Err(ProxyError::BadRequest(
+                "the Host header is not a valid host".to_string(),
+            ));
+        }
+    }
+    if count > 1 {
+        return Err(ProxyError::BadRequest(
+            "more than one Host header".to_string(),
+        ));
+    }
+    if count == 0 && request.version() == Version::HTTP_11 && request.uri().authority().is_none() {
+        return Err(ProxyError::BadRequest(
+            "HTTP/1.1 request without a Host header".to_string(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_content_length<B>(request: &Request<B>, limit: u64) -> Result<(), ProxyError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.trim().parse::<u64>().ok());
+    match declared {
+        Some(length) if length > limit => Err(ProxyError::BodyTooLarge { limit }),
+        _ => Ok(()),
+    }
+}
+
+/// Hop-by-hop out, forwarding headers in, and a Host header that names what
+/// the client asked for (HTTP/2 and absolute-form carry it in the URI).
+fn prepare_request_headers<B>(request: &mut Request<B>, keep_upgrade: bool) {
+    let client = request
+        .extensions()
+        .get::<ClientAddr>()
+        .map(|ClientAddr(addr)| addr.ip());
+    let original_host = match request.uri().authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None => request.headers().get(header::HOST).cloned(),
+    };
+    let headers = request.headers_mut();
+    headers::strip_hop_by_hop(headers, keep_upgrade);
+    if let Some(host) = &original_host {
+        headers.insert(header::HOST, host.clone());
+    }
+    headers::add_forwarded(headers, client, "http", original_host);
+}
+
+/// A copy of a request head for plugins that look at it after the request
+/// itself has gone upstream. Extensions other than the client address stay behind.
+fn copy_head_parts(parts: &Parts) -> Parts {
+    head_copy(
+        &parts.method,
+        &parts.uri,
+        parts.version,
+        &parts.headers,
+        parts.extensions.get::<ClientAddr>(),
+    )
+}
+
+fn copy_head<B>(request: &Request<B>) -> Parts {
+    head_copy(
+        request.method(),
+        request.uri(),
+        request.version(),
+        request.headers(),
+        request.extensions().get::<ClientAddr>(),
+    )
+}
+
+fn head_copy(
+    method: &Method,
+    uri: &http::Uri,
+    version: Version,
+    headers: &http::HeaderMap,
+    client: Option<&ClientAddr>,
+) -> Parts {
+    let (mut head, ()) = Request::new(()).into_parts();
+    head.method = method.clone();
+    head.uri = uri.clone();
+    head.version = version;
+    head.headers = headers.clone();
+    if let Some(client) = client {
+        head.extensions.insert(*client);
+    }
+    head
+}
+
+/// `{"status":"ok"}`: the process is up and serving.
+pub fn health() -> Response<Body> {
+    let mut response = Response::new(body::full(r#"{"status":"ok"}"#));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn status_label(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200 => "200",
+        204 => "204",
+        206 => "206",
+        301 => "301",
+        302 => "302",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        413 => "413",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Client faults at DEBUG, upstream and plugin faults at WARN, ours at ERROR.
+fn log_error(error: &ProxyError, method: &Method) {
+    use crate::error::Blame;
+    let status = error.status().as_u16();
+    match error.blame() {
+        Blame::Client => tracing::debug!(%method, status, %error, "request refused"),
+        Blame::Upstream | Blame::Plugin => {
+            tracing::warn!(%method, status, %error, "request failed")
+        }
+        Blame::Internal => tracing::error!(%method, status, %error, "request failed"),
+    }
+}

@@ -1,0 +1,277 @@
+//! One configured upstream: its servers in round robin, a pooled keep-alive
+//! client (http:// and https://, system roots plus `ca_file`), the connect and
+//! response-head timeouts, and the mapping of transport failures to 502/504.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use crate::body::Body;
+use crate::config::Upstream;
+use crate::error::ProxyError;
+
+/// One `servers:` entry, parsed once.
+#[derive(Debug, Clone)]
+struct Server {
+    scheme: Scheme,
+    authority: Authority,
+}
+
+/// Why an upstream call failed, as the `kind` label of
+/// `larder_upstream_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailureKind {
+    Connect,
+    Timeout,
+    Reset,
+}
+
+impl FailureKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Timeout => "timeout",
+            Self::Reset => "reset",
+        }
+    }
+}
+
+/// A running upstream. Built from [`Upstream`]; reused across reloads when
+/// its config did not change, so its connection pool survives.
+pub struct UpstreamClient {
+    name: Arc<str>,
+    config: Upstream,
+    servers: Vec<Server>,
+    next: AtomicUsize,
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+    host: Option<HeaderValue>,
+    duration: metrics::Histogram,
+}
+
+impl UpstreamClient {
+    pub fn new(name: &str, config: &Upstream) -> Result<Self, String> {
+        let servers = config
+            .servers
+            .iter()
+            .map(|server| parse_server(server))
+            .collect::<Result<Vec<_>, _>>()?;
+        if servers.is_empty() {
+            return Err(format!("upstream {name} has no servers"));
+        }
+        let host = config
+            .host
+            .as_deref()
+            .map(HeaderValue::from_str)
+            .transpose()
+            .map_err(|_| format!("upstream {name}: host is not a valid header value"))?;
+        let name: Arc<str> = Arc::from(name);
+        Ok(Self {
+            duration: metrics::histogram!("larder_upstream_duration_seconds", "upstream" => name.clone()),
+            client: build_client(config)?,
+            name,
+            config: config.clone(),
+            servers,
+            next: AtomicUsize::new(0),
+            host,
+        })
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Whether this client was built from exactly `config`.
+    pub fn is_built_from(&self, config: &Upstream) -> bool {
+        &self.config == config
+    }
+
+    fn pick(&self) -> &Server {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.servers.len();
+        &self.servers[index]
+    }
+
+    /// Sends `request` (headers already cleaned) to the next server and waits
+    /// for the response head, up to the upstream's `timeout`.
+    pub async fn send(&self, mut request: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
+        let server = self.pick();
+        let path = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let uri = Uri::builder()
+            .scheme(server.scheme.clone())
+            .authority(server.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")))?;
+        *request.uri_mut() = uri;
+        // The pool speaks HTTP/1.1 upstream whatever the client spoke to us.
+        *request.version_mut() = Version::HTTP_11;
+        if let Some(host) = &self.host {
+            request.headers_mut().insert(header::HOST, host.clone());
+        }
+        let started = Instant::now();
+        let timeout = self.config.timeout.0;
+        let outcome = tokio::time::timeout(timeout, self.client.request(request)).await;
+        self.duration.record(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => {
+                let kind = classify(&error);
+                let waited = if error.is_connect() {
+                    self.config.connect_timeout.0
+                } else {
+                    timeout
+                };
+                Err(self.failure(kind, waited, &error_chain(&error)))
+            }
+            Err(_) => Err(self.failure(FailureKind::Timeout, timeout, "no response head in time")),
+        }
+    }
+
+    fn failure(&self, kind: FailureKind, waited: Duration, cause: &str) -> ProxyError {
+        metrics::counter!("larder_upstream_errors_total", "upstream" => self.name.clone(), "kind" => kind.as_str())
+            .increment(1);
+        tracing::warn!(upstream = %self.name, kind = kind.as_str(), cause, "upstream request failed");
+        match kind {
+            FailureKind::Timeout => ProxyError::UpstreamTimeout {
+                upstream: self.name.to_string(),
+                timeout_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+            },
+            FailureKind::Connect | FailureKind::Reset => ProxyError::UpstreamUnavailable {
+                upstream: self.name.to_string(),
+                reason: match kind {
+                    FailureKind::Connect => "connection failed".to_string(),
+                    _ => "connection closed before a complete response head".to_string(),
+                },
+            },
+        }
+    }
+}
+
+fn parse_server(server: &str) -> Result<Server, String> {
+    let uri: Uri = server
+        .parse()
+        .map_err(|e| format!("server {server:?} is not a URL: {e}"))?;
+    let scheme = match uri.scheme_str() {
+        Some("http") => Scheme::HTTP,
+        Some("https") => Scheme::HTTPS,
+        _ => {
+            return Err(format!(
+                "server {server:?} must start with http:// or https://"
+            ));
+        }
+    };
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("server {server:?} has no host"))?;
+    Ok(Server { scheme, authority })
+}
+
+fn build_client(config: &Upstream) -> Result<Client<HttpsConnector<HttpConnector>, Body>, String> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(config.connect_timeout.0));
+    let tls = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config(config)?)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(tls))
+}
+
+/// System roots, loaded once per process.
+fn native_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let loaded = rustls_native_certs::load_native_certs();
+        for error in &loaded.errors {
+            tracing::warn!(%error, "could not load a system CA certificate");
+        }
+        loaded.certs
+    })
+}
+
+fn tls_config(config: &Upstream) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(native_roots().iter().cloned());
+    if let Some(path) = &config.ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("ca_file {}: {e}", path.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("ca_file {} holds no certificate", path.display()));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+fn classify(error: &hyper_util::client::legacy::Error) -> FailureKind {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if let Some(io) = current.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return FailureKind::Timeout;
+        }
+        source = current.source();
+    }
+    if error.is_connect() {
+        FailureKind::Connect
+    } else {
+        FailureKind::Reset
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_need_an_http_or_https_scheme() {
+        assert!(parse_server("http://127.0.0.1:9000").is_ok());
+        assert!(parse_server("https://example.com").is_ok());
+        assert!(parse_server("ftp://example.com").is_err());
+        assert!(parse_server("127.0.0.1:9000").is_err());
+    }
+}
