@@ -1,1 +1,198 @@
-fn main() {}
+//! The `larder` command: parse flags, load the config, then either check it
+//! (`larder check`) or run the server until a signal.
+//!
+//! Holds no logic beyond parsing and wiring: config rules live in
+//! `larder::config`, serving in `larder::server`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use larder::config::{self, Config, ConfigErrors, LogFormat};
+
+const EXAMPLES: &str = "\
+Examples:
+  larder -c config.yml                   run with config.yml
+  larder -c config.yml -e :8080 -l debug override the listen address and log level
+  larder check -c config.yml             validate the file and compile its plugins, like `nginx -t`
+
+cachepump's command line works unchanged:
+  larder -e '0.0.0.0:8080' -l 'INFO' -c './config.yml'
+
+The config reference is docs/config.md.";
+
+#[derive(Debug, Parser)]
+#[command(name = "larder", version, about, after_help = EXAMPLES)]
+struct Cli {
+    /// The YAML config file.
+    #[arg(
+        short = 'c',
+        long = "config",
+        alias = "c",
+        value_name = "FILE",
+        default_value = "./config.yml",
+        global = true
+    )]
+    config: PathBuf,
+
+    /// The proxy's listen address, `HOST:PORT` or `:PORT`; overrides `listen` in the file.
+    #[arg(short = 'e', long = "listen", alias = "e", value_name = "ADDR", value_parser = parse_listen_flag, global = true)]
+    listen: Option<SocketAddr>,
+
+    /// Log level (trace, debug, info, warn, error; any case) or a directive such as
+    /// `larder=debug`; overrides `log.level` in the file.
+    #[arg(short = 'l', long = "log-level", alias = "l", value_name = "LEVEL", value_parser = parse_level_flag, global = true)]
+    log_level: Option<String>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate the config file and compile its plugins, print what would run,
+    /// and exit 0; or print every error and exit 1.
+    Check,
+}
+
+fn parse_listen_flag(text: &str) -> Result<SocketAddr, String> {
+    config::parse_listen(text)
+}
+
+fn parse_level_flag(text: &str) -> Result<String, String> {
+    config::log_directive(text)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut config = match config::load_file(&cli.config) {
+        Ok(config) => config,
+        Err(errors) => return report_config_errors(&cli.config, &errors),
+    };
+    if let Some(listen) = cli.listen {
+        config.listen = listen;
+    }
+    if let Some(level) = cli.log_level.clone() {
+        config.log.level = level;
+    }
+    let outcome = match cli.command {
+        Some(Command::Check) => check(&cli.config, config),
+        None => run(&cli.config, config),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("larder: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn report_config_errors(path: &Path, errors: &ConfigErrors) -> ExitCode {
+    for error in &errors.0 {
+        eprintln!("{error}");
+    }
+    let count = errors.0.len();
+    let noun = if count == 1 { "error" } else { "errors" };
+    eprintln!(
+        "larder: {} has {count} {noun}; nothing was started",
+        path.display()
+    );
+    ExitCode::FAILURE
+}
+
+/// `larder check`: the file is valid and every plugin compiles and initialises.
+fn check(path: &Path, config: Config) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let loaded = runtime.block_on(larder::plugins::PluginHost::load(&config.plugins));
+    if let Err(error) = loaded {
+        let error = match error {
+            larder::plugins::PluginError::Load { plugin, reason } => {
+                config::error_at(path, &format!("plugins.{plugin}"), reason)
+            }
+            other => config::error_at(path, "plugins", other.to_string()),
+        };
+        return Ok(report_config_errors(path, &ConfigErrors(vec![error])));
+    }
+    println!("{}", summary(path, &config));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `check` prints: what Larder would run with this file.
+fn summary(path: &Path, config: &Config) -> String {
+    let names = |keys: Vec<&String>| -> String {
+        if keys.is_empty() {
+            String::new()
+        } else {
+            let keys: Vec<&str> = keys.into_iter().map(String::as_str).collect();
+            format!(" ({})", keys.join(", "))
+        }
+    };
+    let mode = match &config.routes {
+        Some(routes) => format!("proxy, {} routes", routes.len()),
+        None => "cachepump mode: /?key=NAME and /health".to_string(),
+    };
+    let admin = match &config.admin {
+        Some(admin) if admin.token.is_some() => format!("{} (token set)", admin.listen),
+        Some(admin) => format!("{} (no token: only /health and /ready)", admin.listen),
+        None => "off".to_string(),
+    };
+    let routes = config.routes.as_ref().map_or(0, Vec::len);
+    [
+        format!("{}: ok", path.display()),
+        format!("  listen     {} ({mode})", config.listen),
+        format!("  admin      {admin}"),
+        format!(
+            "  log        {} ({})",
+            config.log.level,
+            match config.log.format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            }
+        ),
+        format!(
+            "  cache      {} (objects up to {})",
+            config.cache.max_size, config.cache.max_object_size
+        ),
+        format!(
+            "  upstreams  {}{}",
+            config.upstreams.len(),
+            names(config.upstreams.keys().collect())
+        ),
+        format!("  routes     {routes}"),
+        format!(
+            "  sources    {}{}",
+            config.sources.len(),
+            names(config.sources.keys().collect())
+        ),
+        format!(
+            "  plugins    {}{}, all compiled",
+            config.plugins.len(),
+            names(config.plugins.keys().collect())
+        ),
+    ]
+    .join("\n")
+}
+
+/// Runs the server until SIGINT/SIGTERM.
+fn run(path: &Path, config: Config) -> anyhow::Result<ExitCode> {
+    larder::telemetry::init(&config.log.level, config.log.format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let server = match larder::server::start(config, Some(path.to_path_buf())).await {
+            Ok(server) => server,
+            Err(error) => {
+                tracing::error!(%error, "larder did not start");
+                eprintln!("larder: cannot start: {error}");
+                return Ok(ExitCode::FAILURE);
+            }
+        };
+        server.run_until_signal().await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}

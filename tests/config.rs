@@ -124,6 +124,7 @@ fn route_with_both_upstream_and_source_is_refused() {
     );
     let error = only_error(&text);
     assert_at(&error, 5, "routes[0]");
+    assert_eq!(error.column, Some(5), "points at the route's first key: {error}");
     assert!(error.message.contains("not both"), "{error}");
 }
 

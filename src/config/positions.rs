@@ -179,6 +179,13 @@ impl PositionIndex {
                         .or_default()
                         .push((child.clone(), at));
                     self.keys.entry(child).or_insert(at);
+                    // yaml-rust2 marks a block mapping's start at its first
+                    // key's `:`; the key itself is where the operator looks.
+                    if let Some(start) = self.values.get_mut(path.as_str())
+                        && at < *start
+                    {
+                        *start = at;
+                    }
                     *pending_key = Some(key);
                     Role::Key
                 }
@@ -280,6 +287,14 @@ routes:
         assert_eq!(index.locate("routes[1].upstream"), at(8, 15));
         assert_eq!(index.locate("routes[1].plugins[0]"), at(10, 9));
         assert!(index.contains("routes[1].upstream"));
+    }
+
+    #[test]
+    fn a_block_mapping_starts_at_its_first_key() {
+        let index = PositionIndex::build(TEXT);
+        assert_eq!(index.locate("upstreams.api"), at(4, 5));
+        assert_eq!(index.locate("routes[1]"), at(8, 5));
+        assert_eq!(index.locate("routes[0].match"), at(6, 12));
     }
 
     #[test]
