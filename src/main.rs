@@ -13,9 +13,12 @@ use larder::config::{self, Config, ConfigErrors, LogFormat};
 
 const EXAMPLES: &str = "\
 Examples:
-  larder -c config.yml                   run with config.yml
-  larder -c config.yml -e :8080 -l debug override the listen address and log level
-  larder check -c config.yml             validate the file and compile its plugins, like `nginx -t`
+  larder -c config.yml
+      run with config.yml
+  larder -c config.yml -e :8080 -l debug
+      the same, overriding the listen address and the log level
+  larder check -c config.yml
+      validate the file and compile its plugins, like `nginx -t`
 
 cachepump's command line works unchanged:
   larder -e '0.0.0.0:8080' -l 'INFO' -c './config.yml'
@@ -93,11 +96,10 @@ fn report_config_errors(path: &Path, errors: &ConfigErrors) -> ExitCode {
     for error in &errors.0 {
         eprintln!("{error}");
     }
-    let count = errors.0.len();
-    let noun = if count == 1 { "error" } else { "errors" };
     eprintln!(
-        "larder: {} has {count} {noun}; nothing was started",
-        path.display()
+        "larder: {} has {}; nothing was started",
+        path.display(),
+        count(errors.0.len(), "error")
     );
     ExitCode::FAILURE
 }
@@ -132,7 +134,7 @@ fn summary(path: &Path, config: &Config) -> String {
         }
     };
     let mode = match &config.routes {
-        Some(routes) => format!("proxy, {} routes", routes.len()),
+        Some(routes) => format!("proxy, {}", count(routes.len(), "route")),
         None => "cachepump mode: /?key=NAME and /health".to_string(),
     };
     let admin = match &config.admin {
@@ -169,12 +171,26 @@ fn summary(path: &Path, config: &Config) -> String {
             names(config.sources.keys().collect())
         ),
         format!(
-            "  plugins    {}{}, all compiled",
+            "  plugins    {}{}{}",
             config.plugins.len(),
-            names(config.plugins.keys().collect())
+            names(config.plugins.keys().collect()),
+            if config.plugins.is_empty() {
+                ""
+            } else {
+                ", all compiled"
+            }
         ),
     ]
     .join("\n")
+}
+
+/// `1 route`, `3 routes`.
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("{n} {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 /// Runs the server until SIGINT/SIGTERM.
