@@ -1493,3 +1493,25 @@ async fn memory_stays_bounded_under_a_flood_of_keys() {
         "the cache still holds entries"
     );
 }
+
+#[tokio::test]
+async fn a_purge_during_a_fill_is_not_undone_by_it() {
+    let release = Arc::new(Notify::new());
+    let (origin, front) =
+        two_part_origin(Arc::clone(&release), &[("cache-control", "max-age=60")]).await;
+    let (_, body) = first_chunk(&front.url("/racing")).await;
+    front.cache.purge_url(&front.url("/racing"));
+    release.notify_one();
+    assert_eq!(rest(body).await.unwrap(), "last");
+    let next = get_with(
+        &front.url("/racing"),
+        &[("cache-control", "only-if-cached")],
+    )
+    .await;
+    assert_eq!(
+        next.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "the purged response came back"
+    );
+    assert_eq!(origin.hits(), 1);
+}

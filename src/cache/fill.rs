@@ -7,6 +7,7 @@
 //! is not being stored is abandoned at once.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -47,6 +48,8 @@ pub struct FillJob {
     pub stale: Option<Arc<Entry>>,
     pub route_stale_while_revalidate: Option<Duration>,
     pub route_stale_if_error: Option<Duration>,
+    /// The purge counter when the fill started.
+    pub purges_at_start: u64,
     /// Gets the response when it is not shared through the flight.
     pub leader: oneshot::Sender<Result<Response<Body>, ProxyError>>,
 }
@@ -61,6 +64,14 @@ struct Fill {
     stale: Option<Arc<Entry>>,
     route_stale_while_revalidate: Option<Duration>,
     route_stale_if_error: Option<Duration>,
+    purges_at_start: u64,
+}
+
+impl Drop for Fill {
+    /// Whatever ends the fill (even a panic), the key becomes free again.
+    fn drop(&mut self) {
+        self.unregister();
+    }
 }
 
 type Leader = oneshot::Sender<Result<Response<Body>, ProxyError>>;
@@ -86,6 +97,7 @@ pub async fn run(job: FillJob) {
         stale,
         route_stale_while_revalidate,
         route_stale_if_error,
+        purges_at_start,
         leader,
     } = job;
     let fill = Fill {
@@ -98,6 +110,7 @@ pub async fn run(job: FillJob) {
         stale,
         route_stale_while_revalidate,
         route_stale_if_error,
+        purges_at_start,
     };
     let request_time = SystemTime::now();
     let result = origin.fetch(fetch).await;
@@ -214,6 +227,10 @@ impl Fill {
     }
 
     fn commit(&self, meta: Arc<Meta>, body: Bytes) {
+        if self.inner.purges.load(Ordering::SeqCst) != self.purges_at_start {
+            tracing::debug!(key = %self.key, "a purge ran during the fill; response not stored");
+            return;
+        }
         let store = self.inner.store.load();
         let retain = retention(&meta, SystemTime::now());
         store.put(&self.key, Arc::new(Entry { meta, body }), retain);

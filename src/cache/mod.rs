@@ -16,6 +16,7 @@ mod store;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -74,6 +75,15 @@ struct Inner {
     settings: ArcSwap<Settings>,
     /// The fill in progress per primary key, joined by concurrent misses.
     flights: Mutex<HashMap<String, Arc<Flight>>>,
+    /// Bumped by every purge and invalidation; a fill that started before
+    /// one does not commit, so a purge cannot be undone by a fill in progress.
+    purges: AtomicU64,
+}
+
+impl Inner {
+    fn note_purge(&self) {
+        self.purges.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// The in-memory cache shared by every route; lives across config reloads.
@@ -197,6 +207,7 @@ impl Cache {
                 store: ArcSwap::from_pointee(Store::new(config.max_size.0)),
                 settings: ArcSwap::from_pointee(Settings::from_config(config)),
                 flights: Mutex::new(HashMap::new()),
+                purges: AtomicU64::new(0),
             }),
         })
     }
@@ -244,7 +255,7 @@ impl Cache {
         request: Request<Body>,
         origin: Arc<dyn Origin>,
     ) -> Result<Response<Body>, ProxyError> {
-        let (parts, _) = request.into_parts();
+        let (parts, request_body) = request.into_parts();
         let now = SystemTime::now();
         let key = key::primary_key(&parts.uri, &parts.headers, &route.key);
         let directives = RequestDirectives::parse(&parts.headers);
@@ -266,7 +277,7 @@ impl Cache {
                 return Ok(not_cached());
             }
             if parts.method == Method::HEAD || directives.no_store {
-                let request = Request::from_parts(parts, body::empty());
+                let request = Request::from_parts(parts, request_body);
                 return pass(request, origin, fwd).await;
             }
             let job = Lookup {
@@ -296,7 +307,7 @@ impl Cache {
                     return Ok(not_cached());
                 }
                 if directives.no_store {
-                    let request = Request::from_parts(parts, body::empty());
+                    let request = Request::from_parts(parts, request_body);
                     return pass(request, origin, fwd).await;
                 }
                 let job = Lookup {
@@ -436,6 +447,7 @@ impl Cache {
             stale: lookup.stale.clone(),
             route_stale_while_revalidate: lookup.route.stale_while_revalidate.map(|d| d.0),
             route_stale_if_error: lookup.route.stale_if_error.map(|d| d.0),
+            purges_at_start: self.inner.purges.load(Ordering::SeqCst),
             leader,
         };
         tokio::spawn(fill::run(job));
@@ -483,6 +495,7 @@ impl Cache {
         let response = pass(request, origin, Fwd::Method).await?;
         let status = response.status();
         if status.is_success() || status.is_redirection() {
+            self.inner.note_purge();
             let store = self.inner.store.load();
             let mut removed = store.purge_url(key::url_part(&own_key));
             for name in [header::LOCATION, header::CONTENT_LOCATION] {
@@ -524,6 +537,7 @@ impl Cache {
             return problem_response(StatusCode::FORBIDDEN, "this client may not PURGE");
         }
         let key = key::primary_key(request.uri(), request.headers(), &route.key);
+        self.inner.note_purge();
         let store = self.inner.store.load();
         let purged = store.purge_url(key::url_part(&key));
         update_gauges(&store);
@@ -537,6 +551,7 @@ impl Cache {
         let Some(url) = key::normalize_url(url) else {
             return 0;
         };
+        self.inner.note_purge();
         let store = self.inner.store.load();
         let purged = store.purge_url(&url);
         update_gauges(&store);
@@ -550,6 +565,7 @@ impl Cache {
         if prefix.is_empty() {
             return 0;
         }
+        self.inner.note_purge();
         let store = self.inner.store.load();
         let purged = store.purge_prefix(prefix);
         update_gauges(&store);
@@ -558,6 +574,7 @@ impl Cache {
 
     /// Removes entries tagged `tag` (exact match) by a `cache.tag_headers` header.
     pub fn purge_tag(&self, tag: &str) -> usize {
+        self.inner.note_purge();
         let store = self.inner.store.load();
         let purged = store.purge_tag(tag.trim());
         update_gauges(&store);
@@ -729,6 +746,9 @@ fn fill_request(parts: &Parts, stale: Option<&Entry>) -> Request<Body> {
     for name in policy::CLIENT_CONDITIONALS {
         headers.remove(name);
     }
+    // The fill sends no body, whatever the client's request framed.
+    headers.remove(header::CONTENT_LENGTH);
+    headers.remove(header::TRANSFER_ENCODING);
     if let Some(stale) = stale {
         policy::add_validators(&mut headers, &stale.meta.headers);
     }

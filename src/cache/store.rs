@@ -166,9 +166,13 @@ impl Store {
         }
         self.index_tags(key, &entry.meta.tags);
         self.entries.entry_by_ref(key).and_compute_with(|existing| {
-            let mut list: Vec<Arc<Entry>> = existing
-                .map(|e| e.into_value().entries.clone())
-                .unwrap_or_default();
+            let existing = existing.map(|e| e.into_value());
+            // Other variants keep at least the retention they had.
+            let retain = existing
+                .as_ref()
+                .map_or(retain, |old| old.retain.max(retain));
+            let mut list: Vec<Arc<Entry>> =
+                existing.map(|old| old.entries.clone()).unwrap_or_default();
             list.retain(|old| {
                 old.meta.vary_names != entry.meta.vary_names
                     || !old.meta.matches(&entry.meta.vary_values)
