@@ -124,7 +124,11 @@ fn route_with_both_upstream_and_source_is_refused() {
     );
     let error = only_error(&text);
     assert_at(&error, 5, "routes[0]");
-    assert_eq!(error.column, Some(5), "points at the route's first key: {error}");
+    assert_eq!(
+        error.column,
+        Some(5),
+        "points at the route's first key: {error}"
+    );
     assert!(error.message.contains("not both"), "{error}");
 }
 
@@ -526,4 +530,26 @@ routes:
             .message
             .contains("did you mean \"connect_timeout\"?")
     );
+}
+
+#[test]
+fn ca_file_must_exist_and_hold_a_pem_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("ca.pem");
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(&good, generated.cert.pem()).unwrap();
+    let not_pem = dir.path().join("notes.txt");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    let text = |ca: &std::path::Path| {
+        format!(
+            "upstreams:\n  api:\n    servers: [\"https://127.0.0.1:9443\"]\n    ca_file: {}\n",
+            ca.display()
+        )
+    };
+    assert!(load(&text(&good)).is_ok());
+    let error = only_error(&text(&not_pem));
+    assert_at(&error, 4, "upstreams.api.ca_file");
+    assert!(error.message.contains("no PEM certificate"), "{error}");
+    let error = only_error(&text(&dir.path().join("absent.pem")));
+    assert!(error.message.contains("does not exist"), "{error}");
 }

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::path::Path;
 
 use super::ConfigError;
 use super::model::{Config, PluginConfig, Route, SourceConfig, Upstream};
@@ -131,15 +132,9 @@ impl Checker<'_> {
             );
         }
         if let Some(ca_file) = &upstream.ca_file
-            && !ca_file.is_file()
+            && let Err(why) = check_ca_file(ca_file)
         {
-            self.fail(
-                &format!("{path}.ca_file"),
-                format!(
-                    "CA file {} does not exist (paths are relative to the working directory)",
-                    ca_file.display()
-                ),
-            );
+            self.fail(&format!("{path}.ca_file"), why);
         }
     }
 
@@ -381,6 +376,28 @@ fn check_server_url(server: &str) -> Result<(), String> {
     if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
         return Err(format!(
             "{server:?}: a server is scheme, host and port only (no path or query); routes choose paths"
+        ));
+    }
+    Ok(())
+}
+
+/// A PEM file holding at least one certificate, as the upstream's TLS setup needs.
+fn check_ca_file(path: &Path) -> Result<(), String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    if !path.is_file() {
+        return Err(format!(
+            "CA file {} does not exist (paths are relative to the working directory)",
+            path.display()
+        ));
+    }
+    let certificates = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("CA file {} is not a PEM bundle: {e}", path.display()))?;
+    if certificates.is_empty() {
+        return Err(format!(
+            "CA file {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
         ));
     }
     Ok(())
