@@ -31,6 +31,8 @@ use larder::proxy::ClientAddr;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
+mod common;
+
 // ---------------------------------------------------------------- harness
 
 /// A hyper origin on 127.0.0.1:0 counting requests and keeping their headers.
@@ -1514,4 +1516,136 @@ async fn a_purge_during_a_fill_is_not_undone_by_it() {
         "the purged response came back"
     );
     assert_eq!(origin.hits(), 1);
+}
+
+// ---------------------------------------------------------------- through the whole proxy
+
+fn larder_yaml(upstream: &str, extra_route: &str) -> String {
+    format!(
+        "admin:\n  token: secret\nupstreams:\n  app:\n    servers: [\"{upstream}\"]\n    timeout: 2s\n\
+         routes:\n  - upstream: app\n    cache:\n      enabled: true\n{extra_route}"
+    )
+}
+
+#[tokio::test]
+async fn larder_serves_hits_and_labels_them() {
+    let origin = common::start_origin(|_| async move {
+        common::respond(200, &[("cache-control", "max-age=60")], "hello")
+    })
+    .await;
+    let larder = common::start_larder(&larder_yaml(&origin.url(), "")).await;
+    let first = common::get(&larder.url("/hello")).await;
+    assert!(
+        first
+            .header("cache-status")
+            .unwrap_or("")
+            .contains("fwd=uri-miss")
+    );
+    let second = common::get(&larder.url("/hello")).await;
+    assert_eq!(second.text(), "hello");
+    assert!(second.header("cache-status").unwrap_or("").contains("hit"));
+    assert!(second.header("age").is_some());
+    assert_eq!(origin.hits(), 1);
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn admin_purge_needs_the_token_and_removes_by_url_prefix_and_tag() {
+    let origin = common::start_origin(|request| async move {
+        let tag = if request.uri().path().starts_with("/news") {
+            "news"
+        } else {
+            "other"
+        };
+        common::respond(
+            200,
+            &[("cache-control", "max-age=60"), ("cache-tag", tag)],
+            "x",
+        )
+    })
+    .await;
+    let larder = common::start_larder(&larder_yaml(&origin.url(), "")).await;
+    for path in ["/news/1", "/news/2", "/shop/1", "/shop/2"] {
+        common::get(&larder.url(path)).await;
+    }
+    let purge = |body: String, token: Option<&'static str>| {
+        let url = larder.admin_url("/purge");
+        async move {
+            let auth = token.map(|t| format!("Bearer {t}"));
+            let mut headers = vec![("content-type", "application/json")];
+            if let Some(auth) = &auth {
+                headers.push(("authorization", auth.as_str()));
+            }
+            common::send("POST", &url, &headers, body).await
+        }
+    };
+    let refused = purge(r#"{"tag":"news"}"#.to_string(), None).await;
+    assert_eq!(refused.status, 401);
+    let by_tag = purge(r#"{"tag":"news"}"#.to_string(), Some("secret")).await;
+    assert_eq!(by_tag.json()["purged"], 2);
+    let by_url = purge(
+        format!(r#"{{"url":"{}"}}"#, larder.url("/shop/1")),
+        Some("secret"),
+    )
+    .await;
+    assert_eq!(by_url.json()["purged"], 1);
+    let by_prefix = purge(r#"{"prefix":"/shop/"}"#.to_string(), Some("secret")).await;
+    assert_eq!(by_prefix.json()["purged"], 1);
+    for path in ["/news/1", "/shop/1", "/shop/2"] {
+        let again = common::get(&larder.url(path)).await;
+        assert!(
+            again
+                .header("cache-status")
+                .unwrap_or("")
+                .contains("uri-miss"),
+            "{path}"
+        );
+    }
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn purge_method_through_larder_for_allowed_clients() {
+    let origin = common::start_origin(|_| async move {
+        common::respond(200, &[("cache-control", "max-age=60")], "x")
+    })
+    .await;
+    let route = "      purge:\n        allow: [\"127.0.0.0/8\"]\n";
+    let larder = common::start_larder(&larder_yaml(&origin.url(), route)).await;
+    common::get(&larder.url("/p")).await;
+    let purged = common::send("PURGE", &larder.url("/p"), &[], "").await;
+    assert_eq!(purged.status, 200);
+    assert_eq!(purged.json()["purged"], 1);
+    common::get(&larder.url("/p")).await;
+    assert_eq!(origin.hits(), 2);
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn stale_if_error_survives_a_reload_onto_a_dead_upstream() {
+    let origin = common::start_origin(|_| async move {
+        common::respond(
+            200,
+            &[("cache-control", "max-age=1, stale-if-error=60")],
+            "kept",
+        )
+    })
+    .await;
+    let larder = common::start_larder(&larder_yaml(&origin.url(), "")).await;
+    common::get(&larder.url("/sie")).await;
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    larder.reload(&larder_yaml(&dead_url, "")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let stale = common::get(&larder.url("/sie")).await;
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.text(), "kept");
+    assert!(
+        stale
+            .header("cache-status")
+            .unwrap_or("")
+            .contains("stale-if-error")
+    );
+    larder.stop().await;
 }
