@@ -3,25 +3,757 @@
 
 mod common;
 
-use common::{get, get_with, respond, start_larder, start_origin};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-fn upstream_config(origin_url: &str) -> String {
-    format!("upstreams:\n  app:\n    servers: [\"{origin_url}\"]\nroutes:\n  - upstream: app\n")
+use bytes::Bytes;
+use common::{Reply, connect, get, get_with, respond, send, start_larder, start_origin};
+use futures_util::{SinkExt, StreamExt};
+use http::Request;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use tokio::sync::{Notify, oneshot};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+fn one_upstream(origin_url: &str, extra_route: &str) -> String {
+    format!(
+        "upstreams:\n  app:\n    servers: [\"{origin_url}\"]\nroutes:\n  - upstream: app\n{extra_route}"
+    )
+}
+
+/// An origin that answers with its method, URI and chosen request headers.
+async fn echo_origin() -> common::Origin {
+    start_origin(|request| async move {
+        let mut lines = vec![format!("{} {}", request.method(), request.uri())];
+        for (name, value) in request.headers() {
+            lines.push(format!("{name}: {}", value.to_str().unwrap_or("?")));
+        }
+        let body = request
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        lines.push(String::new());
+        lines.push(String::from_utf8_lossy(&body).into_owned());
+        respond(200, &[], lines.join("\n"))
+    })
+    .await
+}
+
+fn assert_problem(reply: &Reply, status: u16) {
+    assert_eq!(reply.status, status, "body: {}", reply.text());
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/problem+json")
+    );
+    let problem = reply.json();
+    assert_eq!(problem["status"], status);
+    assert!(problem["title"].is_string());
+    assert!(
+        problem["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "problem without detail: {problem}"
+    );
 }
 
 #[tokio::test]
-async fn forwards_a_get_to_the_upstream_and_back() {
-    let origin = start_origin(|request| async move {
-        let body = format!("{} {}", request.method(), request.uri());
-        respond(200, &[("x-origin", "yes")], body)
-    })
+async fn forwards_method_path_query_headers_and_body() {
+    let origin = echo_origin().await;
+    let larder = start_larder(&one_upstream(&origin.url(), "")).await;
+    let reply = send(
+        "POST",
+        &larder.url("/a/b?c=1&d=two"),
+        &[("x-custom", "kept"), ("content-type", "text/plain")],
+        "payload bytes",
+    )
     .await;
-    let larder = start_larder(&upstream_config(&origin.url())).await;
-    let reply = get_with(&larder.url("/a/b?c=1"), &[("accept", "text/plain")]).await;
     assert_eq!(reply.status, 200);
-    assert_eq!(reply.text(), "GET /a/b?c=1");
-    assert_eq!(reply.header("x-origin"), Some("yes"));
+    let text = reply.text();
+    assert!(text.starts_with("POST /a/b?c=1&d=two\n"), "{text}");
+    assert!(text.contains("x-custom: kept"), "{text}");
+    assert!(text.ends_with("\npayload bytes"), "{text}");
     assert_eq!(origin.hits(), 1);
     larder.stop().await;
-    let _ = get;
+}
+
+#[tokio::test]
+async fn routes_by_host_and_prefix_with_the_first_match_winning() {
+    let api = start_origin(|_| async { respond(200, &[], "api") }).await;
+    let wild = start_origin(|_| async { respond(200, &[], "wildcard") }).await;
+    let fallback = start_origin(|_| async { respond(200, &[], "fallback") }).await;
+    let yaml = format!(
+        r#"
+upstreams:
+  api: {{ servers: ["{}"] }}
+  wild: {{ servers: ["{}"] }}
+  fallback: {{ servers: ["{}"] }}
+routes:
+  - match: {{ host: API.example.com, path_prefix: /v1/ }}
+    upstream: api
+  - match: {{ host: "*.example.com" }}
+    upstream: wild
+  - match: {{ path_prefix: /v1/ }}
+    upstream: api
+  - match: {{ path_prefix: / }}
+    upstream: fallback
+"#,
+        api.url(),
+        wild.url(),
+        fallback.url()
+    );
+    let larder = start_larder(&yaml).await;
+    let url = larder.url("/v1/items");
+    let by_host = |host: &'static str| {
+        let url = url.clone();
+        async move { get_with(&url, &[("host", host)]).await.text() }
+    };
+    assert_eq!(by_host("api.example.com:8080").await, "api");
+    assert_eq!(by_host("Api.Example.Com").await, "api");
+    assert_eq!(by_host("www.example.com").await, "wildcard");
+    assert_eq!(by_host("other.test").await, "api");
+    assert_eq!(
+        get_with(&larder.url("/elsewhere"), &[("host", "api.example.com")])
+            .await
+            .text(),
+        "wildcard",
+        "the prefix must match too"
+    );
+    assert_eq!(get(&larder.url("/x")).await.text(), "fallback");
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn no_matching_route_is_404_problem_json() {
+    let origin = echo_origin().await;
+    let yaml = format!(
+        "upstreams:\n  app: {{ servers: [\"{}\"] }}\nroutes:\n  - match: {{ path_prefix: /api/ }}\n    upstream: app\n",
+        origin.url()
+    );
+    let larder = start_larder(&yaml).await;
+    let reply = get(&larder.url("/other")).await;
+    assert_problem(&reply, 404);
+    assert_eq!(origin.hits(), 0);
+    // A route-less /health still answers on the proxy listener.
+    let health = get(&larder.url("/health")).await;
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json()["status"], "ok");
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_both_ways_and_forwarding_headers_added() {
+    let origin = start_origin(|request| async move {
+        let seen: Vec<String> = request
+            .headers()
+            .iter()
+            .map(|(name, value)| format!("{name}={}", value.to_str().unwrap_or("?")))
+            .collect();
+        respond(
+            200,
+            &[
+                ("connection", "x-origin-private"),
+                ("x-origin-private", "secret"),
+                ("keep-alive", "timeout=5"),
+                ("proxy-authenticate", "Basic"),
+                ("x-end-to-end", "kept"),
+                ("server", "origin/1.0"),
+            ],
+            seen.join("\n"),
+        )
+    })
+    .await;
+    let larder = start_larder(&one_upstream(&origin.url(), "")).await;
+    let reply = get_with(
+        &larder.url("/h"),
+        &[
+            ("host", "shop.example"),
+            ("connection", "x-client-private"),
+            ("x-client-private", "secret"),
+            ("te", "trailers"),
+            ("proxy-authorization", "Basic abc"),
+            ("x-forwarded-for", "10.1.2.3"),
+            ("x-end-to-end", "kept"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let seen = reply.text();
+    let lines: Vec<&str> = seen.lines().collect();
+    for absent in ["x-client-private=", "te=", "proxy-authorization="] {
+        assert!(
+            !lines.iter().any(|l| l.starts_with(absent)),
+            "{absent} reached the origin: {seen}"
+        );
+    }
+    assert!(lines.contains(&"x-end-to-end=kept"), "{seen}");
+    assert!(lines.contains(&"host=shop.example"), "{seen}");
+    assert!(
+        lines.contains(&"x-forwarded-for=10.1.2.3, 127.0.0.1"),
+        "{seen}"
+    );
+    assert!(lines.contains(&"x-forwarded-proto=http"), "{seen}");
+    assert!(lines.contains(&"x-forwarded-host=shop.example"), "{seen}");
+    assert!(lines.contains(&"via=1.1 larder"), "{seen}");
+
+    assert_eq!(reply.header("x-origin-private"), None);
+    assert_eq!(reply.header("keep-alive"), None);
+    assert_eq!(reply.header("proxy-authenticate"), None);
+    assert_eq!(reply.header("x-end-to-end"), Some("kept"));
+    assert_eq!(reply.header("server"), Some("origin/1.0"));
+    assert_eq!(reply.header("via"), Some("1.1 larder"));
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_host_replaces_the_client_host() {
+    let origin = echo_origin().await;
+    let yaml = format!(
+        "upstreams:\n  app:\n    servers: [\"{}\"]\n    host: internal.app\nroutes:\n  - upstream: app\n",
+        origin.url()
+    );
+    let larder = start_larder(&yaml).await;
+    let reply = get_with(&larder.url("/"), &[("host", "public.example")]).await;
+    let text = reply.text();
+    assert!(text.contains("host: internal.app"), "{text}");
+    assert!(text.contains("x-forwarded-host: public.example"), "{text}");
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn refused_upstream_is_502_problem_json() {
+    // Bind then drop: the port is closed when Larder connects.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = closed.local_addr().expect("addr");
+    drop(closed);
+    let larder = start_larder(&one_upstream(&format!("http://{addr}"), "")).await;
+    let reply = get(&larder.url("/")).await;
+    assert_problem(&reply, 502);
+    assert!(
+        reply.json()["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("app")
+    );
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_that_resets_is_502() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            drop(stream);
+        }
+    });
+    let larder = start_larder(&one_upstream(&format!("http://{addr}"), "")).await;
+    assert_problem(&get(&larder.url("/")).await, 502);
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_slower_than_its_timeout_is_504() {
+    let origin = start_origin(|_| async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        respond(200, &[], "too late")
+    })
+    .await;
+    let yaml = format!(
+        "upstreams:\n  app:\n    servers: [\"{}\"]\n    timeout: 200ms\nroutes:\n  - upstream: app\n",
+        origin.url()
+    );
+    let larder = start_larder(&yaml).await;
+    let reply = get(&larder.url("/")).await;
+    assert_problem(&reply, 504);
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn body_over_the_declared_limit_is_413_before_the_upstream_sees_it() {
+    let origin = echo_origin().await;
+    let yaml = format!(
+        "server:\n  max_request_body: 1KiB\nupstreams:\n  app: {{ servers: [\"{}\"] }}\nroutes:\n  - match: {{ path_prefix: /big/ }}\n    upstream: app\n    max_request_body: 4KiB\n  - upstream: app\n",
+        origin.url()
+    );
+    let larder = start_larder(&yaml).await;
+    let reply = send("POST", &larder.url("/small"), &[], vec![b'x'; 2000]).await;
+    assert_problem(&reply, 413);
+    assert_eq!(origin.hits(), 0);
+    let reply = send("POST", &larder.url("/big/ok"), &[], vec![b'x'; 2000]).await;
+    assert_eq!(
+        reply.status, 200,
+        "the route's limit overrides the server's"
+    );
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn chunked_body_over_the_limit_is_cut_off_with_413() {
+    let origin = echo_origin().await;
+    let yaml = format!(
+        "server:\n  max_request_body: 1KiB\n{}",
+        one_upstream(&origin.url(), "")
+    );
+    let larder = start_larder(&yaml).await;
+    let chunks = futures_util::stream::iter(
+        (0..8)
+            .map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![b'y'; 500])))),
+    );
+    let request = Request::post("/upload")
+        .header("host", larder.addr.to_string())
+        .body(StreamBody::new(chunks))
+        .expect("request");
+    let mut sender = connect(&larder.addr.to_string()).await;
+    let response = sender.send_request(request).await.expect("a response");
+    assert_eq!(response.status(), 413);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let problem: serde_json::Value = serde_json::from_slice(&body).expect("problem json");
+    assert_eq!(problem["status"], 413);
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_problem_json() {
+    let origin = echo_origin().await;
+    let larder = start_larder(&one_upstream(&origin.url(), "")).await;
+    let reply = get_with(&larder.url("/"), &[("host", "bad host/x")]).await;
+    assert_problem(&reply, 400);
+    // Raw HTTP/1.1 without a Host header.
+    let raw = raw_exchange(&larder.addr.to_string(), "GET / HTTP/1.1\r\n\r\n").await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    assert!(raw.contains("application/problem+json"), "{raw}");
+    assert_eq!(origin.hits(), 0);
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn absolute_form_request_for_an_unserved_host_is_400() {
+    let origin = echo_origin().await;
+    let yaml = format!(
+        "upstreams:\n  app: {{ servers: [\"{}\"] }}\nroutes:\n  - match: {{ host: served.test }}\n    upstream: app\n",
+        origin.url()
+    );
+    let larder = start_larder(&yaml).await;
+    let raw = raw_exchange(
+        &larder.addr.to_string(),
+        "GET http://elsewhere.test/ HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n",
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    assert!(raw.contains("not a forward proxy"), "{raw}");
+    assert_eq!(origin.hits(), 0);
+    larder.stop().await;
+}
+
+/// Writes `request` on a new connection and reads until the server closes
+/// or a whole problem body has arrived.
+async fn raw_exchange(addr: &str, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let deadline = Instant::now() + DEADLINE;
+    while Instant::now() < deadline {
+        let read = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buffer)).await;
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => received.extend_from_slice(&buffer[..n]),
+            Err(_) if !received.is_empty() => break,
+            Err(_) => {}
+        }
+        if received.ends_with(b"}") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+/// A body whose chunks the test sends one at a time.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|bytes| Ok(Frame::data(bytes))))
+    }
+}
+
+fn channel_body() -> (tokio::sync::mpsc::Sender<Bytes>, ChannelBody) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    (tx, ChannelBody(rx))
+}
+
+#[tokio::test]
+async fn downloads_stream_before_the_origin_has_finished() {
+    let release = Arc::new(Notify::new());
+    let origin_release = release.clone();
+    let origin = start_origin(move |_| {
+        let release = origin_release.clone();
+        async move {
+            let (sender, body) = channel_body();
+            tokio::spawn(async move {
+                let _ = sender.send(Bytes::from_static(b"first chunk;")).await;
+                release.notified().await;
+                let _ = sender.send(Bytes::from_static(b"the rest")).await;
+            });
+            http::Response::new(larder::body::boxed(body))
+        }
+    })
+    .await;
+    let larder = start_larder(&one_upstream(&origin.url(), "")).await;
+    let mut sender = connect(&larder.addr.to_string()).await;
+    let request = Request::get("/download")
+        .header("host", "x")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = tokio::time::timeout(DEADLINE, sender.send_request(request))
+        .await
+        .expect("the head arrives while the origin still holds the rest")
+        .expect("response");
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(DEADLINE, body.frame())
+        .await
+        .expect("the first chunk arrives while the origin still holds the rest")
+        .expect("a frame")
+        .expect("no error");
+    assert_eq!(
+        first.into_data().ok(),
+        Some(Bytes::from_static(b"first chunk;"))
+    );
+    release.notify_one();
+    let rest = body.collect().await.expect("rest").to_bytes();
+    assert_eq!(rest, Bytes::from_static(b"the rest"));
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn uploads_stream_before_the_client_has_finished() {
+    let (first_seen_tx, first_seen_rx) = oneshot::channel::<Bytes>();
+    let first_seen = Arc::new(Mutex::new(Some(first_seen_tx)));
+    let origin = start_origin(move |request| {
+        let first_seen = first_seen.clone();
+        async move {
+            let mut body = request.into_body();
+            let mut total = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Some(data) = frame.data_ref() {
+                    total += data.len();
+                    if let Some(tx) = first_seen.lock().ok().and_then(|mut slot| slot.take()) {
+                        let _ = tx.send(data.clone());
+                    }
+                }
+            }
+            respond(200, &[], format!("received {total}"))
+        }
+    })
+    .await;
+    let larder = start_larder(&one_upstream(&origin.url(), "")).await;
+    let (body_tx, body) = channel_body();
+    let mut sender = connect(&larder.addr.to_string()).await;
+    let request = Request::post("/upload")
+        .header("host", "x")
+        .body(body)
+        .expect("request");
+    let response = tokio::spawn(async move { sender.send_request(request).await });
+    body_tx
+        .send(Bytes::from_static(b"part one"))
+        .await
+        .expect("send the first part");
+    let seen = tokio::time::timeout(DEADLINE, first_seen_rx)
+        .await
+        .expect("the origin sees the first part while the client still holds the rest")
+        .expect("first part");
+    assert!(b"part one".starts_with(&seen), "{seen:?}");
+    body_tx
+        .send(Bytes::from_static(b" and part two"))
+        .await
+        .expect("send the rest");
+    drop(body_tx);
+    let response = response.await.expect("task").expect("response");
+    let text = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(text, Bytes::from_static(b"received 21"));
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn round_robin_spreads_requests_over_the_servers() {
+    let first = start_origin(|_| async { respond(200, &[], "first") }).await;
+    let second = start_origin(|_| async { respond(200, &[], "second") }).await;
+    let yaml = format!(
+        "upstreams:\n  app:\n    servers: [\"{}\", \"{}\"]\nroutes:\n  - upstream: app\n",
+        first.url(),
+        second.url()
+    );
+    let larder = start_larder(&yaml).await;
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        answers.push(get(&larder.url("/")).await.text());
+    }
+    assert_eq!(first.hits(), 2);
+    assert_eq!(second.hits(), 2);
+    assert_ne!(answers[0], answers[1]);
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_the_request_in_flight() {
+    let release = Arc::new(Notify::new());
+    let origin_release = release.clone();
+    let origin = start_origin(move |_| {
+        let release = origin_release.clone();
+        async move {
+            release.notified().await;
+            respond(200, &[], "finished")
+        }
+    })
+    .await;
+    let yaml = format!(
+        "server:\n  drain_timeout: 10s\n{}",
+        one_upstream(&origin.url(), "")
+    );
+    let larder = start_larder(&yaml).await;
+    let addr = larder.addr;
+    let url = larder.url("/slow");
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    wait_until(|| origin.hits() == 1).await;
+
+    let stopping = tokio::spawn(larder.stop());
+    let deadline = Instant::now() + DEADLINE;
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "new connections still accepted");
+        tokio::task::yield_now().await;
+    }
+    assert!(!stopping.is_finished(), "stop returned before the drain");
+    release.notify_one();
+    let reply = in_flight.await.expect("request task");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "finished");
+    tokio::time::timeout(DEADLINE, stopping)
+        .await
+        .expect("stop returns once drained")
+        .expect("stop task");
+}
+
+async fn wait_until(condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "condition not reached in time");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_tunnelled_both_ways() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let origin_addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = socket.next().await {
+                    if message.is_text() || message.is_binary() {
+                        let _ = socket.send(message).await;
+                    }
+                }
+            });
+        }
+    });
+    let larder = start_larder(&one_upstream(&format!("http://{origin_addr}"), "")).await;
+    let stream = tokio::net::TcpStream::connect(larder.addr)
+        .await
+        .expect("connect");
+    let (mut socket, response) =
+        tokio_tungstenite::client_async(format!("ws://{}/echo", larder.addr), stream)
+            .await
+            .expect("websocket handshake through larder");
+    assert_eq!(response.status(), 101);
+    for text in ["hello", "again"] {
+        socket
+            .send(tokio_tungstenite::tungstenite::Message::text(text))
+            .await
+            .expect("send");
+        let echoed = tokio::time::timeout(DEADLINE, socket.next())
+            .await
+            .expect("echo in time")
+            .expect("a message")
+            .expect("no error");
+        assert_eq!(echoed.into_text().expect("text").as_str(), text);
+    }
+    let _ = socket.close(None).await;
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn https_upstream_is_trusted_through_ca_file() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().expect("leaf key");
+    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .expect("leaf params")
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf cert");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca_cert.pem()).expect("write ca");
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("tls versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .expect("server tls config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let origin_addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|_request| async {
+                    Ok::<_, std::convert::Infallible>(respond(200, &[], "over tls"))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    let yaml = format!(
+        "upstreams:\n  secure:\n    servers: [\"https://127.0.0.1:{}\"]\n    ca_file: {}\nroutes:\n  - upstream: secure\n",
+        origin_addr.port(),
+        ca_path.display()
+    );
+    let larder = start_larder(&yaml).await;
+    let reply = get(&larder.url("/")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.text(), "over tls");
+    larder.stop().await;
+
+    // Without the CA the same upstream is refused: the certificate is not trusted.
+    let untrusted = format!(
+        "upstreams:\n  secure:\n    servers: [\"https://127.0.0.1:{}\"]\nroutes:\n  - upstream: secure\n",
+        origin_addr.port()
+    );
+    let larder = start_larder(&untrusted).await;
+    assert_problem(&get(&larder.url("/")).await, 502);
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn h2c_with_prior_knowledge_is_served() {
+    let origin = echo_origin().await;
+    let larder = start_larder(&one_upstream(&origin.url(), "")).await;
+    let stream = tokio::net::TcpStream::connect(larder.addr)
+        .await
+        .expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2c handshake");
+    tokio::spawn(connection);
+    let request = Request::get("http://h2.example/over/h2?x=1")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = sender.send_request(request).await.expect("h2 response");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.starts_with("GET /over/h2?x=1\n"), "{text}");
+    assert!(text.contains("host: h2.example"), "{text}");
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn cachepump_mode_serves_sources_by_key_and_health() {
+    let larder = start_larder(
+        "sources:\n  hello:\n    rule: '@every 1h'\n    static: { value: 'hi there' }\n",
+    )
+    .await;
+    let health = get(&larder.url("/health")).await;
+    assert_eq!(health.json()["status"], "ok");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let reply = get(&larder.url("/?key=hello")).await;
+        if reply.status == 200 {
+            assert_eq!(reply.text(), "hi there");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "source never served: {}",
+            reply.status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(&larder.url("/?key=nope")).await.status, 404);
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn reload_swaps_routes_without_dropping_the_listener() {
+    let before = start_origin(|_| async { respond(200, &[], "before") }).await;
+    let after = start_origin(|_| async { respond(200, &[], "after") }).await;
+    let larder = start_larder(&one_upstream(&before.url(), "")).await;
+    assert_eq!(get(&larder.url("/")).await.text(), "before");
+    larder
+        .reload(&one_upstream(&after.url(), ""))
+        .await
+        .expect("reload");
+    assert_eq!(get(&larder.url("/")).await.text(), "after");
+    let broken = "routes:\n  - upstream: missing\n";
+    assert!(larder.reload(broken).await.is_err());
+    assert_eq!(
+        get(&larder.url("/")).await.text(),
+        "after",
+        "a failed reload keeps the running config"
+    );
+    larder.stop().await;
 }

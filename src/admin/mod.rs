@@ -59,7 +59,7 @@ impl Admin {
             "/ready" => return json(StatusCode::OK, r#"{"status":"ready"}"#.to_string()),
             _ => {}
         }
-        if let Err(refusal) = self.authorize(&request) {
+        if let Some(refusal) = self.refusal(&request) {
             return refusal;
         }
         match (request.method(), path) {
@@ -74,9 +74,10 @@ impl Admin {
         }
     }
 
-    fn authorize<B>(&self, request: &Request<B>) -> Result<(), Response<Body>> {
+    /// `None` when the request carries the right token; else the 401/403 to send.
+    fn refusal<B>(&self, request: &Request<B>) -> Option<Response<Body>> {
         let Some(expected) = &self.token_digest else {
-            return Err(problem_response(
+            return Some(problem_response(
                 StatusCode::FORBIDDEN,
                 "this endpoint needs admin.token to be set in the config",
             ));
@@ -88,7 +89,7 @@ impl Admin {
             .and_then(|value| value.strip_prefix("Bearer "))
             .map(|token| digest(token.trim()));
         match presented {
-            Some(presented) if constant_time_eq(&presented, expected) => Ok(()),
+            Some(presented) if constant_time_eq(&presented, expected) => None,
             _ => {
                 let mut response = problem_response(
                     StatusCode::UNAUTHORIZED,
@@ -97,7 +98,7 @@ impl Admin {
                 response
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                Err(response)
+                Some(response)
             }
         }
     }

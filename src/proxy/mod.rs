@@ -191,10 +191,11 @@ impl Proxy {
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let method = request.method().clone();
-        let path = self
-            .access_log
-            .then(|| request.uri().path().to_string())
-            .unwrap_or_default();
+        let path = if self.access_log {
+            request.uri().path().to_string()
+        } else {
+            String::new()
+        };
         let mut outcome = Outcome::default();
         let mut response = match self.dispatch(request, &mut outcome).await {
             Ok(response) => response,
@@ -464,22 +465,28 @@ pub fn health() -> Response<Body> {
 }
 
 fn status_label(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        200 => "200",
-        204 => "204",
-        206 => "206",
-        301 => "301",
-        302 => "302",
-        304 => "304",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        413 => "413",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
+    const COMMON: [(u16, &str); 15] = [
+        (200, "200"),
+        (204, "204"),
+        (206, "206"),
+        (301, "301"),
+        (302, "302"),
+        (304, "304"),
+        (400, "400"),
+        (401, "401"),
+        (403, "403"),
+        (404, "404"),
+        (413, "413"),
+        (500, "500"),
+        (502, "502"),
+        (503, "503"),
+        (504, "504"),
+    ];
+    let code = status.as_u16();
+    if let Some((_, label)) = COMMON.iter().find(|(common, _)| *common == code) {
+        return label;
+    }
+    match code {
         100..=199 => "1xx",
         200..=299 => "2xx",
         300..=399 => "3xx",
