@@ -1052,3 +1052,52 @@ sources:
         "the source's plugin.config reached the plugin"
     );
 }
+
+#[tokio::test]
+async fn runs_are_counted_in_prometheus_metrics() {
+    let larder = start_larder(
+        r#"
+admin:
+  listen: 127.0.0.1:9901
+  token: s3cret
+sources:
+  metered:
+    rule: '@every 1s'
+    static: { value: 'm' }
+"#,
+    )
+    .await;
+    served(&larder.url("/?key=metered")).await;
+    let auth = [("authorization", "Bearer s3cret")];
+    let has_line = |text: &str, name: &str, labels: &[&str]| {
+        text.lines()
+            .any(|line| line.starts_with(name) && labels.iter().all(|label| line.contains(label)))
+    };
+    let text = eventually("source metrics", || async {
+        let text = get_with(&larder.admin_url("/metrics"), &auth).await.text();
+        has_line(
+            &text,
+            "larder_source_runs_total{",
+            &["source=\"metered\"", "outcome=\"ok\""],
+        )
+        .then_some(text)
+    })
+    .await;
+    assert!(
+        has_line(
+            &text,
+            "larder_source_run_duration_seconds",
+            &["source=\"metered\""]
+        ),
+        "{text}"
+    );
+    assert!(
+        has_line(
+            &text,
+            "larder_source_value_age_seconds{",
+            &["source=\"metered\""]
+        ),
+        "{text}"
+    );
+    larder.stop().await;
+}
