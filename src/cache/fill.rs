@@ -185,15 +185,20 @@ impl Fill {
         let lifetime = policy::freshness_lifetime(status, &headers, &directives, timing.date);
         let vary_names = key::vary_names(&headers);
         let vary_values = key::vary_values(&vary_names, &self.request_headers);
+        // Route defaults grant stale serving only where the origin did not
+        // forbid it: s-maxage implies proxy-revalidate for a shared cache.
+        let route_may_extend = directives.s_maxage.is_none();
         let stale_while_revalidate = directives
             .stale_while_revalidate
             .map(Duration::from_secs)
-            .or(self.route_stale_while_revalidate)
+            .or(self
+                .route_stale_while_revalidate
+                .filter(|_| route_may_extend))
             .unwrap_or(Duration::ZERO);
         let stale_if_error = directives
             .stale_if_error
             .map(Duration::from_secs)
-            .or(self.route_stale_if_error)
+            .or(self.route_stale_if_error.filter(|_| route_may_extend))
             .unwrap_or(Duration::ZERO);
         let tags = self.tags(&headers);
         Meta {

@@ -164,7 +164,10 @@ fn decide(meta: &Meta, request: &RequestDirectives, now: SystemTime) -> Use {
         return Use::Validate(Fwd::Stale);
     }
     let staleness = age - meta.lifetime;
+    // s-maxage carries proxy-revalidate for a shared cache (RFC 9111 section
+    // 5.2.2.10): a client's max-stale cannot override it.
     if let Some(max_stale) = request.max_stale
+        && meta.directives.s_maxage.is_none()
         && max_stale.is_none_or(|max| staleness <= Duration::from_secs(max))
     {
         return Use::StaleAccepted;
@@ -182,6 +185,7 @@ fn stale_if_error_allows(meta: &Meta, request: &RequestDirectives, now: SystemTi
     }
     let window = request
         .stale_if_error
+        .filter(|_| meta.directives.s_maxage.is_none())
         .map(Duration::from_secs)
         .unwrap_or(Duration::ZERO)
         .max(meta.stale_if_error);
@@ -977,6 +981,23 @@ mod tests {
             decide(&no_cache, &request(""), now),
             Use::Validate(Fwd::Stale)
         );
+    }
+
+    #[test]
+    fn s_maxage_refuses_client_granted_staleness() {
+        let now = SystemTime::now();
+        let shared = meta("s-maxage=10", 10, 20, 0);
+        assert_eq!(
+            decide(&shared, &request("max-stale"), now),
+            Use::Validate(Fwd::Stale)
+        );
+        assert!(!stale_if_error_allows(
+            &shared,
+            &request("stale-if-error=60"),
+            now
+        ));
+        let explicit = meta("s-maxage=10, stale-if-error=60", 10, 20, 60);
+        assert!(stale_if_error_allows(&explicit, &request(""), now));
     }
 
     #[test]
