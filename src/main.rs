@@ -119,6 +119,9 @@ fn check(path: &Path, config: Config) -> anyhow::Result<ExitCode> {
         };
         return Ok(report_config_errors(path, &ConfigErrors(vec![error])));
     }
+    for warning in config::warnings(path, &config) {
+        eprintln!("warning: {warning}");
+    }
     println!("{}", summary(path, &config));
     Ok(ExitCode::SUCCESS)
 }
@@ -196,6 +199,9 @@ fn count(n: usize, noun: &str) -> String {
 /// Runs the server until SIGINT/SIGTERM.
 fn run(path: &Path, config: Config) -> anyhow::Result<ExitCode> {
     larder::telemetry::init(&config.log.level, config.log.format);
+    for warning in config::warnings(path, &config) {
+        tracing::warn!(%warning, "config warning");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -245,7 +245,7 @@ fn check_reports_a_plugin_that_does_not_compile_at_its_line() {
     let output = run(dir.path(), &["check"]);
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     assert!(
-        text(&output.stderr).contains("config.yml:3:5: plugins.broken"),
+        text(&output.stderr).contains("config.yml:2:3: plugins.broken"),
         "{output:?}"
     );
 }
@@ -382,4 +382,16 @@ fn a_port_in_use_is_a_clear_error() {
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(&listen), "names the address: {stderr}");
     drop(taken);
+}
+
+#[test]
+fn check_prints_warnings_but_still_passes() {
+    let (dir, _) = config_dir("config.yml", "sources:\n  hello:\n    rule: '@every 5s'\n");
+    let output = run(dir.path(), &["check"]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        text(&output.stderr)
+            .contains("warning: ./config.yml:2:3: sources.hello: no static, http, file or plugin"),
+        "{output:?}"
+    );
 }

@@ -553,3 +553,46 @@ fn ca_file_must_exist_and_hold_a_pem_certificate() {
     let error = only_error(&text(&dir.path().join("absent.pem")));
     assert!(error.message.contains("does not exist"), "{error}");
 }
+
+#[test]
+fn warnings_point_out_what_runs_but_is_probably_not_meant() {
+    let text = "\
+admin:
+  listen: 0.0.0.0:9901
+upstreams:
+  api: { servers: [\"http://127.0.0.1:9000\"] }
+  unused: { servers: [\"http://127.0.0.1:9001\"] }
+routes:
+  - match: { path_prefix: /v1/ }
+    upstream: api
+  - match: { path_prefix: /v1/users }
+    upstream: api
+sources:
+  empty: {}
+  both:
+    static: { value: a }
+    file: { path: b.txt }
+";
+    let config = load(text).expect("warnings do not reject a config");
+    let warnings = config::warnings_str(text, "config.yml", &config);
+    let found: Vec<(Option<usize>, &str)> =
+        warnings.iter().map(|w| (w.line, w.path.as_str())).collect();
+    assert_eq!(
+        found,
+        vec![
+            (Some(2), "admin.listen"),
+            (Some(5), "upstreams.unused"),
+            (Some(9), "routes[1]"),
+            (Some(12), "sources.empty"),
+            (Some(13), "sources.both"),
+        ],
+        "{}",
+        ConfigErrors(warnings.clone())
+    );
+    assert!(warnings[2].message.contains("routes[0] comes first"));
+    assert!(warnings[3].message.contains("never have a value"));
+    assert!(
+        config::warnings_str(CACHEPUMP_STATIC, "c.yml", &load(CACHEPUMP_STATIC).unwrap())
+            .is_empty()
+    );
+}

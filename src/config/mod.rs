@@ -4,6 +4,7 @@
 //! Owns turning text into a checked [`Config`]; must not start anything.
 
 mod env;
+mod lint;
 pub mod model;
 mod partial;
 mod positions;
@@ -202,6 +203,19 @@ pub fn error_at(file: &Path, path: &str, message: impl Into<String>) -> ConfigEr
         path: path.to_string(),
         message: message.into(),
     }
+}
+
+/// Warnings for a loaded `config` read from `file`: valid, but probably not
+/// meant (a source with no provider, a route that can never match, ...).
+pub fn warnings(file: &Path, config: &Config) -> Vec<ConfigError> {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let index = positions::PositionIndex::build(&text);
+    lint::lint(config, &index, &file.display().to_string())
+}
+
+/// [`warnings`] for config text (`file` names it).
+pub fn warnings_str(text: &str, file: &str, config: &Config) -> Vec<ConfigError> {
+    lint::lint(config, &positions::PositionIndex::build(text), file)
 }
 
 fn env_errors(text: &str, file: &str, errors: Vec<env::EnvError>) -> ConfigErrors {

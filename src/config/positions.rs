@@ -34,6 +34,8 @@ pub struct PositionIndex {
     /// Parent path -> its entries (key position for mappings, item position
     /// for sequences), in file order.
     children: HashMap<String, Vec<(String, Position)>>,
+    /// Paths whose value is a mapping or a sequence.
+    collections: std::collections::HashSet<String>,
     /// Anchors or aliases tie parts of the file together.
     pub has_anchors: bool,
     pub duplicates: Vec<DuplicateKey>,
@@ -116,6 +118,7 @@ impl PositionIndex {
                         Role::Key => "?".to_string(),
                     };
                     index.values.insert(path.clone(), at);
+                    index.collections.insert(path.clone());
                     stack.push(if matches!(event, Event::MappingStart(..)) {
                         Frame::Mapping {
                             path,
@@ -198,8 +201,8 @@ impl PositionIndex {
     pub fn locate(&self, path: &str) -> Option<Position> {
         let mut path = path;
         loop {
-            if let Some(at) = self.values.get(path) {
-                return Some(*at);
+            if let Some(at) = self.locate_exact(path) {
+                return Some(at);
             }
             if path.is_empty() {
                 return None;
@@ -215,7 +218,16 @@ impl PositionIndex {
     }
 
     /// Where the value at exactly `path` starts, if it is written.
+    ///
+    /// A scalar is placed at its value (`upstream: apii` at `apii`); a
+    /// mapping or sequence with a key at its key (`hello:`), where the
+    /// operator looks for "this entry".
     pub fn locate_exact(&self, path: &str) -> Option<Position> {
+        if self.collections.contains(path)
+            && let Some(key) = self.keys.get(path)
+        {
+            return Some(*key);
+        }
         self.values.get(path).copied()
     }
 
@@ -292,9 +304,15 @@ routes:
     #[test]
     fn a_block_mapping_starts_at_its_first_key() {
         let index = PositionIndex::build(TEXT);
-        assert_eq!(index.locate("upstreams.api"), at(4, 5));
         assert_eq!(index.locate("routes[1]"), at(8, 5));
-        assert_eq!(index.locate("routes[0].match"), at(6, 12));
+    }
+
+    #[test]
+    fn an_entry_with_a_name_is_placed_at_its_name() {
+        let index = PositionIndex::build(TEXT);
+        assert_eq!(index.locate("upstreams.api"), at(3, 3));
+        assert_eq!(index.locate("routes[0].match"), at(6, 5));
+        assert_eq!(index.locate("upstreams.api.servers"), at(4, 5));
     }
 
     #[test]
