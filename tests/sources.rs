@@ -1101,3 +1101,38 @@ sources:
     );
     larder.stop().await;
 }
+
+#[tokio::test]
+async fn an_http_sources_content_type_comes_from_its_endpoint_unless_configured() {
+    let origin = start_origin(|_request| async {
+        Response::builder()
+            .header("content-type", "text/tab-separated-values; charset=UTF-8")
+            .body(body::full("2021-03-01\t42\n"))
+            .unwrap()
+    })
+    .await;
+    let sources = start_sources(&format!(
+        r#"
+sources:
+  from_endpoint:
+    rule: '0 0 0 1 1 *'
+    http: {{ endpoint: '{url}' }}
+  configured:
+    rule: '0 0 0 1 1 *'
+    content_type: text/plain; charset=utf-8
+    http: {{ endpoint: '{url}' }}
+"#,
+        url = origin.url()
+    ))
+    .await;
+    value_of(&sources, "from_endpoint").await;
+    value_of(&sources, "configured").await;
+    assert_eq!(
+        key(&sources, "from_endpoint").await.header("content-type"),
+        Some("text/tab-separated-values; charset=UTF-8")
+    );
+    assert_eq!(
+        key(&sources, "configured").await.header("content-type"),
+        Some("text/plain; charset=utf-8")
+    );
+}

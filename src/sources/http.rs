@@ -174,6 +174,11 @@ impl HttpProvider {
                 uri = location;
                 continue;
             }
+            let content_type = response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_string);
             let bytes = response
                 .into_body()
                 .collect()
@@ -186,7 +191,10 @@ impl HttpProvider {
                     status: status.as_u16(),
                 });
             }
-            return Ok(Fetched::bytes(bytes));
+            return Ok(Fetched::Updated {
+                body: bytes,
+                content_type,
+            });
         }
         Err(SourceError::TooManyRedirects {
             endpoint: self.shown_endpoint.clone(),

@@ -211,9 +211,14 @@ impl Runner {
             if !error.is_retryable() {
                 return;
             }
-            let retry_at =
-                Utc::now() + TimeDelta::from_std(delay + RETRY_MARGIN).unwrap_or_default();
-            let next_tick = self.rule.next_after(Utc::now());
+            let now = Utc::now();
+            let retry_at = now + TimeDelta::from_std(delay + RETRY_MARGIN).unwrap_or_default();
+            // The scheduler's next tick when it has been set, else the rule's.
+            let next_tick = self
+                .slot
+                .next_run()
+                .filter(|tick| *tick > now)
+                .or_else(|| self.rule.next_after(now));
             if next_tick.is_some_and(|next| retry_at >= next) {
                 return;
             }
@@ -250,7 +255,13 @@ impl Runner {
                 self.slot.value.store(Some(Arc::new(value)));
                 self.record_outcome("ok", None);
                 self.slot.update_age_gauge();
-                tracing::info!(source = %name, bytes, changed, duration_ms = elapsed.as_millis() as u64, "source updated");
+                let duration_ms = elapsed.as_millis() as u64;
+                if changed {
+                    tracing::info!(source = %name, bytes, duration_ms, "source updated");
+                } else {
+                    // Every-second sources would flood INFO with identical values.
+                    tracing::debug!(source = %name, bytes, duration_ms, "source fetched; value unchanged");
+                }
                 Ok(())
             }
             Ok(Fetched::NotModified) => {
