@@ -62,9 +62,9 @@ pub struct Server {
     pub admin_addr: Option<SocketAddr>,
     live: Arc<Live>,
     config_path: Option<PathBuf>,
-    stop: watch::Sender<bool>,
+    /// `Some(drain_timeout)` tells the listeners to stop and drain.
+    stop: watch::Sender<Option<Duration>>,
     listeners: Vec<JoinHandle<()>>,
-    drain_timeout: Duration,
 }
 
 /// Starts everything `config` describes; nothing is left running on error.
@@ -97,21 +97,19 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Serve
         _ => None,
     };
 
-    let drain_timeout = config.server.drain_timeout.0;
     let live = Arc::new(Live {
         proxy: ArcSwap::from_pointee(proxy),
         admin: ArcSwap::from_pointee(admin),
         shared,
         config: Mutex::new(config),
     });
-    let (stop, stopped) = watch::channel(false);
+    let (stop, stopped) = watch::channel(None);
     let mut listeners = Vec::new();
     let proxy_live = live.clone();
     listeners.push(tokio::spawn(accept_loop(
         "proxy",
         proxy_listener,
         stopped.clone(),
-        drain_timeout,
         move |request| {
             let proxy = proxy_live.proxy.load_full();
             async move { proxy.handle(request).await }
@@ -123,7 +121,6 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Serve
             "admin",
             listener,
             stopped,
-            drain_timeout,
             move |request| {
                 let admin = admin_live.admin.load_full();
                 async move { admin.handle(request).await }
@@ -138,7 +135,6 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Serve
         config_path,
         stop,
         listeners,
-        drain_timeout,
     })
 }
 
@@ -155,12 +151,11 @@ fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, St
 }
 
 /// Accepts until told to stop, then drains the open connections for up to
-/// `drain_timeout`. Accept errors never end the loop.
+/// the drain timeout it was told. Accept errors never end the loop.
 async fn accept_loop<H, F>(
     name: &'static str,
     listener: TcpListener,
-    mut stopped: watch::Receiver<bool>,
-    drain_timeout: Duration,
+    mut stopped: watch::Receiver<Option<Duration>>,
     handler: H,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -206,6 +201,9 @@ async fn accept_loop<H, F>(
         });
     }
     drop(listener);
+    let drain_timeout = stopped
+        .borrow()
+        .unwrap_or(crate::config::ServerConfig::default().drain_timeout.0);
     tracing::info!(listener = name, connections = graceful.count(), "draining");
     if tokio::time::timeout(drain_timeout, graceful.shutdown())
         .await
@@ -250,14 +248,15 @@ impl Server {
     /// Stops accepting, lets in-flight requests finish (up to
     /// `server.drain_timeout`), stops the sources' schedules.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
+        let drain_timeout = self.live.config.lock().await.server.drain_timeout.0;
+        let _ = self.stop.send(Some(drain_timeout));
         for listener in self.listeners {
             if let Err(error) = listener.await {
                 tracing::error!(%error, "a listener task failed");
             }
         }
         self.live.shared.sources.shutdown().await;
-        tracing::info!(drain_timeout = ?self.drain_timeout, "larder stopped");
+        tracing::info!("larder stopped");
     }
 
     /// Serves until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP and

@@ -124,6 +124,8 @@ pub struct Proxy {
     upstreams: BTreeMap<String, Arc<UpstreamClient>>,
     max_request_body: Option<u64>,
     access_log: bool,
+    /// The `route` label when no route answered: `cachepump` or `none`.
+    unrouted_label: Arc<str>,
 }
 
 impl Proxy {
@@ -178,7 +180,13 @@ impl Proxy {
                     .collect::<Result<Vec<_>, String>>()?,
             ),
         };
+        let unrouted_label = Arc::from(if routes.is_some() {
+            "none"
+        } else {
+            "cachepump"
+        });
         Ok(Self {
+            unrouted_label,
             routes,
             shared,
             upstreams,
@@ -206,7 +214,7 @@ impl Proxy {
         };
         headers::append_via(response.headers_mut());
         let status = response.status();
-        let route: Arc<str> = outcome.route.unwrap_or_else(|| Arc::from("none"));
+        let route: Arc<str> = outcome.route.unwrap_or_else(|| self.unrouted_label.clone());
         metrics::counter!("larder_requests_total", "route" => route.clone(), "status" => status_label(status))
             .increment(1);
         metrics::histogram!("larder_request_duration_seconds", "route" => route)
