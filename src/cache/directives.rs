@@ -137,14 +137,10 @@ fn pragma_no_cache(headers: &HeaderMap) -> bool {
         .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
 }
 
-/// A directive seen twice with different values is invalid (RFC 9111 section 4.2.1).
+/// A directive seen twice keeps its first value (RFC 9111 section 4.2.1
+/// allows using the first occurrence).
 fn merge(previous: Option<Seconds>, value: Option<&str>) -> Seconds {
-    let current = delta_seconds(value);
-    match previous {
-        None => current,
-        Some(earlier) if earlier == current => current,
-        Some(_) => Seconds::Invalid,
-    }
+    previous.unwrap_or_else(|| delta_seconds(value))
 }
 
 /// Parses delta-seconds (RFC 9111 section 1.2.2): digits only, quotes
@@ -153,7 +149,6 @@ pub fn delta_seconds(value: Option<&str>) -> Seconds {
     let Some(raw) = value else {
         return Seconds::Invalid;
     };
-    let raw = raw.trim();
     let digits = raw
         .strip_prefix('"')
         .and_then(|r| r.strip_suffix('"'))
@@ -174,9 +169,10 @@ fn directives(headers: &HeaderMap) -> impl Iterator<Item = (&str, Option<&str>)>
         .filter_map(|v| v.to_str().ok())
         .flat_map(split_list)
         .filter_map(|item| {
+            // No whitespace around '=' in the grammar: `max-age = 5` is not max-age.
             let (name, value) = match item.split_once('=') {
-                Some((n, v)) => (n.trim(), Some(v.trim())),
-                None => (item.trim(), None),
+                Some((n, v)) => (n, Some(v)),
+                None => (item, None),
             };
             (!name.is_empty()).then_some((name, value))
         })
@@ -247,13 +243,14 @@ mod tests {
     }
 
     #[test]
-    fn conflicting_duplicate_max_age_is_invalid() {
+    fn duplicate_max_age_keeps_the_first_and_spaces_around_equals_are_not_syntax() {
         let parsed =
             ResponseDirectives::parse(&headers(&[("cache-control", "max-age=60, max-age=30")]));
-        assert_eq!(parsed.max_age, Some(Seconds::Invalid));
-        let same =
-            ResponseDirectives::parse(&headers(&[("cache-control", "max-age=5, max-age=5")]));
-        assert_eq!(same.max_age, Some(Seconds::Valid(5)));
+        assert_eq!(parsed.max_age, Some(Seconds::Valid(60)));
+        let spaced = ResponseDirectives::parse(&headers(&[("cache-control", "max-age =60")]));
+        assert_eq!(spaced.max_age, None);
+        let after = ResponseDirectives::parse(&headers(&[("cache-control", "max-age= 60")]));
+        assert_eq!(after.max_age, Some(Seconds::Invalid));
     }
 
     #[test]

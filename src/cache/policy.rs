@@ -239,14 +239,10 @@ pub fn age_value(headers: &HeaderMap) -> Duration {
         .unwrap_or(Duration::ZERO)
 }
 
-/// An HTTP-date field (all three formats of RFC 9110 section 5.6.7); a
-/// repeated field is invalid.
+/// An HTTP-date field (all three formats of RFC 9110 section 5.6.7); of a
+/// repeated field, the first line counts (RFC 9111 section 4.2.1).
 pub fn single_date(headers: &HeaderMap, name: &HeaderName) -> Option<SystemTime> {
-    let mut values = headers.get_all(name).iter();
-    let value = values.next()?;
-    if values.next().is_some() {
-        return None;
-    }
+    let value = headers.get(name)?;
     httpdate::parse_http_date(value.to_str().ok()?.trim()).ok()
 }
 

@@ -73,9 +73,10 @@ pub struct Variants {
 }
 
 impl Variants {
-    /// The variant whose Vary selecting headers match the request.
+    /// The newest variant whose Vary selecting headers match the request.
     pub fn select(&self, request: &HeaderMap) -> Option<&Arc<Entry>> {
-        self.entries.iter().find(|entry| {
+        // Newest first: of several matching responses the most recent is used.
+        self.entries.iter().rev().find(|entry| {
             let meta = &entry.meta;
             meta.vary_names.is_empty()
                 || meta.matches(&super::key::vary_values(&meta.vary_names, request))
@@ -173,9 +174,11 @@ impl Store {
                 .map_or(retain, |old| old.retain.max(retain));
             let mut list: Vec<Arc<Entry>> =
                 existing.map(|old| old.entries.clone()).unwrap_or_default();
+            // The newest response's Vary governs: variants selected by other
+            // headers, and the one it replaces, go.
             list.retain(|old| {
-                old.meta.vary_names != entry.meta.vary_names
-                    || !old.meta.matches(&entry.meta.vary_values)
+                old.meta.vary_names == entry.meta.vary_names
+                    && !old.meta.matches(&entry.meta.vary_values)
             });
             if list.len() >= MAX_VARIANTS {
                 list.remove(0);
