@@ -572,6 +572,10 @@ sources:
   both:
     static: { value: a }
     file: { path: b.txt }
+  report:
+    file: { path: ./no-such-report.csv }
+  ch:
+    http: { method: POST }
 ";
     let config = load(text).expect("warnings do not reject a config");
     let warnings = config::warnings_str(text, "config.yml", &config);
@@ -585,6 +589,8 @@ sources:
             (Some(9), "routes[1]"),
             (Some(12), "sources.empty"),
             (Some(13), "sources.both"),
+            (Some(17), "sources.report.file.path"),
+            (Some(19), "sources.ch.http"),
         ],
         "{}",
         ConfigErrors(warnings.clone())

@@ -48,6 +48,32 @@ pub fn lint(config: &Config, index: &PositionIndex, file: &str) -> Vec<ConfigErr
             ),
         }
     }
+    for (name, source) in &config.sources {
+        // Only the provider that runs matters: the first set wins.
+        if let Some(file) = &source.file
+            && source.static_.is_none()
+            && source.http.is_none()
+            && !file.path.as_os_str().is_empty()
+            && !file.path.exists()
+        {
+            warn(
+                format!("sources.{name}.file.path"),
+                format!(
+                    "{} does not exist (yet): the source has no value until it does",
+                    file.path.display()
+                ),
+            );
+        }
+        if let Some(http) = &source.http
+            && source.static_.is_none()
+            && http.endpoint.trim().is_empty()
+        {
+            warn(
+                format!("sources.{name}.http"),
+                "no endpoint is set: every fetch of this source will fail".to_string(),
+            );
+        }
+    }
     if let Some(admin) = &config.admin
         && admin.token.is_none()
         && !admin.listen.ip().is_loopback()
