@@ -4,16 +4,17 @@
 //! both `on_error` settings, the circuit breaker, the precompiled cache and
 //! hot reload.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{Origin, get, get_with, respond, start_larder, start_origin};
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use larder::body::{self, Body};
 use larder::config::{PluginConfig, PluginPhase};
 use larder::error::ProxyError;
@@ -265,38 +266,12 @@ async fn a_bad_plugin_config_is_a_load_error_naming_the_plugin() {
     );
 }
 
-/// A real HTTP origin on 127.0.0.1 answering every request with `body`.
-async fn origin(status: u16, body: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let hits = Arc::new(AtomicUsize::new(0));
-    let counter = hits.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |_req| {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    async move {
-                        Ok::<_, std::convert::Infallible>(
-                            Response::builder()
-                                .status(status)
-                                .header("content-type", "application/json")
-                                .body(Full::new(Bytes::from_static(body.as_bytes())))
-                                .expect("response"),
-                        )
-                    }
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
-            });
-        }
-    });
-    (addr, hits)
+/// A real HTTP origin on 127.0.0.1 answering every request with JSON `body`.
+async fn json_origin(body: &'static str) -> Origin {
+    start_origin(
+        move |_| async move { respond(200, &[("content-type", "application/json")], body) },
+    )
+    .await
 }
 
 fn fetch_context(source: &str, url: &str) -> FetchContext {
@@ -310,7 +285,8 @@ fn fetch_context(source: &str, url: &str) -> FetchContext {
 
 #[tokio::test]
 async fn a_fetcher_fills_a_source_through_an_allowed_origin() {
-    let (addr, hits) = origin(200, r#"{"data":{"temp":21,"unit":"C"},"meta":1}"#).await;
+    let weather = json_origin(r#"{"data":{"temp":21,"unit":"C"},"meta":1}"#).await;
+    let addr = weather.addr;
     let fetcher = plugin(&format!(
         "path: {}\nconfig: {{ pointer: /data }}\nallow_hosts: ['http://{addr}']",
         wasm("http_json").display()
@@ -330,13 +306,14 @@ async fn a_fetcher_fills_a_source_through_an_allowed_origin() {
         matches!(again, Ok(FetchOutcome::NotModified)),
         "got {again:?}"
     );
-    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    assert_eq!(weather.hits(), 2);
 }
 
 #[tokio::test]
 async fn a_fetcher_cannot_reach_origins_outside_allow_hosts() {
-    let (allowed, _) = origin(200, "{}").await;
-    let (other, other_hits) = origin(200, r#"{"secret":1}"#).await;
+    let allowed = json_origin("{}").await.addr;
+    let other_origin = json_origin(r#"{"secret":1}"#).await;
+    let other = other_origin.addr;
     let fetcher = plugin(&format!(
         "path: {}\nallow_hosts: ['http://{allowed}']",
         wasm("http_json").display()
@@ -356,7 +333,7 @@ async fn a_fetcher_cannot_reach_origins_outside_allow_hosts() {
         }
     }
     assert_eq!(
-        other_hits.load(Ordering::SeqCst),
+        other_origin.hits(),
         0,
         "the other origin was never contacted"
     );
@@ -666,4 +643,242 @@ async fn a_reload_adds_changes_and_keeps_plugins_whose_new_config_is_bad() {
     );
     host.apply(&BTreeMap::new()).await.expect("removed");
     assert!(host.stats("hdr").is_none());
+}
+
+// ---- Through the proxy: real Larder, real origins, real sockets ----
+
+const ADMIN_TOKEN: &str = "plugins-test-token";
+
+/// `plugins:` YAML entries for (name, wasm file, extra YAML lines).
+fn plugins_yaml(entries: &[(&str, &str, &str)]) -> String {
+    let mut yaml = String::from("plugins:\n");
+    for (name, file, extra) in entries {
+        yaml.push_str(&format!("  {name}:\n    path: {}\n", wasm(file).display()));
+        for line in extra.lines().filter(|l| !l.trim().is_empty()) {
+            yaml.push_str(&format!("    {line}\n"));
+        }
+    }
+    yaml
+}
+
+/// The value of one counter line of the admin `/metrics` text, 0 if absent.
+async fn metric(larder: &common::Larder, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let reply = get_with(&larder.admin_url("/metrics"), &[("authorization", &auth)]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let text = reply.text();
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn proxied_responses_get_plugin_headers_on_a_miss_and_on_a_hit() {
+    let origin = start_origin(|_| async {
+        respond(
+            200,
+            &[("cache-control", "max-age=60"), ("server", "origin/1.0")],
+            "hello",
+        )
+    })
+    .await;
+    let yaml = format!(
+        "upstreams:\n  app: {{ servers: [\"{}\"] }}\nroutes:\n  - upstream: app\n    cache: {{ enabled: true }}\n    plugins: [cors]\n{}",
+        origin.url(),
+        plugins_yaml(&[(
+            "cors",
+            "add_headers",
+            "config: { set: 'access-control-allow-origin: *', remove: server }"
+        )])
+    );
+    let larder = start_larder(&yaml).await;
+    let miss = get(&larder.url("/page")).await;
+    let hit = get(&larder.url("/page")).await;
+    for reply in [&miss, &hit] {
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.text(), "hello");
+        assert_eq!(reply.header("access-control-allow-origin"), Some("*"));
+        assert_eq!(reply.header("server"), None, "removed by the plugin");
+    }
+    assert!(
+        hit.header("cache-status").unwrap_or("").contains("hit"),
+        "second answer comes from the cache: {:?}",
+        hit.header("cache-status")
+    );
+    assert_eq!(origin.hits(), 1);
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn a_cache_store_transform_runs_once_per_fill_and_its_output_is_served_on_hits() {
+    let origin = start_origin(|_| async {
+        respond(
+            200,
+            &[
+                ("content-type", "application/json"),
+                ("cache-control", "max-age=60"),
+            ],
+            r#"{"id":7,"name":"kettle","cost_price":3.2}"#,
+        )
+    })
+    .await;
+    let yaml = format!(
+        "admin:\n  token: {ADMIN_TOKEN}\nupstreams:\n  app: {{ servers: [\"{}\"] }}\nroutes:\n  - upstream: app\n    cache: {{ enabled: true }}\n    plugins: [slim-once]\n{}",
+        origin.url(),
+        plugins_yaml(&[(
+            "slim-once",
+            "json_filter",
+            "config: { drop: cost_price }\nphase: cache_store"
+        )])
+    );
+    let larder = start_larder(&yaml).await;
+    for _ in 0..5 {
+        let reply = get(&larder.url("/product/7")).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.text(), r#"{"id":7,"name":"kettle"}"#);
+        assert_eq!(reply.header("content-length"), Some("24"));
+    }
+    assert_eq!(origin.hits(), 1);
+    let on_response = metric(
+        &larder,
+        "larder_plugin_invocations_total",
+        &[("plugin", "slim-once"), ("hook", "on_response")],
+    )
+    .await;
+    assert_eq!(on_response, 1.0, "the transform ran once, for the one fill");
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn a_plugin_answers_requests_itself_without_the_upstream() {
+    let origin = start_origin(|_| async { respond(200, &[], "secret stuff") }).await;
+    let yaml = format!(
+        "upstreams:\n  app: {{ servers: [\"{}\"] }}\nroutes:\n  - upstream: app\n    plugins: [gate]\n{}",
+        origin.url(),
+        plugins_yaml(&[("gate", "answer_direct", "config: { require: x-api-key }")])
+    );
+    let larder = start_larder(&yaml).await;
+    let refused = get(&larder.url("/private")).await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(refused.text(), "missing x-api-key header\n");
+    assert_eq!(origin.hits(), 0);
+    let allowed = get_with(&larder.url("/private"), &[("x-api-key", "k")]).await;
+    assert_eq!(allowed.status, 200);
+    assert_eq!(allowed.text(), "secret stuff");
+    assert_eq!(origin.hits(), 1);
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn misbehaving_plugins_are_contained_under_both_on_error_settings() {
+    let origin = start_origin(|_| async { respond(200, &[], "from origin") }).await;
+    let faults = ["spin_forever", "eat_memory", "panic"];
+    let mut routes = String::new();
+    let mut entries = Vec::new();
+    for fault in faults {
+        for on_error in ["open", "closed"] {
+            let name = format!("{fault}-{on_error}");
+            routes.push_str(&format!(
+                "  - match: {{ path_prefix: /{name}/ }}\n    upstream: app\n    plugins: [{name}]\n"
+            ));
+            entries.push((
+                name,
+                fault,
+                format!(
+                    "on_error: {on_error}\nlimits: {{ memory: 32MiB, timeout: 100ms }}\nconfig: {{ mib: '512' }}"
+                ),
+            ));
+        }
+    }
+    let entries: Vec<(&str, &str, &str)> = entries
+        .iter()
+        .map(|(name, file, extra)| (name.as_str(), *file, extra.as_str()))
+        .collect();
+    let yaml = format!(
+        "upstreams:\n  app: {{ servers: [\"{}\"] }}\nroutes:\n{routes}  - upstream: app\n{}",
+        origin.url(),
+        plugins_yaml(&entries)
+    );
+    let larder = start_larder(&yaml).await;
+    for fault in faults {
+        let open = get(&larder.url(&format!("/{fault}-open/x"))).await;
+        assert_eq!(open.status, 200, "{fault} under open is skipped");
+        assert_eq!(open.text(), "from origin");
+        let closed = get(&larder.url(&format!("/{fault}-closed/x"))).await;
+        assert_eq!(closed.status, 502, "{fault} under closed fails the request");
+        assert_eq!(
+            closed.header("content-type"),
+            Some("application/problem+json")
+        );
+        assert!(closed.text().contains(&format!("{fault}-closed")));
+        let plain = get(&larder.url("/plain")).await;
+        assert_eq!(plain.status, 200, "other requests keep succeeding");
+    }
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn the_circuit_opens_after_repeated_failures_and_requests_carry_on() {
+    let origin = start_origin(|_| async { respond(200, &[], "fine") }).await;
+    let yaml = format!(
+        "admin:\n  token: {ADMIN_TOKEN}\nupstreams:\n  app: {{ servers: [\"{}\"] }}\nroutes:\n  - upstream: app\n    plugins: [flaky-breaker]\n{}",
+        origin.url(),
+        plugins_yaml(&[("flaky-breaker", "panic", "on_error: open")])
+    );
+    let larder = start_larder(&yaml).await;
+    for _ in 0..12 {
+        assert_eq!(get(&larder.url("/x")).await.text(), "fine");
+    }
+    let labels = [("plugin", "flaky-breaker"), ("hook", "on_request")];
+    let calls = metric(&larder, "larder_plugin_invocations_total", &labels).await;
+    assert_eq!(calls, 5.0, "not called once the circuit opened");
+    assert_eq!(
+        metric(&larder, "larder_plugin_circuit_open", &labels[..1]).await,
+        1.0
+    );
+    assert_eq!(origin.hits(), 12);
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn a_fetcher_plugin_fills_a_source_and_cannot_reach_other_origins() {
+    let api = json_origin(r#"{"data":{"temp":21},"meta":"x"}"#).await;
+    let elsewhere = json_origin(r#"{"data":"stolen"}"#).await;
+    let api_host = api.addr;
+    let other = elsewhere.addr;
+    let yaml = format!(
+        "routes:\n  - match: {{ path_prefix: /weather }}\n    source: weather\n  - match: {{ path_prefix: /sneaky }}\n    source: sneaky\nsources:\n  weather:\n    rule: '@every 1s'\n    plugin: {{ name: wx, config: {{ url: 'http://{api_host}/now' }} }}\n  sneaky:\n    rule: '@every 1s'\n    plugin: {{ name: wx, config: {{ url: 'http://{api_host}@{other}/now' }} }}\n{}",
+        plugins_yaml(&[(
+            "wx",
+            "http_json",
+            &format!("config: {{ pointer: /data }}\nallow_hosts: ['http://{api_host}']")
+        )])
+    );
+    let larder = start_larder(&yaml).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let weather = loop {
+        let reply = get(&larder.url("/weather")).await;
+        if reply.status == 200 {
+            break reply;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the source never filled: {}",
+            reply.status
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(weather.text(), r#"{"temp":21}"#);
+    assert_eq!(weather.header("content-type"), Some("application/json"));
+    let sneaky = get(&larder.url("/sneaky")).await;
+    assert_ne!(sneaky.status, 200, "{}", sneaky.text());
+    assert_eq!(elsewhere.hits(), 0, "the userinfo trick reached nobody");
+    larder.stop().await;
 }

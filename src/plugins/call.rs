@@ -16,6 +16,25 @@ use super::loader::{Kind, LoadedPlugin, instantiate_transformer};
 /// Longest failure detail kept for the log.
 const MAX_DETAIL_BYTES: usize = 4096;
 
+/// The export being called; each has its own circuit breaker, so a plugin
+/// that always fails in one hook cannot be kept "healthy" by another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    OnRequest = 0,
+    OnResponse = 1,
+    Run = 2,
+}
+
+impl Hook {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OnRequest => "on_request",
+            Self::OnResponse => "on_response",
+            Self::Run => "run",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
     /// The guest returned a `plugin-error`.

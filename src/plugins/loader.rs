@@ -14,12 +14,13 @@ use notify::Watcher as _;
 use sha2::{Digest, Sha256};
 use wasmtime::Store;
 
+use super::SourceValues;
 use super::bindings::fetcher::FetcherPre;
 use super::bindings::transformer::{Transformer, TransformerPre};
 use super::breaker::Breaker;
+use super::call::{self, Hook};
 use super::engine::{Grants, PluginEngine, StoreState, new_store};
 use super::http_client::{AllowList, HttpGrant};
-use super::{SourceValues, call};
 use crate::config::PluginConfig;
 
 /// What kind of plugin a component is, by the world it exports.
@@ -130,7 +131,7 @@ pub struct Counters {
 pub struct PluginSlot {
     pub name: Arc<str>,
     pub current: ArcSwap<LoadedPlugin>,
-    pub breaker: Breaker,
+    breakers: [Breaker; 3],
     pub counters: Counters,
     pub source_values: Arc<SourceValues>,
     watcher: Mutex<Option<notify::RecommendedWatcher>>,
@@ -141,7 +142,7 @@ impl PluginSlot {
         let slot = Arc::new(Self {
             name: plugin.name.clone(),
             counters: Counters::default(),
-            breaker: Breaker::default(),
+            breakers: Default::default(),
             source_values: Arc::new(SourceValues::default()),
             current: ArcSwap::from_pointee(plugin),
             watcher: Mutex::new(None),
@@ -163,6 +164,15 @@ impl PluginSlot {
         }
     }
 
+    pub fn breaker(&self, hook: Hook) -> &Breaker {
+        &self.breakers[hook as usize]
+    }
+
+    /// Whether any of the plugin's hooks is currently not being called.
+    pub fn is_circuit_open(&self) -> bool {
+        self.breakers.iter().any(Breaker::is_open)
+    }
+
     pub fn stats(&self) -> PluginStats {
         use std::sync::atomic::Ordering::Relaxed;
         let current = self.current.load();
@@ -181,7 +191,7 @@ impl PluginSlot {
             compilations: self.counters.compilations.load(Relaxed),
             rejected_builds: self.counters.rejected_builds.load(Relaxed),
             compiled: current.compiled,
-            circuit_open: self.breaker.is_open(),
+            circuit_open: self.is_circuit_open(),
             kind: current.kind.as_str(),
             wasm_sha256: current.wasm_sha256.clone(),
         }

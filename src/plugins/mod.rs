@@ -32,7 +32,7 @@ use crate::config::{OnError, PluginConfig, PluginPhase};
 use crate::error::ProxyError;
 
 use breaker::Admission;
-use call::{Failure, FailureKind};
+use call::{Failure, FailureKind, Hook};
 use engine::PluginEngine;
 pub use loader::PluginStats;
 use loader::{Kind, LoadedPlugin, PluginSlot};
@@ -222,7 +222,7 @@ impl PluginHost {
         for (slot, plugin) in self.transformers(chain, None) {
             let head = transformer::request_head(request);
             let call = transformer::on_request(engine, &plugin, &head);
-            let Some(edit) = guarded(&slot, &plugin, call).await? else {
+            let Some(edit) = guarded(&slot, &plugin, Hook::OnRequest, call).await? else {
                 continue;
             };
             match edit {
@@ -294,7 +294,7 @@ impl PluginHost {
                 &head,
                 &bytes,
             );
-            let Some(edit) = guarded(slot, plugin, call).await? else {
+            let Some(edit) = guarded(slot, plugin, Hook::OnResponse, call).await? else {
                 continue;
             };
             parts.status = edit.status;
@@ -337,7 +337,7 @@ impl PluginHost {
         };
         let loaded = slot.current.load_full();
         let call = fetcher::run(engine, &loaded, &slot.source_values, context);
-        match attempt(&slot, &loaded, call).await {
+        match attempt(&slot, &loaded, Hook::Run, call).await {
             Ok(outcome) => Ok(outcome),
             Err(failure) => Err(call_error(format!(
                 "{}: {}",
@@ -406,10 +406,11 @@ fn with_path_and_query(
 async fn attempt<T>(
     slot: &PluginSlot,
     plugin: &LoadedPlugin,
+    hook: Hook,
     call: impl Future<Output = Result<T, Failure>>,
 ) -> Result<T, Failure> {
     use std::sync::atomic::Ordering::Relaxed;
-    if slot.breaker.admit(Instant::now()) == Admission::Skip {
+    if slot.breaker(hook).admit(Instant::now()) == Admission::Skip {
         slot.counters.skipped.fetch_add(1, Relaxed);
         return Err(Failure::new(
             FailureKind::CircuitOpen,
@@ -418,13 +419,14 @@ async fn attempt<T>(
     }
     let name = slot.name.to_string();
     slot.counters.invocations.fetch_add(1, Relaxed);
-    metrics::counter!("larder_plugin_invocations_total", "plugin" => name.clone()).increment(1);
+    metrics::counter!("larder_plugin_invocations_total", "plugin" => name.clone(), "hook" => hook.as_str())
+        .increment(1);
     let started = Instant::now();
     let result = call.await;
     metrics::histogram!("larder_plugin_duration_seconds", "plugin" => name.clone())
         .record(started.elapsed().as_secs_f64());
     match &result {
-        Ok(_) => slot.breaker.record_success(),
+        Ok(_) => slot.breaker(hook).record_success(),
         Err(failure) => {
             slot.counters.failures.fetch_add(1, Relaxed);
             if let Ok(mut last) = slot.counters.last_failure.lock() {
@@ -434,17 +436,18 @@ async fn attempt<T>(
                 .increment(1);
             tracing::error!(
                 plugin = %name,
+                hook = hook.as_str(),
                 kind = failure.kind.as_str(),
                 on_error = ?plugin.config.on_error,
                 reason = %failure.describe(),
                 "plugin call failed"
             );
-            if slot.breaker.record_failure(Instant::now()) {
+            if slot.breaker(hook).record_failure(Instant::now()) {
                 tracing::warn!(plugin = %name, "plugin failed repeatedly; circuit open, calls skipped for a while");
             }
         }
     }
-    let open = if slot.breaker.is_open() { 1.0 } else { 0.0 };
+    let open = if slot.is_circuit_open() { 1.0 } else { 0.0 };
     metrics::gauge!("larder_plugin_circuit_open", "plugin" => name).set(open);
     result
 }
@@ -454,9 +457,10 @@ async fn attempt<T>(
 async fn guarded<T>(
     slot: &PluginSlot,
     plugin: &LoadedPlugin,
+    hook: Hook,
     call: impl Future<Output = Result<T, Failure>>,
 ) -> Result<Option<T>, ProxyError> {
-    match attempt(slot, plugin, call).await {
+    match attempt(slot, plugin, hook, call).await {
         Ok(value) => Ok(Some(value)),
         Err(failure) => match judge(plugin, &failure) {
             Some(error) => Err(error),
