@@ -244,9 +244,15 @@ fn check_reports_a_plugin_that_does_not_compile_at_its_line() {
     std::fs::write(dir.path().join("not-a-component.wasm"), b"this is not wasm").unwrap();
     let output = run(dir.path(), &["check"]);
     assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = text(&output.stderr);
     assert!(
-        text(&output.stderr).contains("config.yml:2:3: plugins.broken"),
-        "{output:?}"
+        stderr.contains("config.yml:2:3: plugins.broken"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.lines().count(),
+        2,
+        "one line per error, then the count: {stderr}"
     );
 }
 

@@ -192,7 +192,9 @@ fn present_but_empty_sections(config: &mut Config, index: &positions::PositionIn
 
 /// An error about `path` found after loading (a plugin that fails to compile,
 /// say), placed at that path's line and column in `file` when it can be found.
+/// The message is folded onto one line, so every error stays one line.
 pub fn error_at(file: &Path, path: &str, message: impl Into<String>) -> ConfigError {
+    let message: String = message.into();
     let at = std::fs::read_to_string(file)
         .ok()
         .and_then(|text| positions::PositionIndex::build(&text).locate(path));
@@ -201,7 +203,7 @@ pub fn error_at(file: &Path, path: &str, message: impl Into<String>) -> ConfigEr
         line: at.map(|p| p.line),
         column: at.map(|p| p.column),
         path: path.to_string(),
-        message: message.into(),
+        message: message.split_whitespace().collect::<Vec<_>>().join(" "),
     }
 }
 
