@@ -349,7 +349,9 @@ fn a_broken_config_exits_before_binding_the_port() {
 
 #[test]
 fn serves_on_the_address_given_with_e() {
-    let (dir, _) = config_dir("config.yml", CACHEPUMP);
+    // The file's own `listen` loses to -e.
+    let text = format!("{CACHEPUMP}listen: 127.0.0.1:1\n");
+    let (dir, _) = config_dir("config.yml", &text);
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut command = larder();
     command.args(["-e", &addr.to_string(), "-l", "DEBUG", "-c", "config.yml"]);

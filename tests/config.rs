@@ -180,6 +180,8 @@ fn bad_cron_rule_is_refused() {
         "version: '1.0'\nsources:\n  hello:\n    rule: '*/10 * * *'\n    static: { value: hi }\n";
     let error = only_error(text);
     assert_at(&error, 4, "sources.hello.rule");
+    assert_eq!(error.column, Some(11), "{error}");
+    assert!(error.message.contains("exactly 6"), "{error}");
 }
 
 #[test]
