@@ -757,3 +757,106 @@ async fn reload_swaps_routes_without_dropping_the_listener() {
     );
     larder.stop().await;
 }
+
+/// The real binary: a config file edit and SIGHUP reload it (a broken file
+/// keeps the running config), SIGTERM drains and exits 0.
+#[tokio::test]
+async fn the_binary_reloads_its_file_and_exits_0_on_sigterm() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("larder.yml");
+    let config = |value: &str| {
+        format!(
+            "listen: 127.0.0.1:0\nlog: {{ format: json }}\nroutes:\n  - match: {{ path_prefix: /hello }}\n    source: greeting\nsources:\n  greeting:\n    rule: '@every 1h'\n    static: {{ value: {value} }}\n"
+        )
+    };
+    std::fs::write(&path, config("one")).expect("write config");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_larder"))
+        .arg("-c")
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the larder binary");
+    let stderr = child.stderr.take().expect("stderr");
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            // Shown only when the test fails.
+            eprintln!("larder stderr: {line}");
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut next_event = async |message: &str| -> serde_json::Value {
+        loop {
+            let line = tokio::time::timeout(DEADLINE, lines.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no {message:?} log line in time"))
+                .unwrap_or_else(|| panic!("larder exited before logging {message:?}"));
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if event["message"] == message {
+                return event;
+            }
+        }
+    };
+    let started = next_event("larder started").await;
+    let addr = started["listen"]
+        .as_str()
+        .expect("listen field")
+        .to_string();
+    let url = format!("http://{addr}/hello");
+    wait_for_body(&url, "one").await;
+
+    std::fs::write(&path, config("two")).expect("rewrite config");
+    wait_for_body(&url, "two").await;
+
+    std::fs::write(&path, "routes: [\n").expect("break config");
+    let pid = child.id().to_string();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("send SIGHUP");
+    assert!(hup.success());
+    next_event("config not reloaded; the running config stays").await;
+    assert_eq!(get(&url).await.text(), "two");
+
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("send SIGTERM");
+    assert!(term.success());
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("larder did not exit after SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+}
+
+/// Polls `url` until it answers 200 with `expected`.
+async fn wait_for_body(url: &str, expected: &str) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let reply = get(url).await;
+        if reply.status == 200 && reply.text() == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} never answered {expected:?}; last: {} {}",
+            reply.status,
+            reply.text()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
