@@ -166,10 +166,9 @@ impl Flight {
     /// The whole body, for the store; only meaningful while keeping all.
     pub fn collected(&self) -> Bytes {
         let buffer = self.lock();
+        // Always a fresh copy: a chunk may share a larger read buffer, which
+        // would then be held (and misweighed) for the entry's whole life.
         let total: usize = buffer.chunks.iter().map(Bytes::len).sum();
-        if buffer.chunks.len() == 1 {
-            return buffer.chunks[0].clone();
-        }
         let mut body = Vec::with_capacity(total);
         for chunk in &buffer.chunks {
             body.extend_from_slice(chunk);

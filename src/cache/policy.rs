@@ -119,8 +119,8 @@ pub fn check_storable(
     let explicit = response.s_maxage.is_some()
         || response.max_age.is_some()
         || headers.contains_key(header::EXPIRES);
-    let heuristic = HEURISTICALLY_CACHEABLE.contains(&status.as_u16())
-        && headers.contains_key(header::LAST_MODIFIED);
+    let heuristic =
+        allows_heuristic(status, response) && headers.contains_key(header::LAST_MODIFIED);
     if !explicit && !heuristic && !has_validator(headers) {
         return Err(NotStorable::NothingToReuse);
     }
@@ -167,13 +167,19 @@ pub fn freshness_lifetime(
             None => Duration::ZERO,
         };
     }
-    if !HEURISTICALLY_CACHEABLE.contains(&status.as_u16()) {
+    if !allows_heuristic(status, directives) {
         return Duration::ZERO;
     }
     match single_date(headers, &header::LAST_MODIFIED) {
         Some(modified) => heuristic_lifetime(date, modified),
         None => Duration::ZERO,
     }
+}
+
+/// Heuristically cacheable statuses, and any response marked `public`
+/// (RFC 9111 section 5.2.2.9).
+fn allows_heuristic(status: StatusCode, directives: &ResponseDirectives) -> bool {
+    directives.public || HEURISTICALLY_CACHEABLE.contains(&status.as_u16())
 }
 
 fn heuristic_lifetime(date: SystemTime, last_modified: SystemTime) -> Duration {
@@ -428,6 +434,14 @@ mod tests {
         assert_eq!(
             lifetime(302, &[("last-modified", lm.as_str())], date),
             Duration::ZERO
+        );
+        assert_eq!(
+            lifetime(
+                302,
+                &[("last-modified", lm.as_str()), ("cache-control", "public")],
+                date
+            ),
+            Duration::from_secs(100)
         );
     }
 
