@@ -882,3 +882,36 @@ async fn a_fetcher_plugin_fills_a_source_and_cannot_reach_other_origins() {
     assert_eq!(elsewhere.hits(), 0, "the userinfo trick reached nobody");
     larder.stop().await;
 }
+
+#[tokio::test]
+async fn a_cache_store_plugin_sets_the_ttl_and_purge_tags_of_what_is_stored() {
+    // The origin says nothing about caching; the plugin decides.
+    let origin = start_origin(|_| async { respond(200, &[], "front page") }).await;
+    let yaml = format!(
+        "admin:\n  token: {ADMIN_TOKEN}\nupstreams:\n  app: {{ servers: [\"{}\"] }}\nroutes:\n  - upstream: app\n    cache: {{ enabled: true }}\n    plugins: [ttl]\n{}",
+        origin.url(),
+        plugins_yaml(&[(
+            "ttl",
+            "add_headers",
+            "config: { set: 'cache-control: s-maxage=300; surrogate-key: front news' }\nphase: cache_store"
+        )])
+    );
+    let larder = start_larder(&yaml).await;
+    for _ in 0..3 {
+        let reply = get(&larder.url("/")).await;
+        assert_eq!(reply.text(), "front page");
+    }
+    assert_eq!(origin.hits(), 1, "stored for the plugin's s-maxage");
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let purged = common::send(
+        "POST",
+        &larder.admin_url("/purge"),
+        &[("authorization", &auth)],
+        r#"{"tag": "news"}"#,
+    )
+    .await;
+    assert_eq!(purged.status, 200, "{}", purged.text());
+    get(&larder.url("/")).await;
+    assert_eq!(origin.hits(), 2, "purged by the plugin's tag");
+    larder.stop().await;
+}

@@ -155,6 +155,15 @@ pub fn settle<T>(
     }
 }
 
+/// Waits for a free instance slot (see [`PluginEngine::calls`]).
+pub async fn permit(engine: &PluginEngine) -> Result<tokio::sync::SemaphorePermit<'_>, Failure> {
+    engine
+        .calls
+        .acquire()
+        .await
+        .map_err(|_| Failure::new(FailureKind::Error, "the plugin engine is shutting down"))
+}
+
 /// The outer deadline around a call: a backstop for time spent outside the
 /// guest's epoch checks (host calls, instantiation).
 pub fn backstop(plugin: &LoadedPlugin) -> Duration {

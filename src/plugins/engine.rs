@@ -36,10 +36,17 @@ const STDERR_TAIL_BYTES: usize = 2048;
 /// Guest output lines written to the host log per call; the rest is dropped.
 const MAX_LOG_LINES_PER_CALL: u32 = 200;
 
+/// Plugin calls running at once; more wait their turn. Below the pool's
+/// 1000 instances, leaving room for `reuse: true` idle instances, so a burst
+/// queues instead of failing to instantiate.
+const MAX_CONCURRENT_CALLS: usize = 900;
+
 /// The process-wide engine, its linker and the artifact cache directory.
 pub struct PluginEngine {
     pub engine: Engine,
     pub linker: Linker<StoreState>,
+    /// One permit per running plugin call.
+    pub calls: tokio::sync::Semaphore,
     cache_dir: Option<PathBuf>,
 }
 
@@ -67,6 +74,7 @@ impl PluginEngine {
         Ok(Self {
             engine,
             linker,
+            calls: tokio::sync::Semaphore::new(MAX_CONCURRENT_CALLS),
             cache_dir: artifact_cache_dir(),
         })
     }

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use super::bindings::fetcher::exports::larder::plugin::fetch::{
     FetchContext as WitContext, FetchResult,
 };
-use super::call::{Failure, FailureKind, backstop, settle};
+use super::call::{Failure, FailureKind, backstop, permit, settle};
 use super::engine::{PluginEngine, new_store};
 use super::loader::{Kind, LoadedPlugin};
 use super::{FetchContext, FetchOutcome, SourceValue, SourceValues};
@@ -40,6 +40,7 @@ pub async fn run(
         scheduled_at: context.scheduled_at,
         previous_etag: context.previous_etag,
     };
+    let _permit = permit(engine).await?;
     let limit = backstop(plugin);
     let call = async {
         let mut store = new_store(engine, plugin.grants(Some(values.clone())));

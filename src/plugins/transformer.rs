@@ -13,7 +13,7 @@ use super::bindings::transformer::exports::larder::plugin::transform::{
     Phase, RequestAction, ResponseOut,
 };
 use super::bindings::transformer::larder::plugin::types::{RequestHead, ResponseHead};
-use super::call::{Failure, FailureKind, backstop, settle};
+use super::call::{Failure, FailureKind, backstop, permit, settle};
 use super::engine::{PluginEngine, start_call};
 use super::loader::{Kind, LoadedPlugin, TransformerInstance, instantiate_transformer};
 use crate::body::{self, Body};
@@ -167,6 +167,7 @@ pub async fn on_request(
     plugin: &LoadedPlugin,
     head: &RequestHead,
 ) -> Result<RequestEdit, Failure> {
+    let _permit = permit(engine).await?;
     let limit = backstop(plugin);
     let call = async {
         let mut instance = checkout(engine, plugin).await?;
@@ -193,6 +194,7 @@ pub async fn on_response(
     response: &ResponseHead,
     body: &[u8],
 ) -> Result<ResponseEdit, Failure> {
+    let _permit = permit(engine).await?;
     let limit = backstop(plugin);
     let call = async {
         let mut instance = checkout(engine, plugin).await?;
