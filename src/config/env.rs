@@ -51,7 +51,9 @@ pub fn interpolate(
         block_indent = None;
         let code = substitute_line(line, number + 1, false, lookup, &mut out, &mut errors);
         if opens_block_scalar(code) {
-            block_indent = Some(indent);
+            // Content must be indented past the key, which in `- body: |`
+            // sits after the dash; erring high only means stricter rules.
+            block_indent = Some(line.len() - line.trim_start_matches([' ', '-']).len());
         }
     }
     if errors.is_empty() {
@@ -297,6 +299,14 @@ mod tests {
             run(text).unwrap(),
             "body: >\n  SELECT 's3cr\"et'#1' # not a comment\nnext: api.internal\n"
         );
+    }
+
+    #[test]
+    fn a_block_in_a_list_item_ends_at_the_next_key() {
+        let text = "  - body: |\n      ${TOKEN}\n    next: ${TOKEN}\n";
+        let errors = run(text).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].line, 3, "the sibling key is plain again");
     }
 
     #[test]
