@@ -228,14 +228,22 @@ async fn refused_upstream_is_502_problem_json() {
         .expect("bind");
     let addr = closed.local_addr().expect("addr");
     drop(closed);
-    let larder = start_larder(&one_upstream(&format!("http://{addr}"), "")).await;
+    let yaml = format!(
+        "upstreams:\n  refusing: {{ servers: [\"http://{addr}\"] }}\nroutes:\n  - upstream: refusing\n"
+    );
+    let larder = start_larder(&yaml).await;
     let reply = get(&larder.url("/")).await;
     assert_problem(&reply, 502);
     assert!(
         reply.json()["detail"]
             .as_str()
             .unwrap_or("")
-            .contains("app")
+            .contains("refusing")
+    );
+    let metrics = larder::telemetry::render_metrics();
+    assert!(
+        metrics.contains(r#"larder_upstream_errors_total{upstream="refusing",kind="connect"} 1"#),
+        "{metrics}"
     );
     larder.stop().await;
 }
@@ -251,8 +259,16 @@ async fn upstream_that_resets_is_502() {
             drop(stream);
         }
     });
-    let larder = start_larder(&one_upstream(&format!("http://{addr}"), "")).await;
+    let yaml = format!(
+        "upstreams:\n  resetting: {{ servers: [\"http://{addr}\"] }}\nroutes:\n  - upstream: resetting\n"
+    );
+    let larder = start_larder(&yaml).await;
     assert_problem(&get(&larder.url("/")).await, 502);
+    let metrics = larder::telemetry::render_metrics();
+    assert!(
+        metrics.contains(r#"larder_upstream_errors_total{upstream="resetting",kind="reset"}"#),
+        "{metrics}"
+    );
     larder.stop().await;
 }
 

@@ -95,3 +95,69 @@ impl HttpBody for LoggedBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    /// Collects what the subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut buffer) = self.0.lock() {
+                buffer.extend_from_slice(bytes);
+            }
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn logs_one_line_with_the_bytes_sent_when_the_body_ends() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let entry = AccessEntry {
+            method: Method::POST,
+            path: "/orders".to_string(),
+            status: StatusCode::CREATED,
+            upstream: Some(Arc::from("shop")),
+            cache_status: Some("larder; fwd=uri-miss".to_string()),
+            started: Instant::now(),
+        };
+        let body = LoggedBody::new(crate::body::full("twelve bytes"), entry);
+        let collected = body.collect().await.map(|c| c.to_bytes());
+        assert_eq!(collected.ok(), Some(Bytes::from_static(b"twelve bytes")));
+        let text = captured
+            .0
+            .lock()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        for expected in [
+            "larder::access",
+            "method=POST",
+            "path=/orders",
+            "status=201",
+            "bytes=12",
+            "upstream=\"shop\"",
+            "cache=\"larder; fwd=uri-miss\"",
+            "complete=true",
+        ] {
+            assert!(text.contains(expected), "missing {expected}: {text}");
+        }
+    }
+}
