@@ -1649,3 +1649,164 @@ async fn stale_if_error_survives_a_reload_onto_a_dead_upstream() {
     );
     larder.stop().await;
 }
+
+// ---------------------------------------------------------------- more sharing rules and keys
+
+/// An origin sending "first-" and then nothing until its body is dropped,
+/// which it records.
+async fn origin_noticing_abandon(
+    cache_control: &'static str,
+) -> (TestOrigin, Arc<std::sync::atomic::AtomicBool>) {
+    let upstream_gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen_gone = Arc::clone(&upstream_gone);
+    let origin = start_origin(move |_, _| {
+        let gone = Arc::clone(&seen_gone);
+        async move {
+            let (sender, receiver) = tokio::sync::mpsc::channel::<
+                Result<http_body::Frame<Bytes>, larder::body::BoxError>,
+            >(1);
+            tokio::spawn(async move {
+                let _ = sender
+                    .send(Ok(http_body::Frame::data(Bytes::from_static(b"first-"))))
+                    .await;
+                sender.closed().await;
+                gone.store(true, Ordering::SeqCst);
+            });
+            let stream = futures_util::stream::unfold(receiver, |mut r| async move {
+                r.recv().await.map(|f| (f, r))
+            });
+            let mut response = Response::new(body::boxed(http_body_util::StreamBody::new(stream)));
+            response
+                .headers_mut()
+                .insert("cache-control", cache_control.parse().unwrap());
+            response
+        }
+    })
+    .await;
+    (origin, upstream_gone)
+}
+
+#[tokio::test]
+async fn a_fill_that_outgrew_max_object_size_is_abandoned_when_its_last_client_leaves() {
+    let (origin, upstream_gone) = origin_noticing_abandon("max-age=60").await;
+    let config = CacheConfig {
+        max_object_size: ByteSize(4),
+        ..CacheConfig::default()
+    };
+    let front = start_front(&origin, route(), config).await;
+    let (first, body) = first_chunk(&front.url("/abandon")).await;
+    assert_eq!(first, "first-");
+    assert!(!upstream_gone.load(Ordering::SeqCst));
+    drop(body);
+    eventually("the upstream body to be dropped", || {
+        upstream_gone.load(Ordering::SeqCst)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_unshared_response_is_dropped_upstream_when_its_client_leaves() {
+    let (origin, upstream_gone) = origin_noticing_abandon("private").await;
+    let front = start_front(&origin, route(), CacheConfig::default()).await;
+    let (_, body) = first_chunk(&front.url("/abandon")).await;
+    drop(body);
+    eventually("the upstream body to be dropped", || {
+        upstream_gone.load(Ordering::SeqCst)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn waiters_with_other_vary_values_fetch_on_their_own() {
+    let release = Arc::new(Notify::new());
+    let gate = Arc::clone(&release);
+    let (origin, front) = setup(move |request, _| {
+        let gate = Arc::clone(&gate);
+        async move {
+            gate.notified().await;
+            gate.notify_one();
+            let language = request
+                .headers()
+                .get("accept-language")
+                .map(|v| v.to_str().unwrap_or("").to_string())
+                .unwrap_or_default();
+            reply(
+                200,
+                &[("cache-control", "max-age=60"), ("vary", "accept-language")],
+                &language,
+            )
+        }
+    })
+    .await;
+    let url: &'static str = Box::leak(front.url("/lang").into_boxed_str());
+    let english = tokio::spawn(get_with(url, &[("accept-language", "en")]));
+    eventually("the leader reaches the origin", || origin.hits() == 1).await;
+    let french = tokio::spawn(get_with(url, &[("accept-language", "fr")]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    release.notify_one();
+    assert_eq!(english.await.unwrap().text(), "en");
+    assert_eq!(french.await.unwrap().text(), "fr");
+    assert_eq!(origin.hits(), 2);
+}
+
+#[tokio::test]
+async fn route_key_rules_share_or_split_entries() {
+    let origin = start_origin(|request, n| async move {
+        let _ = request;
+        reply(
+            200,
+            &[("cache-control", "max-age=60")],
+            &format!("body {n}"),
+        )
+    })
+    .await;
+    let mut route = route();
+    route.key.ignore_query = vec!["utm_source".into()];
+    route.key.sort_query = true;
+    route.key.headers = vec!["x-tenant".into()];
+    let front = start_front(&origin, route, CacheConfig::default()).await;
+    let blue = [("x-tenant", "blue")];
+    get_with(&front.url("/k?b=2&a=1&utm_source=mail"), &blue).await;
+    let same = get_with(&front.url("/k?a=1&b=2"), &blue).await;
+    assert!(
+        same.cache_status().contains("hit"),
+        "{}",
+        same.cache_status()
+    );
+    let other_tenant = get_with(&front.url("/k?a=1&b=2"), &[("x-tenant", "red")]).await;
+    assert!(other_tenant.cache_status().contains("uri-miss"));
+    assert_eq!(origin.hits(), 2);
+    assert_eq!(front.cache.purge_url(&front.url("/k?a=1&b=2")), 2);
+}
+
+#[tokio::test]
+async fn upstream_cache_status_members_are_kept_before_ours() {
+    let (_origin, front) = fixed(
+        200,
+        &[
+            ("cache-control", "max-age=60"),
+            ("cache-status", "origin-cache; hit"),
+        ],
+    )
+    .await;
+    get(&front.url("/chain")).await;
+    let hit = get(&front.url("/chain")).await;
+    assert!(
+        hit.cache_status()
+            .starts_with("origin-cache; hit, larder; hit"),
+        "{}",
+        hit.cache_status()
+    );
+}
+
+#[tokio::test]
+async fn must_understand_stores_an_understood_status_despite_no_store() {
+    let (origin, front) = fixed(
+        200,
+        &[("cache-control", "must-understand, no-store, max-age=60")],
+    )
+    .await;
+    get(&front.url("/mu")).await;
+    get(&front.url("/mu")).await;
+    assert_eq!(origin.hits(), 1);
+}
