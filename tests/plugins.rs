@@ -915,3 +915,96 @@ async fn a_cache_store_plugin_sets_the_ttl_and_purge_tags_of_what_is_stored() {
     assert_eq!(origin.hits(), 2, "purged by the plugin's tag");
     larder.stop().await;
 }
+
+/// Log output captured from the current thread's tracing subscriber.
+#[derive(Clone, Default)]
+struct CapturedLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut log) = self.0.lock() {
+            log.extend_from_slice(bytes);
+        }
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLog {
+    fn text(&self) -> String {
+        self.0
+            .lock()
+            .map(|log| String::from_utf8_lossy(&log).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn guest_logs_and_stderr_reach_the_host_log_tagged_with_the_plugin() {
+    let captured = CapturedLog::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let host = host(&[
+        ("crashy", fault_config("panic", "open")),
+        (
+            "gate",
+            plugin(&format!("path: {}", wasm("answer_direct").display())),
+        ),
+    ])
+    .await;
+    let mut parts = request(&[]);
+    host.on_request(&chain(&["crashy", "gate"]), &mut parts)
+        .await
+        .expect("open skips the crash; the gate answers");
+
+    let log = captured.text();
+    let line_with = |needle: &str| {
+        log.lines()
+            .find(|line| line.contains(needle))
+            .unwrap_or_else(|| panic!("no log line with {needle:?} in:\n{log}"))
+            .to_string()
+    };
+    let tagged = |line: String, plugin: &str| {
+        line.contains(&format!("plugin={plugin}")) || line.contains(&format!("plugin=\"{plugin}\""))
+    };
+    let stderr = line_with("boom: deliberate panic");
+    assert!(stderr.contains("stream=\"stderr\""), "{stderr}");
+    assert!(tagged(stderr, "crashy"));
+    let failure = line_with("plugin call failed");
+    assert!(
+        failure.contains("kind=\"trap\"") || failure.contains("kind=trap"),
+        "{failure}"
+    );
+    assert!(tagged(line_with("refusing GET /items?page=2"), "gate"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_each_get_their_own_instance() {
+    let host = host(&[("device", add_headers("{ cache_key_from: x-device }"))]).await;
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let host = host.clone();
+            tokio::spawn(async move {
+                let device = format!("device-{i}");
+                let mut parts = request(&[("x-device", &device)]);
+                host.on_request(&chain(&["device"]), &mut parts)
+                    .await
+                    .map(|_| parts.extensions.get::<CacheKeyExtra>().cloned())
+                    .map(|extra| (device, extra))
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (device, extra) = task.await.expect("task").expect("plugin runs");
+        assert_eq!(extra, Some(CacheKeyExtra(vec![device])));
+    }
+    assert_eq!(host.stats("device").map(|s| s.failures), Some(0));
+}

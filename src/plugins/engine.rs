@@ -221,8 +221,12 @@ fn probe_writable(dir: &Path) -> std::io::Result<()> {
     std::fs::remove_file(probe)
 }
 
+/// Writes to a temporary name unique to this process and call, then renames:
+/// concurrent writers (two loads, two processes) never mix their bytes.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let temporary = path.with_extension(format!("tmp-{}", std::process::id()));
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let write = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temporary = path.with_extension(format!("tmp-{}-{write}", std::process::id()));
     let mut file = std::fs::File::create(&temporary)?;
     file.write_all(bytes)?;
     file.sync_all()?;
@@ -472,12 +476,15 @@ impl GuestOutput {
 
 impl OutputBuffers {
     fn emit(&mut self, kind: OutputKind, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end();
+        if text.is_empty() {
+            return;
+        }
         self.lines += 1;
         if self.lines > MAX_LOG_LINES_PER_CALL {
             return;
         }
-        let text = String::from_utf8_lossy(line);
-        let text = text.trim_end();
         let plugin = &*self.plugin;
         match kind {
             OutputKind::Stdout => tracing::info!(plugin, stream = "stdout", "{text}"),
