@@ -876,3 +876,18 @@ async fn wait_for_body(url: &str, expected: &str) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+#[tokio::test]
+async fn an_upstream_pointing_back_at_larder_is_cut_off_with_508() {
+    let origin = echo_origin().await;
+    let larder = start_larder(&one_upstream(&origin.url(), "")).await;
+    let own_url = format!("http://{}", larder.addr);
+    larder
+        .reload(&one_upstream(&own_url, ""))
+        .await
+        .expect("reload");
+    let reply = get(&larder.url("/loop")).await;
+    assert_problem(&reply, 508);
+    assert_eq!(origin.hits(), 0);
+    larder.stop().await;
+}

@@ -89,6 +89,17 @@ pub fn add_forwarded(
     append_via(headers);
 }
 
+/// How many `Via` entries name Larder: each pass through a Larder adds one.
+pub fn larder_hops(headers: &HeaderMap) -> usize {
+    headers
+        .get_all(header::VIA)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter(|entry| entry.trim().ends_with(" larder"))
+        .count()
+}
+
 /// Appends `1.1 larder` to `Via` (kept as a separate field line, which means
 /// the same as a comma-joined list).
 pub fn append_via(headers: &mut HeaderMap) {
@@ -130,6 +141,13 @@ mod tests {
         strip_hop_by_hop(&mut headers, true);
         assert_eq!(headers["upgrade"], "websocket");
         assert_eq!(headers["connection"], "upgrade");
+    }
+
+    #[test]
+    fn counts_larder_hops_in_via() {
+        let headers = map(&[("via", "1.1 larder, 1.0 squid"), ("via", "1.1 larder")]);
+        assert_eq!(larder_hops(&headers), 2);
+        assert_eq!(larder_hops(&map(&[("via", "1.1 notlarder")])), 0);
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub use upstream::UpstreamClient;
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
 
+/// More passes through Larder than any sane chain of proxies makes: the
+/// request is looping (an upstream points back at Larder).
+const MAX_LARDER_HOPS: usize = 8;
+
 /// The shared parts a [`Proxy`] is built around; they outlive reloads.
 #[derive(Clone)]
 pub struct Shared {
@@ -199,7 +203,10 @@ impl Proxy {
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let method = request.method().clone();
-        let path = if self.access_log {
+        // Skip the line's bookkeeping when the level filter would drop it anyway.
+        let logging =
+            self.access_log && tracing::enabled!(target: "larder::access", tracing::Level::INFO);
+        let path = if logging {
             request.uri().path().to_string()
         } else {
             String::new()
@@ -219,7 +226,7 @@ impl Proxy {
             .increment(1);
         metrics::histogram!("larder_request_duration_seconds", "route" => route)
             .record(started.elapsed().as_secs_f64());
-        if !self.access_log {
+        if !logging {
             return response;
         }
         let entry = access::AccessEntry {
@@ -243,6 +250,16 @@ impl Proxy {
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, ProxyError> {
         check_request(&request)?;
+        let hops = headers::larder_hops(request.headers());
+        if hops >= MAX_LARDER_HOPS {
+            tracing::error!(hops, path = %request.uri().path(), "request loop: an upstream points back at Larder");
+            return Ok(crate::error::problem_response(
+                StatusCode::LOOP_DETECTED,
+                &format!(
+                    "the request has passed through Larder {hops} times; an upstream points back at it"
+                ),
+            ));
+        }
         let host = router::request_host(&request);
         let path = request.uri().path();
         let Some(routes) = &self.routes else {
