@@ -27,7 +27,7 @@ use hyper::body::Incoming;
 
 use crate::body::{self, Body};
 use crate::cache::{self, Cache};
-use crate::config::{Config, PluginPhase, RouteCache, Upstream};
+use crate::config::{Config, PluginPhase, Route, RouteCache, Upstream};
 use crate::error::ProxyError;
 use crate::plugins::PluginHost;
 use crate::sources::Sources;
@@ -149,38 +149,7 @@ impl Proxy {
             Some(routes) => Some(
                 routes
                     .iter()
-                    .map(|route| {
-                        let plugins: Arc<[String]> = route.plugins.clone().into();
-                        let target = match (&route.upstream, &route.source) {
-                            (Some(name), _) => {
-                                let upstream = upstreams.get(name).ok_or_else(|| {
-                                    format!("route names unknown upstream {name}")
-                                })?;
-                                Target::Upstream(Arc::new(RouteOrigin {
-                                    upstream: upstream.clone(),
-                                    plugins: shared.plugins.clone(),
-                                    chain: plugins.clone(),
-                                }))
-                            }
-                            (None, Some(source)) => Target::Source(source.clone()),
-                            (None, None) => {
-                                return Err("a route needs an upstream or a source".to_string());
-                            }
-                        };
-                        let label = format!(
-                            "{}{}",
-                            route.matcher.host.as_deref().unwrap_or(""),
-                            route.matcher.path_prefix.as_deref().unwrap_or("/")
-                        );
-                        Ok(RouteEntry {
-                            matcher: router::Matcher::new(&route.matcher),
-                            label: label.into(),
-                            target,
-                            cache: route.cache.clone(),
-                            plugins,
-                            max_request_body: route.max_request_body.map(|size| size.0),
-                        })
-                    })
+                    .map(|route| compile_route(route, &upstreams, &shared.plugins))
                     .collect::<Result<Vec<_>, String>>()?,
             ),
         };
@@ -357,6 +326,41 @@ impl Proxy {
 struct Outcome {
     route: Option<Arc<str>>,
     upstream: Option<Arc<str>>,
+}
+
+fn compile_route(
+    route: &Route,
+    upstreams: &BTreeMap<String, Arc<UpstreamClient>>,
+    plugins: &Arc<PluginHost>,
+) -> Result<RouteEntry, String> {
+    let chain: Arc<[String]> = route.plugins.clone().into();
+    let target = match (&route.upstream, &route.source) {
+        (Some(name), _) => {
+            let upstream = upstreams
+                .get(name)
+                .ok_or_else(|| format!("a route names upstream {name}, which is not defined"))?;
+            Target::Upstream(Arc::new(RouteOrigin {
+                upstream: upstream.clone(),
+                plugins: plugins.clone(),
+                chain: chain.clone(),
+            }))
+        }
+        (None, Some(source)) => Target::Source(source.clone()),
+        (None, None) => return Err("a route needs an upstream or a source".to_string()),
+    };
+    let label = format!(
+        "{}{}",
+        route.matcher.host.as_deref().unwrap_or(""),
+        route.matcher.path_prefix.as_deref().unwrap_or("/")
+    );
+    Ok(RouteEntry {
+        matcher: router::Matcher::new(&route.matcher),
+        label: label.into(),
+        target,
+        cache: route.cache.clone(),
+        plugins: chain,
+        max_request_body: route.max_request_body.map(|size| size.0),
+    })
 }
 
 fn reuse_or_build(
