@@ -604,3 +604,56 @@ sources:
             .is_empty()
     );
 }
+
+/// A file cut short anywhere (an editor saving, a bad copy) is an error or a
+/// smaller config, never a panic.
+#[test]
+fn every_truncation_of_a_full_config_loads_or_fails_cleanly() {
+    let full = "\
+version: '1.0'
+listen: 0.0.0.0:8080
+log: { level: info, format: json }
+admin:
+  listen: 127.0.0.1:9901
+  token: '${TOKEN}'
+cache:
+  max_size: 256MiB
+upstreams:
+  api:
+    servers: [\"http://127.0.0.1:9000\"]
+    timeout: 30s
+routes:
+  - match: { host: api.example.com, path_prefix: /v1/ }
+    upstream: api
+    cache:
+      enabled: true
+      purge: { allow: [127.0.0.1/32] }
+  -
+    source: hello
+sources:
+  hello:
+    rule: '*/10 * * * * *'
+    static: { value: \"it's # not a comment\" }
+  ch:
+    http:
+      endpoint: http://127.0.0.1:8123
+      body: >
+        SELECT 1 # ${NOT_A_COMMENT}
+";
+    let env = [("TOKEN", "t'o\"k#en"), ("NOT_A_COMMENT", "x")];
+    assert!(
+        load_with_env(full, &env).is_ok(),
+        "{:?}",
+        load_with_env(full, &env)
+    );
+    // An unknown key plus an empty last item once made the error search panic.
+    assert!(load("routes:\n  - upstreem: a\n  -\n").is_err());
+    for (cut, _) in full.char_indices() {
+        let result = std::panic::catch_unwind(|| load_with_env(&full[..cut], &env));
+        assert!(
+            result.is_ok(),
+            "panicked on the first {cut} bytes:\n{}",
+            &full[..cut]
+        );
+    }
+}

@@ -41,7 +41,7 @@ pub fn variants(text: &str, index: &PositionIndex) -> Vec<String> {
         if is_sequence
             && !entries
                 .iter()
-                .all(|(_, entry)| starts_an_item(lines[entry.start]))
+                .all(|(_, entry)| lines.get(entry.start).is_some_and(|l| starts_an_item(l)))
         {
             out.push(keep_only(&lines, &[preamble.clone(), span.clone()], &[]));
             continue;
@@ -159,6 +159,20 @@ upstreams:
         );
         for variant in &variants {
             assert_eq!(variant.lines().count(), TEXT.lines().count());
+        }
+    }
+
+    #[test]
+    fn an_empty_last_item_does_not_break_splitting() {
+        for text in [
+            "routes:\n  - a: 1\n  -\n",
+            "routes:\n  - a: 1\n  -",
+            "routes:\n  - a\n  - \n",
+        ] {
+            let index = PositionIndex::build(text);
+            for variant in variants(text, &index) {
+                assert_eq!(variant.lines().count(), text.lines().count(), "{text:?}");
+            }
         }
     }
 
