@@ -281,7 +281,6 @@ impl PluginHost {
             }
         };
         let original_length = parts.headers.get(CONTENT_LENGTH).cloned();
-        let original_encoding = parts.headers.get(TRANSFER_ENCODING).cloned();
         let request_head = transformer::request_head(request);
         let mut body_changed = false;
         for (slot, plugin) in &selected {
@@ -304,21 +303,13 @@ impl PluginHost {
                 body_changed = true;
             }
         }
-        parts.headers.remove(CONTENT_LENGTH);
-        parts.headers.remove(TRANSFER_ENCODING);
-        if body_changed {
-            parts
-                .headers
-                .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-        } else {
-            // The bytes are the upstream's: keep its framing headers as they were.
-            if let Some(length) = original_length {
-                parts.headers.insert(CONTENT_LENGTH, length);
-            }
-            if let Some(encoding) = original_encoding {
-                parts.headers.insert(TRANSFER_ENCODING, encoding);
-            }
-        }
+        fix_framing(
+            &mut parts,
+            request,
+            original_length,
+            bytes.len(),
+            body_changed,
+        );
         Ok(Response::from_parts(parts, body::full(bytes)))
     }
 
@@ -369,6 +360,34 @@ impl PluginHost {
             .filter(|(_, plugin)| matches!(plugin.kind, Kind::Transformer(_)))
             .filter(|(_, plugin)| phase.is_none_or(|phase| plugin.config.phase == phase))
             .collect()
+    }
+}
+
+/// The body is now a whole, known-length buffer: `Content-Length` states its
+/// length (whatever the plugin wrote), chunked framing goes. Responses
+/// without a body (HEAD, 204, 304) keep the length the upstream declared,
+/// unless a plugin gave them a body.
+fn fix_framing(
+    parts: &mut http::response::Parts,
+    request: &http::request::Parts,
+    original_length: Option<HeaderValue>,
+    length: usize,
+    body_changed: bool,
+) {
+    parts.headers.remove(TRANSFER_ENCODING);
+    let is_bodiless = request.method == http::Method::HEAD
+        || parts.status == http::StatusCode::NO_CONTENT
+        || parts.status == http::StatusCode::NOT_MODIFIED
+        || parts.status.is_informational();
+    if is_bodiless && !body_changed {
+        match original_length {
+            Some(declared) => parts.headers.insert(CONTENT_LENGTH, declared),
+            None => parts.headers.remove(CONTENT_LENGTH),
+        };
+    } else {
+        parts
+            .headers
+            .insert(CONTENT_LENGTH, HeaderValue::from(length));
     }
 }
 
