@@ -1810,3 +1810,17 @@ async fn must_understand_stores_an_understood_status_despite_no_store() {
     get(&front.url("/mu")).await;
     assert_eq!(origin.hits(), 1);
 }
+
+#[tokio::test]
+async fn a_purge_of_another_url_does_not_stop_a_fill_from_storing() {
+    let release = Arc::new(Notify::new());
+    let (origin, front) =
+        two_part_origin(Arc::clone(&release), &[("cache-control", "max-age=60")]).await;
+    let (_, body) = first_chunk(&front.url("/kept")).await;
+    front.cache.purge_url(&front.url("/unrelated"));
+    release.notify_one();
+    assert_eq!(rest(body).await.unwrap(), "last");
+    let next = get_with(&front.url("/kept"), &[("cache-control", "only-if-cached")]).await;
+    assert_eq!(next.status, StatusCode::OK);
+    assert_eq!(origin.hits(), 1);
+}

@@ -7,7 +7,6 @@
 //! is not being stored is abandoned at once.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -48,8 +47,6 @@ pub struct FillJob {
     pub stale: Option<Arc<Entry>>,
     pub route_stale_while_revalidate: Option<Duration>,
     pub route_stale_if_error: Option<Duration>,
-    /// The purge counter when the fill started.
-    pub purges_at_start: u64,
     /// Gets the response when it is not shared through the flight.
     pub leader: oneshot::Sender<Result<Response<Body>, ProxyError>>,
 }
@@ -64,7 +61,6 @@ struct Fill {
     stale: Option<Arc<Entry>>,
     route_stale_while_revalidate: Option<Duration>,
     route_stale_if_error: Option<Duration>,
-    purges_at_start: u64,
 }
 
 impl Drop for Fill {
@@ -97,7 +93,6 @@ pub async fn run(job: FillJob) {
         stale,
         route_stale_while_revalidate,
         route_stale_if_error,
-        purges_at_start,
         leader,
     } = job;
     let fill = Fill {
@@ -110,7 +105,6 @@ pub async fn run(job: FillJob) {
         stale,
         route_stale_while_revalidate,
         route_stale_if_error,
-        purges_at_start,
     };
     let request_time = SystemTime::now();
     let result = origin.fetch(fetch).await;
@@ -232,13 +226,17 @@ impl Fill {
     }
 
     fn commit(&self, meta: Arc<Meta>, body: Bytes) {
-        if self.inner.purges.load(Ordering::SeqCst) != self.purges_at_start {
-            tracing::debug!(key = %self.key, "a purge ran during the fill; response not stored");
-            return;
-        }
         let store = self.inner.store.load();
         let retain = retention(&meta, SystemTime::now());
-        store.put(&self.key, Arc::new(Entry { meta, body }), retain);
+        let entry = Arc::new(Entry { meta, body });
+        store.put(&self.key, Arc::clone(&entry), retain);
+        // Checked after the put: a purge that doomed this flight either runs
+        // its removal after the put, or is seen here.
+        if self.flight.is_doomed() {
+            tracing::debug!(key = %self.key, "a purge ran during the fill; response not kept");
+            store.remove_entry(&self.key, &entry);
+            return;
+        }
         metrics::counter!("larder_cache_stored_total").increment(1);
         update_gauges(&store);
     }

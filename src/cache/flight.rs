@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -72,9 +72,19 @@ pub struct Flight {
     /// Signalled when a reader consumes or leaves, for backpressure and abort.
     readers_changed: Notify,
     next_reader: AtomicU64,
+    /// Set by a purge that ran while this fill was in progress.
+    doomed: AtomicBool,
 }
 
 impl Flight {
+    pub fn doom(&self) {
+        self.doomed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_doomed(&self) -> bool {
+        self.doomed.load(Ordering::SeqCst)
+    }
+
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             head: watch::Sender::new(Head::Pending),
@@ -88,6 +98,7 @@ impl Flight {
             }),
             readers_changed: Notify::new(),
             next_reader: AtomicU64::new(0),
+            doomed: AtomicBool::new(false),
         })
     }
 

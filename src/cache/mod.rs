@@ -16,7 +16,6 @@ mod store;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -75,14 +74,25 @@ struct Inner {
     settings: ArcSwap<Settings>,
     /// The fill in progress per primary key, joined by concurrent misses.
     flights: Mutex<HashMap<String, Arc<Flight>>>,
-    /// Bumped by every purge and invalidation; a fill that started before
-    /// one does not commit, so a purge cannot be undone by a fill in progress.
-    purges: AtomicU64,
 }
 
 impl Inner {
-    fn note_purge(&self) {
-        self.purges.fetch_add(1, Ordering::SeqCst);
+    /// Marks the fills in progress for matching keys so they do not commit,
+    /// and makes their keys free for new fills: a purge must not be undone by
+    /// a response fetched before it, nor served to requests that came after.
+    fn doom_flights(&self, matches: impl Fn(&str) -> bool) {
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        flights.retain(|key, flight| {
+            if matches(key) {
+                flight.doom();
+                return false;
+            }
+            true
+        });
+    }
+
+    fn doom_url(&self, url: &str) {
+        self.doom_flights(|key| key::url_part(key) == url);
     }
 }
 
@@ -211,7 +221,6 @@ impl Cache {
                 store: ArcSwap::from_pointee(Store::new(config.max_size.0)),
                 settings: ArcSwap::from_pointee(Settings::from_config(config)),
                 flights: Mutex::new(HashMap::new()),
-                purges: AtomicU64::new(0),
             }),
         })
     }
@@ -242,7 +251,7 @@ impl Cache {
             return Ok(self.purge_request(route, &request));
         }
         if method == Method::GET || method == Method::HEAD {
-            if request.headers().contains_key(header::RANGE) {
+            if has_origin_only_preconditions(request.headers()) {
                 return pass(request, origin, Fwd::Bypass).await;
             }
             return self.serve_cacheable(route, request, origin).await;
@@ -451,7 +460,6 @@ impl Cache {
             stale: lookup.stale.clone(),
             route_stale_while_revalidate: lookup.route.stale_while_revalidate.map(|d| d.0),
             route_stale_if_error: lookup.route.stale_if_error.map(|d| d.0),
-            purges_at_start: self.inner.purges.load(Ordering::SeqCst),
             leader,
         };
         tokio::spawn(fill::run(job));
@@ -499,8 +507,8 @@ impl Cache {
         let response = pass(request, origin, Fwd::Method).await?;
         let status = response.status();
         if status.is_success() || status.is_redirection() {
-            self.inner.note_purge();
             let store = self.inner.store.load();
+            self.inner.doom_url(key::url_part(&own_key));
             let mut removed = store.purge_url(key::url_part(&own_key));
             for name in [header::LOCATION, header::CONTENT_LOCATION] {
                 let target = response
@@ -510,6 +518,7 @@ impl Cache {
                     .and_then(|v| key::same_origin_target(&url, v));
                 if let Some(target) = target.and_then(|t| t.parse::<http::Uri>().ok()) {
                     let target_key = key::primary_key(&target, &HeaderMap::new(), &route.key);
+                    self.inner.doom_url(key::url_part(&target_key));
                     removed += store.purge_url(key::url_part(&target_key));
                 }
             }
@@ -541,7 +550,7 @@ impl Cache {
             return problem_response(StatusCode::FORBIDDEN, "this client may not PURGE");
         }
         let key = key::primary_key(request.uri(), request.headers(), &route.key);
-        self.inner.note_purge();
+        self.inner.doom_url(key::url_part(&key));
         let store = self.inner.store.load();
         let purged = store.purge_url(key::url_part(&key));
         update_gauges(&store);
@@ -555,7 +564,7 @@ impl Cache {
         let Some(url) = key::normalize_url(url) else {
             return 0;
         };
-        self.inner.note_purge();
+        self.inner.doom_url(&url);
         let store = self.inner.store.load();
         let purged = store.purge_url(&url);
         update_gauges(&store);
@@ -569,7 +578,9 @@ impl Cache {
         if prefix.is_empty() {
             return 0;
         }
-        self.inner.note_purge();
+        // Prefix and tag purges are rare operator actions: every fill in
+        // progress is kept out of the store rather than matched precisely.
+        self.inner.doom_flights(|_| true);
         let store = self.inner.store.load();
         let purged = store.purge_prefix(prefix);
         update_gauges(&store);
@@ -578,7 +589,7 @@ impl Cache {
 
     /// Removes entries tagged `tag` (exact match) by a `cache.tag_headers` header.
     pub fn purge_tag(&self, tag: &str) -> usize {
-        self.inner.note_purge();
+        self.inner.doom_flights(|_| true);
         let store = self.inner.store.load();
         let purged = store.purge_tag(tag.trim());
         update_gauges(&store);
@@ -732,6 +743,19 @@ fn not_cached() -> Response<Body> {
         &format!("{CACHE_NAME}; detail=only-if-cached"),
     );
     response
+}
+
+/// Range requests and preconditions the cache must not evaluate itself
+/// (RFC 9111 section 4.3.2) go to the origin untouched.
+fn has_origin_only_preconditions(headers: &HeaderMap) -> bool {
+    [
+        header::RANGE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+        header::IF_RANGE,
+    ]
+    .iter()
+    .any(|name| headers.contains_key(name))
 }
 
 /// A waiter may take the leader's response only when it is what the cache
