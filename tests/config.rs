@@ -657,3 +657,75 @@ sources:
         );
     }
 }
+
+/// Mangled files (lines lost, doubled or swapped; stray YAML punctuation)
+/// are errors or configs, never panics. Deterministic: a fixed-seed LCG.
+#[test]
+fn mangled_configs_never_panic_the_loader() {
+    let full = "\
+version: '1.0'
+listen: :8080
+admin:
+  token: \"${TOKEN}\"
+upstreams:
+  api:
+    servers: [\"http://127.0.0.1:9000\", \"https://[::1]:9443\"]
+routes:
+  - match: { path_prefix: /v1/ }
+    upstream: api
+    plugins: [p]
+  - source: s
+plugins:
+  p: { path: missing.wasm, limits: { memory: 1MiB, timeout: 5ms } }
+sources:
+  s:
+    rule: '@every 1s'
+    http: { endpoint: 'http://${HOST}/x', header: { A: [b] } }
+    body: |
+      line ${HOST}
+";
+    let env = [("TOKEN", "t"), ("HOST", "h.example")];
+    let punctuation = [
+        ":", "- ", "[", "]", "{", "}", "#", "'", "\"", "|", ">", "&a", "*a", "!", "${", "$${",
+        "\t", "\n", "  ", "é",
+    ];
+    let mut seed: u64 = 0x5eed;
+    let mut next = |bound: usize| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 33) as usize) % bound.max(1)
+    };
+    for round in 0..3000 {
+        let mut lines: Vec<String> = full.lines().map(str::to_string).collect();
+        for _ in 0..1 + next(3) {
+            let at = next(lines.len());
+            match next(4) {
+                0 if lines.len() > 1 => {
+                    lines.remove(at);
+                }
+                1 => {
+                    let copy = lines[at].clone();
+                    lines.insert(at, copy);
+                }
+                2 => {
+                    let other = next(lines.len());
+                    lines.swap(at, other);
+                }
+                _ => {
+                    let line = &mut lines[at];
+                    let boundaries: Vec<usize> = line
+                        .char_indices()
+                        .map(|(i, _)| i)
+                        .chain([line.len()])
+                        .collect();
+                    let cut = boundaries[next(boundaries.len())];
+                    line.insert_str(cut, punctuation[next(punctuation.len())]);
+                }
+            }
+        }
+        let text = lines.join("\n") + "\n";
+        let result = std::panic::catch_unwind(|| load_with_env(&text, &env));
+        assert!(result.is_ok(), "round {round} panicked on:\n{text}");
+    }
+}
