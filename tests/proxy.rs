@@ -891,3 +891,37 @@ async fn an_upstream_pointing_back_at_larder_is_cut_off_with_508() {
     assert_eq!(origin.hits(), 0);
     larder.stop().await;
 }
+
+#[tokio::test]
+async fn a_refused_server_is_skipped_for_requests_without_a_body() {
+    let live = start_origin(|_| async { respond(200, &[], "live") }).await;
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let dead = closed.local_addr().expect("addr");
+    drop(closed);
+    let yaml = format!(
+        "upstreams:\n  app:\n    servers: [\"http://{dead}\", \"{}\"]\nroutes:\n  - upstream: app\n",
+        live.url()
+    );
+    let larder = start_larder(&yaml).await;
+    for _ in 0..4 {
+        let reply = get(&larder.url("/")).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.text(), "live");
+    }
+    assert_eq!(live.hits(), 4);
+    // A request with a body is not replayed: its bytes may be gone.
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        statuses.push(
+            send("POST", &larder.url("/"), &[], "body")
+                .await
+                .status
+                .as_u16(),
+        );
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, vec![200, 502]);
+    larder.stop().await;
+}

@@ -102,9 +102,35 @@ impl UpstreamClient {
     }
 
     /// Sends `request` (headers already cleaned) to the next server and waits
-    /// for the response head, up to the upstream's `timeout`.
-    pub async fn send(&self, mut request: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
-        let server = self.pick();
+    /// for the response head, up to the upstream's `timeout`. A request
+    /// without a body moves on to the next server when no connection could be
+    /// made (nothing was sent yet), as nginx's `proxy_next_upstream error`.
+    pub async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
+        let spare = (self.servers.len() > 1 && http_body::Body::is_end_stream(request.body()))
+            .then(|| bodyless_copy(&request));
+        let mut request = request;
+        let mut attempts_left = self.servers.len();
+        loop {
+            attempts_left -= 1;
+            let failed = match self.send_to(self.pick(), request).await {
+                Ok(response) => return Ok(response),
+                Err(failed) => failed,
+            };
+            match &spare {
+                Some(spare) if failed.nothing_sent && attempts_left > 0 => {
+                    tracing::debug!(upstream = %self.name, "trying the next server");
+                    request = bodyless_copy(spare);
+                }
+                _ => return Err(failed.error),
+            }
+        }
+    }
+
+    async fn send_to(
+        &self,
+        server: &Server,
+        mut request: Request<Body>,
+    ) -> Result<Response<Incoming>, Failed> {
         let path = request
             .uri()
             .path_and_query()
@@ -115,7 +141,10 @@ impl UpstreamClient {
             .authority(server.authority.clone())
             .path_and_query(path)
             .build()
-            .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")))?;
+            .map_err(|e| Failed {
+                error: ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")),
+                nothing_sent: false,
+            })?;
         *request.uri_mut() = uri;
         // The pool speaks HTTP/1.1 upstream whatever the client spoke to us.
         *request.version_mut() = Version::HTTP_11;
@@ -129,15 +158,21 @@ impl UpstreamClient {
         match outcome {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(error)) => {
-                let kind = classify(&error);
-                let waited = if error.is_connect() {
+                let nothing_sent = error.is_connect();
+                let waited = if nothing_sent {
                     self.config.connect_timeout.0
                 } else {
                     timeout
                 };
-                Err(self.failure(kind, waited, &error_chain(&error)))
+                Err(Failed {
+                    error: self.failure(classify(&error), waited, &error_chain(&error)),
+                    nothing_sent,
+                })
             }
-            Err(_) => Err(self.failure(FailureKind::Timeout, timeout, "no response head in time")),
+            Err(_) => Err(Failed {
+                error: self.failure(FailureKind::Timeout, timeout, "no response head in time"),
+                nothing_sent: false,
+            }),
         }
     }
 
@@ -159,6 +194,22 @@ impl UpstreamClient {
             },
         }
     }
+}
+
+/// One failed attempt; `nothing_sent` when the connection was never made.
+struct Failed {
+    error: ProxyError,
+    nothing_sent: bool,
+}
+
+/// The head of a request without a body, ready to send again.
+fn bodyless_copy<B>(request: &Request<B>) -> Request<Body> {
+    let mut copy = Request::new(crate::body::empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
 }
 
 fn parse_server(server: &str) -> Result<Server, String> {
