@@ -6,6 +6,7 @@
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
@@ -38,22 +39,44 @@ pub fn init(level: &str, format: LogFormat) {
     metrics();
 }
 
-/// The process's Prometheus recorder, installed on first use.
+/// How often histogram samples are folded into their buckets when nobody
+/// scrapes; without it they pile up in memory between scrapes.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The process's Prometheus recorder, installed on first use together with
+/// the thread that keeps its histograms bounded.
 pub fn metrics() -> &'static PrometheusHandle {
     METRICS.get_or_init(|| {
-        let builder = PrometheusBuilder::new()
-            .set_buckets(DURATION_BUCKETS)
-            .unwrap_or_else(|_| PrometheusBuilder::new());
-        match builder.install_recorder() {
-            Ok(handle) => handle,
-            Err(error) => {
-                // Someone else owns the global recorder: render an empty one
-                // rather than fail, and say so once.
-                tracing::warn!(%error, "a metrics recorder was already installed; /metrics will be empty");
-                PrometheusBuilder::new().build_recorder().handle()
-            }
+        let handle = install_recorder();
+        let upkeep = handle.clone();
+        let spawned = std::thread::Builder::new()
+            .name("larder-metrics-upkeep".to_string())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP_INTERVAL);
+                    upkeep.run_upkeep();
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "cannot start the metrics upkeep thread; histograms are folded on scrape only");
         }
+        handle
     })
+}
+
+fn install_recorder() -> PrometheusHandle {
+    let builder = PrometheusBuilder::new()
+        .set_buckets(DURATION_BUCKETS)
+        .unwrap_or_else(|_| PrometheusBuilder::new());
+    match builder.install_recorder() {
+        Ok(handle) => handle,
+        Err(error) => {
+            // Someone else owns the global recorder: render an empty one
+            // rather than fail, and say so once.
+            tracing::warn!(%error, "a metrics recorder was already installed; /metrics will be empty");
+            PrometheusBuilder::new().build_recorder().handle()
+        }
+    }
 }
 
 /// The Prometheus text exposition of every Larder metric.
