@@ -67,6 +67,9 @@ impl Drop for Fill {
     /// Whatever ends the fill (even a panic), the key becomes free again.
     fn drop(&mut self) {
         self.unregister();
+        // Normally a no-op; after a panic it releases waiters instead of
+        // leaving them on a head that never comes.
+        self.flight.abandon();
     }
 }
 

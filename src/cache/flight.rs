@@ -162,6 +162,22 @@ impl Flight {
         wakers.into_iter().for_each(Waker::wake);
     }
 
+    /// Ends a flight its fill left unfinished: waiters still waiting for the
+    /// head go on their own, readers see an aborted body.
+    pub fn abandon(&self) {
+        self.head.send_if_modified(|head| {
+            let pending = matches!(head, Head::Pending);
+            if pending {
+                *head = Head::Solo;
+            }
+            pending
+        });
+        let unfinished = self.lock().end.is_none();
+        if unfinished {
+            self.finish(false);
+        }
+    }
+
     /// Stops keeping the replay copy: chunks every reader has read are dropped.
     pub fn stop_keeping(&self) {
         let mut buffer = self.lock();
@@ -304,6 +320,15 @@ mod tests {
         assert_eq!(early.collect().await.unwrap().to_bytes(), "abcd");
         assert_eq!(late.collect().await.unwrap().to_bytes(), "abcd");
         assert_eq!(flight.collected(), "abcd");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_flight_releases_waiters_and_readers() {
+        let flight = Flight::new();
+        let reader = flight.reader().unwrap();
+        flight.abandon();
+        assert!(matches!(flight.wait_head().await, Head::Solo));
+        assert!(reader.collect().await.is_err());
     }
 
     #[tokio::test]
