@@ -1008,3 +1008,38 @@ async fn concurrent_requests_each_get_their_own_instance() {
     }
     assert_eq!(host.stats("device").map(|s| s.failures), Some(0));
 }
+
+#[tokio::test]
+async fn a_transformed_chunked_body_gets_a_content_length() {
+    let host = host(&[(
+        "slim",
+        plugin(&format!(
+            "path: {}\nconfig: {{ drop: b }}",
+            wasm("json_filter").display()
+        )),
+    )])
+    .await;
+    let chunks = futures_util::stream::iter([r#"{"a":1,"#, r#""b":2}"#].map(|chunk| {
+        Ok::<_, larder::body::BoxError>(hyper::body::Frame::data(Bytes::from(chunk)))
+    }));
+    let streamed = Response::builder()
+        .header("content-type", "application/json")
+        .header("transfer-encoding", "chunked")
+        .body(http_body_util::BodyExt::boxed(
+            http_body_util::StreamBody::new(chunks),
+        ))
+        .expect("response");
+    let out = host
+        .on_response(
+            &chain(&["slim"]),
+            PluginPhase::Downstream,
+            &request(&[]),
+            streamed,
+        )
+        .await
+        .expect("plugin runs");
+    let (head, body) = text(out).await;
+    assert_eq!(body, r#"{"a":1}"#);
+    assert_eq!(head.headers["content-length"], "7");
+    assert!(head.headers.get("transfer-encoding").is_none());
+}

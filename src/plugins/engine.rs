@@ -301,6 +301,7 @@ pub fn new_store(engine: &PluginEngine, grants: Grants) -> Store<StoreState> {
 pub fn start_call(store: &mut Store<StoreState>) {
     store.data_mut().budget.restart();
     store.data_mut().log_lines = 0;
+    store.data_mut().limits.refused_growth = false;
     store.data_mut().output.reset_tail();
     store.set_epoch_deadline(1);
 }
