@@ -48,6 +48,7 @@ const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 pub fn metrics() -> &'static PrometheusHandle {
     METRICS.get_or_init(|| {
         let handle = install_recorder();
+        describe_proxy_metrics();
         let upkeep = handle.clone();
         let spawned = std::thread::Builder::new()
             .name("larder-metrics-upkeep".to_string())
@@ -62,6 +63,29 @@ pub fn metrics() -> &'static PrometheusHandle {
         }
         handle
     })
+}
+
+/// HELP lines for the metrics the proxy records; other modules describe theirs.
+fn describe_proxy_metrics() {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    describe_counter!(
+        "larder_requests_total",
+        "Requests answered on the proxy listener, by route and status."
+    );
+    describe_histogram!(
+        "larder_request_duration_seconds",
+        Unit::Seconds,
+        "Time from request to response head on the proxy listener, by route."
+    );
+    describe_histogram!(
+        "larder_upstream_duration_seconds",
+        Unit::Seconds,
+        "Time from sending to an upstream until its response head, by upstream."
+    );
+    describe_counter!(
+        "larder_upstream_errors_total",
+        "Failed upstream attempts, by upstream and kind (connect, timeout, reset)."
+    );
 }
 
 fn install_recorder() -> PrometheusHandle {

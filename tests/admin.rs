@@ -112,6 +112,7 @@ async fn metrics_count_proxied_requests_by_route_and_status() {
         "durations must be histograms:\n{text}"
     );
     assert!(text.contains("larder_upstream_duration_seconds_bucket{"));
+    assert!(text.contains("# HELP larder_requests_total "), "{text}");
     larder.stop().await;
 }
 
