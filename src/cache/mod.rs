@@ -874,12 +874,14 @@ fn pass_through(response: Response<Body>, parts: &Parts, status: String) -> Resp
 /// Appends this cache's member to `Cache-Status`, keeping upstream caches' ones
 /// first (RFC 9211 section 2: ordered from the origin towards the client).
 fn add_cache_status(headers: &mut HeaderMap, value: &str) {
-    let combined = match headers.get("cache-status").and_then(|v| v.to_str().ok()) {
+    let name = HeaderName::from_static("cache-status");
+    let combined = match headers.get(&name).and_then(|v| v.to_str().ok()) {
         Some(existing) if !existing.trim().is_empty() => format!("{existing}, {value}"),
         _ => value.to_string(),
     };
-    if let Ok(value) = HeaderValue::from_str(&combined) {
-        headers.insert(HeaderName::from_static("cache-status"), value);
+    // From a String: the bytes move into the header value without a copy.
+    if let Ok(value) = HeaderValue::try_from(combined) {
+        headers.insert(name, value);
     }
 }
 

@@ -253,10 +253,18 @@ pub fn single_date(headers: &HeaderMap, name: &HeaderName) -> Option<SystemTime>
 }
 
 /// Copies the fields worth storing, without hop-by-hop ones and Age.
+///
+/// Values are copied: a parsed header value shares the connection's read
+/// buffer, which a stored entry would otherwise keep alive (and misweigh).
 pub fn storable_headers(headers: &HeaderMap) -> HeaderMap {
-    let mut stored = headers.clone();
-    for name in NOT_STORED {
-        stored.remove(name);
+    let mut stored = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if NOT_STORED.contains(name) {
+            continue;
+        }
+        let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        copy.set_sensitive(value.is_sensitive());
+        stored.append(name.clone(), copy);
     }
     stored
 }
