@@ -336,10 +336,13 @@ fn watch_config(
         if event.kind.is_access() {
             return;
         }
+        // `..data` is how Kubernetes swaps a mounted ConfigMap: the file
+        // itself is a symlink that never changes.
+        let is_ours = |name: &std::ffi::OsStr| name == file.as_os_str() || name == "..data";
         if event
             .paths
             .iter()
-            .any(|p| p.file_name() == Some(file.as_os_str()))
+            .any(|p| p.file_name().is_some_and(is_ours))
         {
             let _ = changed.try_send(());
         }
