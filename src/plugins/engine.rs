@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -284,13 +284,15 @@ pub fn new_store(engine: &PluginEngine, grants: Grants) -> Store<StoreState> {
     };
     let mut store = Store::new(&engine.engine, state);
     store.limiter(|state| &mut state.limits);
-    store.epoch_deadline_callback(|context| {
-        if context.data().budget.is_exhausted() {
-            Err(CpuBudgetExceeded.into())
-        } else {
+    store.epoch_deadline_callback(|mut context| {
+        if context.data_mut().budget.charge_tick() {
             // Hand the thread back to tokio every tick: a busy guest never
-            // holds a runtime worker for its whole budget.
+            // holds a runtime worker for its whole budget. The deadline is
+            // set again after the yield, so time spent waiting for the
+            // runtime is not charged.
             Ok(UpdateDeadline::Yield(1))
+        } else {
+            Err(CpuBudgetExceeded.into())
         }
     });
     start_call(&mut store);
@@ -311,34 +313,44 @@ pub fn start_call(store: &mut Store<StoreState>) {
 #[error("the plugin ran past its time limit")]
 pub struct CpuBudgetExceeded;
 
-/// Time a guest may run, not counting time spent waiting on host I/O
-/// (http-client calls), so a fetcher's budget is about its own work.
+/// The CPU a guest may use in one call, counted in epoch ticks observed
+/// while its code runs. Counting ticks rather than wall time keeps the
+/// limit fair on a busy box: time spent preempted, yielded to the runtime
+/// or waiting on an http-client call is not charged.
 pub struct CpuBudget {
-    limit: Duration,
-    started: Instant,
-    waiting: Duration,
+    ticks_allowed: u64,
+    ticks_used: u64,
+    io_returned: bool,
 }
 
 impl CpuBudget {
     fn new(limit: Duration) -> Self {
+        let ticks = limit.as_nanos().div_ceil(EPOCH_TICK.as_nanos()).max(1);
         Self {
-            limit,
-            started: Instant::now(),
-            waiting: Duration::ZERO,
+            ticks_allowed: u64::try_from(ticks).unwrap_or(u64::MAX),
+            ticks_used: 0,
+            io_returned: false,
         }
     }
 
     fn restart(&mut self) {
-        self.started = Instant::now();
-        self.waiting = Duration::ZERO;
+        self.ticks_used = 0;
+        self.io_returned = false;
     }
 
-    pub fn add_waiting(&mut self, waited: Duration) {
-        self.waiting += waited;
+    /// Called when a host I/O call returns to the guest: the deadline most
+    /// likely passed while waiting, and that tick is not the guest's.
+    pub fn forgive_next_tick(&mut self) {
+        self.io_returned = true;
     }
 
-    fn is_exhausted(&self) -> bool {
-        self.started.elapsed().saturating_sub(self.waiting) > self.limit
+    /// Charges one tick; false once the budget is used up.
+    fn charge_tick(&mut self) -> bool {
+        if std::mem::take(&mut self.io_returned) {
+            return true;
+        }
+        self.ticks_used += 1;
+        self.ticks_used < self.ticks_allowed
     }
 }
 
@@ -549,5 +561,47 @@ impl tokio::io::AsyncWrite for GuestStream {
     }
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ticks_until_stopped(budget: &mut CpuBudget) -> u64 {
+        (1..=1000).find(|_| !budget.charge_tick()).unwrap_or(0)
+    }
+
+    #[test]
+    fn a_budget_allows_its_limit_in_ticks() {
+        assert_eq!(
+            ticks_until_stopped(&mut CpuBudget::new(Duration::from_millis(50))),
+            5
+        );
+        assert_eq!(
+            ticks_until_stopped(&mut CpuBudget::new(Duration::from_millis(55))),
+            6
+        );
+        assert_eq!(
+            ticks_until_stopped(&mut CpuBudget::new(Duration::from_millis(1))),
+            1
+        );
+    }
+
+    #[test]
+    fn the_tick_after_host_io_is_not_charged() {
+        let mut budget = CpuBudget::new(Duration::from_millis(20));
+        assert!(budget.charge_tick());
+        budget.forgive_next_tick();
+        assert!(budget.charge_tick(), "the I/O tick is free");
+        assert!(!budget.charge_tick());
+    }
+
+    #[test]
+    fn restarting_a_reused_store_refills_the_budget() {
+        let mut budget = CpuBudget::new(Duration::from_millis(20));
+        ticks_until_stopped(&mut budget);
+        budget.restart();
+        assert!(budget.charge_tick());
     }
 }
