@@ -380,13 +380,23 @@ pub struct HttpSource {
     pub body: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BasicAuth {
     #[serde(default)]
     pub user: String,
     #[serde(default)]
     pub password: String,
+}
+
+/// Masks the password as cachepump does, so no `{:?}` of a config leaks it.
+impl std::fmt::Debug for BasicAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BasicAuth")
+            .field("user", &self.user)
+            .field("password", &"*****")
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -404,4 +414,20 @@ pub struct PluginSource {
     /// Extra entries merged over the plugin's own `config` for this source.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BasicAuth;
+
+    #[test]
+    fn debug_output_masks_the_password() {
+        let auth = BasicAuth {
+            user: "admin".into(),
+            password: "s3cret".into(),
+        };
+        let printed = format!("{auth:?}");
+        assert!(printed.contains("admin"));
+        assert!(!printed.contains("s3cret"), "{printed}");
+    }
 }
