@@ -1837,3 +1837,16 @@ async fn a_purge_of_another_url_does_not_stop_a_fill_from_storing() {
     assert_eq!(next.status, StatusCode::OK);
     assert_eq!(origin.hits(), 1);
 }
+
+#[tokio::test]
+async fn entries_survive_a_reload_that_resizes_the_cache() {
+    let (origin, front) = fixed(200, &[("cache-control", "max-age=60")]).await;
+    get(&front.url("/resize")).await;
+    front.cache.apply(&CacheConfig {
+        max_size: ByteSize(64 * 1024 * 1024),
+        ..CacheConfig::default()
+    });
+    let hit = get(&front.url("/resize")).await;
+    assert!(hit.cache_status().contains("hit"), "{}", hit.cache_status());
+    assert_eq!(origin.hits(), 1);
+}
