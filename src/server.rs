@@ -162,6 +162,7 @@ async fn accept_loop<H, F>(
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -194,11 +195,13 @@ async fn accept_loop<H, F>(
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
+        // Reap finished connection tasks so the set holds only live ones.
+        while connections.try_join_next().is_some() {}
     }
     drop(listener);
     let drain_timeout = stopped
@@ -209,7 +212,8 @@ async fn accept_loop<H, F>(
         .await
         .is_err()
     {
-        tracing::warn!(listener = name, timeout = ?drain_timeout, "drain timeout passed; closing the remaining connections");
+        tracing::warn!(listener = name, timeout = ?drain_timeout, remaining = connections.len(), "drain timeout passed; closing the remaining connections");
+        connections.shutdown().await;
     }
 }
 
@@ -358,5 +362,6 @@ fn watch_config(
         tracing::warn!(dir = %dir.display(), %error, "cannot watch the config directory; reload with SIGHUP");
         return None;
     }
+    tracing::info!(path = %path.display(), "watching the config file; SIGHUP also reloads it");
     Some(watcher)
 }

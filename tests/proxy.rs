@@ -826,6 +826,8 @@ async fn the_binary_reloads_its_file_and_exits_0_on_sigterm() {
         .to_string();
     let url = format!("http://{addr}/hello");
     wait_for_body(&url, "one").await;
+    // Edits before the watcher is in place would go unnoticed.
+    next_event("watching the config file; SIGHUP also reloads it").await;
 
     std::fs::write(&path, config("two")).expect("rewrite config");
     wait_for_body(&url, "two").await;
@@ -924,4 +926,37 @@ async fn a_refused_server_is_skipped_for_requests_without_a_body() {
     statuses.sort_unstable();
     assert_eq!(statuses, vec![200, 502]);
     larder.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_gives_up_on_requests_after_the_drain_timeout() {
+    let origin = start_origin(|_| async {
+        // Far longer than the drain timeout; the test never waits for it.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        respond(200, &[], "never")
+    })
+    .await;
+    let yaml = format!(
+        "server:\n  drain_timeout: 200ms\n{}",
+        one_upstream(&origin.url(), "")
+    );
+    let larder = start_larder(&yaml).await;
+    let mut sender = connect(&larder.addr.to_string()).await;
+    let request = Request::get("/stuck")
+        .header("host", "x")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let in_flight = tokio::spawn(async move { sender.send_request(request).await });
+    wait_until(|| origin.hits() == 1).await;
+    tokio::time::timeout(DEADLINE, larder.stop())
+        .await
+        .expect("stop returns once the drain timeout has passed");
+    let outcome = tokio::time::timeout(DEADLINE, in_flight)
+        .await
+        .expect("the stuck request ends")
+        .expect("task");
+    assert!(
+        outcome.is_err(),
+        "the connection is closed, not answered: {outcome:?}"
+    );
 }
