@@ -489,8 +489,7 @@ impl GuestOutput {
 
 impl OutputBuffers {
     fn emit(&mut self, kind: OutputKind, line: &[u8]) {
-        let text = String::from_utf8_lossy(line);
-        let text = text.trim_end();
+        let text = escape_controls(String::from_utf8_lossy(line).trim_end());
         if text.is_empty() {
             return;
         }
@@ -504,6 +503,20 @@ impl OutputBuffers {
             OutputKind::Stderr => tracing::warn!(plugin, stream = "stderr", "{text}"),
         }
     }
+}
+
+/// Escapes control characters (`\r`, `\x1b`, ...) in guest text bound for
+/// the log, so a guest cannot forge lines or terminal sequences.
+pub fn escape_controls(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// One WASI output stream (stdout or stderr) of a guest.
@@ -595,6 +608,15 @@ mod tests {
         budget.forgive_next_tick();
         assert!(budget.charge_tick(), "the I/O tick is free");
         assert!(!budget.charge_tick());
+    }
+
+    #[test]
+    fn guest_text_cannot_forge_log_lines() {
+        assert_eq!(
+            escape_controls("ok\r\nFAKE\x1b[31m"),
+            "ok\\r\\nFAKE\\u{1b}[31m"
+        );
+        assert_eq!(escape_controls("plain text"), "plain text");
     }
 
     #[test]

@@ -28,6 +28,17 @@ fn tracing_level(level: LogLevel) -> tracing::Level {
     }
 }
 
+/// Shortened to [`MAX_MESSAGE_BYTES`], control characters escaped so a guest
+/// cannot forge log lines.
+fn sanitize(message: String) -> String {
+    let message = truncate(message);
+    if message.chars().any(char::is_control) {
+        super::engine::escape_controls(&message)
+    } else {
+        message
+    }
+}
+
 fn truncate(mut message: String) -> String {
     if message.len() > MAX_MESSAGE_BYTES {
         let mut end = MAX_MESSAGE_BYTES;
@@ -56,7 +67,7 @@ impl log::Host for StoreState {
         if self.log_lines > MAX_LOG_CALLS {
             return;
         }
-        let message = truncate(message);
+        let message = sanitize(message);
         let plugin = &*self.plugin;
         match level {
             LogLevel::Trace => tracing::trace!(plugin, "{message}"),
