@@ -44,7 +44,7 @@ pin_project_lite::pin_project! {
                 path = %entry.path,
                 status = entry.status.as_u16(),
                 bytes = *this.bytes,
-                duration_ms = entry.started.elapsed().as_secs_f64() * 1000.0,
+                duration_ms = entry.started.elapsed().as_micros() as f64 / 1000.0,
                 upstream = entry.upstream.as_deref().unwrap_or("-"),
                 cache = entry.cache_status.as_deref().unwrap_or("-"),
                 complete,
