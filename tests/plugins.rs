@@ -605,7 +605,7 @@ async fn larder_check_rejects_a_bad_plugin_config_naming_the_plugin() {
 }
 
 #[tokio::test]
-async fn a_reload_adds_changes_and_keeps_plugins_whose_new_config_is_bad() {
+async fn a_reload_applies_plugin_changes_all_or_nothing() {
     let host = host(&[]).await;
     let header_after = |host: Arc<PluginHost>| async move {
         let out = host
@@ -641,6 +641,15 @@ async fn a_reload_adds_changes_and_keeps_plugins_whose_new_config_is_bad() {
         Some("2"),
         "the previous build keeps running"
     );
+    let mut half_good = config("{ set: 'x-version: 3' }");
+    half_good.insert("other".to_string(), add_headers("{ remove: 'not a name' }"));
+    assert!(host.apply(&half_good).await.is_err());
+    assert_eq!(
+        header_after(host.clone()).await.as_deref(),
+        Some("2"),
+        "a reload with one bad plugin changes none"
+    );
+    assert!(host.stats("other").is_none());
     host.apply(&BTreeMap::new()).await.expect("removed");
     assert!(host.stats("hdr").is_none());
 }

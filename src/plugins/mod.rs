@@ -136,7 +136,9 @@ impl PluginHost {
         }))
     }
 
-    /// Applies a reloaded `plugins:` map; a plugin that fails to load keeps its old build.
+    /// Applies a reloaded `plugins:` map, all or nothing: every changed or
+    /// new plugin is built and probed first; if one fails, nothing changes
+    /// (every plugin keeps its running build) and the error names it.
     pub async fn apply(&self, config: &BTreeMap<String, PluginConfig>) -> Result<(), PluginError> {
         if config.is_empty() {
             self.replace_slots(BTreeMap::new());
@@ -150,47 +152,50 @@ impl PluginHost {
             }
         };
         let existing = self.slots.read().map(|s| s.clone()).unwrap_or_default();
-        let mut next = BTreeMap::new();
-        let mut first_error = None;
+        let mut built = Vec::new();
         for (name, plugin_config) in config {
-            let slot = existing.get(name);
-            if let Some(slot) = slot
+            if let Some(slot) = existing.get(name)
                 && is_unchanged(slot, plugin_config).await
             {
-                next.insert(name.clone(), slot.clone());
                 continue;
             }
             match loader::load_plugin(&engine, name, plugin_config).await {
-                Ok(plugin) => {
-                    let path_changed =
-                        slot.is_some_and(|s| s.current.load().config.path != plugin_config.path);
-                    let slot = match slot {
-                        Some(slot) => {
-                            slot.swap(plugin);
-                            slot.clone()
-                        }
-                        None => PluginSlot::new(plugin),
-                    };
-                    if path_changed || !existing.contains_key(name) {
-                        loader::watch(engine.clone(), &slot);
-                    }
-                    tracing::info!(plugin = %name, "plugin (re)loaded");
-                    next.insert(name.clone(), slot);
-                }
+                Ok(plugin) => built.push((name.clone(), plugin)),
                 Err(reason) => {
-                    tracing::error!(plugin = %name, %reason, "plugin failed to load; keeping its previous build if any");
-                    if let Some(slot) = slot {
-                        next.insert(name.clone(), slot.clone());
-                    }
-                    first_error.get_or_insert(PluginError::Load {
+                    tracing::error!(plugin = %name, %reason, "plugin failed to load; the reload changes no plugin");
+                    return Err(PluginError::Load {
                         plugin: name.clone(),
                         reason,
                     });
                 }
             }
         }
+        let mut next: BTreeMap<String, Arc<PluginSlot>> = existing
+            .iter()
+            .filter(|(name, _)| config.contains_key(*name))
+            .map(|(name, slot)| (name.clone(), slot.clone()))
+            .collect();
+        for (name, plugin) in built {
+            let slot = match existing.get(&name) {
+                Some(slot) => {
+                    let path_changed = slot.current.load().config.path != plugin.config.path;
+                    slot.swap(plugin);
+                    if path_changed {
+                        loader::watch(engine.clone(), slot);
+                    }
+                    slot.clone()
+                }
+                None => {
+                    let slot = PluginSlot::new(plugin);
+                    loader::watch(engine.clone(), &slot);
+                    slot
+                }
+            };
+            tracing::info!(plugin = %name, "plugin loaded from the new configuration");
+            next.insert(name, slot);
+        }
         self.replace_slots(next);
-        first_error.map_or(Ok(()), Err)
+        Ok(())
     }
 
     fn replace_slots(&self, next: BTreeMap<String, Arc<PluginSlot>>) {
