@@ -19,7 +19,7 @@ use super::directives::{RequestDirectives, ResponseDirectives};
 use super::flight::{FailedFetch, Flight, Head, clone_error};
 use super::policy::{self, NotStorable, Timing};
 use super::store::{Entry, Meta};
-use super::{Inner, Origin, is_error_status, key, update_gauges};
+use super::{Inner, Origin, counters, is_error_status, key, update_gauges};
 use crate::body::{self, Body};
 use crate::error::ProxyError;
 
@@ -240,7 +240,7 @@ impl Fill {
             store.remove_entry(&self.key, &entry);
             return;
         }
-        metrics::counter!("larder_cache_stored_total").increment(1);
+        counters::stored();
         update_gauges(&store);
     }
 

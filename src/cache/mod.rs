@@ -7,6 +7,7 @@
 //! `directives`, `policy` and `key`; `store` keeps entries, `flight` shares one
 //! fetch between concurrent requests, `fill` runs that fetch.
 
+mod counters;
 mod directives;
 mod fill;
 mod flight;
@@ -344,7 +345,7 @@ impl Cache {
         reason: &'static str,
     ) -> Response<Body> {
         count("stale");
-        metrics::counter!("larder_cache_stale_served_total", "reason" => reason).increment(1);
+        counters::stale_served(reason);
         let status = format!("{CACHE_NAME}; hit; ttl={}", ttl_seconds(&entry.meta, now));
         respond_stored(entry, parts, now, status)
     }
@@ -408,7 +409,7 @@ impl Cache {
         lookup: Lookup<'_>,
         origin: Arc<dyn Origin>,
     ) -> Result<Response<Body>, ProxyError> {
-        metrics::counter!("larder_cache_coalesced_total").increment(1);
+        counters::coalesced();
         match flight.wait_head().await {
             Head::Shared {
                 meta,
@@ -701,7 +702,7 @@ fn serve_stale_on_error(
     upstream_status: Option<StatusCode>,
 ) -> Response<Body> {
     count("stale");
-    metrics::counter!("larder_cache_stale_served_total", "reason" => "error").increment(1);
+    counters::stale_served("error");
     let ttl = ttl_seconds(&stale.meta, now);
     let status = match upstream_status {
         Some(code) => format!(
@@ -923,7 +924,7 @@ fn ip_allowed(rule: &str, ip: IpAddr) -> bool {
 }
 
 fn count(status: &'static str) {
-    metrics::counter!("larder_cache_requests_total", "status" => status).increment(1);
+    counters::request(status);
 }
 
 fn update_gauges(store: &Store) {
