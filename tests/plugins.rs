@@ -1052,3 +1052,47 @@ async fn a_transformed_chunked_body_gets_a_content_length() {
     assert_eq!(head.headers["content-length"], "7");
     assert!(head.headers.get("transfer-encoding").is_none());
 }
+
+#[tokio::test]
+async fn a_fetcher_gets_no_redirects_followed_and_no_oversized_bodies() {
+    let elsewhere = json_origin(r#"{"data":"elsewhere"}"#).await;
+    let target = format!("{}/loot", elsewhere.url());
+    let redirecting = start_origin(move |_| {
+        let target = target.clone();
+        async move { respond(302, &[("location", target.as_str())], "") }
+    })
+    .await;
+    let huge = start_origin(|_| async {
+        respond(
+            200,
+            &[("content-type", "application/json")],
+            vec![b' '; 9 * 1024 * 1024],
+        )
+    })
+    .await;
+    let fetcher = plugin(&format!(
+        "path: {}\nallow_hosts: ['{}', '{}', '{}']",
+        wasm("http_json").display(),
+        redirecting.url(),
+        huge.url(),
+        elsewhere.url(),
+    ));
+    let host = host(&[("f", fetcher)]).await;
+    match host
+        .fetch("f", fetch_context("s", &format!("{}/", redirecting.url())))
+        .await
+    {
+        Err(PluginError::Call { reason, .. }) => assert!(reason.contains("status 302"), "{reason}"),
+        other => panic!("a redirect is handed back, not followed: {other:?}"),
+    }
+    assert_eq!(elsewhere.hits(), 0);
+    match host
+        .fetch("f", fetch_context("s", &format!("{}/", huge.url())))
+        .await
+    {
+        Err(PluginError::Call { reason, .. }) => {
+            assert!(reason.contains("too large"), "{reason}")
+        }
+        other => panic!("a 9 MiB body is over the cap: {other:?}"),
+    }
+}
