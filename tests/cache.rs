@@ -1850,3 +1850,40 @@ async fn entries_survive_a_reload_that_resizes_the_cache() {
     assert!(hit.cache_status().contains("hit"), "{}", hit.cache_status());
     assert_eq!(origin.hits(), 1);
 }
+
+#[tokio::test]
+async fn concurrent_requests_for_an_object_too_big_to_store_still_share_one_fetch() {
+    let release = Arc::new(Notify::new());
+    let gate = Arc::clone(&release);
+    let origin = start_origin(move |_, _| {
+        let gate = Arc::clone(&gate);
+        async move {
+            gate.notified().await;
+            gate.notify_one();
+            reply(200, &[("cache-control", "max-age=60")], &"z".repeat(4096))
+        }
+    })
+    .await;
+    let config = CacheConfig {
+        max_object_size: ByteSize(1024),
+        ..CacheConfig::default()
+    };
+    let front = start_front(&origin, route(), config).await;
+    let url: &'static str = Box::leak(front.url("/big-herd").into_boxed_str());
+    let requests: Vec<_> = (0..5).map(|_| tokio::spawn(get(url))).collect();
+    eventually("the leader reaches the origin", || origin.hits() == 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release.notify_one();
+    for request in requests {
+        let reply = request.await.unwrap();
+        assert_eq!(reply.body.len(), 4096);
+        assert!(
+            !reply.cache_status().contains("stored"),
+            "{}",
+            reply.cache_status()
+        );
+    }
+    assert_eq!(origin.hits(), 1);
+    get(url).await;
+    assert_eq!(origin.hits(), 2, "nothing was stored");
+}

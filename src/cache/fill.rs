@@ -308,22 +308,28 @@ impl Fill {
         let max_object = self.inner.settings.load().max_object_size;
         let declared_length = content_length(&head.headers);
         let verdict = self.check(head.status, &head.headers, &meta.directives);
-        let too_big = declared_length.is_some_and(|length| length > max_object);
-        if verdict.is_err() || too_big {
-            let reason = verdict.err().map_or("max-object-size", NotStorable::as_str);
-            tracing::debug!(key = %self.key, reason, "response not stored");
+        if let Err(reason) = verdict {
+            tracing::debug!(key = %self.key, reason = reason.as_str(), "response not stored");
             self.forget_stale();
             self.solo(Response::from_parts(head, body), leader);
             return;
         }
+        // Too big to keep, but still shareable: the readers already attached
+        // stream it together; later requests start their own fetch.
+        let mut storing = declared_length.is_none_or(|length| length <= max_object);
+        if !storing {
+            tracing::debug!(key = %self.key, max_object, "response over max_object_size; streaming it uncached");
+            self.forget_stale();
+            self.unregister();
+            self.flight.stop_keeping();
+        }
         drop(leader);
         self.flight.set_head(Head::Shared {
             meta: Arc::clone(&meta),
-            stored: true,
+            stored: storing,
             upstream_status: head.status,
         });
 
-        let mut storing = true;
         let mut total: u64 = 0;
         loop {
             match self.next_frame(&mut body, storing).await {

@@ -410,12 +410,15 @@ impl Cache {
         origin: Arc<dyn Origin>,
     ) -> Result<Response<Body>, ProxyError> {
         counters::coalesced();
+        // Attached before the head arrives, so a response that is streamed
+        // without a replay copy still reaches this waiter from its first byte.
+        let reader = flight.reader();
         match flight.wait_head().await {
             Head::Shared {
                 meta,
                 stored,
                 upstream_status,
-            } if may_share(&meta, &lookup.parts.headers) => match flight.reader() {
+            } if may_share(&meta, &lookup.parts.headers) => match reader {
                 Some(reader) => {
                     count(lookup.fwd.metric());
                     let status = forwarded_status(lookup.fwd, upstream_status, stored, true);
