@@ -950,49 +950,62 @@ impl CapturedLog {
     }
 }
 
-#[tokio::test(flavor = "current_thread")]
+/// The log of this whole test process (a global subscriber: a thread-scoped
+/// one misses events whose callsites other threads hit first).
+fn captured_log() -> &'static CapturedLog {
+    static LOG: std::sync::OnceLock<CapturedLog> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let log = CapturedLog::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("no other global subscriber in this test binary (unset LARDER_TEST_LOG)");
+        log
+    })
+}
+
+#[tokio::test]
 async fn guest_logs_and_stderr_reach_the_host_log_tagged_with_the_plugin() {
-    let captured = CapturedLog::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let captured = captured_log();
 
     let host = host(&[
-        ("crashy", fault_config("panic", "open")),
+        ("log-crashy", fault_config("panic", "open")),
         (
-            "gate",
+            "log-gate",
             plugin(&format!("path: {}", wasm("answer_direct").display())),
         ),
     ])
     .await;
     let mut parts = request(&[]);
-    host.on_request(&chain(&["crashy", "gate"]), &mut parts)
+    host.on_request(&chain(&["log-crashy", "log-gate"]), &mut parts)
         .await
         .expect("open skips the crash; the gate answers");
 
+    // Other tests log into the same process-wide log: look for this test's
+    // plugin names only.
     let log = captured.text();
-    let line_with = |needle: &str| {
+    let line_with = |plugin: &str, needle: &str| {
         log.lines()
-            .find(|line| line.contains(needle))
-            .unwrap_or_else(|| panic!("no log line with {needle:?} in:\n{log}"))
+            .find(|line| {
+                line.contains(needle)
+                    && (line.contains(&format!("plugin={plugin} "))
+                        || line.contains(&format!("plugin=\"{plugin}\"")))
+            })
+            .unwrap_or_else(|| panic!("no log line of {plugin} with {needle:?} in:\n{log}"))
             .to_string()
     };
-    let tagged = |line: String, plugin: &str| {
-        line.contains(&format!("plugin={plugin}")) || line.contains(&format!("plugin=\"{plugin}\""))
-    };
-    let stderr = line_with("boom: deliberate panic");
+    let stderr = line_with("log-crashy", "boom: deliberate panic");
     assert!(stderr.contains("stream=\"stderr\""), "{stderr}");
-    assert!(tagged(stderr, "crashy"));
-    let failure = line_with("plugin call failed");
+    let failure = line_with("log-crashy", "plugin call failed");
     assert!(
         failure.contains("kind=\"trap\"") || failure.contains("kind=trap"),
         "{failure}"
     );
-    assert!(tagged(line_with("refusing GET /items?page=2"), "gate"));
+    line_with("log-gate", "refusing GET /items?page=2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1095,4 +1108,23 @@ async fn a_fetcher_gets_no_redirects_followed_and_no_oversized_bodies() {
         }
         other => panic!("a 9 MiB body is over the cap: {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_fetcher_reaches_an_allowed_host_name_through_the_guarded_resolver() {
+    let api = json_origin(r#"{"data":[1,2]}"#).await;
+    let origin = format!("http://localhost:{}", api.addr.port());
+    let fetcher = plugin(&format!(
+        "path: {}\nconfig: {{ pointer: /data }}\nallow_hosts: ['{origin}']",
+        wasm("http_json").display()
+    ));
+    let host = host(&[("named", fetcher)]).await;
+    match host
+        .fetch("named", fetch_context("n", &format!("{origin}/x")))
+        .await
+    {
+        Ok(FetchOutcome::Updated { body, .. }) => assert_eq!(body, Bytes::from_static(b"[1,2]")),
+        other => panic!("localhost is allowed by name: {other:?}"),
+    }
+    assert_eq!(api.hits(), 1);
 }

@@ -6,13 +6,18 @@
 //! parsed with `url` (IDNA, case, default ports), user information is
 //! refused and redirects are never followed.
 
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::rt::TokioExecutor;
 use url::{Host, Url};
 
@@ -161,18 +166,78 @@ pub struct OutboundResponse {
     pub body: Bytes,
 }
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpsClient =
+    Client<hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
 
 fn client() -> &'static HttpsClient {
     static CLIENT: OnceLock<HttpsClient> = OnceLock::new();
     CLIENT.get_or_init(|| {
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver(GaiResolver::new()));
+        http.enforce_http(false);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_webpki_roots()
             .https_or_http()
             .enable_http1()
-            .build();
+            .wrap_connector(http);
         Client::builder(TokioExecutor::new()).build(connector)
     })
+}
+
+/// Whether an address is one a host name must never lead a plugin to:
+/// unspecified, link-local (where cloud metadata services live) and the
+/// well-known metadata addresses. An operator who really means one lists
+/// the IP literal in `allow_hosts` (literals are not resolved).
+fn is_forbidden_target(ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => {
+            v4.is_unspecified() || v4.is_link_local() || v4 == Ipv4Addr::new(100, 100, 100, 200)
+        }
+        IpAddr::V6(v6) => {
+            v6.is_unspecified()
+                || v6.is_unicast_link_local()
+                || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+        }
+    }
+}
+
+/// DNS for plugin calls: the system resolver, minus forbidden addresses, so
+/// an allowed name re-pointed at a metadata service (DNS rebinding) leads
+/// nowhere. The check applies to the addresses actually connected to.
+#[derive(Clone)]
+struct GuardedResolver(GaiResolver);
+
+impl tower_service::Service<Name> for GuardedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let resolving = self.0.call(name.clone());
+        Box::pin(async move {
+            let addresses: Vec<SocketAddr> = resolving
+                .await?
+                .filter(|address| !is_forbidden_target(address.ip()))
+                .collect();
+            if addresses.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{name} resolves only to link-local, unspecified or metadata addresses"
+                    ),
+                ));
+            }
+            Ok(addresses.into_iter())
+        })
+    }
 }
 
 /// Headers a plugin may not set: the client manages them.
@@ -314,6 +379,33 @@ mod tests {
         assert!(AllowedOrigin::parse("https://example.com/path").is_err());
         assert!(AllowedOrigin::parse("https://a*.example.com").is_err());
         assert!(AllowedOrigin::parse("example.com").is_err());
+    }
+
+    #[test]
+    fn names_never_lead_to_link_local_or_metadata_addresses() {
+        for forbidden in [
+            "169.254.169.254",
+            "169.254.0.1",
+            "0.0.0.0",
+            "100.100.100.200",
+            "fe80::1",
+            "::",
+            "fd00:ec2::254",
+            "::ffff:169.254.169.254",
+        ] {
+            let ip: IpAddr = forbidden.parse().expect("test address");
+            assert!(is_forbidden_target(ip), "{forbidden}");
+        }
+        for allowed in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "93.184.216.34",
+            "::1",
+            "2001:db8::1",
+        ] {
+            let ip: IpAddr = allowed.parse().expect("test address");
+            assert!(!is_forbidden_target(ip), "{allowed}");
+        }
     }
 
     #[test]
