@@ -1128,3 +1128,17 @@ async fn a_fetcher_reaches_an_allowed_host_name_through_the_guarded_resolver() {
     }
     assert_eq!(api.hits(), 1);
 }
+
+#[tokio::test]
+async fn a_plugin_within_its_memory_limit_runs_normally() {
+    let mut frugal = fault_config("eat_memory", "closed");
+    frugal.config.insert("mib".to_string(), "8".to_string());
+    let host = host(&[("frugal", frugal)]).await;
+    let mut parts = request(&[]);
+    let result = host.on_request(&chain(&["frugal"]), &mut parts).await;
+    assert!(
+        matches!(result, Ok(None)),
+        "8 MiB fits in 32 MiB: {result:?}"
+    );
+    assert_eq!(host.stats("frugal").map(|s| s.failures), Some(0));
+}
