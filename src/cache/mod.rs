@@ -860,7 +860,7 @@ fn respond_with(
 fn pass_through(response: Response<Body>, parts: &Parts, status: String) -> Response<Body> {
     let (mut head, body) = response.into_parts();
     let not_modified = head.status.is_success()
-        && parts.method == Method::GET
+        && (parts.method == Method::GET || parts.method == Method::HEAD)
         && policy::is_not_modified(&parts.headers, head.status, &head.headers);
     let body = if not_modified {
         head.headers = policy::not_modified_headers(&head.headers);
