@@ -1142,3 +1142,35 @@ async fn a_plugin_within_its_memory_limit_runs_normally() {
     );
     assert_eq!(host.stats("frugal").map(|s| s.failures), Some(0));
 }
+
+#[tokio::test]
+async fn a_config_reload_swaps_plugin_settings_and_refuses_a_broken_plugin() {
+    let origin = start_origin(|_| async { respond(200, &[], "ok") }).await;
+    let yaml = |set: &str| {
+        format!(
+            "upstreams:\n  app: {{ servers: [\"{}\"] }}\nroutes:\n  - upstream: app\n    plugins: [stamp]\n{}",
+            origin.url(),
+            plugins_yaml(&[(
+                "stamp",
+                "add_headers",
+                &format!("config: {{ set: '{set}' }}")
+            )])
+        )
+    };
+    let larder = start_larder(&yaml("x-release: one")).await;
+    assert_eq!(get(&larder.url("/")).await.header("x-release"), Some("one"));
+    larder
+        .reload(&yaml("x-release: two"))
+        .await
+        .expect("reload with new plugin settings");
+    assert_eq!(get(&larder.url("/")).await.header("x-release"), Some("two"));
+    let refused = larder.reload(&yaml("no colon")).await;
+    let error = refused.expect_err("a plugin refusing its config fails the reload");
+    assert!(error.contains("stamp"), "{error}");
+    assert_eq!(
+        get(&larder.url("/")).await.header("x-release"),
+        Some("two"),
+        "the running plugin is kept"
+    );
+    larder.stop().await;
+}
