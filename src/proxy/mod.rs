@@ -89,8 +89,7 @@ impl cache::Origin for RouteOrigin {
             let response = forward(&upstream, request).await?;
             match head {
                 Some(head) => {
-                    plugins
-                        .on_response(&chain, PluginPhase::CacheStore, &head, response)
+                    Box::pin(plugins.on_response(&chain, PluginPhase::CacheStore, &head, response))
                         .await
                 }
                 None => Ok(response),
@@ -273,7 +272,7 @@ impl Proxy {
             outcome.upstream = Some(origin.upstream.name().clone());
             if headers::is_upgrade_request(request.headers()) {
                 prepare_request_headers(&mut request, true);
-                return upgrade::tunnel(&origin.upstream, request).await;
+                return Box::pin(upgrade::tunnel(&origin.upstream, request)).await;
             }
         }
         prepare_request_headers(&mut request, false);
@@ -286,9 +285,11 @@ impl Proxy {
             }
             None => body::boxed(incoming),
         };
+        // The cache's and the plugins' futures are boxed: they are several KiB
+        // each, and a request future that embeds them is memmoved per request.
         let plugins = &self.shared.plugins;
         if !route.plugins.is_empty()
-            && let Some(answer) = plugins.on_request(&route.plugins, &mut parts).await?
+            && let Some(answer) = Box::pin(plugins.on_request(&route.plugins, &mut parts)).await?
         {
             return Ok(answer);
         }
@@ -298,18 +299,19 @@ impl Proxy {
             Target::Source(name) => self.shared.sources.serve_source(name, &request),
             Target::Upstream(origin) if route.cache.enabled => {
                 let origin: Arc<dyn cache::Origin> = origin.clone();
-                self.shared
-                    .cache
-                    .serve(&route.cache, request, origin)
-                    .await?
+                Box::pin(self.shared.cache.serve(&route.cache, request, origin)).await?
             }
             Target::Upstream(origin) => cache::Origin::fetch(origin.as_ref(), request).await?,
         };
         match head {
             Some(head) => {
-                plugins
-                    .on_response(&route.plugins, PluginPhase::Downstream, &head, response)
-                    .await
+                Box::pin(plugins.on_response(
+                    &route.plugins,
+                    PluginPhase::Downstream,
+                    &head,
+                    response,
+                ))
+                .await
             }
             None => Ok(response),
         }
