@@ -1887,3 +1887,63 @@ async fn concurrent_requests_for_an_object_too_big_to_store_still_share_one_fetc
     get(url).await;
     assert_eq!(origin.hits(), 2, "nothing was stored");
 }
+
+#[tokio::test]
+async fn request_no_cache_revalidates_with_the_stored_validator() {
+    let (origin, front) = setup(|request, n| async move {
+        if request
+            .headers()
+            .get("if-none-match")
+            .is_some_and(|v| v == "\"r1\"")
+        {
+            return reply(304, &[("etag", "\"r1\"")], "");
+        }
+        reply(
+            200,
+            &[("cache-control", "max-age=60"), ("etag", "\"r1\"")],
+            &format!("body {n}"),
+        )
+    })
+    .await;
+    get(&front.url("/ccreq")).await;
+    let validated = get_with(&front.url("/ccreq"), &[("cache-control", "no-cache")]).await;
+    assert_eq!(validated.text(), "body 1");
+    assert_eq!(
+        origin.last_request().get("if-none-match").unwrap(),
+        "\"r1\""
+    );
+    assert!(
+        validated
+            .cache_status()
+            .contains("fwd=request; fwd-status=304"),
+        "{}",
+        validated.cache_status()
+    );
+    assert_eq!(origin.hits(), 2);
+}
+
+#[tokio::test]
+async fn head_on_a_stale_entry_revalidates_it_with_a_get() {
+    let methods = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&methods);
+    let (_origin, front) = setup(move |request, n| {
+        seen.lock().unwrap().push(request.method().to_string());
+        async move { reply(200, &[("cache-control", "max-age=1")], &format!("body {n}")) }
+    })
+    .await;
+    get(&front.url("/hs")).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let head = send("HEAD", &front.url("/hs"), &[]).await;
+    assert!(head.body.is_empty());
+    assert!(
+        head.cache_status().contains("fwd=stale"),
+        "{}",
+        head.cache_status()
+    );
+    assert_eq!(*methods.lock().unwrap(), vec!["GET", "GET"]);
+    // The GET fill behind the HEAD stored the new body (the next GET either
+    // hits it or joins that fill while it commits).
+    let refreshed = get(&front.url("/hs")).await;
+    assert_eq!(refreshed.text(), "body 2");
+    assert_eq!(methods.lock().unwrap().len(), 2);
+}
