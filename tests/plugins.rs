@@ -762,6 +762,16 @@ async fn a_cache_store_transform_runs_once_per_fill_and_its_output_is_served_on_
     )
     .await;
     assert_eq!(on_response, 1.0, "the transform ran once, for the one fill");
+    let on_request = metric(
+        &larder,
+        "larder_plugin_invocations_total",
+        &[("plugin", "slim-once"), ("hook", "on_request")],
+    )
+    .await;
+    assert_eq!(
+        on_request, 0.0,
+        "hits do not instantiate a cache-store plugin"
+    );
     larder.stop().await;
 }
 

@@ -224,7 +224,9 @@ impl PluginHost {
         let Some(engine) = self.engine.get() else {
             return Ok(None);
         };
-        for (slot, plugin) in self.transformers(chain, None) {
+        // A cache-store transformer is paid once per fill: calling its
+        // on-request too would cost a fresh instance on every hit.
+        for (slot, plugin) in self.transformers(chain, Some(PluginPhase::Downstream)) {
             let head = transformer::request_head(request);
             let call = transformer::on_request(engine, &plugin, &head);
             let Some(edit) = guarded(&slot, &plugin, Hook::OnRequest, call).await? else {
