@@ -331,6 +331,7 @@ impl Fill {
         });
 
         let mut total: u64 = 0;
+        let mut committed = false;
         loop {
             match self.next_frame(&mut body, storing).await {
                 Step::Data(chunk) => {
@@ -340,6 +341,14 @@ impl Fill {
                         self.unregister();
                         self.flight.stop_keeping();
                         tracing::debug!(key = %self.key, max_object, "response outgrew max_object_size; streaming it uncached");
+                    }
+                    if storing && declared_length == Some(total) {
+                        // The last byte of a known length: stored before any
+                        // reader sees it, so a client holding the whole body
+                        // finds the entry on its next request.
+                        self.commit(Arc::clone(&meta), self.flight.collected_with(&chunk));
+                        self.unregister();
+                        committed = true;
                     }
                     self.flight.push(chunk);
                     if !storing && !self.pace().await {
@@ -363,8 +372,8 @@ impl Fill {
                 }
             }
         }
-        if storing {
-            let body = self.flight.collected();
+        if storing && !committed {
+            let body = self.flight.collected_with(&[]);
             if declared_length.is_none_or(|length| length == body.len() as u64) {
                 self.commit(meta, body);
             }

@@ -190,16 +190,18 @@ impl Flight {
         self.lock().chunks.iter().map(Bytes::len).sum()
     }
 
-    /// The whole body, for the store; only meaningful while keeping all.
-    pub fn collected(&self) -> Bytes {
+    /// The whole body so far plus `last`, for the store; only meaningful
+    /// while keeping all.
+    pub fn collected_with(&self, last: &[u8]) -> Bytes {
         let buffer = self.lock();
         // Always a fresh copy: a chunk may share a larger read buffer, which
         // would then be held (and misweighed) for the entry's whole life.
-        let total: usize = buffer.chunks.iter().map(Bytes::len).sum();
+        let total: usize = buffer.chunks.iter().map(Bytes::len).sum::<usize>() + last.len();
         let mut body = Vec::with_capacity(total);
         for chunk in &buffer.chunks {
             body.extend_from_slice(chunk);
         }
+        body.extend_from_slice(last);
         Bytes::from(body)
     }
 
@@ -319,7 +321,7 @@ mod tests {
         flight.finish(true);
         assert_eq!(early.collect().await.unwrap().to_bytes(), "abcd");
         assert_eq!(late.collect().await.unwrap().to_bytes(), "abcd");
-        assert_eq!(flight.collected(), "abcd");
+        assert_eq!(flight.collected_with(b"e"), "abcde");
     }
 
     #[tokio::test]
