@@ -19,6 +19,9 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHENTICATE,
 ];
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 larder");
 
 /// Removes hop-by-hop headers and every header named in `Connection`.
@@ -73,18 +76,25 @@ pub fn add_forwarded(
     original_host: Option<HeaderValue>,
 ) {
     if let Some(client) = client {
-        let client = client.to_string();
-        let value = match headers.get("x-forwarded-for").map(HeaderValue::to_str) {
-            Some(Ok(earlier)) if !earlier.trim().is_empty() => format!("{earlier}, {client}"),
-            _ => client,
+        use std::fmt::Write;
+        let earlier = match headers.get(X_FORWARDED_FOR).map(HeaderValue::to_str) {
+            Some(Ok(earlier)) if !earlier.trim().is_empty() => earlier,
+            _ => "",
         };
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            headers.insert("x-forwarded-for", value);
+        // One allocation: room for the earlier hops and an IPv6 address.
+        let mut value = String::with_capacity(earlier.len() + 48);
+        if !earlier.is_empty() {
+            value.push_str(earlier);
+            value.push_str(", ");
+        }
+        let _ = write!(value, "{client}");
+        if let Ok(value) = HeaderValue::try_from(value) {
+            headers.insert(X_FORWARDED_FOR, value);
         }
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     if let Some(host) = original_host {
-        headers.insert("x-forwarded-host", host);
+        headers.insert(X_FORWARDED_HOST, host);
     }
     append_via(headers);
 }

@@ -57,11 +57,27 @@ enum Target {
     Source(String),
 }
 
+/// A route's metric label and its duration histogram, registered once.
+struct RouteMetrics {
+    /// The `route` label: host + path prefix, `none` or `cachepump`.
+    label: Arc<str>,
+    duration: metrics::Histogram,
+}
+
+impl RouteMetrics {
+    fn new(label: &str) -> Self {
+        let label: Arc<str> = Arc::from(label);
+        Self {
+            duration: metrics::histogram!("larder_request_duration_seconds", "route" => label.clone()),
+            label,
+        }
+    }
+}
+
 /// One compiled `routes:` entry.
 struct RouteEntry {
     matcher: router::Matcher,
-    /// The `route` label of `larder_requests_total`.
-    label: Arc<str>,
+    metrics: RouteMetrics,
     target: Target,
     cache: RouteCache,
     plugins: Arc<[String]>,
@@ -127,8 +143,8 @@ pub struct Proxy {
     upstreams: BTreeMap<String, Arc<UpstreamClient>>,
     max_request_body: Option<u64>,
     access_log: bool,
-    /// The `route` label when no route answered: `cachepump` or `none`.
-    unrouted_label: Arc<str>,
+    /// Metrics of requests no route answered.
+    unrouted: RouteMetrics,
 }
 
 impl Proxy {
@@ -152,13 +168,13 @@ impl Proxy {
                     .collect::<Result<Vec<_>, String>>()?,
             ),
         };
-        let unrouted_label = Arc::from(if routes.is_some() {
+        let unrouted = RouteMetrics::new(if routes.is_some() {
             "none"
         } else {
             "cachepump"
         });
         Ok(Self {
-            unrouted_label,
+            unrouted,
             routes,
             shared,
             upstreams,
@@ -189,11 +205,10 @@ impl Proxy {
         };
         headers::append_via(response.headers_mut());
         let status = response.status();
-        let route: Arc<str> = outcome.route.unwrap_or_else(|| self.unrouted_label.clone());
-        metrics::counter!("larder_requests_total", "route" => route.clone(), "status" => status_label(status))
+        let route = outcome.route.unwrap_or(&self.unrouted);
+        metrics::counter!("larder_requests_total", "route" => route.label.clone(), "status" => status_label(status))
             .increment(1);
-        metrics::histogram!("larder_request_duration_seconds", "route" => route)
-            .record(started.elapsed().as_secs_f64());
+        route.duration.record(started.elapsed().as_secs_f64());
         if !logging {
             return response;
         }
@@ -212,10 +227,10 @@ impl Proxy {
         response.map(|inner| body::boxed(access::LoggedBody::new(inner, entry)))
     }
 
-    async fn dispatch(
-        &self,
+    async fn dispatch<'a>(
+        &'a self,
         request: Request<Incoming>,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'a>,
     ) -> Result<Response<Body>, ProxyError> {
         check_request(&request)?;
         let hops = headers::larder_hops(request.headers());
@@ -254,7 +269,7 @@ impl Proxy {
                 path
             )));
         };
-        outcome.route = Some(route.label.clone());
+        outcome.route = Some(&route.metrics);
         self.serve_route(route, request, outcome).await
     }
 
@@ -262,7 +277,7 @@ impl Proxy {
         &self,
         route: &RouteEntry,
         mut request: Request<Incoming>,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'_>,
     ) -> Result<Response<Body>, ProxyError> {
         let limit = route.max_request_body.or(self.max_request_body);
         if let Some(limit) = limit {
@@ -325,8 +340,8 @@ impl Proxy {
 
 /// What the access log and metrics learn while a request is dispatched.
 #[derive(Default)]
-struct Outcome {
-    route: Option<Arc<str>>,
+struct Outcome<'a> {
+    route: Option<&'a RouteMetrics>,
     upstream: Option<Arc<str>>,
 }
 
@@ -357,7 +372,7 @@ fn compile_route(
     );
     Ok(RouteEntry {
         matcher: router::Matcher::new(&route.matcher),
-        label: label.into(),
+        metrics: RouteMetrics::new(&label),
         target,
         cache: route.cache.clone(),
         plugins: chain,
