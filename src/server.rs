@@ -263,9 +263,9 @@ impl Server {
         tracing::info!("larder stopped");
     }
 
-    /// Serves until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP and
-    /// changes to the config file reload it; a broken file keeps the running
-    /// config and logs every error.
+    /// Serves until SIGTERM or SIGINT, then shuts down gracefully (a second
+    /// signal cuts the drain short). SIGHUP and changes to the config file
+    /// reload it; a broken file keeps the running config and logs every error.
     pub async fn run_until_signal(self) -> std::io::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut terminate = signal(SignalKind::terminate())?;
@@ -289,7 +289,12 @@ impl Server {
                 }
             }
         }
-        self.shutdown().await;
+        // A second signal means the operator will not wait for the drain.
+        tokio::select! {
+            () = self.shutdown() => {}
+            _ = terminate.recv() => tracing::warn!("second signal; exiting without finishing the drain"),
+            _ = interrupt.recv() => tracing::warn!("second signal; exiting without finishing the drain"),
+        }
         Ok(())
     }
 
