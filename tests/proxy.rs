@@ -348,6 +348,20 @@ async fn malformed_requests_get_400_problem_json() {
     let raw = raw_exchange(&larder.addr.to_string(), "GET / HTTP/1.1\r\n\r\n").await;
     assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
     assert!(raw.contains("application/problem+json"), "{raw}");
+    // Two Host headers.
+    let raw = raw_exchange(
+        &larder.addr.to_string(),
+        "GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    // User information smuggled into an absolute-form target.
+    let raw = raw_exchange(
+        &larder.addr.to_string(),
+        "GET http://user@a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
     assert_eq!(origin.hits(), 0);
     larder.stop().await;
 }

@@ -413,6 +413,15 @@ fn check_request<B>(request: &Request<B>) -> Result<(), ProxyError> {
             ));
         }
     }
+    if request
+        .uri()
+        .authority()
+        .is_some_and(|authority| authority.as_str().contains('@'))
+    {
+        return Err(ProxyError::BadRequest(
+            "user information in the request target is not allowed".to_string(),
+        ));
+    }
     if count > 1 {
         return Err(ProxyError::BadRequest(
             "more than one Host header".to_string(),
