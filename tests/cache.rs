@@ -1947,3 +1947,30 @@ async fn head_on_a_stale_entry_revalidates_it_with_a_get() {
     assert_eq!(refreshed.text(), "body 2");
     assert_eq!(methods.lock().unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn extreme_dates_and_ages_are_handled() {
+    let (origin, front) = fixed(
+        200,
+        &[
+            ("expires", "Fri, 31 Dec 9999 23:59:59 GMT"),
+            ("date", "Mon, 01 Jan 0001 00:00:00 GMT"),
+        ],
+    )
+    .await;
+    get(&front.url("/far")).await;
+    get(&front.url("/far")).await;
+    let (aged, aged_front) = fixed(
+        200,
+        &[
+            ("cache-control", "max-age=60"),
+            ("age", "99999999999999999999999"),
+        ],
+    )
+    .await;
+    let reply = get(&aged_front.url("/aged")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    get(&aged_front.url("/aged")).await;
+    assert_eq!(aged.hits(), 2, "an enormous Age makes the response stale");
+    assert_eq!(origin.hits(), 1, "an Expires in the year 9999 is simply fresh");
+}

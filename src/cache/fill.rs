@@ -30,6 +30,9 @@ const FILL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const STREAM_WINDOW: usize = 1024 * 1024;
 /// Stale entries with a validator are kept this long for revalidation.
 const VALIDATOR_RETENTION: Duration = Duration::from_secs(60 * 60);
+/// No entry is kept longer than this, whatever its freshness (an Expires in
+/// the year 9999 must not become an overflowing timer).
+const MAX_RETENTION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 /// Every entry outlives its freshness by at least this (for max-stale).
 const MIN_STALE_RETENTION: Duration = Duration::from_secs(60);
 
@@ -446,5 +449,5 @@ fn retention(meta: &Meta, now: SystemTime) -> Duration {
         .max(meta.stale_if_error)
         .max(validation)
         .max(MIN_STALE_RETENTION);
-    remaining + after_stale
+    (remaining + after_stale).min(MAX_RETENTION)
 }

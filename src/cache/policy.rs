@@ -233,6 +233,9 @@ fn whole_seconds(time: SystemTime) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(since_epoch.as_secs())
 }
 
+/// The largest delta-seconds value (RFC 9111 section 1.2.2).
+const DELTA_SECONDS_MAX: u64 = 2_147_483_648;
+
 /// The Age field: the first member of a list, ignored when invalid (RFC 9111 section 5.1).
 pub fn age_value(headers: &HeaderMap) -> Duration {
     headers
@@ -241,7 +244,9 @@ pub fn age_value(headers: &HeaderMap) -> Duration {
         .and_then(|v| v.split(',').next())
         .map(str::trim)
         .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-        .map(|v| Duration::from_secs(v.parse::<u64>().unwrap_or(u64::from(u32::MAX))))
+        // Saturates like any delta-seconds (RFC 9111 section 1.2.2), which
+        // also keeps the age arithmetic far from overflowing.
+        .map(|v| Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX).min(DELTA_SECONDS_MAX)))
         .unwrap_or(Duration::ZERO)
 }
 
@@ -473,6 +478,10 @@ mod tests {
             Duration::from_secs(5)
         );
         assert_eq!(age_value(&headers(&[("age", "-3")])), Duration::ZERO);
+        let huge = headers(&[("age", "18446744073709551615")]);
+        assert_eq!(age_value(&huge), Duration::from_secs(DELTA_SECONDS_MAX));
+        let timing = Timing::new(at(1000), at(1002), &huge);
+        assert!(timing.current_age(at(5000)) > Duration::from_secs(DELTA_SECONDS_MAX));
     }
 
     #[test]
