@@ -974,3 +974,58 @@ async fn shutdown_gives_up_on_requests_after_the_drain_timeout() {
         "the connection is closed, not answered: {outcome:?}"
     );
 }
+
+#[tokio::test]
+async fn the_response_timeout_counts_from_the_end_of_a_slow_upload() {
+    let origin = start_origin(|request| async move {
+        let slow_answer = request.uri().path() == "/slow-answer";
+        let body = request
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        if slow_answer {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        respond(200, &[], format!("received {}", body.len()))
+    })
+    .await;
+    let yaml = format!(
+        "upstreams:\n  app:\n    servers: [\"{}\"]\n    timeout: 300ms\nroutes:\n  - upstream: app\n",
+        origin.url()
+    );
+    let larder = start_larder(&yaml).await;
+    let (body_tx, body) = channel_body();
+    let mut sender = connect(&larder.addr.to_string()).await;
+    let request = Request::post("/upload")
+        .header("host", "x")
+        .body(body)
+        .expect("request");
+    let response = tokio::spawn(async move { sender.send_request(request).await });
+    body_tx
+        .send(Bytes::from_static(b"slow "))
+        .await
+        .expect("first part");
+    // The client itself is slow: twice the upstream timeout between parts.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    body_tx
+        .send(Bytes::from_static(b"upload"))
+        .await
+        .expect("second part");
+    drop(body_tx);
+    let response = response.await.expect("task").expect("response");
+    assert_eq!(response.status(), 200);
+    let text = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(text, Bytes::from_static(b"received 11"));
+
+    // Once the body is sent, an upstream slower than the timeout is still 504.
+    let reply = send("POST", &larder.url("/slow-answer"), &[], "quick body").await;
+    assert_problem(&reply, 504);
+    larder.stop().await;
+}

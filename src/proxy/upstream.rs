@@ -91,9 +91,10 @@ impl UpstreamClient {
         &self.name
     }
 
-    /// Whether this client was built from exactly `config`.
+    /// Whether this client can serve `config` as it is. One with a `ca_file`
+    /// is always rebuilt, so a reload picks up a renewed CA bundle.
     pub fn is_built_from(&self, config: &Upstream) -> bool {
-        &self.config == config
+        &self.config == config && config.ca_file.is_none()
     }
 
     fn pick(&self) -> &Server {
@@ -153,7 +154,7 @@ impl UpstreamClient {
         }
         let started = Instant::now();
         let timeout = self.config.timeout.0;
-        let outcome = tokio::time::timeout(timeout, self.client.request(request)).await;
+        let outcome = self.request_with_head_timeout(request, timeout).await;
         self.duration.record(started.elapsed().as_secs_f64());
         match outcome {
             Ok(Ok(response)) => Ok(response),
@@ -176,6 +177,33 @@ impl UpstreamClient {
         }
     }
 
+    /// Sends `request` and waits up to `timeout` for the response head,
+    /// counted from the end of the request body: a slow upload is not a slow
+    /// upstream. (An upstream that answers before reading the whole body is
+    /// still answered.)
+    async fn request_with_head_timeout(
+        &self,
+        request: Request<Body>,
+        timeout: Duration,
+    ) -> Result<
+        Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+        tokio::time::error::Elapsed,
+    > {
+        if http_body::Body::is_end_stream(request.body()) {
+            return tokio::time::timeout(timeout, self.client.request(request)).await;
+        }
+        let body_sent = Arc::new(tokio::sync::Notify::new());
+        let signal = body_sent.clone();
+        let request = request.map(|body| crate::body::boxed(NotifyAtEnd::new(body, signal)));
+        let response = self.client.request(request);
+        tokio::pin!(response);
+        tokio::select! {
+            outcome = &mut response => return Ok(outcome),
+            () = body_sent.notified() => {}
+        }
+        tokio::time::timeout(timeout, response).await
+    }
+
     fn failure(&self, kind: FailureKind, waited: Duration, cause: &str) -> ProxyError {
         metrics::counter!("larder_upstream_errors_total", "upstream" => self.name.clone(), "kind" => kind.as_str())
             .increment(1);
@@ -193,6 +221,56 @@ impl UpstreamClient {
                 },
             },
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that signals when its last frame has been read.
+    struct NotifyAtEnd {
+        #[pin]
+        inner: Body,
+        sent: Option<Arc<tokio::sync::Notify>>,
+    }
+}
+
+impl NotifyAtEnd {
+    fn new(inner: Body, sent: Arc<tokio::sync::Notify>) -> Self {
+        Self {
+            inner,
+            sent: Some(sent),
+        }
+    }
+}
+
+impl http_body::Body for NotifyAtEnd {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        // hyper stops polling a body that says it has ended, so the end is
+        // either `None`, an error, or a frame after which `is_end_stream` holds.
+        let ended = match &polled {
+            std::task::Poll::Ready(None | Some(Err(_))) => true,
+            std::task::Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            std::task::Poll::Pending => false,
+        };
+        if ended && let Some(sent) = this.sent.take() {
+            sent.notify_one();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
