@@ -1972,5 +1972,36 @@ async fn extreme_dates_and_ages_are_handled() {
     assert_eq!(reply.status, StatusCode::OK);
     get(&aged_front.url("/aged")).await;
     assert_eq!(aged.hits(), 2, "an enormous Age makes the response stale");
-    assert_eq!(origin.hits(), 1, "an Expires in the year 9999 is simply fresh");
+    assert_eq!(
+        origin.hits(),
+        1,
+        "an Expires in the year 9999 is simply fresh"
+    );
+}
+
+#[tokio::test]
+async fn a_304_for_another_representation_is_not_merged() {
+    let (origin, front) = setup(|request, n| async move {
+        if request.headers().contains_key("if-none-match") {
+            return reply(
+                304,
+                &[("etag", "\"v2\""), ("cache-control", "max-age=60")],
+                "",
+            );
+        }
+        let etag = if n == 1 { "\"v1\"" } else { "\"v2\"" };
+        reply(
+            200,
+            &[("etag", etag), ("cache-control", "max-age=1")],
+            &format!("body {n}"),
+        )
+    })
+    .await;
+    get(&front.url("/mismatch")).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let reply = get(&front.url("/mismatch")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.text(), "body 3", "the full response, fetched again");
+    assert_eq!(reply.header("etag"), Some("\"v2\""));
+    assert_eq!(origin.hits(), 3);
 }

@@ -45,6 +45,8 @@ pub struct FillJob {
     pub request_headers: HeaderMap,
     pub request_directives: RequestDirectives,
     pub fetch: Request<Body>,
+    /// The same request without validators, for a 304 that matches nothing.
+    pub refetch: Option<Request<Body>>,
     pub origin: Arc<dyn Origin>,
     /// The stored response being revalidated, if any.
     pub stale: Option<Arc<Entry>>,
@@ -95,6 +97,7 @@ pub async fn run(job: FillJob) {
         request_headers,
         request_directives,
         fetch,
+        refetch,
         origin,
         stale,
         route_stale_while_revalidate,
@@ -112,25 +115,29 @@ pub async fn run(job: FillJob) {
         route_stale_while_revalidate,
         route_stale_if_error,
     };
-    let request_time = SystemTime::now();
-    let result = origin.fetch(fetch).await;
-    let response_time = SystemTime::now();
-    let response = match result {
-        Ok(response) => response,
-        Err(error) => {
-            tracing::debug!(key = %fill.key, %error, "cache fill failed");
-            let failed = FailedFetch {
-                error: clone_error(&error),
-            };
-            fill.unregister();
-            fill.flight.set_head(Head::Failed(Arc::new(failed)));
-            let _ = leader.send(Err(error));
-            return;
-        }
+    let (response, request_time, response_time) = match fetch_timed(&*origin, fetch).await {
+        Ok(fetched) => fetched,
+        Err(error) => return fill.fail(error, leader),
     };
     if let Some(stale) = fill.stale.clone() {
         if response.status() == StatusCode::NOT_MODIFIED {
-            fill.refresh(&stale, response, request_time, response_time, leader);
+            if policy::validators_match(&stale.meta.headers, response.headers()) {
+                fill.refresh(&stale, response, request_time, response_time, leader);
+                return;
+            }
+            // RFC 9111 section 4.3.4: a 304 naming another representation
+            // updates nothing; ask again for the full response.
+            tracing::debug!(key = %fill.key, "304 validators do not match the stored response; fetching in full");
+            let Some(refetch) = refetch else {
+                return fill.solo(response, leader);
+            };
+            let (response, request_time, response_time) = match fetch_timed(&*origin, refetch).await
+            {
+                Ok(fetched) => fetched,
+                Err(error) => return fill.fail(error, leader),
+            };
+            fill.stream(response, request_time, response_time, leader)
+                .await;
             return;
         }
         if is_error_status(response.status()) {
@@ -141,6 +148,16 @@ pub async fn run(job: FillJob) {
     }
     fill.stream(response, request_time, response_time, leader)
         .await;
+}
+
+/// The response and the times the request left and its head arrived.
+async fn fetch_timed(
+    origin: &dyn Origin,
+    request: Request<Body>,
+) -> Result<(Response<Body>, SystemTime, SystemTime), ProxyError> {
+    let request_time = SystemTime::now();
+    let response = origin.fetch(request).await?;
+    Ok((response, request_time, SystemTime::now()))
 }
 
 impl Fill {
@@ -155,6 +172,17 @@ impl Fill {
         {
             flights.remove(&self.key);
         }
+    }
+
+    /// The upstream failed without a response: waiters get a copy of the error.
+    fn fail(&self, error: ProxyError, leader: Leader) {
+        tracing::debug!(key = %self.key, %error, "cache fill failed");
+        let failed = FailedFetch {
+            error: clone_error(&error),
+        };
+        self.unregister();
+        self.flight.set_head(Head::Failed(Arc::new(failed)));
+        let _ = leader.send(Err(error));
     }
 
     /// Hands the response to the leader alone; waiters fetch on their own.

@@ -460,6 +460,10 @@ impl Cache {
             request_headers: lookup.parts.headers.clone(),
             request_directives: lookup.directives.clone(),
             fetch: fill_request(&lookup.parts, lookup.stale.as_deref()),
+            refetch: lookup
+                .stale
+                .as_ref()
+                .map(|_| fill_request(&lookup.parts, None)),
             origin,
             stale: lookup.stale.clone(),
             route_stale_while_revalidate: lookup.route.stale_while_revalidate.map(|d| d.0),

@@ -350,6 +350,25 @@ pub const CLIENT_CONDITIONALS: &[HeaderName] = &[
     header::IF_RANGE,
 ];
 
+/// Whether a 304 is about this stored response (RFC 9111 section 4.3.4): its
+/// entity tag, else its Last-Modified, must be the stored one; a 304 with no
+/// validator updates the response that was revalidated.
+pub fn validators_match(stored: &HeaderMap, not_modified: &HeaderMap) -> bool {
+    let text = |headers: &HeaderMap, name: &HeaderName| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_string())
+    };
+    if let Some(etag) = text(not_modified, &header::ETAG) {
+        return text(stored, &header::ETAG).is_some_and(|stored| weak_eq(&stored, &etag));
+    }
+    if let Some(modified) = single_date(not_modified, &header::LAST_MODIFIED) {
+        return single_date(stored, &header::LAST_MODIFIED) == Some(modified);
+    }
+    true
+}
+
 /// Adds the validators of a stored response to a revalidation request.
 pub fn add_validators(request: &mut HeaderMap, stored: &HeaderMap) {
     if let Some(etag) = stored.get(header::ETAG) {
@@ -606,6 +625,26 @@ mod tests {
             ok,
             &stored
         ));
+    }
+
+    #[test]
+    fn a_304_must_name_the_stored_representation() {
+        let stored = headers(&[
+            ("etag", "\"v1\""),
+            ("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
+        ]);
+        assert!(validators_match(&stored, &headers(&[("etag", "\"v1\"")])));
+        assert!(validators_match(&stored, &headers(&[("etag", "W/\"v1\"")])));
+        assert!(!validators_match(&stored, &headers(&[("etag", "\"v2\"")])));
+        assert!(validators_match(
+            &stored,
+            &headers(&[("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT")])
+        ));
+        assert!(!validators_match(
+            &stored,
+            &headers(&[("last-modified", "Tue, 02 Jan 2024 00:00:00 GMT")])
+        ));
+        assert!(validators_match(&stored, &headers(&[])));
     }
 
     #[test]
