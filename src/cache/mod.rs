@@ -204,6 +204,15 @@ fn stale_if_error_allows(meta: &Meta, request: &RequestDirectives, now: SystemTi
     !window.is_zero() && staleness <= window
 }
 
+/// The origin could not be reached or did not answer in time: the failures
+/// stale-if-error covers (a plugin's failure is not the origin's).
+fn is_origin_failure(error: &ProxyError) -> bool {
+    matches!(
+        error,
+        ProxyError::UpstreamUnavailable { .. } | ProxyError::UpstreamTimeout { .. }
+    )
+}
+
 /// Upstream statuses that count as errors for stale-if-error (RFC 5861 section 4).
 fn is_error_status(status: StatusCode) -> bool {
     matches!(status.as_u16(), 500 | 502 | 503 | 504)
@@ -434,6 +443,7 @@ impl Cache {
             Head::Failed(failed) => {
                 let now = SystemTime::now();
                 if let Some(stale) = &lookup.stale
+                    && is_origin_failure(&failed.error)
                     && stale_if_error_allows(&stale.meta, &lookup.directives, now)
                 {
                     return Ok(serve_stale_on_error(stale, &lookup.parts, now, None));
@@ -679,6 +689,10 @@ fn finish_unshared(
             count(lookup.fwd.metric());
             let label = forwarded_status(lookup.fwd, status, false, false);
             Ok(pass_through(response, &lookup.parts, label))
+        }
+        Err(error) if !is_origin_failure(&error) => {
+            count("error");
+            Err(error)
         }
         Err(error) => {
             if let Some(stale) = stale_allowed {
