@@ -10,6 +10,7 @@
 mod access;
 mod headers;
 mod limit;
+mod route_metrics;
 mod router;
 mod upgrade;
 mod upstream;
@@ -33,6 +34,7 @@ use crate::plugins::PluginHost;
 use crate::sources::Sources;
 
 pub use limit::LimitTripped;
+use route_metrics::RouteMetrics;
 pub use upstream::UpstreamClient;
 
 /// The client's address, put into every request's extensions on accept.
@@ -55,23 +57,6 @@ pub struct Shared {
 enum Target {
     Upstream(Arc<RouteOrigin>),
     Source(String),
-}
-
-/// A route's metric label and its duration histogram, registered once.
-struct RouteMetrics {
-    /// The `route` label: host + path prefix, `none` or `cachepump`.
-    label: Arc<str>,
-    duration: metrics::Histogram,
-}
-
-impl RouteMetrics {
-    fn new(label: &str) -> Self {
-        let label: Arc<str> = Arc::from(label);
-        Self {
-            duration: metrics::histogram!("larder_request_duration_seconds", "route" => label.clone()),
-            label,
-        }
-    }
 }
 
 /// One compiled `routes:` entry.
@@ -206,9 +191,7 @@ impl Proxy {
         headers::append_via(response.headers_mut());
         let status = response.status();
         let route = outcome.route.unwrap_or(&self.unrouted);
-        metrics::counter!("larder_requests_total", "route" => route.label.clone(), "status" => status_label(status))
-            .increment(1);
-        route.duration.record(started.elapsed().as_secs_f64());
+        route.record(status, started.elapsed());
         if !logging {
             return response;
         }
@@ -517,37 +500,6 @@ pub fn health() -> Response<Body> {
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
-}
-
-fn status_label(status: StatusCode) -> &'static str {
-    const COMMON: [(u16, &str); 15] = [
-        (200, "200"),
-        (204, "204"),
-        (206, "206"),
-        (301, "301"),
-        (302, "302"),
-        (304, "304"),
-        (400, "400"),
-        (401, "401"),
-        (403, "403"),
-        (404, "404"),
-        (413, "413"),
-        (500, "500"),
-        (502, "502"),
-        (503, "503"),
-        (504, "504"),
-    ];
-    let code = status.as_u16();
-    if let Some((_, label)) = COMMON.iter().find(|(common, _)| *common == code) {
-        return label;
-    }
-    match code {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
 }
 
 /// Client faults at DEBUG, upstream and plugin faults at WARN, ours at ERROR.
