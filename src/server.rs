@@ -245,7 +245,7 @@ impl Server {
             .admin
             .store(Arc::new(Admin::new(config.admin.as_ref(), shared)));
         *running = config;
-        tracing::info!("configuration reloaded");
+        tracing::debug!("configuration swapped in");
         Ok(())
     }
 
