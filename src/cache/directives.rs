@@ -51,7 +51,7 @@ impl ResponseDirectives {
     pub fn parse(headers: &HeaderMap) -> Self {
         let mut parsed = Self::default();
         for (name, value) in directives(headers) {
-            match name.to_ascii_lowercase().as_str() {
+            match lowercase(name).as_ref() {
                 "no-store" => parsed.no_store = true,
                 "no-cache" => parsed.no_cache = true,
                 "private" => parsed.private = true,
@@ -107,7 +107,7 @@ impl RequestDirectives {
             return parsed;
         }
         for (name, value) in directives(headers) {
-            match name.to_ascii_lowercase().as_str() {
+            match lowercase(name).as_ref() {
                 "no-cache" => parsed.no_cache = true,
                 "no-store" => parsed.no_store = true,
                 "only-if-cached" => parsed.only_if_cached = true,
@@ -125,6 +125,16 @@ impl RequestDirectives {
             }
         }
         parsed
+    }
+}
+
+/// Directive names are case-insensitive; most arrive lowercase, which then
+/// costs no allocation.
+fn lowercase(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(name)
     }
 }
 
