@@ -1184,3 +1184,40 @@ async fn a_config_reload_swaps_plugin_settings_and_refuses_a_broken_plugin() {
     );
     larder.stop().await;
 }
+
+#[tokio::test]
+async fn a_plugins_cache_key_parts_keep_variants_apart() {
+    let origin = start_origin(|request: Request<hyper::body::Incoming>| async move {
+        let device = request
+            .headers()
+            .get("x-device")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_string();
+        respond(
+            200,
+            &[("cache-control", "max-age=60")],
+            format!("page for {device}"),
+        )
+    })
+    .await;
+    let yaml = format!(
+        "upstreams:\n  app: {{ servers: [\"{}\"] }}\nroutes:\n  - upstream: app\n    cache: {{ enabled: true }}\n    plugins: [by-device]\n{}",
+        origin.url(),
+        plugins_yaml(&[(
+            "by-device",
+            "add_headers",
+            "config: { cache_key_from: x-device }"
+        )])
+    );
+    let larder = start_larder(&yaml).await;
+    let url = larder.url("/home");
+    for _ in 0..3 {
+        let phone = get_with(&url, &[("x-device", "phone")]).await;
+        assert_eq!(phone.text(), "page for phone");
+        let tablet = get_with(&url, &[("x-device", "tablet")]).await;
+        assert_eq!(tablet.text(), "page for tablet");
+    }
+    assert_eq!(origin.hits(), 2, "one fill per device, hits after that");
+    larder.stop().await;
+}

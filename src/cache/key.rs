@@ -67,6 +67,16 @@ pub fn primary_key(uri: &Uri, headers: &HeaderMap, config: &CacheKeyConfig) -> S
     key
 }
 
+/// Appends the parts a transformer plugin asked to add to the key. They sit
+/// after the URL like route-added headers, so purge by URL still reaches them.
+pub fn append_plugin_parts(key: &mut String, parts: &[String]) {
+    for part in parts {
+        key.push(KEY_HEADER_SEPARATOR);
+        key.push_str("plugin:");
+        key.push_str(part);
+    }
+}
+
 /// Drops ignored query parameters and sorts the rest when asked.
 fn rewrite_query(url: &str, config: &CacheKeyConfig) -> String {
     let Some((base, query)) = url.split_once('?') else {
@@ -280,6 +290,17 @@ mod tests {
             Some("http://h/a/d")
         );
         assert_eq!(same_origin_target(base, "http://other/c"), None);
+    }
+
+    #[test]
+    fn plugin_parts_split_the_key_but_not_its_url() {
+        let uri: Uri = "/p".parse().unwrap();
+        let mut phone = primary_key(&uri, &host("a.example"), &CacheKeyConfig::default());
+        let mut tablet = phone.clone();
+        append_plugin_parts(&mut phone, &["phone".to_string()]);
+        append_plugin_parts(&mut tablet, &["tablet".to_string()]);
+        assert_ne!(phone, tablet);
+        assert_eq!(url_part(&phone), url_part(&tablet));
     }
 
     #[test]

@@ -280,7 +280,10 @@ impl Cache {
     ) -> Result<Response<Body>, ProxyError> {
         let (parts, request_body) = request.into_parts();
         let now = SystemTime::now();
-        let key = key::primary_key(&parts.uri, &parts.headers, &route.key);
+        let mut key = key::primary_key(&parts.uri, &parts.headers, &route.key);
+        if let Some(extra) = parts.extensions.get::<crate::plugins::CacheKeyExtra>() {
+            key::append_plugin_parts(&mut key, &extra.0);
+        }
         let directives = RequestDirectives::parse(&parts.headers);
         let variants = self.inner.store.load().get(&key);
         let authorized = parts.headers.contains_key(header::AUTHORIZATION);
