@@ -1,0 +1,78 @@
+// The shared body of the fault fixtures (`spin-forever`, `eat-memory`,
+// `panic`): each crate defines `fn fault()` and then `include!`s this file, so
+// the three differ only in how they fail.
+//
+// Config `when`: `request` (default) fails in on-request, `response` in
+// on-response, `init` in init (the probe at load fails), `never` passes
+// through. `mib` sets how much `eat-memory` allocates.
+
+wit_bindgen::generate!({ world: "transformer", path: "../../wit" });
+
+use std::cell::Cell;
+
+use exports::larder::plugin::transform::{Guest, Phase, RequestAction, RequestOut, ResponseOut};
+use larder::plugin::types::{Config, PluginError, RequestHead, ResponseHead};
+
+#[derive(Clone, Copy, PartialEq)]
+enum When {
+    Request,
+    Response,
+    Never,
+}
+
+thread_local! {
+    static WHEN: Cell<When> = const { Cell::new(When::Request) };
+    /// How many MiB `eat-memory` tries to allocate (config `mib`).
+    static MIB: Cell<usize> = const { Cell::new(1024) };
+}
+
+struct Fault;
+
+impl Guest for Fault {
+    fn init(cfg: Config) -> Result<(), PluginError> {
+        for (key, value) in cfg {
+            match (key.as_str(), value.as_str()) {
+                ("when", "request") => WHEN.set(When::Request),
+                ("when", "response") => WHEN.set(When::Response),
+                ("when", "never") => WHEN.set(When::Never),
+                ("when", "init") => fault(),
+                ("mib", mib) => MIB.set(mib.parse().map_err(|_| {
+                    PluginError::InvalidConfig(format!("mib: `{mib}` is not a number"))
+                })?),
+                _ => {
+                    return Err(PluginError::InvalidConfig(format!(
+                        "unknown setting {key}={value}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_request(req: RequestHead) -> Result<RequestAction, PluginError> {
+        if WHEN.get() == When::Request {
+            fault();
+        }
+        Ok(RequestAction::Continue(RequestOut {
+            head: req,
+            cache_key_extra: Vec::new(),
+        }))
+    }
+
+    fn on_response(
+        _phase: Phase,
+        _req: RequestHead,
+        resp: ResponseHead,
+        _body: Option<Vec<u8>>,
+    ) -> Result<ResponseOut, PluginError> {
+        if WHEN.get() == When::Response {
+            fault();
+        }
+        Ok(ResponseOut {
+            head: resp,
+            body: None,
+        })
+    }
+}
+
+export!(Fault);
