@@ -8,8 +8,8 @@
 //! Asks `cache` for cached answers but never decides cacheability itself.
 
 mod access;
+mod guard;
 mod headers;
-mod limit;
 mod route_metrics;
 mod router;
 mod upgrade;
@@ -33,7 +33,7 @@ use crate::error::ProxyError;
 use crate::plugins::PluginHost;
 use crate::sources::Sources;
 
-pub use limit::LimitTripped;
+pub use guard::{BodyFault, BodyGuard};
 use route_metrics::RouteMetrics;
 pub use upstream::UpstreamClient;
 
@@ -104,18 +104,22 @@ async fn forward(
     upstream: &UpstreamClient,
     request: Request<Body>,
 ) -> Result<Response<Body>, ProxyError> {
-    let tripped = request.extensions().get::<LimitTripped>().cloned();
+    let guard = request.extensions().get::<BodyGuard>().cloned();
     match upstream.send(request).await {
         Ok(response) => {
             let (mut parts, incoming) = response.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers, false);
             Ok(Response::from_parts(parts, body::boxed(incoming)))
         }
-        Err(error) => match tripped {
-            Some(tripped) if tripped.is_tripped() => Err(ProxyError::BodyTooLarge {
-                limit: tripped.limit(),
-            }),
-            _ => Err(error),
+        // The upstream call failed because the client's body was cut off:
+        // that is the client's fault, not the upstream's.
+        Err(error) => match guard.and_then(|guard| guard.fault()) {
+            Some(BodyFault::TooLarge { limit }) => Err(ProxyError::BodyTooLarge { limit }),
+            Some(BodyFault::Idle { timeout }) => Err(ProxyError::BadRequest(format!(
+                "the client sent no request body data for {} s",
+                timeout.as_secs()
+            ))),
+            None => Err(error),
         },
     }
 }
@@ -275,13 +279,17 @@ impl Proxy {
         }
         prepare_request_headers(&mut request, false);
         let (mut parts, incoming) = request.into_parts();
-        let body = match limit {
-            Some(limit) => {
-                let tripped = LimitTripped::new(limit);
-                parts.extensions.insert(tripped.clone());
-                body::boxed(limit::LimitedBody::new(incoming, limit, tripped))
-            }
-            None => body::boxed(incoming),
+        let body = if http_body::Body::is_end_stream(&incoming) {
+            body::boxed(incoming)
+        } else {
+            let guard = BodyGuard::default();
+            parts.extensions.insert(guard.clone());
+            body::boxed(guard::GuardedBody::new(
+                incoming,
+                limit,
+                guard::CLIENT_BODY_IDLE_TIMEOUT,
+                guard,
+            ))
         };
         // The cache's and the plugins' futures are boxed: they are several KiB
         // each, and a request future that embeds them is memmoved per request.
