@@ -385,7 +385,8 @@ fn reuse_or_build(
 }
 
 /// Refuses requests no origin should see: a Host header that is not a valid
-/// authority, or an HTTP/1.1 request without any host.
+/// authority, several Host headers, user information in the target, or an
+/// HTTP/1.1 request without any host.
 fn check_request<B>(request: &Request<B>) -> Result<(), ProxyError> {
     let host_headers = request.headers().get_all(header::HOST);
     let mut count = 0;
