@@ -2,7 +2,7 @@
 //! client (http:// and https://, system roots plus `ca_file`), the connect and
 //! response-head timeouts, and the mapping of transport failures to 502/504.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -21,11 +21,46 @@ use crate::body::Body;
 use crate::config::Upstream;
 use crate::error::ProxyError;
 
+/// How long a server that refused a connection is skipped by round robin
+/// (nginx's `max_fails=1 fail_timeout=10s` defaults).
+const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One `servers:` entry, parsed once.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Server {
     scheme: Scheme,
     authority: Authority,
+    /// Milliseconds since [`clock_origin`] until which this server is skipped;
+    /// 0 when it is up.
+    down_until_ms: AtomicU64,
+}
+
+impl Server {
+    fn is_up(&self, now_ms: u64) -> bool {
+        self.down_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    fn mark_down(&self, now_ms: u64) {
+        let until =
+            now_ms.saturating_add(u64::try_from(FAIL_TIMEOUT.as_millis()).unwrap_or(u64::MAX));
+        self.down_until_ms.store(until, Ordering::Relaxed);
+    }
+
+    fn mark_up(&self) {
+        if self.down_until_ms.load(Ordering::Relaxed) != 0 {
+            self.down_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A process-wide monotonic origin for the servers' down marks.
+fn clock_origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(clock_origin().elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Why an upstream call failed, as the `kind` label of
@@ -97,9 +132,19 @@ impl UpstreamClient {
         &self.config == config && config.ca_file.is_none()
     }
 
+    /// The next server in round robin that is not marked down; when all
+    /// are down, the next one regardless (better a try than no answer).
     fn pick(&self) -> &Server {
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.servers.len();
-        &self.servers[index]
+        let count = self.servers.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        if count == 1 {
+            return &self.servers[0];
+        }
+        let now = now_ms();
+        (0..count)
+            .map(|offset| &self.servers[start.wrapping_add(offset) % count])
+            .find(|server| server.is_up(now))
+            .unwrap_or(&self.servers[start % count])
     }
 
     /// Sends `request` (headers already cleaned) to the next server and waits
@@ -113,10 +158,18 @@ impl UpstreamClient {
         let mut attempts_left = self.servers.len();
         loop {
             attempts_left -= 1;
-            let failed = match self.send_to(self.pick(), request).await {
-                Ok(response) => return Ok(response),
+            let server = self.pick();
+            let failed = match self.send_to(server, request).await {
+                Ok(response) => {
+                    server.mark_up();
+                    return Ok(response);
+                }
                 Err(failed) => failed,
             };
+            if failed.nothing_sent && self.servers.len() > 1 {
+                tracing::warn!(upstream = %self.name, server = %server.authority, skip_for = ?FAIL_TIMEOUT, "server unreachable; skipping it");
+                server.mark_down(now_ms());
+            }
             match &spare {
                 Some(spare) if failed.nothing_sent && attempts_left > 0 => {
                     tracing::debug!(upstream = %self.name, "trying the next server");
@@ -307,7 +360,11 @@ fn parse_server(server: &str) -> Result<Server, String> {
         .authority()
         .cloned()
         .ok_or_else(|| format!("server {server:?} has no host"))?;
-    Ok(Server { scheme, authority })
+    Ok(Server {
+        scheme,
+        authority,
+        down_until_ms: AtomicU64::new(0),
+    })
 }
 
 fn build_client(config: &Upstream) -> Result<Client<HttpsConnector<HttpConnector>, Body>, String> {
