@@ -1,9 +1,11 @@
 //! The operator listener: /health, /ready, /metrics, purge, sources status.
 //!
 //! Binds to loopback unless configured otherwise (the server warns when it
-//! does not); anything beyond /health and /ready needs the bearer token, and
-//! without a configured token those endpoints answer 403. Purges call the
-//! cache's purge API; this module never touches entries itself.
+//! does not). /health, /ready and the sources' values (`GET /?key=NAME`, which
+//! cachepump served to anyone) answer without a token; everything else
+//! (metrics, sources status, purge) needs the bearer token, and without a
+//! configured token those endpoints answer 403. Purges call the cache's purge
+//! API; this module never touches entries itself.
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -57,6 +59,9 @@ impl Admin {
         match path {
             "/health" => return health(),
             "/ready" => return json(StatusCode::OK, r#"{"status":"ready"}"#.to_string()),
+            "/" if matches!(*request.method(), Method::GET | Method::HEAD) => {
+                return self.sources.serve_by_key(&request);
+            }
             _ => {}
         }
         if let Some(refusal) = self.refusal(&request) {
@@ -65,7 +70,6 @@ impl Admin {
         match (request.method(), path) {
             (&Method::GET, "/metrics") => metrics(),
             (&Method::GET, "/sources") => json(StatusCode::OK, self.sources.status().to_string()),
-            (&Method::GET | &Method::HEAD, "/") => self.sources.serve_by_key(&request),
             (&Method::POST, "/purge") => self.purge(request).await,
             (_, "/metrics" | "/sources" | "/" | "/purge") => {
                 problem_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
