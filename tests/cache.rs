@@ -534,10 +534,20 @@ async fn private_response_is_not_stored_by_a_shared_cache() {
     get(&front.url("/pr")).await;
     get(&front.url("/pr")).await;
     assert_eq!(origin.hits(), 2);
-    let (origin, front) = fixed(200, &[("cache-control", "private=\"x-user\", max-age=60")]).await;
-    get(&front.url("/pr")).await;
-    get(&front.url("/pr")).await;
-    assert_eq!(origin.hits(), 2);
+    // The qualified form keeps only the named fields out (RFC 9111 5.2.2.7).
+    let (origin, front) = fixed(
+        200,
+        &[
+            ("cache-control", "private=\"x-user\", max-age=60"),
+            ("x-user", "alice"),
+        ],
+    )
+    .await;
+    let first = get(&front.url("/pr")).await;
+    assert_eq!(first.header("x-user"), Some("alice"));
+    let hit = get(&front.url("/pr")).await;
+    assert_eq!(origin.hits(), 1);
+    assert_eq!(hit.header("x-user"), None);
 }
 
 #[tokio::test]

@@ -4,8 +4,8 @@
 //! Pure and allocation-light: no I/O, no clocks. Must not decide policy; the
 //! rules that combine directives live in `policy`.
 
-use http::HeaderMap;
 use http::header::{CACHE_CONTROL, PRAGMA};
+use http::{HeaderMap, HeaderName};
 
 /// The largest delta-seconds a cache must handle; bigger values saturate to it
 /// (RFC 9111 section 1.2.2).
@@ -32,10 +32,14 @@ impl Seconds {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResponseDirectives {
     pub no_store: bool,
-    /// Qualified `no-cache="field"` is treated as unqualified (the safe reading).
+    /// Unqualified `no-cache` only; the qualified form names `withheld` fields.
     pub no_cache: bool,
-    /// Qualified `private="field"` is treated as unqualified: not stored.
+    /// Unqualified `private` only; the qualified form names `withheld` fields.
     pub private: bool,
+    /// Fields named by qualified `no-cache="..."` or `private="..."`: a shared
+    /// cache stores the response without them (RFC 9111 sections 5.2.2.4 and
+    /// 5.2.2.7). Empty (no allocation) for nearly every response.
+    pub withheld: Vec<HeaderName>,
     pub public: bool,
     pub must_revalidate: bool,
     pub proxy_revalidate: bool,
@@ -53,8 +57,14 @@ impl ResponseDirectives {
         for (name, value) in directives(headers) {
             match lowercase(name).as_ref() {
                 "no-store" => parsed.no_store = true,
-                "no-cache" => parsed.no_cache = true,
-                "private" => parsed.private = true,
+                "no-cache" => match field_names(value) {
+                    Some(names) => parsed.withheld.extend(names),
+                    None => parsed.no_cache = true,
+                },
+                "private" => match field_names(value) {
+                    Some(names) => parsed.withheld.extend(names),
+                    None => parsed.private = true,
+                },
                 "public" => parsed.public = true,
                 "must-revalidate" => parsed.must_revalidate = true,
                 "proxy-revalidate" => parsed.proxy_revalidate = true,
@@ -126,6 +136,24 @@ impl RequestDirectives {
         }
         parsed
     }
+}
+
+/// The field names of a qualified `no-cache="a, b"` / `private="a"`; `None`
+/// for the unqualified form, and for an argument naming no valid field (then
+/// the unqualified, stricter reading applies).
+fn field_names(value: Option<&str>) -> Option<Vec<HeaderName>> {
+    let raw = value?;
+    let list = raw
+        .strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .unwrap_or(raw);
+    let names: Option<Vec<HeaderName>> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+        .collect();
+    names.filter(|names| !names.is_empty())
 }
 
 /// Directive names are case-insensitive; most arrive lowercase, which then
@@ -277,14 +305,27 @@ mod tests {
     }
 
     #[test]
-    fn qualified_private_and_no_cache_count_as_unqualified() {
+    fn qualified_private_and_no_cache_name_withheld_fields() {
         let parsed = ResponseDirectives::parse(&headers(&[(
             "cache-control",
-            "private=\"set-cookie, x-a\", no-cache=\"x-b\", max-age=10",
+            "private=\"Set-Cookie, x-a\", No-Cache=\"x-b\", max-age=10",
         )]));
-        assert!(parsed.private);
-        assert!(parsed.no_cache);
+        assert!(!parsed.private);
+        assert!(!parsed.no_cache);
+        assert_eq!(parsed.withheld, ["set-cookie", "x-a", "x-b"]);
         assert_eq!(parsed.max_age, Some(Seconds::Valid(10)));
+    }
+
+    #[test]
+    fn unqualified_or_unusable_arguments_keep_the_strict_reading() {
+        for value in ["private, no-cache", "private=\"\", no-cache=\"a b\""] {
+            let parsed = ResponseDirectives::parse(&headers(&[("cache-control", value)]));
+            assert!(parsed.private && parsed.no_cache, "{value}");
+            assert!(parsed.withheld.is_empty(), "{value}");
+        }
+        let both =
+            ResponseDirectives::parse(&headers(&[("cache-control", "no-cache=\"a\", no-cache")]));
+        assert!(both.no_cache);
     }
 
     #[test]

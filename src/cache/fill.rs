@@ -296,6 +296,8 @@ impl Fill {
         if !head.headers.contains_key(header::DATE) {
             merged.insert(header::DATE, policy::date_value(response_time));
         }
+        let directives = ResponseDirectives::parse(&merged);
+        policy::withhold(&mut merged, &directives);
         let timing = Timing::new(request_time, response_time, &head.headers);
         let meta = Arc::new(self.meta(stale.meta.status, merged, timing));
         if let Err(reason) = self.check(meta.status, &meta.headers, &meta.directives) {
@@ -317,6 +319,7 @@ impl Fill {
             meta,
             stored: true,
             upstream_status: StatusCode::NOT_MODIFIED,
+            leader_headers: None,
         });
     }
 
@@ -335,10 +338,19 @@ impl Fill {
         if !stored_headers.contains_key(header::DATE) {
             stored_headers.insert(header::DATE, policy::date_value(response_time));
         }
+        let directives = ResponseDirectives::parse(&stored_headers);
+        let leader_headers = if directives.withheld.is_empty() {
+            None
+        } else {
+            let full = stored_headers.clone();
+            policy::withhold(&mut stored_headers, &directives).then(|| Arc::new(full))
+        };
         let meta = Arc::new(self.meta(head.status, stored_headers, timing));
         let max_object = self.inner.settings.load().max_object_size;
         let declared_length = content_length(&head.headers);
-        let verdict = self.check(head.status, &head.headers, &meta.directives);
+        // Judged without the withheld fields: `private="set-cookie"` lets the
+        // rest of the response be shared.
+        let verdict = self.check(head.status, &meta.headers, &meta.directives);
         if let Err(reason) = verdict {
             tracing::debug!(key = %self.key, reason = reason.as_str(), "response not stored");
             self.forget_stale();
@@ -359,6 +371,7 @@ impl Fill {
             meta: Arc::clone(&meta),
             stored: storing,
             upstream_status: head.status,
+            leader_headers,
         });
 
         let mut total: u64 = 0;

@@ -30,6 +30,9 @@ pub enum Head {
         stored: bool,
         /// What the origin answered (304 when a revalidation refreshed the entry).
         upstream_status: http::StatusCode,
+        /// The leader's own header fields when they differ from `meta`'s:
+        /// fields a qualified `no-cache` / `private` keeps from other clients.
+        leader_headers: Option<Arc<http::HeaderMap>>,
     },
     /// Not shareable: the leader has it; everyone else fetches on their own.
     Solo,

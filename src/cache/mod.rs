@@ -402,11 +402,21 @@ impl Cache {
             meta,
             stored,
             upstream_status,
+            leader_headers,
         } = head
         {
             count(lookup.fwd.metric());
             let status = forwarded_status(lookup.fwd, upstream_status, stored, false);
-            return Ok(respond_from_flight(reader, &meta, &lookup.parts, status));
+            // The request that brought the response gets all of it, including
+            // fields kept from other clients.
+            let headers = leader_headers.as_deref().unwrap_or(&meta.headers);
+            return Ok(respond_from_flight(
+                reader,
+                &meta,
+                headers,
+                &lookup.parts,
+                status,
+            ));
         }
         drop(reader);
         let outcome = leader
@@ -430,6 +440,7 @@ impl Cache {
                 meta,
                 stored,
                 upstream_status,
+                ..
             } if may_share(&meta, &lookup.parts.headers) => match reader {
                 Some(reader) => {
                     count(lookup.fwd.metric());
@@ -437,6 +448,7 @@ impl Cache {
                     Ok(respond_from_flight(
                         Some(reader),
                         &meta,
+                        &meta.headers,
                         &lookup.parts,
                         status,
                     ))
@@ -828,7 +840,8 @@ fn clone_parts(parts: &Parts) -> Parts {
 /// conditional, no body for HEAD.
 fn respond_stored(entry: &Entry, parts: &Parts, now: SystemTime, status: String) -> Response<Body> {
     let age = entry.meta.timing.current_age(now).as_secs();
-    respond_with(&entry.meta, parts, age, status, || {
+    let meta = &entry.meta;
+    respond_with(meta, &meta.headers, parts, age, status, || {
         body::full(entry.body.clone())
     })
 }
@@ -836,27 +849,31 @@ fn respond_stored(entry: &Entry, parts: &Parts, now: SystemTime, status: String)
 fn respond_from_flight(
     reader: Option<FlightBody>,
     meta: &Meta,
+    headers: &HeaderMap,
     parts: &Parts,
     status: String,
 ) -> Response<Body> {
     let age = meta.timing.current_age(SystemTime::now()).as_secs();
-    respond_with(meta, parts, age, status, move || match reader {
+    respond_with(meta, headers, parts, age, status, move || match reader {
         Some(reader) => body::boxed(reader),
         None => body::empty(),
     })
 }
 
+/// `headers` are the fields to answer with: the stored ones, or for the
+/// request that brought the response, its complete set.
 fn respond_with(
     meta: &Meta,
+    headers: &HeaderMap,
     parts: &Parts,
     age: u64,
     status: String,
     body: impl FnOnce() -> Body,
 ) -> Response<Body> {
-    let mut response = if policy::is_not_modified(&parts.headers, meta.status, &meta.headers) {
+    let mut response = if policy::is_not_modified(&parts.headers, meta.status, headers) {
         let mut response = Response::new(body::empty());
         *response.status_mut() = StatusCode::NOT_MODIFIED;
-        *response.headers_mut() = policy::not_modified_headers(&meta.headers);
+        *response.headers_mut() = policy::not_modified_headers(headers);
         response
     } else {
         let body = if parts.method == Method::HEAD {
@@ -866,7 +883,7 @@ fn respond_with(
         };
         let mut response = Response::new(body);
         *response.status_mut() = meta.status;
-        *response.headers_mut() = meta.headers.clone();
+        *response.headers_mut() = headers.clone();
         response
     };
     response

@@ -253,8 +253,44 @@ pub fn age_value(headers: &HeaderMap) -> Duration {
 /// An HTTP-date field (all three formats of RFC 9110 section 5.6.7); of a
 /// repeated field, the first line counts (RFC 9111 section 4.2.1).
 pub fn single_date(headers: &HeaderMap, name: &HeaderName) -> Option<SystemTime> {
-    let value = headers.get(name)?;
-    httpdate::parse_http_date(value.to_str().ok()?.trim()).ok()
+    let value = headers.get(name)?.to_str().ok()?.trim();
+    httpdate::parse_http_date(value)
+        .ok()
+        .or_else(|| httpdate::parse_http_date(&recase_date(value)?).ok())
+}
+
+const DAY_NAMES: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+const MONTH_NAMES: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+/// An IMF-fixdate or asctime date whose day, month or `GMT` is in the wrong
+/// case, rewritten in the right one; `None` when nothing changes. Browsers
+/// and common caches read `THU, 18 AUG 2050 02:01:18 gmt` as a date; any
+/// other defect still makes it invalid.
+fn recase_date(value: &str) -> Option<String> {
+    let mut changed = false;
+    let words: Vec<String> = value
+        .split(' ')
+        .map(|word| {
+            let (bare, comma) = word
+                .strip_suffix(',')
+                .map_or((word, ""), |bare| (bare, ","));
+            let canonical = DAY_NAMES
+                .iter()
+                .chain(MONTH_NAMES.iter())
+                .chain(["GMT"].iter())
+                .find(|name| name.eq_ignore_ascii_case(bare));
+            match canonical {
+                Some(name) if *name != bare => {
+                    changed = true;
+                    format!("{name}{comma}")
+                }
+                _ => word.to_string(),
+            }
+        })
+        .collect();
+    changed.then(|| words.join(" "))
 }
 
 /// Copies the fields worth storing, without hop-by-hop ones and Age.
@@ -264,7 +300,7 @@ pub fn single_date(headers: &HeaderMap, name: &HeaderName) -> Option<SystemTime>
 pub fn storable_headers(headers: &HeaderMap) -> HeaderMap {
     let mut stored = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
-        if NOT_STORED.contains(name) {
+        if NOT_STORED.contains(name) || named_by_connection(headers, name) {
             continue;
         }
         let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
@@ -272,6 +308,27 @@ pub fn storable_headers(headers: &HeaderMap) -> HeaderMap {
         stored.append(name.clone(), copy);
     }
     stored
+}
+
+/// Fields a `Connection` header lists are hop-by-hop too (RFC 9110 section
+/// 7.6.1). The proxy removes them already; the store must not depend on that.
+fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(split_list)
+        .any(|listed| listed.eq_ignore_ascii_case(name.as_str()))
+}
+
+/// Removes the fields a qualified `no-cache` / `private` keeps out of a
+/// shared cache; returns whether any was present.
+pub fn withhold(headers: &mut HeaderMap, directives: &ResponseDirectives) -> bool {
+    let mut removed = false;
+    for name in &directives.withheld {
+        removed |= headers.remove(name).is_some();
+    }
+    removed
 }
 
 /// The stored fields updated by a 304 (or a HEAD) as RFC 9111 section 3.2 says:
@@ -645,6 +702,36 @@ mod tests {
             &headers(&[("last-modified", "Tue, 02 Jan 2024 00:00:00 GMT")])
         ));
         assert!(validators_match(&stored, &headers(&[])));
+    }
+
+    #[test]
+    fn dates_in_the_wrong_case_are_read_but_other_defects_are_not() {
+        let date = |value: &str| single_date(&headers(&[("expires", value)]), &header::EXPIRES);
+        let expected = date("Thu, 18 Aug 2050 02:01:18 GMT");
+        assert!(expected.is_some());
+        assert_eq!(date("THU, 18 AUG 2050 02:01:18 gmt"), expected);
+        assert_eq!(date("Thu, 18 Aug 2050 02:01:18 UTC"), None);
+        assert_eq!(date("thu, 18 Aug 50 02:01:18 GMT"), None);
+        assert_eq!(date("0"), None);
+    }
+
+    #[test]
+    fn connection_listed_and_withheld_fields_are_not_stored() {
+        let mut stored = storable_headers(&headers(&[
+            ("connection", "A, b"),
+            ("a", "1"),
+            ("b", "2"),
+            ("c", "3"),
+            ("x-user", "alice"),
+        ]));
+        assert!(stored.get("a").is_none() && stored.get("b").is_none());
+        assert!(stored.get("connection").is_none());
+        let directives =
+            ResponseDirectives::parse(&headers(&[("cache-control", "private=\"x-user\"")]));
+        assert!(withhold(&mut stored, &directives));
+        assert!(stored.get("x-user").is_none());
+        assert_eq!(stored.get("c").unwrap(), "3");
+        assert!(!withhold(&mut stored, &directives));
     }
 
     #[test]
