@@ -970,12 +970,17 @@ async fn failed_unsafe_requests_do_not_invalidate() {
 }
 
 #[tokio::test]
-async fn range_requests_pass_through() {
+async fn range_requests_are_served_from_a_fresh_entry_and_otherwise_pass_through() {
     let (origin, front) = fixed(200, &[("cache-control", "max-age=60")]).await;
+    let miss = get_with(&front.url("/rg"), &[("range", "bytes=0-1")]).await;
+    assert!(miss.cache_status().contains("fwd=bypass"));
     get(&front.url("/rg")).await;
     let ranged = get_with(&front.url("/rg"), &[("range", "bytes=0-1")]).await;
-    assert!(ranged.cache_status().contains("fwd=bypass"));
-    assert_eq!(origin.hits(), 2);
+    assert_eq!(ranged.status, 206);
+    assert!(ranged.cache_status().contains("hit"));
+    let several = get_with(&front.url("/rg"), &[("range", "bytes=0-1,3-4")]).await;
+    assert!(several.cache_status().contains("fwd=bypass"));
+    assert_eq!(origin.hits(), 3);
 }
 
 // ---------------------------------------------------------------- stale serving

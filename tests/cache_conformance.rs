@@ -1471,6 +1471,80 @@ async fn response_pragma_does_not_affect_reuse() {
     }
 }
 
+// ------------------------------------------- RFC 9110 section 14 / RFC 9111 section 3.4: ranges
+
+/// An origin that sends `body` in full to plain requests and `206` with
+/// the first five bytes to requests with `Range`.
+fn ranged_origin(
+    body: &'static str,
+    cache_control: &'static str,
+) -> impl Fn(usize, &Seen) -> Response<Body> {
+    move |_, seen| {
+        if seen.headers.contains_key("range") {
+            common::respond(
+                206,
+                &[
+                    ("cache-control", cache_control),
+                    ("content-range", "bytes 0-4/11"),
+                ],
+                &body.as_bytes()[..5],
+            )
+        } else {
+            common::respond(200, &[("cache-control", cache_control)], body)
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_byte_range_of_a_fresh_stored_response_is_served_from_the_cache() {
+    let case = Case::start(ranged_origin("0123456789A", "max-age=3600")).await;
+    case.get("/", &[]).await;
+    for (range, text, content_range) in [
+        ("bytes=0-1", "01", "bytes 0-1/11"),
+        ("bytes=1-", "123456789A", "bytes 1-10/11"),
+        ("bytes=-1", "A", "bytes 10-10/11"),
+    ] {
+        let reply = case.get("/", &[("range", range)]).await;
+        assert_eq!(reply.status, 206, "{range}");
+        assert_eq!(reply.text(), text, "{range}");
+        assert_eq!(reply.header("content-range"), Some(content_range));
+        assert_eq!(
+            reply.header("content-length"),
+            Some(text.len().to_string().as_str())
+        );
+        assert!(reply.header("age").is_some());
+    }
+    assert_eq!(case.hits(), 1);
+}
+
+#[tokio::test]
+async fn a_range_request_on_a_miss_goes_to_the_origin_and_its_206_is_not_stored() {
+    let case = Case::start(ranged_origin("0123456789A", "max-age=3600")).await;
+    let partial = case.get("/", &[("range", "bytes=0-4")]).await;
+    assert_eq!(partial.status, 206);
+    assert_eq!(case.request(0).header("range"), Some("bytes=0-4"));
+    let full = case.get("/", &[]).await;
+    assert_eq!(full.status, 200);
+    assert_eq!(full.text(), "0123456789A");
+    assert_eq!(case.hits(), 2);
+}
+
+#[tokio::test]
+async fn several_ranges_unsatisfiable_ranges_and_stale_entries_go_to_the_origin() {
+    let case = Case::start(ranged_origin("0123456789A", "max-age=3600")).await;
+    case.get("/", &[]).await;
+    case.get("/", &[("range", "bytes=0-1, 3-4")]).await;
+    case.get("/", &[("range", "bytes=20-")]).await;
+    case.get("/", &[("range", "bytes=0-1"), ("if-range", "\"x\"")])
+        .await;
+    assert_eq!(case.hits(), 4);
+
+    let case = Case::start(ranged_origin("0123456789A", "max-age=0")).await;
+    case.get("/", &[]).await;
+    case.get("/", &[("range", "bytes=0-1")]).await;
+    assert_eq!(case.hits(), 2);
+}
+
 // ------------------------------------------- RFC 5861: stale-while-revalidate, stale-if-error
 
 #[tokio::test]

@@ -35,7 +35,7 @@ use crate::proxy::ClientAddr;
 use directives::RequestDirectives;
 use fill::FillJob;
 use flight::{Flight, FlightBody, Head};
-use store::{Entry, Meta, Store};
+use store::{Entry, Meta, Store, Variants};
 
 /// One upstream fetch, as the proxy performs it (forwarding, timeouts, the
 /// cache-store phase of plugins). The cache decides when to call it.
@@ -261,6 +261,9 @@ impl Cache {
             return Ok(self.purge_request(route, &request));
         }
         if method == Method::GET || method == Method::HEAD {
+            if method == Method::GET && is_plain_range(request.headers()) {
+                return self.serve_range(route, request, origin).await;
+            }
             if has_origin_only_preconditions(request.headers()) {
                 return pass(request, origin, Fwd::Bypass).await;
             }
@@ -280,18 +283,8 @@ impl Cache {
     ) -> Result<Response<Body>, ProxyError> {
         let (parts, request_body) = request.into_parts();
         let now = SystemTime::now();
-        let mut key = key::primary_key(&parts.uri, &parts.headers, &route.key);
-        if let Some(extra) = parts.extensions.get::<crate::plugins::CacheKeyExtra>() {
-            key::append_plugin_parts(&mut key, &extra.0);
-        }
+        let (key, variants, selected) = self.lookup(route, &parts);
         let directives = RequestDirectives::parse(&parts.headers);
-        let variants = self.inner.store.load().get(&key);
-        let authorized = parts.headers.contains_key(header::AUTHORIZATION);
-        let selected = variants
-            .as_ref()
-            .and_then(|v| v.select(&parts.headers))
-            .filter(|e| !authorized || e.meta.directives.allows_authorized())
-            .cloned();
 
         let Some(entry) = selected else {
             let fwd = if variants.is_some() {
@@ -347,6 +340,62 @@ impl Cache {
                 self.fetch_via_flight(job, origin).await
             }
         }
+    }
+
+    /// The primary key, what is stored under it, and the variant this
+    /// request may use (Vary selection, Authorization rules).
+    fn lookup(
+        &self,
+        route: &RouteCache,
+        parts: &Parts,
+    ) -> (String, Option<Arc<Variants>>, Option<Arc<Entry>>) {
+        let mut key = key::primary_key(&parts.uri, &parts.headers, &route.key);
+        if let Some(extra) = parts.extensions.get::<crate::plugins::CacheKeyExtra>() {
+            key::append_plugin_parts(&mut key, &extra.0);
+        }
+        let variants = self.inner.store.load().get(&key);
+        let authorized = parts.headers.contains_key(header::AUTHORIZATION);
+        let selected = variants
+            .as_ref()
+            .and_then(|v| v.select(&parts.headers))
+            .filter(|e| !authorized || e.meta.directives.allows_authorized())
+            .cloned();
+        (key, variants, selected)
+    }
+
+    /// A GET with `Range`: one byte range of a fresh stored 200 is answered
+    /// `206` from memory (RFC 9110 section 14.2); everything else (a miss, a
+    /// stale entry, several ranges, an unsatisfiable one) goes to the origin
+    /// as it is, and its answer is not stored.
+    async fn serve_range(
+        &self,
+        route: &RouteCache,
+        request: Request<Body>,
+        origin: Arc<dyn Origin>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let now = SystemTime::now();
+        let (parts, request_body) = request.into_parts();
+        if let (_, _, Some(entry)) = self.lookup(route, &parts)
+            && entry.meta.status == StatusCode::OK
+            && decide(&entry.meta, &RequestDirectives::parse(&parts.headers), now) == Use::Fresh
+        {
+            let status = format!("{CACHE_NAME}; hit; ttl={}", ttl_seconds(&entry.meta, now));
+            // Conditionals come before Range (RFC 9110 section 13.2.2).
+            if policy::is_not_modified(&parts.headers, entry.meta.status, &entry.meta.headers) {
+                count("hit");
+                return Ok(respond_stored(&entry, &parts, now, status));
+            }
+            if let Some(range) = policy::single_byte_range(&parts.headers, entry.body.len()) {
+                count("hit");
+                return Ok(respond_partial(&entry, range, now, status));
+            }
+        }
+        pass(
+            Request::from_parts(parts, request_body),
+            origin,
+            Fwd::Bypass,
+        )
+        .await
     }
 
     fn serve_stale(
@@ -782,6 +831,19 @@ fn not_cached() -> Response<Body> {
     response
 }
 
+/// A `Range` request the cache may answer from a stored response: no
+/// `If-Range` or other precondition only the origin can evaluate.
+fn is_plain_range(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::RANGE)
+        && ![
+            header::IF_MATCH,
+            header::IF_UNMODIFIED_SINCE,
+            header::IF_RANGE,
+        ]
+        .iter()
+        .any(|name| headers.contains_key(name))
+}
+
 /// Range requests and preconditions the cache must not evaluate itself
 /// (RFC 9111 section 4.3.2) go to the origin untouched.
 fn has_origin_only_preconditions(headers: &HeaderMap) -> bool {
@@ -844,6 +906,29 @@ fn respond_stored(entry: &Entry, parts: &Parts, now: SystemTime, status: String)
     respond_with(meta, &meta.headers, parts, age, status, || {
         body::full(entry.body.clone())
     })
+}
+
+/// `206` with one byte range of a stored 200 (the body is shared, not copied).
+fn respond_partial(
+    entry: &Entry,
+    range: std::ops::RangeInclusive<usize>,
+    now: SystemTime,
+    status: String,
+) -> Response<Body> {
+    let (first, last) = (*range.start(), *range.end());
+    let total = entry.body.len();
+    let mut response = Response::new(body::full(entry.body.slice(first..=last)));
+    *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+    let headers = response.headers_mut();
+    *headers = entry.meta.headers.clone();
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(last - first + 1));
+    if let Ok(value) = HeaderValue::try_from(format!("bytes {first}-{last}/{total}")) {
+        headers.insert(header::CONTENT_RANGE, value);
+    }
+    let age = entry.meta.timing.current_age(now).as_secs();
+    headers.insert(header::AGE, HeaderValue::from(age));
+    add_cache_status(headers, &status);
+    response
 }
 
 fn respond_from_flight(

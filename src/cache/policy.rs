@@ -5,6 +5,7 @@
 //! Every function that needs the clock takes `now`; nothing here does I/O or
 //! touches the store.
 
+use std::ops::RangeInclusive;
 use std::time::{Duration, SystemTime};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -397,6 +398,42 @@ pub fn not_modified_headers(stored: &HeaderMap) -> HeaderMap {
     headers
 }
 
+/// The one satisfiable byte range a `Range` field asks of a body of `length`
+/// bytes (RFC 9110 section 14.1.2); `None` for several ranges, other units,
+/// malformed or unsatisfiable ones, which the origin answers instead.
+pub fn single_byte_range(request: &HeaderMap, length: usize) -> Option<RangeInclusive<usize>> {
+    let mut values = request.get_all(header::RANGE).iter();
+    let value = values.next()?.to_str().ok()?;
+    if values.next().is_some() || length == 0 {
+        return None;
+    }
+    let (unit, spec) = value.trim().split_once('=')?;
+    if !unit.trim().eq_ignore_ascii_case("bytes") || spec.contains(',') {
+        return None;
+    }
+    let (first, last) = spec.trim().split_once('-')?;
+    let number = |text: &str| {
+        (!text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| text.parse::<usize>().ok())
+            .flatten()
+    };
+    let end = length - 1;
+    match (first.trim(), last.trim()) {
+        ("", suffix) => {
+            let suffix = number(suffix)?;
+            (suffix > 0).then(|| length.saturating_sub(suffix)..=end)
+        }
+        (first, "") => {
+            let first = number(first)?;
+            (first <= end).then_some(first..=end)
+        }
+        (first, last) => {
+            let (first, last) = (number(first)?, number(last)?);
+            (first <= last && first <= end).then(|| first..=last.min(end))
+        }
+    }
+}
+
 /// Conditional request fields a cache removes before filling, so the origin
 /// sends a full response it can store.
 pub const CLIENT_CONDITIONALS: &[HeaderName] = &[
@@ -702,6 +739,24 @@ mod tests {
             &headers(&[("last-modified", "Tue, 02 Jan 2024 00:00:00 GMT")])
         ));
         assert!(validators_match(&stored, &headers(&[])));
+    }
+
+    #[test]
+    fn one_satisfiable_byte_range_is_read_and_anything_else_is_not() {
+        let range =
+            |value: &str, length: usize| single_byte_range(&headers(&[("range", value)]), length);
+        assert_eq!(range("bytes=0-1", 11), Some(0..=1));
+        assert_eq!(range("bytes=1-", 11), Some(1..=10));
+        assert_eq!(range("bytes=-1", 11), Some(10..=10));
+        assert_eq!(range("bytes=-50", 11), Some(0..=10));
+        assert_eq!(range("Bytes=5-100", 11), Some(5..=10));
+        assert_eq!(range("bytes=11-", 11), None);
+        assert_eq!(range("bytes=-0", 11), None);
+        assert_eq!(range("bytes=3-2", 11), None);
+        assert_eq!(range("bytes=0-1,3-4", 11), None);
+        assert_eq!(range("items=0-1", 11), None);
+        assert_eq!(range("bytes=a-1", 11), None);
+        assert_eq!(range("bytes=0-1", 0), None);
     }
 
     #[test]
