@@ -261,10 +261,11 @@ impl Cache {
             return Ok(self.purge_request(route, &request));
         }
         if method == Method::GET || method == Method::HEAD {
-            if method == Method::GET && is_plain_range(request.headers()) {
-                return self.serve_range(route, request, origin).await;
-            }
             if has_origin_only_preconditions(request.headers()) {
+                // Checked only here, so a plain GET pays nothing for ranges.
+                if method == Method::GET && is_plain_range(request.headers()) {
+                    return self.serve_range(route, request, origin).await;
+                }
                 return pass(request, origin, Fwd::Bypass).await;
             }
             return self.serve_cacheable(route, request, origin).await;
