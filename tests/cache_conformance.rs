@@ -1626,6 +1626,97 @@ async fn request_stale_if_error_serves_stale_on_a_500_within_its_window_only() {
     assert_eq!(reply.status, 500);
 }
 
+#[tokio::test]
+async fn a_stale_while_revalidate_refresh_answered_304_freshens_the_entry() {
+    let case = Case::start(validating(
+        200,
+        h(&[
+            ("cache-control", "max-age=0, stale-while-revalidate=3600"),
+            ("etag", "\"abc\""),
+            ("x-version", "1"),
+        ]),
+        h(&[
+            ("cache-control", "max-age=3600"),
+            ("etag", "\"abc\""),
+            ("x-version", "2"),
+        ]),
+    ))
+    .await;
+    case.get("/", &[]).await;
+    let stale = case.get("/", &[]).await;
+    assert_eq!(stale.header("x-version"), Some("1"));
+    eventually(async || case.get("/", &[]).await.header("x-version") == Some("2")).await;
+    let fresh = case.get("/", &[]).await;
+    assert_eq!(fresh.text(), "response 0");
+    assert_eq!(case.hits(), 2);
+    assert_eq!(case.request(1).header("if-none-match"), Some("\"abc\""));
+}
+
+// ------------------------------------------- RFC 9111 section 4: serving, HEAD, methods
+
+#[tokio::test]
+async fn a_stale_entry_answered_in_full_is_replaced_by_the_new_response() {
+    let case = Case::start(then(
+        (
+            200,
+            vec![("cache-control", "max-age=1".to_string()), ("date", at(-5))],
+        ),
+        (200, h(&[("cache-control", "max-age=3600")])),
+    ))
+    .await;
+    case.get("/", &[]).await;
+    let refreshed = case.get("/", &[]).await;
+    assert_eq!(refreshed.text(), "response 1");
+    let hit = case.get("/", &[]).await;
+    assert_eq!(hit.text(), "response 1");
+    assert_eq!(case.hits(), 2);
+}
+
+#[tokio::test]
+async fn head_is_answered_from_a_stored_get_with_its_headers_and_no_body() {
+    let case = Case::start(always(
+        200,
+        h(&[("cache-control", "max-age=3600"), ("x-a", "1")]),
+    ))
+    .await;
+    case.get("/", &[]).await;
+    let head = case.send("HEAD", "/", &[]).await;
+    assert_eq!(case.hits(), 1);
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("x-a"), Some("1"));
+    assert!(head.body.is_empty());
+}
+
+#[tokio::test]
+async fn a_post_response_is_not_stored_for_later_gets() {
+    // RFC 9110 section 9.3.3 allows it with explicit freshness and a
+    // matching Content-Location; Larder does not (docs/cache.md).
+    let case = Case::start(by_method(
+        fresh_with(&[]),
+        200,
+        vec![
+            ("expires", at(30 * 86400)),
+            ("content-location", "/".to_string()),
+            ("date", at(0)),
+        ],
+    ))
+    .await;
+    case.send("POST", "/", &[("content-type", "text/plain")])
+        .await;
+    let after = case.get("/", &[]).await;
+    assert_eq!(after.text(), "response 1");
+    assert_eq!(case.hits(), 2);
+}
+
+#[tokio::test]
+async fn options_and_trace_pass_through_without_touching_the_cache() {
+    let case = Case::start(always(200, fresh_with(&[]))).await;
+    case.get("/", &[]).await;
+    case.send("OPTIONS", "/", &[]).await;
+    case.get("/", &[]).await;
+    assert_eq!(case.hits(), 2);
+}
+
 // ------------------------------------------- RFC 9211: Cache-Status
 
 #[tokio::test]
@@ -1638,4 +1729,36 @@ async fn cache_status_tells_a_miss_from_a_hit() {
     let hit = case.get("/", &[]).await;
     let status = hit.header("cache-status").unwrap_or_default().to_string();
     assert!(status.starts_with("larder; hit; ttl="), "{status}");
+}
+
+#[tokio::test]
+async fn cache_status_marks_revalidations_and_stale_content() {
+    let case = Case::start_with("      stale_if_error: 1h\n", move |n, _| match n {
+        0 => response(
+            200,
+            &[
+                ("cache-control", "max-age=1".to_string()),
+                ("date", at(-5)),
+                ("etag", "\"v\"".to_string()),
+            ],
+            n,
+        ),
+        1 => response(304, &[("etag", "\"v\"".to_string()), ("date", at(-5))], n),
+        _ => response(503, &[], n),
+    })
+    .await;
+    case.get("/", &[]).await;
+    let revalidated = case.get("/", &[]).await;
+    let status = revalidated.header("cache-status").unwrap_or_default();
+    assert!(
+        status.contains("fwd=stale") && status.contains("fwd-status=304"),
+        "{status}"
+    );
+    let stale = case.get("/", &[]).await;
+    assert_eq!(stale.status, 200);
+    let status = stale.header("cache-status").unwrap_or_default();
+    assert!(
+        status.contains("fwd-status=503") && status.contains("ttl=-"),
+        "{status}"
+    );
 }
