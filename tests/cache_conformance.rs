@@ -967,28 +967,64 @@ async fn a_stale_response_that_may_be_served_stale_is_served_when_the_origin_err
     assert_eq!(second.text(), "response 0");
 }
 
-#[tokio::test]
-async fn must_revalidate_answers_504_when_the_origin_cannot_be_reached() {
-    let case = Case::start(always(
-        200,
-        vec![
-            ("cache-control", "max-age=1, must-revalidate".to_string()),
-            ("date", at(-5)),
-        ],
-    ))
-    .await;
+/// Stores a response, then points the route at an address nothing listens
+/// on, and asks again.
+async fn after_the_origin_is_gone(headers: Headers, route_cache: &str) -> Reply {
+    let case = Case::start_with(route_cache, always(200, headers)).await;
     case.get("/", &[]).await;
     let dead = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", listener.local_addr().unwrap())
     };
     case.larder
-        .reload(&larder_yaml(&dead, "      stale_if_error: 1h\n"))
+        .reload(&larder_yaml(&dead, route_cache))
         .await
         .unwrap();
-    let second = case.get("/", &[]).await;
-    assert_eq!(second.status, 504);
-    assert_ne!(second.text(), "response 0");
+    case.get("/", &[]).await
+}
+
+#[tokio::test]
+async fn a_just_stale_response_answers_while_the_origin_is_unreachable() {
+    let reply = after_the_origin_is_gone(
+        vec![("cache-control", "max-age=1".to_string()), ("date", at(-3))],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "response 0");
+    let status = reply.header("cache-status").unwrap_or_default();
+    assert!(status.contains("detail=origin-unreachable"), "{status}");
+}
+
+#[tokio::test]
+async fn an_unreachable_origin_gets_504_once_the_grace_or_an_explicit_window_has_passed() {
+    let long_stale = vec![
+        ("cache-control", "max-age=1".to_string()),
+        ("date", at(-60)),
+    ];
+    let reply = after_the_origin_is_gone(long_stale, "").await;
+    assert_eq!(reply.status, 504);
+    let windowed = vec![
+        ("cache-control", "max-age=1, stale-if-error=1".to_string()),
+        ("date", at(-5)),
+    ];
+    let reply = after_the_origin_is_gone(windowed, "").await;
+    assert_eq!(reply.status, 504);
+}
+
+#[tokio::test]
+async fn directives_that_forbid_stale_answer_504_while_the_origin_is_unreachable() {
+    for cc in [
+        "max-age=1, must-revalidate",
+        "max-age=1, proxy-revalidate",
+        "max-age=1, no-cache",
+        "s-maxage=1",
+    ] {
+        let headers = vec![("cache-control", cc.to_string()), ("date", at(-3))];
+        let reply = after_the_origin_is_gone(headers, "").await;
+        assert_eq!(reply.status, 504, "{cc}");
+        assert_ne!(reply.text(), "response 0");
+    }
 }
 
 // ------------------------------------------- section 4.3: validation

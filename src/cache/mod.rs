@@ -204,6 +204,28 @@ fn stale_if_error_allows(meta: &Meta, request: &RequestDirectives, now: SystemTi
     !window.is_zero() && staleness <= window
 }
 
+/// How long past its freshness a response may still answer when the origin
+/// cannot be reached and no stale-if-error window was given (by the response,
+/// the request or the route): RFC 9111 section 4.2.4 lets a disconnected
+/// cache serve stale content; this is Varnish's default grace.
+const DISCONNECTED_GRACE: Duration = Duration::from_secs(10);
+
+/// Whether a stale response may answer because the origin is unreachable.
+/// Never when the response forbids stale serving (`must-revalidate`,
+/// `proxy-revalidate`, `no-cache`, `s-maxage`), and never in place of an
+/// explicit stale-if-error window, which then governs alone.
+fn disconnected_grace_allows(meta: &Meta, request: &RequestDirectives, now: SystemTime) -> bool {
+    if meta.directives.forbids_stale()
+        || meta.directives.s_maxage.is_some()
+        || !meta.stale_if_error.is_zero()
+        || request.stale_if_error.is_some()
+    {
+        return false;
+    }
+    let staleness = meta.timing.current_age(now).saturating_sub(meta.lifetime);
+    staleness <= DISCONNECTED_GRACE
+}
+
 /// The origin could not be reached or did not answer in time: the failures
 /// stale-if-error covers (a plugin's failure is not the origin's).
 fn is_origin_failure(error: &ProxyError) -> bool {
@@ -506,14 +528,11 @@ impl Cache {
                 None => self.lead(Flight::new(), lookup, origin, false).await,
             },
             Head::Failed(failed) => {
-                let now = SystemTime::now();
-                if let Some(stale) = &lookup.stale
-                    && is_origin_failure(&failed.error)
-                    && stale_if_error_allows(&stale.meta, &lookup.directives, now)
-                {
-                    return Ok(serve_stale_on_error(stale, &lookup.parts, now, None));
+                let error = failed.to_error();
+                if !is_origin_failure(&error) {
+                    return Err(error);
                 }
-                Err(failed.to_error())
+                answer_unreachable(&lookup, error, SystemTime::now())
             }
             _ => self.lead(Flight::new(), lookup, origin, false).await,
         }
@@ -759,26 +778,47 @@ fn finish_unshared(
             count("error");
             Err(error)
         }
-        Err(error) => {
-            if let Some(stale) = stale_allowed {
-                return Ok(serve_stale_on_error(stale, &lookup.parts, now, None));
-            }
-            if lookup.stale.is_some() {
-                // RFC 9111 sections 4.2.4 and 5.2.2.2: a stale response that
-                // could not be revalidated is answered with 504.
-                count("error");
-                tracing::info!(%error, "stale entry could not be revalidated");
-                let mut response = problem_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "the stored response is stale and the origin could not be reached to revalidate it",
-                );
-                add_cache_status(response.headers_mut(), &format!("{CACHE_NAME}; fwd=stale"));
-                return Ok(response);
-            }
-            count("error");
-            Err(error)
-        }
+        Err(error) => answer_unreachable(lookup, error, now),
     }
+}
+
+/// The answer when the origin could not be reached or timed out: stale
+/// content when stale-if-error or the disconnected grace allows it, else 504
+/// for a stored response that could not be revalidated, else the error.
+fn answer_unreachable(
+    lookup: &Lookup<'_>,
+    error: ProxyError,
+    now: SystemTime,
+) -> Result<Response<Body>, ProxyError> {
+    let Some(stale) = &lookup.stale else {
+        count("error");
+        return Err(error);
+    };
+    if stale_if_error_allows(&stale.meta, &lookup.directives, now) {
+        return Ok(serve_stale_on_error(stale, &lookup.parts, now, None));
+    }
+    if lookup.fwd == Fwd::Stale && disconnected_grace_allows(&stale.meta, &lookup.directives, now) {
+        tracing::info!(%error, "origin unreachable; serving a just-stale response");
+        return Ok(serve_stale_disconnected(stale, &lookup.parts, now));
+    }
+    // RFC 9111 sections 4.2.4 and 5.2.2.2: a stale response that could not
+    // be revalidated is answered with 504.
+    count("error");
+    tracing::info!(%error, "stale entry could not be revalidated");
+    let mut response = problem_response(
+        StatusCode::GATEWAY_TIMEOUT,
+        "the stored response is stale and the origin could not be reached to revalidate it",
+    );
+    add_cache_status(response.headers_mut(), &format!("{CACHE_NAME}; fwd=stale"));
+    Ok(response)
+}
+
+fn serve_stale_disconnected(stale: &Entry, parts: &Parts, now: SystemTime) -> Response<Body> {
+    count("stale");
+    counters::stale_served("disconnected");
+    let ttl = ttl_seconds(&stale.meta, now);
+    let status = format!("{CACHE_NAME}; fwd=stale; ttl={ttl}; detail=origin-unreachable");
+    respond_stored(stale, parts, now, status)
 }
 
 fn serve_stale_on_error(
@@ -1175,6 +1215,44 @@ mod tests {
         assert!(!stale_if_error_allows(
             &meta("max-age=10, proxy-revalidate", 10, 20, 60),
             &request(""),
+            now
+        ));
+    }
+
+    #[test]
+    fn a_just_stale_response_may_answer_for_an_unreachable_origin() {
+        let now = SystemTime::now();
+        let none = request("");
+        assert!(disconnected_grace_allows(
+            &meta("max-age=10", 10, 15, 0),
+            &none,
+            now
+        ));
+        assert!(!disconnected_grace_allows(
+            &meta("max-age=10", 10, 30, 0),
+            &none,
+            now
+        ));
+        for forbidding in [
+            "max-age=10, must-revalidate",
+            "max-age=10, proxy-revalidate",
+            "s-maxage=10",
+            "no-cache",
+        ] {
+            assert!(
+                !disconnected_grace_allows(&meta(forbidding, 10, 15, 0), &none, now),
+                "{forbidding}"
+            );
+        }
+        // An explicit stale-if-error window governs alone.
+        assert!(!disconnected_grace_allows(
+            &meta("max-age=10", 10, 15, 1),
+            &none,
+            now
+        ));
+        assert!(!disconnected_grace_allows(
+            &meta("max-age=10", 10, 15, 0),
+            &request("stale-if-error=1"),
             now
         ));
     }
