@@ -997,6 +997,32 @@ async fn a_just_stale_response_answers_while_the_origin_is_unreachable() {
 }
 
 #[tokio::test]
+async fn a_just_stale_response_answers_when_the_origin_closes_the_connection_on_the_request() {
+    let case = Case::start(always(
+        200,
+        vec![("cache-control", "max-age=1".to_string()), ("date", at(-3))],
+    ))
+    .await;
+    case.get("/", &[]).await;
+    let closing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closing_url = format!("http://{}", closing.local_addr().unwrap());
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        while let Ok((mut stream, _)) = closing.accept().await {
+            let mut buffer = [0u8; 1024];
+            let _ = stream.read(&mut buffer).await;
+        }
+    });
+    case.larder
+        .reload(&larder_yaml(&closing_url, ""))
+        .await
+        .unwrap();
+    let reply = case.get("/", &[]).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "response 0");
+}
+
+#[tokio::test]
 async fn an_unreachable_origin_gets_504_once_the_grace_or_an_explicit_window_has_passed() {
     let long_stale = vec![
         ("cache-control", "max-age=1".to_string()),
