@@ -478,6 +478,35 @@ async fn fields_named_by_a_qualified_private_are_left_out_and_the_rest_is_shared
 }
 
 #[tokio::test]
+async fn fields_named_by_private_in_a_304_reach_only_the_revalidating_client() {
+    let case = Case::start(validating(
+        200,
+        vec![
+            (
+                "cache-control",
+                "private=\"set-cookie\", max-age=1".to_string(),
+            ),
+            ("etag", "\"v\"".to_string()),
+            ("date", at(-5)),
+        ],
+        h(&[
+            ("cache-control", "private=\"set-cookie\", max-age=3600"),
+            ("etag", "\"v\""),
+            ("set-cookie", "session=2"),
+        ]),
+    ))
+    .await;
+    case.get("/", &[]).await;
+    let revalidated = case.get("/", &[]).await;
+    assert_eq!(case.hits(), 2);
+    assert_eq!(revalidated.header("set-cookie"), Some("session=2"));
+    let hit = case.get("/", &[]).await;
+    assert_eq!(case.hits(), 2);
+    assert_eq!(hit.header("set-cookie"), None);
+    assert_eq!(hit.text(), "response 0");
+}
+
+#[tokio::test]
 async fn a_concurrent_request_never_receives_the_fields_named_by_private() {
     let (release, gate) = tokio::sync::watch::channel(false);
     let case = Case::start(move |n, _| {

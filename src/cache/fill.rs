@@ -243,6 +243,18 @@ impl Fill {
         }
     }
 
+    /// Removes the fields a qualified `no-cache` / `private` keeps from other
+    /// clients; returns the complete set for the request that brought them,
+    /// when anything was removed (no copy otherwise).
+    fn withhold(&self, headers: &mut HeaderMap) -> Option<Arc<HeaderMap>> {
+        let directives = ResponseDirectives::parse(headers);
+        if directives.withheld.is_empty() {
+            return None;
+        }
+        let full = headers.clone();
+        policy::withhold(headers, &directives).then(|| Arc::new(full))
+    }
+
     fn tags(&self, headers: &HeaderMap) -> Vec<String> {
         let settings = self.inner.settings.load();
         let mut tags: Vec<String> = settings
@@ -296,8 +308,7 @@ impl Fill {
         if !head.headers.contains_key(header::DATE) {
             merged.insert(header::DATE, policy::date_value(response_time));
         }
-        let directives = ResponseDirectives::parse(&merged);
-        policy::withhold(&mut merged, &directives);
+        let leader_headers = self.withhold(&mut merged);
         let timing = Timing::new(request_time, response_time, &head.headers);
         let meta = Arc::new(self.meta(stale.meta.status, merged, timing));
         if let Err(reason) = self.check(meta.status, &meta.headers, &meta.directives) {
@@ -305,7 +316,10 @@ impl Fill {
             self.forget_stale();
             let mut response = Response::new(body::full(stale.body.clone()));
             *response.status_mut() = meta.status;
-            *response.headers_mut() = meta.headers.clone();
+            *response.headers_mut() = match leader_headers {
+                Some(full) => Arc::unwrap_or_clone(full),
+                None => meta.headers.clone(),
+            };
             self.solo(response, leader);
             return;
         }
@@ -319,7 +333,7 @@ impl Fill {
             meta,
             stored: true,
             upstream_status: StatusCode::NOT_MODIFIED,
-            leader_headers: None,
+            leader_headers,
         });
     }
 
@@ -338,13 +352,7 @@ impl Fill {
         if !stored_headers.contains_key(header::DATE) {
             stored_headers.insert(header::DATE, policy::date_value(response_time));
         }
-        let directives = ResponseDirectives::parse(&stored_headers);
-        let leader_headers = if directives.withheld.is_empty() {
-            None
-        } else {
-            let full = stored_headers.clone();
-            policy::withhold(&mut stored_headers, &directives).then(|| Arc::new(full))
-        };
+        let leader_headers = self.withhold(&mut stored_headers);
         let meta = Arc::new(self.meta(head.status, stored_headers, timing));
         let max_object = self.inner.settings.load().max_object_size;
         let declared_length = content_length(&head.headers);
