@@ -1634,6 +1634,14 @@ async fn several_ranges_unsatisfiable_ranges_and_stale_entries_go_to_the_origin(
     case.get("/", &[]).await;
     case.get("/", &[("range", "bytes=0-1")]).await;
     assert_eq!(case.hits(), 2);
+    let cached_only = case
+        .get(
+            "/",
+            &[("range", "bytes=0-1"), ("cache-control", "only-if-cached")],
+        )
+        .await;
+    assert_eq!(cached_only.status, 504);
+    assert_eq!(case.hits(), 2);
 }
 
 // ------------------------------------------- RFC 5861: stale-while-revalidate, stale-if-error

@@ -398,9 +398,10 @@ impl Cache {
     ) -> Result<Response<Body>, ProxyError> {
         let now = SystemTime::now();
         let (parts, request_body) = request.into_parts();
+        let directives = RequestDirectives::parse(&parts.headers);
         if let (_, _, Some(entry)) = self.lookup(route, &parts)
             && entry.meta.status == StatusCode::OK
-            && decide(&entry.meta, &RequestDirectives::parse(&parts.headers), now) == Use::Fresh
+            && decide(&entry.meta, &directives, now) == Use::Fresh
         {
             let status = format!("{CACHE_NAME}; hit; ttl={}", ttl_seconds(&entry.meta, now));
             // Conditionals come before Range (RFC 9110 section 13.2.2).
@@ -412,6 +413,9 @@ impl Cache {
                 count("hit");
                 return Ok(respond_partial(&entry, range, now, status));
             }
+        }
+        if directives.only_if_cached {
+            return Ok(not_cached());
         }
         pass(
             Request::from_parts(parts, request_body),
