@@ -222,6 +222,23 @@ async fn private_is_not_stored_by_a_shared_cache() {
 }
 
 #[tokio::test]
+async fn directives_are_found_whatever_the_whitespace_and_line_splitting() {
+    for cache_control in [
+        &["  max-age=3600  ,  private  "][..],
+        &["max-age=3600,no-store"],
+        &["max-age=3600", "\tno-store"],
+        &["max-age=3600,,, ,PRIVATE"],
+    ] {
+        let headers = cache_control
+            .iter()
+            .map(|value| ("cache-control", value.to_string()))
+            .collect();
+        assert!(!reused(200, headers).await, "{cache_control:?}");
+    }
+    assert!(reused(200, h(&[("cache-control", " public ,  max-age=3600 ")])).await);
+}
+
+#[tokio::test]
 async fn a_response_to_a_request_with_authorization_is_not_reused() {
     let case = Case::start(always(
         200,
