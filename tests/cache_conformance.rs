@@ -562,6 +562,9 @@ async fn a_concurrent_request_never_receives_the_fields_named_by_private() {
     });
     eventually(async || case.hits() == 1).await;
     let waiter = tokio::spawn(async move { common::get(&url).await });
+    // Gives the second request time to join the fill in progress. Nothing
+    // depends on it: a request that arrives after the release is a hit, and
+    // a hit must not carry the field either.
     tokio::time::sleep(Duration::from_millis(100)).await;
     release.send(true).unwrap();
     let leader = leader.await.unwrap();
