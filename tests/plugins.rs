@@ -242,6 +242,75 @@ async fn json_filter_rewrites_the_body_and_fixes_content_length() {
 }
 
 #[tokio::test]
+async fn a_no_transform_response_keeps_its_body_but_gets_header_changes() {
+    let mut filter = plugin(&format!(
+        "path: {}\nconfig: {{ keep: 'id' }}",
+        wasm("json_filter").display()
+    ));
+    filter.phase = PluginPhase::CacheStore;
+    let mut stamp = add_headers("{ set: 'x-stamped: yes' }");
+    stamp.phase = PluginPhase::CacheStore;
+    let host = host(&[("slim", filter), ("stamp", stamp)]).await;
+    let upstream = r#"{"id":1,"secret":"x"}"#;
+    let mut protected = response("application/json", upstream);
+    protected.headers_mut().insert(
+        "cache-control",
+        http::HeaderValue::from_static("max-age=60, no-transform"),
+    );
+    let out = host
+        .on_response(
+            &chain(&["slim", "stamp"]),
+            PluginPhase::CacheStore,
+            &request(&[]),
+            protected,
+        )
+        .await
+        .expect("plugins run");
+    let (head, body) = text(out).await;
+    assert_eq!(
+        body, upstream,
+        "RFC 9110 7.7: the content is not transformed"
+    );
+    assert_eq!(
+        head.headers["content-length"],
+        upstream.len().to_string().as_str()
+    );
+    assert_eq!(
+        head.headers["x-stamped"], "yes",
+        "header changes still apply"
+    );
+}
+
+#[tokio::test]
+async fn one_request_makes_one_fresh_instance_for_both_hooks() {
+    let host = host(&[("stamp", add_headers("{ set: 'x-stamped: yes' }"))]).await;
+    for round in 1..=3u64 {
+        let mut parts = request(&[]);
+        let answer = host
+            .on_request(&chain(&["stamp"]), &mut parts)
+            .await
+            .expect("plugin runs");
+        assert!(answer.is_none());
+        let out = host
+            .on_response(
+                &chain(&["stamp"]),
+                PluginPhase::Downstream,
+                &parts,
+                response("text/plain", "hi"),
+            )
+            .await
+            .expect("plugin runs");
+        assert_eq!(out.headers()["x-stamped"], "yes");
+        let stats = host.stats("stamp").expect("loaded");
+        assert_eq!(stats.invocations, 2 * round);
+        assert_eq!(
+            stats.instances_created, round,
+            "on-response reuses the instance its request's on-request made; requests never share one"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_bad_plugin_config_is_a_load_error_naming_the_plugin() {
     let map = BTreeMap::from([(
         "broken-cors".to_string(),
@@ -779,14 +848,22 @@ async fn a_cache_store_transform_runs_once_per_fill_and_its_output_is_served_on_
 async fn a_plugin_answers_requests_itself_without_the_upstream() {
     let origin = start_origin(|_| async { respond(200, &[], "secret stuff") }).await;
     let yaml = format!(
-        "upstreams:\n  app: {{ servers: [\"{}\"] }}\nroutes:\n  - upstream: app\n    plugins: [gate]\n{}",
+        "upstreams:\n  app: {{ servers: [\"{}\"] }}\nroutes:\n  - upstream: app\n    plugins: [gate, stamp]\n{}",
         origin.url(),
-        plugins_yaml(&[("gate", "answer_direct", "config: { require: x-api-key }")])
+        plugins_yaml(&[
+            ("gate", "answer_direct", "config: { require: x-api-key }"),
+            ("stamp", "add_headers", "config: { set: 'x-stamped: yes' }"),
+        ])
     );
     let larder = start_larder(&yaml).await;
     let refused = get(&larder.url("/private")).await;
     assert_eq!(refused.status, 403);
     assert_eq!(refused.text(), "missing x-api-key header\n");
+    assert_eq!(
+        refused.header("x-stamped"),
+        Some("yes"),
+        "a direct answer still passes the downstream on-response hooks"
+    );
     assert_eq!(origin.hits(), 0);
     let allowed = get_with(&larder.url("/private"), &[("x-api-key", "k")]).await;
     assert_eq!(allowed.status, 200);

@@ -45,6 +45,8 @@ pub struct ResponseDirectives {
     pub proxy_revalidate: bool,
     pub must_understand: bool,
     pub immutable: bool,
+    /// Intermediaries must not change the content (RFC 9110 section 7.7).
+    pub no_transform: bool,
     pub max_age: Option<Seconds>,
     pub s_maxage: Option<Seconds>,
     pub stale_while_revalidate: Option<u64>,
@@ -70,6 +72,7 @@ impl ResponseDirectives {
                 "proxy-revalidate" => parsed.proxy_revalidate = true,
                 "must-understand" => parsed.must_understand = true,
                 "immutable" => parsed.immutable = true,
+                "no-transform" => parsed.no_transform = true,
                 "max-age" => parsed.max_age = Some(merge(parsed.max_age, value)),
                 "s-maxage" => parsed.s_maxage = Some(merge(parsed.s_maxage, value)),
                 "stale-while-revalidate" => {

@@ -46,6 +46,12 @@ pub trait Origin: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Response<Body>, ProxyError>>;
 }
 
+/// Whether a response's `Cache-Control` says `no-transform`: a proxy must
+/// then not change its content (RFC 9110 section 7.7), plugins included.
+pub fn forbids_transform(headers: &HeaderMap) -> bool {
+    directives::ResponseDirectives::parse(headers).no_transform
+}
+
 /// The name this cache uses in `Cache-Status` (RFC 9211).
 const CACHE_NAME: &str = "larder";
 

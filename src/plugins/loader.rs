@@ -6,6 +6,7 @@
 //! Must not swap in a build that failed to compile or to initialise.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,76 @@ pub struct TransformerInstance {
 /// Idle instances kept per plugin with `reuse: true`.
 const MAX_IDLE_INSTANCES: usize = 8;
 
+/// Instances parked between a request's `on-request` and its `on-response`
+/// across the whole process. Each holds a pool slot while the upstream
+/// answers, so the count is capped well below the pool's size; past it, the
+/// request's `on-response` simply gets another fresh instance.
+const MAX_PARKED_INSTANCES: usize = 256;
+static PARKED: AtomicUsize = AtomicUsize::new(0);
+
+/// The fresh instances a request's plugins made in `on-request`, kept for
+/// the same request's `on-response` so that one request pays one
+/// instantiation per plugin rather than two. Travels in the request's
+/// extensions; dropping it (request done or abandoned) frees the slots.
+#[derive(Clone, Default)]
+pub struct ParkedInstances(Arc<Mutex<Vec<Parked>>>);
+
+struct Parked {
+    plugin: Arc<LoadedPlugin>,
+    instance: TransformerInstance,
+    _counted: ParkedCount,
+}
+
+/// One unit of the process-wide [`PARKED`] count, given back on drop.
+struct ParkedCount;
+
+impl ParkedCount {
+    fn acquire() -> Option<Self> {
+        if PARKED.fetch_add(1, Ordering::Relaxed) >= MAX_PARKED_INSTANCES {
+            PARKED.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Self)
+    }
+}
+
+impl Drop for ParkedCount {
+    fn drop(&mut self) {
+        PARKED.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ParkedInstances {
+    /// Keeps `instance` of `plugin` for this request, if the process-wide
+    /// cap allows; otherwise drops it.
+    pub fn park(&self, plugin: &Arc<LoadedPlugin>, instance: TransformerInstance) {
+        let Some(counted) = ParkedCount::acquire() else {
+            return;
+        };
+        if let Ok(mut all) = self.0.lock() {
+            all.push(Parked {
+                plugin: plugin.clone(),
+                instance,
+                _counted: counted,
+            });
+        }
+    }
+
+    /// The instance this request parked for exactly this build of `plugin`
+    /// (a reload in between means a new build and a new instance).
+    pub fn take(&self, plugin: &LoadedPlugin) -> Option<TransformerInstance> {
+        let mut all = self.0.lock().ok()?;
+        let index = all
+            .iter()
+            .position(|parked| std::ptr::eq(Arc::as_ptr(&parked.plugin), plugin))?;
+        Some(all.swap_remove(index).instance)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().map_or(true, |all| all.is_empty())
+    }
+}
+
 /// One build of one plugin, ready to instantiate. Immutable: a reload
 /// builds a new one and swaps it in; calls in flight keep the old one.
 pub struct LoadedPlugin {
@@ -59,6 +130,8 @@ pub struct LoadedPlugin {
     /// Whether this build was compiled (false: loaded precompiled).
     pub compiled: bool,
     idle: Mutex<Vec<TransformerInstance>>,
+    /// Transformer instances made for calls (the load-time probe excluded).
+    instances_created: AtomicU64,
 }
 
 impl LoadedPlugin {
@@ -74,6 +147,10 @@ impl LoadedPlugin {
             }),
             source_values: if is_fetcher { source_values } else { None },
         }
+    }
+
+    pub fn count_instance(&self) {
+        self.instances_created.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn take_idle(&self) -> Option<TransformerInstance> {
@@ -106,6 +183,8 @@ pub struct PluginStats {
     pub rejected_builds: u64,
     /// Whether the current build was compiled (false: loaded precompiled).
     pub compiled: bool,
+    /// Instances the current build made for calls.
+    pub instances_created: u64,
     pub circuit_open: bool,
     /// `trap`, `timeout`, `oom`, `error` or `too_large` of the latest failure.
     pub last_failure_kind: Option<&'static str>,
@@ -133,8 +212,36 @@ pub struct PluginSlot {
     pub current: ArcSwap<LoadedPlugin>,
     breakers: [Breaker; 3],
     pub counters: Counters,
+    pub metrics: SlotMetrics,
     pub source_values: Arc<SourceValues>,
     watcher: Mutex<Option<notify::RecommendedWatcher>>,
+}
+
+/// The plugin's metric handles, registered once: looking them up by label
+/// on every call would cost more than a reused instance's whole call.
+pub struct SlotMetrics {
+    invocations: [metrics::Counter; 3],
+    pub duration: metrics::Histogram,
+    pub circuit_open: metrics::Gauge,
+}
+
+impl SlotMetrics {
+    fn new(plugin: &str) -> Self {
+        let invocations = |hook: Hook| metrics::counter!("larder_plugin_invocations_total", "plugin" => plugin.to_string(), "hook" => hook.as_str());
+        Self {
+            invocations: [
+                invocations(Hook::OnRequest),
+                invocations(Hook::OnResponse),
+                invocations(Hook::Run),
+            ],
+            duration: metrics::histogram!("larder_plugin_duration_seconds", "plugin" => plugin.to_string()),
+            circuit_open: metrics::gauge!("larder_plugin_circuit_open", "plugin" => plugin.to_string()),
+        }
+    }
+
+    pub fn invocations(&self, hook: Hook) -> &metrics::Counter {
+        &self.invocations[hook as usize]
+    }
 }
 
 impl PluginSlot {
@@ -142,6 +249,7 @@ impl PluginSlot {
         let slot = Arc::new(Self {
             name: plugin.name.clone(),
             counters: Counters::default(),
+            metrics: SlotMetrics::new(&plugin.name),
             breakers: Default::default(),
             source_values: Arc::new(SourceValues::default()),
             current: ArcSwap::from_pointee(plugin),
@@ -191,6 +299,7 @@ impl PluginSlot {
             compilations: self.counters.compilations.load(Relaxed),
             rejected_builds: self.counters.rejected_builds.load(Relaxed),
             compiled: current.compiled,
+            instances_created: current.instances_created.load(Relaxed),
             circuit_open: self.is_circuit_open(),
             kind: current.kind.as_str(),
             wasm_sha256: current.wasm_sha256.clone(),
@@ -257,6 +366,7 @@ async fn load_bytes(
         wasm_sha256,
         compiled,
         idle: Mutex::new(Vec::new()),
+        instances_created: AtomicU64::new(0),
     };
     call::probe_init(engine, &plugin).await?;
     Ok(plugin)

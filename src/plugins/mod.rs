@@ -34,6 +34,7 @@ use crate::error::ProxyError;
 use breaker::Admission;
 use call::{Failure, FailureKind, Hook};
 use engine::PluginEngine;
+pub use loader::ParkedInstances;
 pub use loader::PluginStats;
 use loader::{Kind, LoadedPlugin, PluginSlot};
 use transformer::RequestEdit;
@@ -226,14 +227,18 @@ impl PluginHost {
         };
         // A cache-store transformer is paid once per fill: calling its
         // on-request too would cost a fresh instance on every hit.
+        let parked = ParkedInstances::default();
         for (slot, plugin) in self.transformers(chain, Some(PluginPhase::Downstream)) {
             let head = transformer::request_head(request);
-            let call = transformer::on_request(engine, &plugin, &head);
+            let call = transformer::on_request(engine, &plugin, &head, &parked);
             let Some(edit) = guarded(&slot, &plugin, Hook::OnRequest, call).await? else {
                 continue;
             };
             match edit {
-                RequestEdit::Respond(response) => return Ok(Some(response)),
+                RequestEdit::Respond(response) => {
+                    keep_parked(request, parked);
+                    return Ok(Some(response));
+                }
                 RequestEdit::Continue {
                     method,
                     path_and_query,
@@ -252,6 +257,7 @@ impl PluginHost {
                 }
             }
         }
+        keep_parked(request, parked);
         Ok(None)
     }
 
@@ -289,6 +295,7 @@ impl PluginHost {
         };
         let original_length = parts.headers.get(CONTENT_LENGTH).cloned();
         let request_head = transformer::request_head(request);
+        let parked = request.extensions.get::<ParkedInstances>();
         let mut body_changed = false;
         for (slot, plugin) in &selected {
             let head = transformer::response_head(&parts);
@@ -299,15 +306,26 @@ impl PluginHost {
                 &request_head,
                 &head,
                 &bytes,
+                parked,
             );
             let Some(edit) = guarded(slot, plugin, Hook::OnResponse, call).await? else {
                 continue;
             };
+            // The directive is read from the headers the upstream (or an
+            // earlier plugin) gave, so a plugin cannot lift it for itself.
+            let no_transform = crate::cache::forbids_transform(&parts.headers);
             parts.status = edit.status;
             parts.headers = edit.headers;
-            if let Some(new_body) = edit.body {
-                bytes = new_body;
-                body_changed = true;
+            match edit.body {
+                Some(_) if no_transform => tracing::debug!(
+                    plugin = &*slot.name,
+                    "body change ignored: the response says Cache-Control: no-transform"
+                ),
+                Some(new_body) => {
+                    bytes = new_body;
+                    body_changed = true;
+                }
+                None => {}
             }
         }
         fix_framing(
@@ -367,6 +385,14 @@ impl PluginHost {
             .filter(|(_, plugin)| matches!(plugin.kind, Kind::Transformer(_)))
             .filter(|(_, plugin)| phase.is_none_or(|phase| plugin.config.phase == phase))
             .collect()
+    }
+}
+
+/// Leaves the request's parked instances in its extensions, where the
+/// proxy carries them to the response's plugins.
+fn keep_parked(request: &mut http::request::Parts, parked: ParkedInstances) {
+    if !parked.is_empty() {
+        request.extensions.insert(parked);
     }
 }
 
@@ -443,13 +469,12 @@ async fn attempt<T>(
             "circuit open after repeated failures; not called",
         ));
     }
-    let name = slot.name.to_string();
     slot.counters.invocations.fetch_add(1, Relaxed);
-    metrics::counter!("larder_plugin_invocations_total", "plugin" => name.clone(), "hook" => hook.as_str())
-        .increment(1);
+    slot.metrics.invocations(hook).increment(1);
     let started = Instant::now();
     let result = call.await;
-    metrics::histogram!("larder_plugin_duration_seconds", "plugin" => name.clone())
+    slot.metrics
+        .duration
         .record(started.elapsed().as_secs_f64());
     match &result {
         Ok(_) => slot.breaker(hook).record_success(),
@@ -458,6 +483,7 @@ async fn attempt<T>(
             if let Ok(mut last) = slot.counters.last_failure.lock() {
                 *last = Some((failure.kind.as_str(), failure.describe()));
             }
+            let name = slot.name.to_string();
             metrics::counter!("larder_plugin_failures_total", "plugin" => name.clone(), "kind" => failure.kind.as_str())
                 .increment(1);
             tracing::error!(
@@ -474,7 +500,7 @@ async fn attempt<T>(
         }
     }
     let open = if slot.is_circuit_open() { 1.0 } else { 0.0 };
-    metrics::gauge!("larder_plugin_circuit_open", "plugin" => name).set(open);
+    slot.metrics.circuit_open.set(open);
     result
 }
 

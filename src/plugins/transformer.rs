@@ -5,6 +5,8 @@
 //! Must not let a guest's malformed answer through: invalid methods,
 //! paths, header names or statuses are a plugin failure.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
@@ -15,7 +17,9 @@ use super::bindings::transformer::exports::larder::plugin::transform::{
 use super::bindings::transformer::larder::plugin::types::{RequestHead, ResponseHead};
 use super::call::{Failure, FailureKind, backstop, permit, settle};
 use super::engine::{PluginEngine, start_call};
-use super::loader::{Kind, LoadedPlugin, TransformerInstance, instantiate_transformer};
+use super::loader::{
+    Kind, LoadedPlugin, ParkedInstances, TransformerInstance, instantiate_transformer,
+};
 use crate::body::{self, Body};
 use crate::config::PluginPhase;
 
@@ -150,34 +154,45 @@ fn check_response_out(out: ResponseOut) -> Result<ResponseEdit, String> {
 async fn checkout(
     engine: &PluginEngine,
     plugin: &LoadedPlugin,
+    parked: Option<&ParkedInstances>,
 ) -> Result<TransformerInstance, Failure> {
     let Kind::Transformer(pre) = &plugin.kind else {
         return Err(Failure::new(FailureKind::Error, "not a transformer"));
     };
-    if let Some(mut instance) = plugin.take_idle() {
+    let kept = parked
+        .and_then(|parked| parked.take(plugin))
+        .or_else(|| plugin.take_idle());
+    if let Some(mut instance) = kept {
         start_call(&mut instance.store);
         return Ok(instance);
     }
+    plugin.count_instance();
     instantiate_transformer(engine, plugin, pre).await
 }
 
-/// One `on-request` call.
+/// One `on-request` call. A fresh instance is parked afterwards for the
+/// same request's `on-response`.
 pub async fn on_request(
     engine: &PluginEngine,
-    plugin: &LoadedPlugin,
+    plugin: &Arc<LoadedPlugin>,
     head: &RequestHead,
+    parked: &ParkedInstances,
 ) -> Result<RequestEdit, Failure> {
     let _permit = permit(engine).await?;
     let limit = backstop(plugin);
     let call = async {
-        let mut instance = checkout(engine, plugin).await?;
+        let mut instance = checkout(engine, plugin, None).await?;
         let result = instance
             .bindings
             .larder_plugin_transform()
             .call_on_request(&mut instance.store, head)
             .await;
         let action = settle(result, &instance.store, "on-request")?;
-        plugin.put_idle(instance);
+        if plugin.config.reuse {
+            plugin.put_idle(instance);
+        } else if plugin.config.phase == PluginPhase::Downstream {
+            parked.park(plugin, instance);
+        }
         check_request_action(action).map_err(|why| Failure::new(FailureKind::Error, why))
     };
     tokio::time::timeout(limit, call)
@@ -185,7 +200,8 @@ pub async fn on_request(
         .unwrap_or_else(|_| Err(Failure::timed_out(limit)))
 }
 
-/// One `on-response` call with the whole body.
+/// One `on-response` call with the whole body, on the instance the
+/// request's `on-request` parked if there is one.
 pub async fn on_response(
     engine: &PluginEngine,
     plugin: &LoadedPlugin,
@@ -193,11 +209,12 @@ pub async fn on_response(
     request: &RequestHead,
     response: &ResponseHead,
     body: &[u8],
+    parked: Option<&ParkedInstances>,
 ) -> Result<ResponseEdit, Failure> {
     let _permit = permit(engine).await?;
     let limit = backstop(plugin);
     let call = async {
-        let mut instance = checkout(engine, plugin).await?;
+        let mut instance = checkout(engine, plugin, parked).await?;
         let result = instance
             .bindings
             .larder_plugin_transform()

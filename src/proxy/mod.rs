@@ -30,7 +30,7 @@ use crate::body::{self, Body};
 use crate::cache::{self, Cache};
 use crate::config::{Config, PluginPhase, Route, RouteCache, Upstream};
 use crate::error::ProxyError;
-use crate::plugins::PluginHost;
+use crate::plugins::{ParkedInstances, PluginHost};
 use crate::sources::Sources;
 
 pub use guard::{BodyFault, BodyGuard};
@@ -294,20 +294,32 @@ impl Proxy {
         // The cache's and the plugins' futures are boxed: they are several KiB
         // each, and a request future that embeds them is memmoved per request.
         let plugins = &self.shared.plugins;
-        if !route.plugins.is_empty()
-            && let Some(answer) = Box::pin(plugins.on_request(&route.plugins, &mut parts)).await?
-        {
-            return Ok(answer);
-        }
-        let head = (!route.plugins.is_empty()).then(|| copy_head_parts(&parts));
-        let request = Request::from_parts(parts, body);
-        let response = match &route.target {
-            Target::Source(name) => self.shared.sources.serve_source(name, &request),
-            Target::Upstream(origin) if route.cache.enabled => {
-                let origin: Arc<dyn cache::Origin> = origin.clone();
-                Box::pin(self.shared.cache.serve(&route.cache, request, origin)).await?
+        let direct_answer = if route.plugins.is_empty() {
+            None
+        } else {
+            Box::pin(plugins.on_request(&route.plugins, &mut parts)).await?
+        };
+        let head = (!route.plugins.is_empty()).then(|| {
+            let mut head = copy_head_parts(&parts);
+            // Instances on-request made wait for this request's on-response.
+            if let Some(parked) = parts.extensions.remove::<ParkedInstances>() {
+                head.extensions.insert(parked);
             }
-            Target::Upstream(origin) => cache::Origin::fetch(origin.as_ref(), request).await?,
+            head
+        });
+        let request = Request::from_parts(parts, body);
+        // A plugin's own answer still goes through the downstream
+        // on-response hooks, as the WIT promises.
+        let response = match direct_answer {
+            Some(answer) => answer,
+            None => match &route.target {
+                Target::Source(name) => self.shared.sources.serve_source(name, &request),
+                Target::Upstream(origin) if route.cache.enabled => {
+                    let origin: Arc<dyn cache::Origin> = origin.clone();
+                    Box::pin(self.shared.cache.serve(&route.cache, request, origin)).await?
+                }
+                Target::Upstream(origin) => cache::Origin::fetch(origin.as_ref(), request).await?,
+            },
         };
         match head {
             Some(head) => {
