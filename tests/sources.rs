@@ -1136,3 +1136,32 @@ sources:
         Some("text/plain; charset=utf-8")
     );
 }
+
+/// Refreshes run on the sources' own thread: a proxy runtime that is busy
+/// (here: not driven at all after startup) neither delays nor stops them, and
+/// a burst of refreshes cannot queue ahead of requests.
+#[test]
+fn sources_keep_refreshing_while_the_proxy_runtime_is_stalled() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let sources = runtime.block_on(start_sources(
+        "sources:\n  tick: { rule: '* * * * * *', static: { value: 'x' } }\n",
+    ));
+    // From here on the test thread only sleeps: nothing drives `runtime`.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let runs = loop {
+        let runs = counter(&sources, "tick", "runs");
+        if runs >= 3 || std::time::Instant::now() > deadline {
+            break runs;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        runs >= 3,
+        "only {runs} runs while the caller's runtime was stalled"
+    );
+    drop(sources);
+    drop(runtime);
+}

@@ -3,7 +3,8 @@
 //! kept in memory as their last good value and served by key.
 //!
 //! `Sources` owns the set of running schedules (one tokio task per source,
-//! see `runner`) and a lock-free snapshot of their slots for readers.
+//! see `runner`, all on the sources' own thread, see `background`) and a
+//! lock-free snapshot of their slots for readers.
 //! Must never block the request path: serving is a snapshot read, a clone of
 //! pre-built headers and of the value's `Bytes`.
 
@@ -22,6 +23,7 @@ use crate::config::SourceConfig;
 use crate::error::{ProxyError, problem_response};
 use crate::plugins::PluginHost;
 
+mod background;
 mod file;
 mod http;
 mod plugin;
@@ -47,6 +49,8 @@ const BAD_METHOD: &str = "Method is not supported";
 
 /// The running sources: their schedules and their last good values.
 pub struct Sources {
+    /// Where the schedules run: their own thread, off the proxy's runtime.
+    background: background::Background,
     plugins: Arc<PluginHost>,
     client: HttpClient,
     /// What readers see: replaced whole on reload, never locked.
@@ -73,6 +77,7 @@ impl Sources {
     /// Must be called inside a tokio runtime.
     pub fn start(config: &BTreeMap<String, SourceConfig>, plugins: Arc<PluginHost>) -> Arc<Self> {
         let sources = Arc::new(Self {
+            background: background::Background::start(),
             plugins,
             client: build_client(),
             slots: ArcSwap::from_pointee(HashMap::new()),
@@ -152,7 +157,7 @@ impl Sources {
             run_on_start: source.run_on_start,
             generation,
         };
-        Some(runner.spawn())
+        Some(runner.spawn(self.background.handle()))
     }
 
     /// cachepump's API: `GET /?key=NAME` (HEAD too, without the body).

@@ -150,8 +150,8 @@ impl Drop for RunHandle {
 
 impl Runner {
     /// Spawns the schedule; aborting the returned handle stops it and its run.
-    pub fn spawn(self) -> JoinHandle<()> {
-        tokio::spawn(self.schedule())
+    pub fn spawn(self, runtime: &tokio::runtime::Handle) -> JoinHandle<()> {
+        runtime.spawn(self.schedule())
     }
 
     async fn schedule(self) {
