@@ -40,9 +40,14 @@ const MAX_LOG_LINES_PER_CALL: u32 = 200;
 const RESET_IN_PLACE_BYTES: usize = 2 << 20;
 
 /// Plugin calls running at once; more wait their turn. Below the pool's
-/// 1000 instances, leaving room for `reuse: true` idle instances, so a burst
-/// queues instead of failing to instantiate.
+/// [`POOL_INSTANCES`], leaving room for instances parked between a request's
+/// hooks and `reuse: true` idle ones, so a burst queues instead of failing
+/// to instantiate.
 const MAX_CONCURRENT_CALLS: usize = 900;
+/// Live component instances the pool holds: running calls, up to 256
+/// parked between a request's `on-request` and `on-response`, idle reused
+/// ones.
+const POOL_INSTANCES: u32 = 1300;
 
 /// The process-wide engine, its linker and the artifact cache directory.
 pub struct PluginEngine {
@@ -144,15 +149,16 @@ fn engine_config(pooling: bool) -> Config {
     config.wasm_component_model(true);
     config.epoch_interruption(true);
     if pooling {
-        // Sized for a proxy box (e.g. 24 GiB): up to 1000 live instances at
-        // once (concurrent requests x plugins). Slots reserve address space,
-        // not RAM; memory is committed only as guests touch it, and each
-        // store's own limiter enforces the plugin's `limits.memory`.
+        // Sized for a proxy box (e.g. 24 GiB): up to POOL_INSTANCES live
+        // instances at once (concurrent requests x plugins). Slots reserve
+        // address space, not RAM; memory is committed only as guests touch
+        // it, and each store's own limiter enforces the plugin's
+        // `limits.memory`. Fiber stacks are needed only by running calls.
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(1000)
-            .total_core_instances(2000)
-            .total_memories(1000)
-            .total_tables(2000)
+        pool.total_component_instances(POOL_INSTANCES)
+            .total_core_instances(2 * POOL_INSTANCES)
+            .total_memories(POOL_INSTANCES)
+            .total_tables(2 * POOL_INSTANCES)
             .total_stacks(1000)
             .max_memory_size(4 << 30)
             .max_unused_warm_slots(100)
