@@ -245,9 +245,15 @@ impl PluginHost {
                     headers,
                     cache_key_extra,
                 } => {
-                    request.method = method;
-                    request.uri = with_path_and_query(&request.uri, path_and_query)?;
-                    request.headers = headers;
+                    if let Some(method) = method {
+                        request.method = method;
+                    }
+                    if let Some(path_and_query) = path_and_query {
+                        request.uri = with_path_and_query(&request.uri, path_and_query)?;
+                    }
+                    if let Some(headers) = headers {
+                        request.headers = headers;
+                    }
                     if !cache_key_extra.is_empty() {
                         let extra = request
                             .extensions
@@ -315,7 +321,9 @@ impl PluginHost {
             // earlier plugin) gave, so a plugin cannot lift it for itself.
             let no_transform = crate::cache::forbids_transform(&parts.headers);
             parts.status = edit.status;
-            parts.headers = edit.headers;
+            if let Some(headers) = edit.headers {
+                parts.headers = headers;
+            }
             match edit.body {
                 Some(_) if no_transform => tracing::debug!(
                     plugin = &*slot.name,

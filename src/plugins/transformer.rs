@@ -25,12 +25,14 @@ use crate::config::PluginPhase;
 
 type WitHeaders = Vec<(String, Vec<u8>)>;
 
-/// What `on-request` decided, checked and converted.
+/// What `on-request` decided, checked and converted. `None` fields are
+/// unchanged: most plugins hand most of the request back as they got it,
+/// and re-parsing it would cost more than the comparison.
 pub enum RequestEdit {
     Continue {
-        method: Method,
-        path_and_query: http::uri::PathAndQuery,
-        headers: HeaderMap,
+        method: Option<Method>,
+        path_and_query: Option<http::uri::PathAndQuery>,
+        headers: Option<HeaderMap>,
         cache_key_extra: Vec<String>,
     },
     Respond(Response<Body>),
@@ -39,7 +41,8 @@ pub enum RequestEdit {
 /// What `on-response` returned, checked and converted.
 pub struct ResponseEdit {
     pub status: StatusCode,
-    pub headers: HeaderMap,
+    /// `None`: the headers came back unchanged.
+    pub headers: Option<HeaderMap>,
     /// `None`: the body is unchanged.
     pub body: Option<Bytes>,
 }
@@ -101,26 +104,41 @@ pub fn response_head(response: &http::response::Parts) -> ResponseHead {
     }
 }
 
-fn check_request_action(action: RequestAction) -> Result<RequestEdit, String> {
+fn check_request_action(action: RequestAction, given: &RequestHead) -> Result<RequestEdit, String> {
     match action {
         RequestAction::Continue(out) => {
-            let method = Method::from_bytes(out.head.method.as_bytes())
-                .map_err(|_| format!("invalid method `{}`", out.head.method))?;
-            if !out.head.path_with_query.starts_with('/') {
+            let method = if out.head.method == given.method {
+                None
+            } else {
+                Some(
+                    Method::from_bytes(out.head.method.as_bytes())
+                        .map_err(|_| format!("invalid method `{}`", out.head.method))?,
+                )
+            };
+            let path_and_query = if out.head.path_with_query == given.path_with_query {
+                None
+            } else if !out.head.path_with_query.starts_with('/') {
                 return Err(format!(
                     "path `{}` does not start with /",
                     out.head.path_with_query
                 ));
-            }
-            let path_and_query = out
-                .head
-                .path_with_query
-                .parse()
-                .map_err(|_| format!("invalid path `{}`", out.head.path_with_query))?;
+            } else {
+                Some(
+                    out.head
+                        .path_with_query
+                        .parse()
+                        .map_err(|_| format!("invalid path `{}`", out.head.path_with_query))?,
+                )
+            };
+            let headers = if out.head.headers == given.headers {
+                None
+            } else {
+                Some(from_wit_headers(out.head.headers)?)
+            };
             Ok(RequestEdit::Continue {
                 method,
                 path_and_query,
-                headers: from_wit_headers(out.head.headers)?,
+                headers,
                 cache_key_extra: out.cache_key_extra,
             })
         }
@@ -141,12 +159,17 @@ fn check_request_action(action: RequestAction) -> Result<RequestEdit, String> {
     }
 }
 
-fn check_response_out(out: ResponseOut) -> Result<ResponseEdit, String> {
+fn check_response_out(out: ResponseOut, given: &ResponseHead) -> Result<ResponseEdit, String> {
     let status = StatusCode::from_u16(out.head.status)
         .map_err(|_| format!("invalid status {}", out.head.status))?;
+    let headers = if out.head.headers == given.headers {
+        None
+    } else {
+        Some(from_wit_headers(out.head.headers)?)
+    };
     Ok(ResponseEdit {
         status,
-        headers: from_wit_headers(out.head.headers)?,
+        headers,
         body: out.body.map(Bytes::from),
     })
 }
@@ -193,7 +216,7 @@ pub async fn on_request(
         } else if plugin.config.phase == PluginPhase::Downstream {
             parked.park(plugin, instance);
         }
-        check_request_action(action).map_err(|why| Failure::new(FailureKind::Error, why))
+        check_request_action(action, head).map_err(|why| Failure::new(FailureKind::Error, why))
     };
     tokio::time::timeout(limit, call)
         .await
@@ -222,7 +245,7 @@ pub async fn on_response(
             .await;
         let out = settle(result, &instance.store, "on-response")?;
         plugin.put_idle(instance);
-        check_response_out(out).map_err(|why| Failure::new(FailureKind::Error, why))
+        check_response_out(out, response).map_err(|why| Failure::new(FailureKind::Error, why))
     };
     tokio::time::timeout(limit, call)
         .await
