@@ -44,9 +44,12 @@ const RESET_IN_PLACE_BYTES: usize = 2 << 20;
 /// hooks and `reuse: true` idle ones, so a burst queues instead of failing
 /// to instantiate.
 const MAX_CONCURRENT_CALLS: usize = 900;
-/// Live component instances the pool holds: running calls, up to 256
-/// parked between a request's `on-request` and `on-response`, idle reused
-/// ones.
+/// Instances parked between a request's `on-request` and its `on-response`
+/// at once. Each holds a pool slot while the upstream answers; past the cap,
+/// the request's `on-response` simply gets another fresh instance.
+const MAX_PARKED_INSTANCES: usize = 256;
+/// Live component instances the pool holds: running calls, parked ones and
+/// idle reused ones.
 const POOL_INSTANCES: u32 = 1300;
 
 /// The process-wide engine, its linker and the artifact cache directory.
@@ -55,6 +58,8 @@ pub struct PluginEngine {
     pub linker: Linker<StoreState>,
     /// One permit per running plugin call.
     pub calls: tokio::sync::Semaphore,
+    /// One permit per instance parked between a request's hooks.
+    pub parking: Arc<tokio::sync::Semaphore>,
     cache_dir: Option<PathBuf>,
 }
 
@@ -83,6 +88,7 @@ impl PluginEngine {
             engine,
             linker,
             calls: tokio::sync::Semaphore::new(MAX_CONCURRENT_CALLS),
+            parking: Arc::new(tokio::sync::Semaphore::new(MAX_PARKED_INSTANCES)),
             cache_dir: artifact_cache_dir(),
         })
     }

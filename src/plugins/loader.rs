@@ -6,7 +6,7 @@
 //! Must not swap in a build that failed to compile or to initialise.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -48,13 +48,6 @@ pub struct TransformerInstance {
 /// Idle instances kept per plugin with `reuse: true`.
 const MAX_IDLE_INSTANCES: usize = 8;
 
-/// Instances parked between a request's `on-request` and its `on-response`
-/// across the whole process. Each holds a pool slot while the upstream
-/// answers, so the count is capped well below the pool's size; past it, the
-/// request's `on-response` simply gets another fresh instance.
-const MAX_PARKED_INSTANCES: usize = 256;
-static PARKED: AtomicUsize = AtomicUsize::new(0);
-
 /// The fresh instances a request's plugins made in `on-request`, kept for
 /// the same request's `on-response` so that one request pays one
 /// instantiation per plugin rather than two. Travels in the request's
@@ -65,40 +58,27 @@ pub struct ParkedInstances(Arc<Mutex<Vec<Parked>>>);
 struct Parked {
     plugin: Arc<LoadedPlugin>,
     instance: TransformerInstance,
-    _counted: ParkedCount,
-}
-
-/// One unit of the process-wide [`PARKED`] count, given back on drop.
-struct ParkedCount;
-
-impl ParkedCount {
-    fn acquire() -> Option<Self> {
-        if PARKED.fetch_add(1, Ordering::Relaxed) >= MAX_PARKED_INSTANCES {
-            PARKED.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(Self)
-    }
-}
-
-impl Drop for ParkedCount {
-    fn drop(&mut self) {
-        PARKED.fetch_sub(1, Ordering::Relaxed);
-    }
+    /// One of [`PluginEngine::parking`]'s permits, given back on drop.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl ParkedInstances {
-    /// Keeps `instance` of `plugin` for this request, if the process-wide
-    /// cap allows; otherwise drops it.
-    pub fn park(&self, plugin: &Arc<LoadedPlugin>, instance: TransformerInstance) {
-        let Some(counted) = ParkedCount::acquire() else {
+    /// Keeps `instance` of `plugin` for this request if the engine has a
+    /// parking permit left; otherwise drops it.
+    pub fn park(
+        &self,
+        engine: &PluginEngine,
+        plugin: &Arc<LoadedPlugin>,
+        instance: TransformerInstance,
+    ) {
+        let Ok(permit) = engine.parking.clone().try_acquire_owned() else {
             return;
         };
         if let Ok(mut all) = self.0.lock() {
             all.push(Parked {
                 plugin: plugin.clone(),
                 instance,
-                _counted: counted,
+                _permit: permit,
             });
         }
     }

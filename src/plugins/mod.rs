@@ -317,9 +317,11 @@ impl PluginHost {
             let Some(edit) = guarded(slot, plugin, Hook::OnResponse, call).await? else {
                 continue;
             };
-            // The directive is read from the headers the upstream (or an
-            // earlier plugin) gave, so a plugin cannot lift it for itself.
-            let no_transform = crate::cache::forbids_transform(&parts.headers);
+            // Read from the headers the upstream (or an earlier plugin) gave,
+            // so a plugin cannot lift it for itself; parsed only when a body
+            // came back, which most response hooks never do.
+            let no_transform =
+                edit.body.is_some() && crate::cache::forbids_transform(&parts.headers);
             parts.status = edit.status;
             if let Some(headers) = edit.headers {
                 parts.headers = headers;

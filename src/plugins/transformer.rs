@@ -193,7 +193,8 @@ async fn checkout(
     instantiate_transformer(engine, plugin, pre).await
 }
 
-/// One `on-request` call. A fresh instance is parked afterwards for the
+/// One `on-request` call, for a downstream-phase plugin (the only kind that
+/// has one). A fresh instance is parked afterwards for the
 /// same request's `on-response`.
 pub async fn on_request(
     engine: &PluginEngine,
@@ -213,8 +214,8 @@ pub async fn on_request(
         let action = settle(result, &instance.store, "on-request")?;
         if plugin.config.reuse {
             plugin.put_idle(instance);
-        } else if plugin.config.phase == PluginPhase::Downstream {
-            parked.park(plugin, instance);
+        } else {
+            parked.park(engine, plugin, instance);
         }
         check_request_action(action, head).map_err(|why| Failure::new(FailureKind::Error, why))
     };

@@ -294,19 +294,17 @@ impl Proxy {
         // The cache's and the plugins' futures are boxed: they are several KiB
         // each, and a request future that embeds them is memmoved per request.
         let plugins = &self.shared.plugins;
-        let direct_answer = if route.plugins.is_empty() {
-            None
+        let (direct_answer, head) = if route.plugins.is_empty() {
+            (None, None)
         } else {
-            Box::pin(plugins.on_request(&route.plugins, &mut parts)).await?
-        };
-        let head = (!route.plugins.is_empty()).then(|| {
+            let answer = Box::pin(plugins.on_request(&route.plugins, &mut parts)).await?;
             let mut head = copy_head_parts(&parts);
             // Instances on-request made wait for this request's on-response.
             if let Some(parked) = parts.extensions.remove::<ParkedInstances>() {
                 head.extensions.insert(parked);
             }
-            head
-        });
+            (answer, Some(head))
+        };
         let request = Request::from_parts(parts, body);
         // A plugin's own answer still goes through the downstream
         // on-response hooks, as the WIT promises.
