@@ -188,7 +188,9 @@ async fn accept_loop<H, F>(
         let handler = handler.clone();
         let service = service_fn(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(ClientAddr(peer));
-            let response = handler(request);
+            // Boxed: hyper moves the service future into its connection
+            // state, and the unboxed one is a few KiB copied per request.
+            let response = Box::pin(handler(request));
             async move { Ok::<_, Infallible>(response.await) }
         });
         let connection = builder

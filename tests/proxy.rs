@@ -1048,3 +1048,136 @@ async fn the_response_timeout_counts_from_the_end_of_a_slow_upload() {
     assert_problem(&reply, 504);
     larder.stop().await;
 }
+
+// Upstream keep-alive: connections are pooled, and only clean ones go back.
+
+#[tokio::test]
+async fn one_upstream_connection_serves_many_requests_of_every_shape() {
+    let origin = start_origin(|request| async move {
+        match request.uri().path() {
+            "/not-modified" => respond(304, &[("etag", "\"v1\"")], ""),
+            "/no-content" => respond(204, &[], ""),
+            "/chunked" => {
+                let (sender, body) = channel_body();
+                tokio::spawn(async move {
+                    let _ = sender.send(Bytes::from_static(b"chunk one,")).await;
+                    let _ = sender.send(Bytes::from_static(b"chunk two")).await;
+                });
+                http::Response::new(larder::body::boxed(body))
+            }
+            _ => respond(200, &[], "sized body"),
+        }
+    })
+    .await;
+    let larder = start_larder(&one_upstream(
+        &origin.url(),
+        "    cache: { enabled: false }\n",
+    ))
+    .await;
+    for round in 0..3 {
+        let sized = get(&larder.url("/sized")).await;
+        assert_eq!(
+            (sized.status.as_u16(), sized.text().as_str()),
+            (200, "sized body"),
+            "round {round}"
+        );
+        let head = send("HEAD", &larder.url("/sized"), &[], Bytes::new()).await;
+        assert_eq!(head.status, 200);
+        assert!(head.body.is_empty());
+        let not_modified =
+            get_with(&larder.url("/not-modified"), &[("if-none-match", "\"v1\"")]).await;
+        assert_eq!(not_modified.status, 304);
+        assert_eq!(get(&larder.url("/no-content")).await.status, 204);
+        let chunked = get(&larder.url("/chunked")).await;
+        assert_eq!(chunked.text(), "chunk one,chunk two");
+    }
+    assert_eq!(origin.hits(), 15);
+    assert_eq!(
+        origin.connections(),
+        1,
+        "every response was read to its end, so the one connection went back to the pool each time"
+    );
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_closed_while_idle_is_not_reused() {
+    // An origin that closes each connection 100 ms after accepting it,
+    // without saying so in the response (no `Connection: close`).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let service = hyper::service::service_fn(|_request| async {
+                Ok::<_, std::convert::Infallible>(respond(200, &[], "fresh"))
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::spawn(tokio::time::timeout(Duration::from_millis(100), connection));
+        }
+    });
+    let larder = start_larder(&one_upstream(&format!("http://{addr}"), "")).await;
+    for _ in 0..3 {
+        let reply = get(&larder.url("/")).await;
+        assert_eq!(
+            (reply.status.as_u16(), reply.text().as_str()),
+            (200, "fresh")
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn a_response_the_client_abandoned_midway_does_not_leave_its_connection_in_the_pool() {
+    let origin = start_origin(|request| async move {
+        if request.uri().path() == "/endless" {
+            let (sender, body) = channel_body();
+            tokio::spawn(async move {
+                while sender
+                    .send(Bytes::from(vec![b'x'; 16 * 1024]))
+                    .await
+                    .is_ok()
+                {}
+            });
+            return http::Response::new(larder::body::boxed(body));
+        }
+        respond(200, &[], "small")
+    })
+    .await;
+    let larder = start_larder(&one_upstream(&origin.url(), "")).await;
+    let mut sender = connect(&larder.addr.to_string()).await;
+    let request = Request::get("/endless")
+        .header("host", "x")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = tokio::time::timeout(DEADLINE, sender.send_request(request))
+        .await
+        .expect("head in time")
+        .expect("response");
+    let mut body = response.into_body();
+    tokio::time::timeout(DEADLINE, body.frame())
+        .await
+        .expect("a first chunk in time")
+        .expect("a frame")
+        .expect("no error");
+    drop(body);
+    drop(sender);
+    // The half-read connection is closed, not pooled: the next request gets
+    // its own answer on a new connection, not the rest of the endless body.
+    let reply = tokio::time::timeout(DEADLINE, get(&larder.url("/small")))
+        .await
+        .expect("the next request is answered");
+    assert_eq!(
+        (reply.status.as_u16(), reply.text().as_str()),
+        (200, "small")
+    );
+    assert_eq!(origin.connections(), 2);
+    larder.stop().await;
+}

@@ -10,6 +10,7 @@
 mod access;
 mod guard;
 mod headers;
+mod pool;
 mod route_metrics;
 mod router;
 mod upgrade;
@@ -106,10 +107,9 @@ async fn forward(
 ) -> Result<Response<Body>, ProxyError> {
     let guard = request.extensions().get::<BodyGuard>().cloned();
     match upstream.send(request).await {
-        Ok(response) => {
-            let (mut parts, incoming) = response.into_parts();
-            headers::strip_hop_by_hop(&mut parts.headers, false);
-            Ok(Response::from_parts(parts, body::boxed(incoming)))
+        Ok(mut response) => {
+            headers::strip_hop_by_hop(response.headers_mut(), false);
+            Ok(response)
         }
         // The upstream call failed because the client's body was cut off:
         // that is the client's fault, not the upstream's.

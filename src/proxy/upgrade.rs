@@ -19,7 +19,7 @@ pub async fn tunnel(
 ) -> Result<Response<Body>, ProxyError> {
     let client_side = hyper::upgrade::on(&mut request);
     let request = request.map(body::boxed);
-    let mut response = upstream.send(request).await?;
+    let mut response = upstream.send_upgrade(request).await?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The upstream declined the upgrade: its answer is a plain response.
         let (mut parts, incoming) = response.into_parts();

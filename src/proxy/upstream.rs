@@ -11,12 +11,11 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
+use super::pool::{self, Pool, SendError};
 use crate::body::Body;
 use crate::config::Upstream;
 use crate::error::ProxyError;
@@ -25,11 +24,12 @@ use crate::error::ProxyError;
 /// (nginx's `max_fails=1 fail_timeout=10s` defaults).
 const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One `servers:` entry, parsed once.
-#[derive(Debug)]
+/// One `servers:` entry, parsed once, with its idle connections.
 struct Server {
-    scheme: Scheme,
     authority: Authority,
+    /// `scheme://authority/`, what the connector dials.
+    base: Uri,
+    pool: Arc<Pool>,
     /// Milliseconds since [`clock_origin`] until which this server is skipped;
     /// 0 when it is up.
     down_until_ms: AtomicU64,
@@ -89,7 +89,7 @@ pub struct UpstreamClient {
     config: Upstream,
     servers: Vec<Server>,
     next: AtomicUsize,
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    connector: HttpsConnector<HttpConnector>,
     host: Option<HeaderValue>,
     duration: metrics::Histogram,
 }
@@ -113,7 +113,7 @@ impl UpstreamClient {
         let name: Arc<str> = Arc::from(name);
         Ok(Self {
             duration: metrics::histogram!("larder_upstream_duration_seconds", "upstream" => name.clone()),
-            client: build_client(config)?,
+            connector: build_connector(config)?,
             name,
             config: config.clone(),
             servers,
@@ -151,7 +151,7 @@ impl UpstreamClient {
     /// for the response head, up to the upstream's `timeout`. A request
     /// without a body moves on to the next server when no connection could be
     /// made (nothing was sent yet), as nginx's `proxy_next_upstream error`.
-    pub async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
+    pub async fn send(&self, request: Request<Body>) -> Result<Response<Body>, ProxyError> {
         let spare = (self.servers.len() > 1 && http_body::Body::is_end_stream(request.body()))
             .then(|| bodyless_copy(&request));
         let mut request = request;
@@ -180,53 +180,54 @@ impl UpstreamClient {
         }
     }
 
+    /// Sends an Upgrade request on a connection of its own (after `101` it
+    /// belongs to the tunnel), to the next server in round robin.
+    pub async fn send_upgrade(
+        &self,
+        mut request: Request<Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let server = self.pick();
+        self.address_to(server, &mut request);
+        let exchange = async {
+            let mut sender = pool::connect_for_upgrade(&self.connector, &server.base)
+                .await
+                .map_err(Attempt::Connect)?;
+            sender.send_request(request).await.map_err(Attempt::Send)
+        };
+        let outcome = tokio::time::timeout(self.config.timeout.0, exchange).await;
+        self.settle(outcome).map_err(|failed| failed.error)
+    }
+
     async fn send_to(
         &self,
         server: &Server,
         mut request: Request<Body>,
-    ) -> Result<Response<Incoming>, Failed> {
+    ) -> Result<Response<Body>, Failed> {
+        self.address_to(server, &mut request);
+        let started = Instant::now();
+        // Boxed once here so the futures of every caller above stay small
+        // (each layer would otherwise carry and copy this one's kilobytes).
+        let outcome = Box::pin(self.exchange_with_head_timeout(server, request)).await;
+        self.duration.record(started.elapsed().as_secs_f64());
+        self.settle(outcome)
+    }
+
+    /// Points a cleaned request at `server`: origin-form target, HTTP/1.1
+    /// (whatever the client spoke to us), and the upstream's `host` if set.
+    fn address_to(&self, server: &Server, request: &mut Request<Body>) {
         let path = request
             .uri()
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let uri = Uri::builder()
-            .scheme(server.scheme.clone())
-            .authority(server.authority.clone())
-            .path_and_query(path)
-            .build()
-            .map_err(|e| Failed {
-                error: ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")),
-                nothing_sent: false,
-            })?;
-        *request.uri_mut() = uri;
-        // The pool speaks HTTP/1.1 upstream whatever the client spoke to us.
+        *request.uri_mut() = Uri::from(path);
         *request.version_mut() = Version::HTTP_11;
         if let Some(host) = &self.host {
             request.headers_mut().insert(header::HOST, host.clone());
-        }
-        let started = Instant::now();
-        let timeout = self.config.timeout.0;
-        let outcome = self.request_with_head_timeout(request, timeout).await;
-        self.duration.record(started.elapsed().as_secs_f64());
-        match outcome {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(error)) => {
-                let nothing_sent = error.is_connect();
-                let waited = if nothing_sent {
-                    self.config.connect_timeout.0
-                } else {
-                    timeout
-                };
-                Err(Failed {
-                    error: self.failure(classify(&error), waited, &error_chain(&error)),
-                    nothing_sent,
-                })
-            }
-            Err(_) => Err(Failed {
-                error: self.failure(FailureKind::Timeout, timeout, "no response head in time"),
-                nothing_sent: false,
-            }),
+        } else if !request.headers().contains_key(header::HOST)
+            && let Ok(host) = HeaderValue::from_str(server.authority.as_str())
+        {
+            request.headers_mut().insert(header::HOST, host);
         }
     }
 
@@ -234,27 +235,90 @@ impl UpstreamClient {
     /// counted from the end of the request body: a slow upload is not a slow
     /// upstream. (An upstream that answers before reading the whole body is
     /// still answered.)
-    async fn request_with_head_timeout(
+    async fn exchange_with_head_timeout(
         &self,
+        server: &Server,
         request: Request<Body>,
-        timeout: Duration,
-    ) -> Result<
-        Result<Response<Incoming>, hyper_util::client::legacy::Error>,
-        tokio::time::error::Elapsed,
-    > {
-        if http_body::Body::is_end_stream(request.body()) {
-            return tokio::time::timeout(timeout, self.client.request(request)).await;
-        }
-        let body_sent = Arc::new(tokio::sync::Notify::new());
-        let signal = body_sent.clone();
-        let request = request.map(|body| crate::body::boxed(NotifyAtEnd::new(body, signal)));
-        let response = self.client.request(request);
+    ) -> Result<Result<Response<Body>, Attempt>, tokio::time::error::Elapsed> {
+        let body_sent = (!http_body::Body::is_end_stream(request.body()))
+            .then(|| Arc::new(tokio::sync::Notify::new()));
+        let request = match &body_sent {
+            Some(signal) => {
+                let signal = signal.clone();
+                request.map(|body| crate::body::boxed(NotifyAtEnd::new(body, signal)))
+            }
+            None => request,
+        };
+        // One exchange future for both cases: it is the bulk of this one.
+        let response = self.exchange(server, request);
         tokio::pin!(response);
-        tokio::select! {
-            outcome = &mut response => return Ok(outcome),
-            () = body_sent.notified() => {}
+        if let Some(body_sent) = &body_sent {
+            tokio::select! {
+                outcome = &mut response => return Ok(outcome),
+                () = body_sent.notified() => {}
+            }
         }
-        tokio::time::timeout(timeout, response).await
+        tokio::time::timeout(self.config.timeout.0, response).await
+    }
+
+    /// One request on a pooled connection, or on a new one. A pooled
+    /// connection the server closed before our request went out is passed
+    /// over for the next (the request was not sent, so this is safe for any
+    /// method).
+    async fn exchange(
+        &self,
+        server: &Server,
+        mut request: Request<Body>,
+    ) -> Result<Response<Body>, Attempt> {
+        loop {
+            let conn = match server.pool.checkout() {
+                Some(conn) => conn,
+                // Boxed: connecting is the rare case, and its future (TCP,
+                // TLS, handshake) would otherwise make every request's larger.
+                None => Box::pin(pool::connect(&self.connector, &server.base))
+                    .await
+                    .map_err(Attempt::Connect)?,
+            };
+            let reused = conn.reused;
+            match pool::send(&server.pool, conn, request).await {
+                Ok(response) => return Ok(response),
+                Err(SendError::NotSent(unsent, _)) if reused => request = *unsent,
+                Err(SendError::NotSent(_, error) | SendError::Failed(error)) => {
+                    return Err(Attempt::Send(error));
+                }
+            }
+        }
+    }
+
+    /// Maps an attempt's outcome to the response or to the error a client sees.
+    fn settle<T>(
+        &self,
+        outcome: Result<Result<T, Attempt>, tokio::time::error::Elapsed>,
+    ) -> Result<T, Failed> {
+        let timeout = self.config.timeout.0;
+        match outcome {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(Attempt::Connect(error))) => Err(Failed {
+                error: self.failure(
+                    classify(&*error, FailureKind::Connect),
+                    self.config.connect_timeout.0,
+                    &error_chain(&*error),
+                ),
+                nothing_sent: true,
+            }),
+            Ok(Err(Attempt::Send(error))) => Err(Failed {
+                error: self.failure(
+                    classify(&error, FailureKind::Reset),
+                    timeout,
+                    &error_chain(&error),
+                ),
+                nothing_sent: false,
+            }),
+            Err(_) => Err(Failed {
+                error: self.failure(FailureKind::Timeout, timeout, "no response head in time"),
+                nothing_sent: false,
+            }),
+        }
     }
 
     fn failure(&self, kind: FailureKind, waited: Duration, cause: &str) -> ProxyError {
@@ -327,6 +391,13 @@ impl http_body::Body for NotifyAtEnd {
     }
 }
 
+/// Why one exchange with a server failed.
+enum Attempt {
+    /// No connection could be made: nothing was sent.
+    Connect(crate::body::BoxError),
+    Send(hyper::Error),
+}
+
 /// One failed attempt; `nothing_sent` when the connection was never made.
 struct Failed {
     error: ProxyError,
@@ -360,14 +431,21 @@ fn parse_server(server: &str) -> Result<Server, String> {
         .authority()
         .cloned()
         .ok_or_else(|| format!("server {server:?} has no host"))?;
+    let base = Uri::builder()
+        .scheme(scheme)
+        .authority(authority.clone())
+        .path_and_query("/")
+        .build()
+        .map_err(|e| format!("server {server:?}: {e}"))?;
     Ok(Server {
-        scheme,
         authority,
+        base,
+        pool: Pool::new(),
         down_until_ms: AtomicU64::new(0),
     })
 }
 
-fn build_client(config: &Upstream) -> Result<Client<HttpsConnector<HttpConnector>, Body>, String> {
+fn build_connector(config: &Upstream) -> Result<HttpsConnector<HttpConnector>, String> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -377,11 +455,7 @@ fn build_client(config: &Upstream) -> Result<Client<HttpsConnector<HttpConnector
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build(tls))
+    Ok(tls)
 }
 
 /// System roots, loaded once per process.
@@ -421,8 +495,9 @@ fn tls_config(config: &Upstream) -> Result<rustls::ClientConfig, String> {
         .with_no_client_auth())
 }
 
-fn classify(error: &hyper_util::client::legacy::Error) -> FailureKind {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+/// `otherwise`, unless an I/O timeout sits somewhere in the error's chain.
+fn classify(error: &(dyn std::error::Error + 'static), otherwise: FailureKind) -> FailureKind {
+    let mut source = Some(error);
     while let Some(current) = source {
         if let Some(io) = current.downcast_ref::<std::io::Error>()
             && io.kind() == std::io::ErrorKind::TimedOut
@@ -431,11 +506,7 @@ fn classify(error: &hyper_util::client::legacy::Error) -> FailureKind {
         }
         source = current.source();
     }
-    if error.is_connect() {
-        FailureKind::Connect
-    } else {
-        FailureKind::Reset
-    }
+    otherwise
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {

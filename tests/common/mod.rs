@@ -85,6 +85,7 @@ pub async fn start_larder(yaml: &str) -> Larder {
 pub struct Origin {
     pub addr: SocketAddr,
     hits: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
 }
 
 impl Origin {
@@ -94,6 +95,11 @@ impl Origin {
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 }
 
@@ -109,13 +115,16 @@ where
         .expect("bind a test origin");
     let addr = listener.local_addr().expect("origin address");
     let hits = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(AtomicUsize::new(0));
     let handler = Arc::new(handler);
     let counter = hits.clone();
+    let accepted = connections.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            accepted.fetch_add(1, Ordering::SeqCst);
             let handler = handler.clone();
             let counter = counter.clone();
             let service = service_fn(move |request: Request<Incoming>| {
@@ -131,7 +140,11 @@ where
             });
         }
     });
-    Origin { addr, hits }
+    Origin {
+        addr,
+        hits,
+        connections,
+    }
 }
 
 /// A whole response, as a client saw it.
