@@ -28,32 +28,44 @@ const VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 larder");
 /// With `keep_upgrade`, `Upgrade` and `Connection: upgrade` survive (the
 /// WebSocket handshake must reach the other side).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
+    let doomed = hop_by_hop_names(headers, keep_upgrade);
+    if doomed.is_empty() {
+        return;
+    }
+    for name in doomed {
+        headers.remove(name);
+    }
+    if keep_upgrade && headers.contains_key(header::UPGRADE) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// The hop-by-hop names present in `headers`, found in one pass over the
+/// names (most messages carry one or none; a lookup per candidate costs more).
+fn hop_by_hop_names(headers: &HeaderMap, keep_upgrade: bool) -> Vec<HeaderName> {
+    let listed: Vec<&str> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
         .collect();
-    for name in named {
-        if keep_upgrade && name == header::UPGRADE {
-            continue;
-        }
-        headers.remove(name);
-    }
-    let upgrade = if keep_upgrade {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    };
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::PROXY_AUTHORIZATION);
-    if let Some(upgrade) = upgrade {
-        headers.insert(header::UPGRADE, upgrade);
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
+    headers
+        .keys()
+        .filter(|name| !(keep_upgrade && **name == header::UPGRADE))
+        .filter(|name| {
+            is_hop_by_hop(name)
+                || listed
+                    .iter()
+                    .any(|token| token.eq_ignore_ascii_case(name.as_str()))
+        })
+        .cloned()
+        .collect()
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::PROXY_AUTHORIZATION || HOP_BY_HOP.contains(name)
 }
 
 /// Whether the request asks for a protocol upgrade (WebSocket).
@@ -75,20 +87,19 @@ pub fn add_forwarded(
     proto: &'static str,
     original_host: Option<HeaderValue>,
 ) {
+    // Room for the (up to) four headers added here: one growth at most.
+    headers.reserve(4);
     if let Some(client) = client {
-        use std::fmt::Write;
         let earlier = match headers.get(X_FORWARDED_FOR).map(HeaderValue::to_str) {
             Some(Ok(earlier)) if !earlier.trim().is_empty() => earlier,
             _ => "",
         };
-        // One allocation: room for the earlier hops and an IPv6 address.
-        let mut value = String::with_capacity(earlier.len() + 48);
-        if !earlier.is_empty() {
-            value.push_str(earlier);
-            value.push_str(", ");
-        }
-        let _ = write!(value, "{client}");
-        if let Ok(value) = HeaderValue::try_from(value) {
+        let value = if earlier.is_empty() {
+            ip_header_value(client)
+        } else {
+            HeaderValue::try_from(format!("{earlier}, {client}")).ok()
+        };
+        if let Some(value) = value {
             headers.insert(X_FORWARDED_FOR, value);
         }
     }
@@ -97,6 +108,35 @@ pub fn add_forwarded(
         headers.insert(X_FORWARDED_HOST, host);
     }
     append_via(headers);
+}
+
+/// An IP address as a header value, without the formatting machinery for
+/// the common IPv4 case (this runs on every forwarded request).
+fn ip_header_value(ip: IpAddr) -> Option<HeaderValue> {
+    let IpAddr::V4(v4) = ip else {
+        return HeaderValue::try_from(ip.to_string()).ok();
+    };
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    for (index, octet) in v4.octets().into_iter().enumerate() {
+        if index > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        let digits = [octet / 100, octet / 10 % 10, octet % 10];
+        let skip = if octet >= 100 {
+            0
+        } else if octet >= 10 {
+            1
+        } else {
+            2
+        };
+        for digit in &digits[skip..] {
+            text[len] = b'0' + digit;
+            len += 1;
+        }
+    }
+    HeaderValue::from_bytes(&text[..len]).ok()
 }
 
 /// How many `Via` entries name Larder: each pass through a Larder adds one.
@@ -145,12 +185,48 @@ mod tests {
     }
 
     #[test]
+    fn each_hop_by_hop_header_alone_is_stripped() {
+        for name in [
+            "connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-connection",
+            "proxy-authenticate",
+            "proxy-authorization",
+        ] {
+            let mut headers = map(&[(name, "x"), ("accept", "*/*")]);
+            strip_hop_by_hop(&mut headers, false);
+            assert!(!headers.contains_key(name), "{name} survived");
+            assert!(headers.contains_key("accept"));
+        }
+    }
+
+    #[test]
     fn keeps_upgrade_for_websocket() {
         let mut headers = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
         assert!(is_upgrade_request(&headers));
         strip_hop_by_hop(&mut headers, true);
         assert_eq!(headers["upgrade"], "websocket");
         assert_eq!(headers["connection"], "upgrade");
+    }
+
+    #[test]
+    fn ip_addresses_format_as_header_values() {
+        for text in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.20.100.9",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = text.parse().expect("test address");
+            let value = ip_header_value(ip).expect("a valid header value");
+            assert_eq!(value.to_str().ok(), Some(text));
+        }
     }
 
     #[test]
