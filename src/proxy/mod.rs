@@ -280,7 +280,8 @@ impl Proxy {
         prepare_request_headers(&mut request, false);
         let (mut parts, incoming) = request.into_parts();
         let body = if http_body::Body::is_end_stream(&incoming) {
-            body::boxed(incoming)
+            // Nothing to read: an empty body, which boxes without allocating.
+            body::empty()
         } else {
             let guard = BodyGuard::default();
             parts.extensions.insert(guard.clone());
@@ -462,7 +463,10 @@ fn prepare_request_headers<B>(request: &mut Request<B>, keep_upgrade: bool) {
     };
     let headers = request.headers_mut();
     headers::strip_hop_by_hop(headers, keep_upgrade);
-    if let Some(host) = &original_host {
+    // Back if `Connection` named it, or in from the URI (HTTP/2, absolute form).
+    if let Some(host) = &original_host
+        && headers.get(header::HOST) != Some(host)
+    {
         headers.insert(header::HOST, host.clone());
     }
     headers::add_forwarded(headers, client, "http", original_host);
