@@ -31,7 +31,7 @@ use crate::body::Body;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::plugins::{PluginError, PluginHost};
-use crate::proxy::{ClientAddr, Proxy, Shared};
+use crate::proxy::{Proxy, Shared};
 use crate::sources::Sources;
 
 #[derive(Debug, thiserror::Error)]
@@ -110,9 +110,9 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Serve
         "proxy",
         proxy_listener,
         stopped.clone(),
-        move |request| {
+        move |request, peer| {
             let proxy = proxy_live.proxy.load_full();
-            async move { proxy.handle(request).await }
+            async move { proxy.handle(request, peer).await }
         },
     )));
     if let Some(listener) = admin_listener {
@@ -121,7 +121,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Serve
             "admin",
             listener,
             stopped,
-            move |request| {
+            move |request, _peer| {
                 let admin = admin_live.admin.load_full();
                 async move { admin.handle(request).await }
             },
@@ -158,7 +158,7 @@ async fn accept_loop<H, F>(
     mut stopped: watch::Receiver<Option<Duration>>,
     handler: H,
 ) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
@@ -186,11 +186,10 @@ async fn accept_loop<H, F>(
             tracing::debug!(%peer, %error, "could not set TCP_NODELAY");
         }
         let handler = handler.clone();
-        let service = service_fn(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(ClientAddr(peer));
+        let service = service_fn(move |request: Request<Incoming>| {
             // Boxed: hyper moves the service future into its connection
             // state, and the unboxed one is a few KiB copied per request.
-            let response = Box::pin(handler(request));
+            let response = Box::pin(handler(request, peer));
             async move { Ok::<_, Infallible>(response.await) }
         });
         let connection = builder

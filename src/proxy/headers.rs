@@ -85,25 +85,23 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
 /// `X-Forwarded-Host` (the host the client asked for) and `Via`.
 pub fn add_forwarded(
     headers: &mut HeaderMap,
-    client: Option<IpAddr>,
+    client: IpAddr,
     proto: &'static str,
     original_host: Option<HeaderValue>,
 ) {
     // Room for the (up to) four headers added here: one growth at most.
     headers.reserve(4);
-    if let Some(client) = client {
-        let earlier = match headers.get(X_FORWARDED_FOR).map(HeaderValue::to_str) {
-            Some(Ok(earlier)) if !earlier.trim().is_empty() => earlier,
-            _ => "",
-        };
-        let value = if earlier.is_empty() {
-            ip_header_value(client)
-        } else {
-            HeaderValue::try_from(format!("{earlier}, {client}")).ok()
-        };
-        if let Some(value) = value {
-            headers.insert(X_FORWARDED_FOR, value);
-        }
+    let earlier = match headers.get(X_FORWARDED_FOR).map(HeaderValue::to_str) {
+        Some(Ok(earlier)) if !earlier.trim().is_empty() => earlier,
+        _ => "",
+    };
+    let forwarded_for = if earlier.is_empty() {
+        ip_header_value(client)
+    } else {
+        HeaderValue::try_from(format!("{earlier}, {client}")).ok()
+    };
+    if let Some(value) = forwarded_for {
+        headers.insert(X_FORWARDED_FOR, value);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     if let Some(host) = original_host {
@@ -241,7 +239,7 @@ mod tests {
     #[test]
     fn forwarded_for_appends_to_earlier_hops() {
         let mut headers = map(&[("x-forwarded-for", "10.0.0.1")]);
-        let client = "127.0.0.1".parse().ok();
+        let client = IpAddr::from([127, 0, 0, 1]);
         add_forwarded(
             &mut headers,
             client,

@@ -38,7 +38,9 @@ pub use guard::{BodyFault, BodyGuard};
 use route_metrics::RouteMetrics;
 pub use upstream::UpstreamClient;
 
-/// The client's address, put into every request's extensions on accept.
+/// The client's address, in the extensions of requests that go to the
+/// cache (its PURGE allow-list reads it). Only there: an extension costs two
+/// allocations per request.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
 
@@ -173,7 +175,7 @@ impl Proxy {
     }
 
     /// Answers one request; never fails: errors become problem+json here.
-    pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(&self, request: Request<Incoming>, client: SocketAddr) -> Response<Body> {
         let started = Instant::now();
         let method = request.method().clone();
         // Skip the line's bookkeeping when the level filter would drop it anyway.
@@ -185,7 +187,7 @@ impl Proxy {
             String::new()
         };
         let mut outcome = Outcome::default();
-        let mut response = match self.dispatch(request, &mut outcome).await {
+        let mut response = match self.dispatch(request, client, &mut outcome).await {
             Ok(response) => response,
             Err(error) => {
                 log_error(&error, &method);
@@ -217,6 +219,7 @@ impl Proxy {
     async fn dispatch<'a>(
         &'a self,
         request: Request<Incoming>,
+        client: SocketAddr,
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<Body>, ProxyError> {
         check_request(&request)?;
@@ -257,13 +260,14 @@ impl Proxy {
             )));
         };
         outcome.route = Some(&route.metrics);
-        self.serve_route(route, request, outcome).await
+        self.serve_route(route, request, client, outcome).await
     }
 
     async fn serve_route(
         &self,
         route: &RouteEntry,
         mut request: Request<Incoming>,
+        client: SocketAddr,
         outcome: &mut Outcome<'_>,
     ) -> Result<Response<Body>, ProxyError> {
         let limit = route.max_request_body.or(self.max_request_body);
@@ -273,11 +277,14 @@ impl Proxy {
         if let Target::Upstream(origin) = &route.target {
             outcome.upstream = Some(origin.upstream.name().clone());
             if headers::is_upgrade_request(request.headers()) {
-                prepare_request_headers(&mut request, true);
+                prepare_request_headers(&mut request, client, true);
                 return Box::pin(upgrade::tunnel(&origin.upstream, request)).await;
             }
         }
-        prepare_request_headers(&mut request, false);
+        prepare_request_headers(&mut request, client, false);
+        if route.cache.enabled {
+            request.extensions_mut().insert(ClientAddr(client));
+        }
         let (mut parts, incoming) = request.into_parts();
         let body = if http_body::Body::is_end_stream(&incoming) {
             // Nothing to read: an empty body, which boxes without allocating.
@@ -452,11 +459,7 @@ fn check_content_length<B>(request: &Request<B>, limit: u64) -> Result<(), Proxy
 
 /// Hop-by-hop out, forwarding headers in, and a Host header that names what
 /// the client asked for (HTTP/2 and absolute-form carry it in the URI).
-fn prepare_request_headers<B>(request: &mut Request<B>, keep_upgrade: bool) {
-    let client = request
-        .extensions()
-        .get::<ClientAddr>()
-        .map(|ClientAddr(addr)| addr.ip());
+fn prepare_request_headers<B>(request: &mut Request<B>, client: SocketAddr, keep_upgrade: bool) {
     let original_host = match request.uri().authority() {
         Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
         None => request.headers().get(header::HOST).cloned(),
@@ -469,7 +472,7 @@ fn prepare_request_headers<B>(request: &mut Request<B>, keep_upgrade: bool) {
     {
         headers.insert(header::HOST, host.clone());
     }
-    headers::add_forwarded(headers, client, "http", original_host);
+    headers::add_forwarded(headers, client.ip(), "http", original_host);
 }
 
 /// A copy of a request head for plugins that look at it after the request
