@@ -1181,3 +1181,79 @@ async fn a_response_the_client_abandoned_midway_does_not_leave_its_connection_in
     assert_eq!(origin.connections(), 2);
     larder.stop().await;
 }
+
+/// An origin that answers the first request on each connection and closes
+/// the connection, unanswered, when a second one arrives: the server's idle
+/// close crossing a request, made deterministic. Counts connections.
+async fn origin_closing_on_the_second_request()
+-> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buffer = [0u8; 4096];
+                let mut answered = false;
+                loop {
+                    let Ok(read) = stream.read(&mut buffer).await else {
+                        return;
+                    };
+                    if read == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buffer[..read]);
+                    if !seen.windows(4).any(|window| window == b"\r\n\r\n") {
+                        continue;
+                    }
+                    if answered {
+                        return; // the second request: close without a word
+                    }
+                    answered = true;
+                    seen.clear();
+                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nanswered";
+                    if stream.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn an_idempotent_request_crossed_by_an_idle_close_is_sent_again_on_a_new_connection() {
+    let (addr, accepted) = origin_closing_on_the_second_request().await;
+    let larder = start_larder(&one_upstream(
+        &format!("http://{addr}"),
+        "    cache: { enabled: false }\n",
+    ))
+    .await;
+    let first = get(&larder.url("/a")).await;
+    assert_eq!(
+        (first.status.as_u16(), first.text().as_str()),
+        (200, "answered")
+    );
+    // Idle long enough for a close by the server to be a plausible race.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let second = get(&larder.url("/b")).await;
+    assert_eq!(
+        (second.status.as_u16(), second.text().as_str()),
+        (200, "answered"),
+        "the GET went out again on a new connection"
+    );
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // A POST is not idempotent: it is not sent twice, the client gets the 502.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let post = send("POST", &larder.url("/c"), &[], Bytes::new()).await;
+    assert_problem(&post, 502);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    larder.stop().await;
+}

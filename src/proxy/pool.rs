@@ -54,6 +54,8 @@ pub struct Conn {
     /// Whether it served a request before (a failure to send on it then may
     /// be a close by the server that crossed our request).
     pub reused: bool,
+    /// How long it sat in the pool before this checkout.
+    pub idle_for: Duration,
 }
 
 struct Idle {
@@ -96,8 +98,10 @@ impl Pool {
     pub fn checkout(&self) -> Option<Box<Conn>> {
         let mut idle = self.lock();
         while let Some(mut entry) = idle.pop() {
-            if entry.since.elapsed() < IDLE_TIMEOUT && entry.conn.still_usable() {
+            let idle_for = entry.since.elapsed();
+            if idle_for < IDLE_TIMEOUT && entry.conn.still_usable() {
                 entry.conn.reused = true;
+                entry.conn.idle_for = idle_for;
                 return Some(entry.conn);
             }
         }
@@ -159,6 +163,7 @@ pub async fn connect(
         sender,
         connection,
         reused: false,
+        idle_for: Duration::ZERO,
     }))
 }
 

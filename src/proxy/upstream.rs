@@ -24,6 +24,11 @@ use crate::error::ProxyError;
 /// (nginx's `max_fails=1 fail_timeout=10s` defaults).
 const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a pooled connection must have been idle before a failure on it
+/// counts as the server's close crossing our request (servers close idle
+/// connections after a few seconds: Node.js after 5, nginx after 75).
+const CLOSE_RACE_AFTER_IDLE: Duration = Duration::from_secs(1);
+
 /// One `servers:` entry, parsed once, with its idle connections.
 struct Server {
     authority: Authority,
@@ -264,14 +269,18 @@ impl UpstreamClient {
     /// One request on a pooled connection, or on a new one. A pooled
     /// connection the server closed before our request went out is passed
     /// over for the next (the request was not sent, so this is safe for any
-    /// method).
+    /// method). One that had sat idle and fails before any answer may have
+    /// been closed by the server just as our request went out: an idempotent
+    /// request without a body is sent once more on a new connection, as
+    /// nginx does.
     async fn exchange(
         &self,
         server: &Server,
         mut request: Request<Body>,
     ) -> Result<Response<Body>, Attempt> {
+        let mut may_use_pool = true;
         loop {
-            let conn = match server.pool.checkout() {
+            let conn = match may_use_pool.then(|| server.pool.checkout()).flatten() {
                 Some(conn) => conn,
                 // Boxed: connecting is the rare case, and its future (TCP,
                 // TLS, handshake) would otherwise make every request's larger.
@@ -280,12 +289,25 @@ impl UpstreamClient {
                     .map_err(Attempt::Connect)?,
             };
             let reused = conn.reused;
-            match pool::send(&server.pool, conn, request).await {
+            // Busy connections skip the copy: the race needs an idle one.
+            let replay =
+                (reused && conn.idle_for >= CLOSE_RACE_AFTER_IDLE && is_replayable(&request))
+                    .then(|| bodyless_copy(&request));
+            let error = match pool::send(&server.pool, conn, request).await {
                 Ok(response) => return Ok(response),
-                Err(SendError::NotSent(unsent, _)) if reused => request = *unsent,
-                Err(SendError::NotSent(_, error) | SendError::Failed(error)) => {
-                    return Err(Attempt::Send(error));
+                Err(SendError::NotSent(unsent, _)) if reused => {
+                    request = *unsent;
+                    continue;
                 }
+                Err(SendError::NotSent(_, error) | SendError::Failed(error)) => error,
+            };
+            match replay {
+                Some(copy) if closed_before_answering(&error) => {
+                    tracing::debug!(upstream = %self.name, %error, "an idle upstream connection closed under the request; sending it again on a new one");
+                    request = copy;
+                    may_use_pool = false;
+                }
+                _ => return Err(Attempt::Send(error)),
             }
         }
     }
@@ -402,6 +424,38 @@ enum Attempt {
 struct Failed {
     error: ProxyError,
     nothing_sent: bool,
+}
+
+/// Whether `request` may be sent twice: an idempotent method (RFC 9110
+/// 9.2.2; nginx's list) and no body to replay.
+fn is_replayable(request: &Request<Body>) -> bool {
+    use http::Method;
+    matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    ) && http_body::Body::is_end_stream(request.body())
+}
+
+/// A failure before any byte of an answer: the connection was closed or
+/// reset under the request.
+fn closed_before_answering(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() {
+        return true;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = current.source();
+    }
+    false
 }
 
 /// The head of a request without a body, ready to send again.
