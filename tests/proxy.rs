@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -250,15 +251,7 @@ async fn refused_upstream_is_502_problem_json() {
 
 #[tokio::test]
 async fn upstream_that_resets_is_502() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            drop(stream);
-        }
-    });
+    let (addr, _) = tcp_origin(|stream| async move { drop(stream) }).await;
     let yaml = format!(
         "upstreams:\n  resetting: {{ servers: [\"http://{addr}\"] }}\nroutes:\n  - upstream: resetting\n"
     );
@@ -1051,6 +1044,29 @@ async fn the_response_timeout_counts_from_the_end_of_a_slow_upload() {
 
 // Upstream keep-alive: connections are pooled, and only clean ones go back.
 
+/// A bare TCP origin for behaviour a well-behaved HTTP server would not show:
+/// each accepted connection goes to `serve` in its own task. Returns the
+/// address and a count of the connections accepted so far.
+async fn tcp_origin<F, Fut>(serve: F) -> (std::net::SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve(stream));
+        }
+    });
+    (addr, accepted)
+}
+
 #[tokio::test]
 async fn one_upstream_connection_serves_many_requests_of_every_shape() {
     let origin = start_origin(|request| async move {
@@ -1104,23 +1120,15 @@ async fn one_upstream_connection_serves_many_requests_of_every_shape() {
 async fn a_connection_the_upstream_closed_while_idle_is_not_reused() {
     // An origin that closes each connection 100 ms after accepting it,
     // without saying so in the response (no `Connection: close`).
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let service = hyper::service::service_fn(|_request| async {
-                Ok::<_, std::convert::Infallible>(respond(200, &[], "fresh"))
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            tokio::spawn(tokio::time::timeout(Duration::from_millis(100), connection));
-        }
-    });
+    let (addr, accepted) = tcp_origin(|stream| async move {
+        let service = hyper::service::service_fn(|_request| async {
+            Ok::<_, std::convert::Infallible>(respond(200, &[], "fresh"))
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let _ = tokio::time::timeout(Duration::from_millis(100), connection).await;
+    })
+    .await;
     let larder = start_larder(&one_upstream(&format!("http://{addr}"), "")).await;
     for _ in 0..3 {
         let reply = get(&larder.url("/")).await;
@@ -1130,7 +1138,7 @@ async fn a_connection_the_upstream_closed_while_idle_is_not_reused() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
     larder.stop().await;
 }
 
@@ -1184,53 +1192,38 @@ async fn a_response_the_client_abandoned_midway_does_not_leave_its_connection_in
 
 /// An origin that answers the first request on each connection and closes
 /// the connection, unanswered, when a second one arrives: the server's idle
-/// close crossing a request, made deterministic. Counts connections.
-async fn origin_closing_on_the_second_request()
--> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+/// close crossing a request, made deterministic.
+async fn answer_once_per_connection(mut stream: tokio::net::TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buffer = [0u8; 4096];
-                let mut answered = false;
-                loop {
-                    let Ok(read) = stream.read(&mut buffer).await else {
-                        return;
-                    };
-                    if read == 0 {
-                        return;
-                    }
-                    seen.extend_from_slice(&buffer[..read]);
-                    if !seen.windows(4).any(|window| window == b"\r\n\r\n") {
-                        continue;
-                    }
-                    if answered {
-                        return; // the second request: close without a word
-                    }
-                    answered = true;
-                    seen.clear();
-                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nanswered";
-                    if stream.write_all(reply).await.is_err() {
-                        return;
-                    }
-                }
-            });
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let mut answered = false;
+    loop {
+        let Ok(read) = stream.read(&mut buffer).await else {
+            return;
+        };
+        if read == 0 {
+            return;
         }
-    });
-    (addr, accepted)
+        seen.extend_from_slice(&buffer[..read]);
+        if !seen.windows(4).any(|window| window == b"\r\n\r\n") {
+            continue;
+        }
+        if answered {
+            return; // the second request: close without a word
+        }
+        answered = true;
+        seen.clear();
+        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nanswered";
+        if stream.write_all(reply).await.is_err() {
+            return;
+        }
+    }
 }
 
 #[tokio::test]
 async fn an_idempotent_request_crossed_by_an_idle_close_is_sent_again_on_a_new_connection() {
-    let (addr, accepted) = origin_closing_on_the_second_request().await;
+    let (addr, accepted) = tcp_origin(answer_once_per_connection).await;
     let larder = start_larder(&one_upstream(
         &format!("http://{addr}"),
         "    cache: { enabled: false }\n",
@@ -1249,11 +1242,11 @@ async fn an_idempotent_request_crossed_by_an_idle_close_is_sent_again_on_a_new_c
         (200, "answered"),
         "the GET went out again on a new connection"
     );
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
     // A POST is not idempotent: it is not sent twice, the client gets the 502.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let post = send("POST", &larder.url("/c"), &[], Bytes::new()).await;
     assert_problem(&post, 502);
-    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
     larder.stop().await;
 }

@@ -475,25 +475,19 @@ fn prepare_request_headers<B>(request: &mut Request<B>, client: SocketAddr, keep
     headers::add_forwarded(headers, client.ip(), "http", original_host);
 }
 
-/// A copy of a request head for plugins that look at it after the request
-/// itself has gone upstream. Extensions other than the client address stay behind.
+/// A copy of a request head, without its extensions: for plugins that look
+/// at it after the request itself has gone upstream.
 fn copy_head_parts(parts: &Parts) -> Parts {
-    head_copy(
-        &parts.method,
-        &parts.uri,
-        parts.version,
-        &parts.headers,
-        parts.extensions.get::<ClientAddr>(),
-    )
+    head_copy(&parts.method, &parts.uri, parts.version, &parts.headers)
 }
 
+/// The same for a whole request (also how a request is copied to be sent again).
 fn copy_head<B>(request: &Request<B>) -> Parts {
     head_copy(
         request.method(),
         request.uri(),
         request.version(),
         request.headers(),
-        request.extensions().get::<ClientAddr>(),
     )
 }
 
@@ -502,16 +496,12 @@ fn head_copy(
     uri: &http::Uri,
     version: Version,
     headers: &http::HeaderMap,
-    client: Option<&ClientAddr>,
 ) -> Parts {
     let (mut head, ()) = Request::new(()).into_parts();
     head.method = method.clone();
     head.uri = uri.clone();
     head.version = version;
     head.headers = headers.clone();
-    if let Some(client) = client {
-        head.extensions.insert(*client);
-    }
     head
 }
 

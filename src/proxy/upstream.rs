@@ -439,33 +439,33 @@ fn is_replayable(request: &Request<Body>) -> bool {
 /// A failure before any byte of an answer: the connection was closed or
 /// reset under the request.
 fn closed_before_answering(error: &hyper::Error) -> bool {
-    if error.is_incomplete_message() {
-        return true;
-    }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(current) = source {
-        if let Some(io) = current.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
+    error.is_incomplete_message()
+        || matches!(
+            io_error_kind(error),
+            Some(
                 std::io::ErrorKind::ConnectionReset
                     | std::io::ErrorKind::ConnectionAborted
                     | std::io::ErrorKind::BrokenPipe
                     | std::io::ErrorKind::UnexpectedEof
-            );
+            )
+        )
+}
+
+/// The kind of the first I/O error in `error`'s chain of sources.
+fn io_error_kind(error: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut source = Some(error);
+    while let Some(current) = source {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
         }
         source = current.source();
     }
-    false
+    None
 }
 
 /// The head of a request without a body, ready to send again.
 fn bodyless_copy<B>(request: &Request<B>) -> Request<Body> {
-    let mut copy = Request::new(crate::body::empty());
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
-    copy
+    Request::from_parts(super::copy_head(request), crate::body::empty())
 }
 
 fn parse_server(server: &str) -> Result<Server, String> {
@@ -549,18 +549,12 @@ fn tls_config(config: &Upstream) -> Result<rustls::ClientConfig, String> {
         .with_no_client_auth())
 }
 
-/// `otherwise`, unless an I/O timeout sits somewhere in the error's chain.
+/// `otherwise`, unless the I/O error in the error's chain is a timeout.
 fn classify(error: &(dyn std::error::Error + 'static), otherwise: FailureKind) -> FailureKind {
-    let mut source = Some(error);
-    while let Some(current) = source {
-        if let Some(io) = current.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::TimedOut
-        {
-            return FailureKind::Timeout;
-        }
-        source = current.source();
+    match io_error_kind(error) {
+        Some(std::io::ErrorKind::TimedOut) => FailureKind::Timeout,
+        _ => otherwise,
     }
-    otherwise
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {
