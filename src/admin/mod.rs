@@ -1,4 +1,4 @@
-//! The operator listener: /health, /ready, /metrics, purge, sources status.
+//! The operator listener: /health, /ready, /metrics, purge, sources and cache status.
 //!
 //! Binds to loopback unless configured otherwise (the server warns when it
 //! does not). /health, /ready and the sources' values (`GET /?key=NAME`, which
@@ -70,8 +70,9 @@ impl Admin {
         match (request.method(), path) {
             (&Method::GET, "/metrics") => metrics(),
             (&Method::GET, "/sources") => json(StatusCode::OK, self.sources.status().to_string()),
+            (&Method::GET, "/cache") => json(StatusCode::OK, self.cache_status().to_string()),
             (&Method::POST, "/purge") => self.purge(request).await,
-            (_, "/metrics" | "/sources" | "/" | "/purge") => {
+            (_, "/metrics" | "/sources" | "/cache" | "/" | "/purge") => {
                 problem_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
             }
             _ => problem_response(StatusCode::NOT_FOUND, "no such admin endpoint"),
@@ -105,6 +106,24 @@ impl Admin {
                 Some(response)
             }
         }
+    }
+
+    /// `GET /cache`: what the cache holds and which fills are in progress,
+    /// with how many requests wait on each (coalesced misses).
+    fn cache_status(&self) -> serde_json::Value {
+        // Exact counts: moka applies evictions and counts lazily.
+        self.cache.run_pending_tasks();
+        let in_flight: Vec<serde_json::Value> = self
+            .cache
+            .in_flight()
+            .into_iter()
+            .map(|(key, waiters)| serde_json::json!({ "key": key, "waiters": waiters }))
+            .collect();
+        serde_json::json!({
+            "entries": self.cache.entry_count(),
+            "bytes": self.cache.weighted_size(),
+            "in_flight": in_flight,
+        })
     }
 
     async fn purge(&self, request: Request<Incoming>) -> Response<Body> {

@@ -77,6 +77,8 @@ pub struct Flight {
     next_reader: AtomicU64,
     /// Set by a purge that ran while this fill was in progress.
     doomed: AtomicBool,
+    /// Requests that joined this flight instead of fetching themselves.
+    waiters: AtomicU64,
 }
 
 impl Flight {
@@ -86,6 +88,16 @@ impl Flight {
 
     pub fn is_doomed(&self) -> bool {
         self.doomed.load(Ordering::SeqCst)
+    }
+
+    /// Counts a request that joined this flight to wait for its response.
+    pub fn join(&self) {
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// How many requests joined this flight so far.
+    pub fn waiters(&self) -> u64 {
+        self.waiters.load(Ordering::SeqCst)
     }
 
     pub fn new() -> Arc<Self> {
@@ -102,6 +114,7 @@ impl Flight {
             readers_changed: Notify::new(),
             next_reader: AtomicU64::new(0),
             doomed: AtomicBool::new(false),
+            waiters: AtomicU64::new(0),
         })
     }
 

@@ -514,6 +514,7 @@ impl Cache {
         origin: Arc<dyn Origin>,
     ) -> Result<Response<Body>, ProxyError> {
         counters::coalesced();
+        flight.join();
         // Attached before the head arrives, so a response that is streamed
         // without a replay copy still reaches this waiter from its first byte.
         let reader = flight.reader();
@@ -722,6 +723,17 @@ impl Cache {
         let store = self.inner.store.load();
         store.run_pending_tasks();
         update_gauges(&store);
+    }
+
+    /// The fills in progress: each key with the requests waiting on it.
+    pub fn in_flight(&self) -> Vec<(String, u64)> {
+        let mut flights: Vec<(String, u64)> = self
+            .flights()
+            .iter()
+            .map(|(key, flight)| (key.clone(), flight.waiters()))
+            .collect();
+        flights.sort();
+        flights
     }
 
     fn flights(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Flight>>> {
