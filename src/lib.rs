@@ -1,19 +1,24 @@
 //! Larder: a caching reverse proxy with scheduled sources and sandboxed
 //! WebAssembly plugins.
 //!
-//! The request path reads as one straight line through the modules:
-//! `server` accepts, `proxy` routes and forwards, `plugins` transform,
-//! `cache` looks up, coalesces and tees, `sources` answers scheduled datasets,
-//! `admin` is the operator's side door. `config` turns the YAML file into the
-//! plain data all of them are built from.
+//! A request's path: `app` accepts it, `proxy` runs it through named phases
+//! (route, prepare, on-request plugins, target, on-response plugins,
+//! respond), asking `plugins` to transform it, `cache` to answer it (with an
+//! origin the proxy hands over) or `sources` for a dataset, and `upstream`
+//! to forward it. `admin` is the operator's side door. Below them all,
+//! `config` turns the YAML file into typed settings, `schedule` reads cron
+//! rules, `http` holds the body type, the client-facing error and header
+//! rules, and `watch` watches files. docs/architecture.md draws the whole.
 
 pub mod admin;
-pub mod body;
+pub mod app;
 pub mod cache;
 pub mod config;
-pub mod error;
+pub mod http;
 pub mod plugins;
 pub mod proxy;
-pub mod server;
+pub mod schedule;
 pub mod sources;
 pub mod telemetry;
+pub mod upstream;
+pub mod watch;

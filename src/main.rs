@@ -2,7 +2,7 @@
 //! (`larder check`) or run the server until a signal.
 //!
 //! Holds no logic beyond parsing and wiring: config rules live in
-//! `larder::config`, serving in `larder::server`.
+//! `larder::config`, serving in `larder::app`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -111,12 +111,7 @@ fn check(path: &Path, config: Config) -> anyhow::Result<ExitCode> {
         .build()?;
     let loaded = runtime.block_on(larder::plugins::PluginHost::load(&config.plugins));
     if let Err(error) = loaded {
-        let error = match error {
-            larder::plugins::PluginError::Load { plugin, reason } => {
-                config::error_at(path, &format!("plugins.{plugin}"), reason)
-            }
-            other => config::error_at(path, "plugins", other.to_string()),
-        };
+        let error = config::error_at(path, &format!("plugins.{}", error.plugin), error.reason);
         return Ok(report_config_errors(path, &ConfigErrors(vec![error])));
     }
     for warning in config::warnings(path, &config) {
@@ -206,7 +201,11 @@ fn run(path: &Path, config: Config) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let server = match larder::server::start(config, Some(path.to_path_buf())).await {
+        let options = larder::app::Options {
+            config_path: Some(path.to_path_buf()),
+            ..Default::default()
+        };
+        let server = match larder::app::start(config, options).await {
             Ok(server) => server,
             Err(error) => {
                 tracing::error!(%error, "larder did not start");

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use common::{Larder, Origin, Reply};
 use http::{HeaderMap, Method, Response};
-use larder::body::Body;
+use larder::http::body::Body;
 
 // ---------------------------------------------------------------- harness
 
@@ -551,7 +551,9 @@ async fn a_concurrent_request_never_receives_the_fields_named_by_private() {
             body.recv().await.map(|frame| (frame, body))
         });
         builder
-            .body(larder::body::boxed(http_body_util::StreamBody::new(stream)))
+            .body(larder::http::body::boxed(http_body_util::StreamBody::new(
+                stream,
+            )))
             .unwrap()
     })
     .await;

@@ -15,10 +15,13 @@ use bytes::Bytes;
 use common::{Origin, get, get_with, respond, start_larder, start_origin};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use larder::body::{self, Body};
 use larder::config::{PluginConfig, PluginPhase};
-use larder::error::ProxyError;
-use larder::plugins::{CacheKeyExtra, FetchContext, FetchOutcome, PluginError, PluginHost};
+use larder::http::body::{self, Body};
+use larder::http::error::RequestError;
+use larder::plugins::{
+    FetchContext, FetchOutcome, PluginError, PluginHost, PluginLoadError, RequestState,
+    SourceValue, SourceValues,
+};
 
 /// A built plugin component; fails (never skips) when it was not built.
 fn wasm(name: &str) -> PathBuf {
@@ -101,7 +104,9 @@ async fn add_headers_sets_and_removes_headers_on_both_sides() {
     )])
     .await;
     let mut parts = request(&[("accept", "text/html")]);
-    let answered = host.on_request(&chain(&["hdr"]), &mut parts).await;
+    let answered = host
+        .on_request(&chain(&["hdr"]), &mut parts, &mut RequestState::default())
+        .await;
     assert!(matches!(answered, Ok(None)), "on-request carries on");
     assert_eq!(parts.headers["x-from-plugin"], "yes");
     assert_eq!(parts.headers["accept"], "text/html", "other headers kept");
@@ -116,6 +121,7 @@ async fn add_headers_sets_and_removes_headers_on_both_sides() {
             PluginPhase::Downstream,
             &parts,
             response("text/plain", "hello"),
+            None,
         )
         .await
         .expect("plugin runs");
@@ -142,6 +148,7 @@ async fn on_response_runs_only_the_plugins_of_the_given_phase() {
             PluginPhase::Downstream,
             &parts,
             response("text/plain", "x"),
+            None,
         )
         .await
         .expect("no plugin runs");
@@ -152,6 +159,7 @@ async fn on_response_runs_only_the_plugins_of_the_given_phase() {
             PluginPhase::CacheStore,
             &parts,
             response("text/plain", "x"),
+            None,
         )
         .await
         .expect("plugin runs");
@@ -168,7 +176,11 @@ async fn on_request_can_answer_directly() {
     let host = host(&[("guard", guard)]).await;
     let mut without = request(&[]);
     let answer = host
-        .on_request(&chain(&["guard"]), &mut without)
+        .on_request(
+            &chain(&["guard"]),
+            &mut without,
+            &mut RequestState::default(),
+        )
         .await
         .expect("plugin runs")
         .expect("plugin answers directly");
@@ -181,7 +193,9 @@ async fn on_request_can_answer_directly() {
     );
 
     let mut with = request(&[("x-api-key", "k")]);
-    let carried_on = host.on_request(&chain(&["guard"]), &mut with).await;
+    let carried_on = host
+        .on_request(&chain(&["guard"]), &mut with, &mut RequestState::default())
+        .await;
     assert!(matches!(carried_on, Ok(None)));
 }
 
@@ -189,18 +203,17 @@ async fn on_request_can_answer_directly() {
 async fn on_request_can_add_cache_key_parts() {
     let host = host(&[("device", add_headers("{ cache_key_from: x-device }"))]).await;
     let mut parts = request(&[("x-device", "mobile")]);
-    host.on_request(&chain(&["device"]), &mut parts)
+    let mut state = RequestState::default();
+    host.on_request(&chain(&["device"]), &mut parts, &mut state)
         .await
         .expect("plugin runs");
-    assert_eq!(
-        parts.extensions.get::<CacheKeyExtra>(),
-        Some(&CacheKeyExtra(vec!["mobile".to_string()]))
-    );
+    assert_eq!(state.cache_key_extra, vec!["mobile".to_string()]);
     let mut plain = request(&[]);
-    host.on_request(&chain(&["device"]), &mut plain)
+    let mut plain_state = RequestState::default();
+    host.on_request(&chain(&["device"]), &mut plain, &mut plain_state)
         .await
         .expect("plugin runs");
-    assert!(plain.extensions.get::<CacheKeyExtra>().is_none());
+    assert!(plain_state.cache_key_extra.is_empty());
 }
 
 #[tokio::test]
@@ -219,6 +232,7 @@ async fn json_filter_rewrites_the_body_and_fixes_content_length() {
             PluginPhase::CacheStore,
             &parts,
             response("application/json", upstream),
+            None,
         )
         .await
         .expect("plugin runs");
@@ -235,6 +249,7 @@ async fn json_filter_rewrites_the_body_and_fixes_content_length() {
             PluginPhase::CacheStore,
             &parts,
             response("text/html", "<p>hi</p>"),
+            None,
         )
         .await
         .expect("plugin runs");
@@ -263,6 +278,7 @@ async fn a_no_transform_response_keeps_its_body_but_gets_header_changes() {
             PluginPhase::CacheStore,
             &request(&[]),
             protected,
+            None,
         )
         .await
         .expect("plugins run");
@@ -286,8 +302,9 @@ async fn one_request_makes_one_fresh_instance_for_both_hooks() {
     let host = host(&[("stamp", add_headers("{ set: 'x-stamped: yes' }"))]).await;
     for round in 1..=3u64 {
         let mut parts = request(&[]);
+        let mut state = RequestState::default();
         let answer = host
-            .on_request(&chain(&["stamp"]), &mut parts)
+            .on_request(&chain(&["stamp"]), &mut parts, &mut state)
             .await
             .expect("plugin runs");
         assert!(answer.is_none());
@@ -297,6 +314,7 @@ async fn one_request_makes_one_fresh_instance_for_both_hooks() {
                 PluginPhase::Downstream,
                 &parts,
                 response("text/plain", "hi"),
+                Some(&mut state),
             )
             .await
             .expect("plugin runs");
@@ -317,11 +335,10 @@ async fn a_bad_plugin_config_is_a_load_error_naming_the_plugin() {
         add_headers("{ set: 'no colon here' }"),
     )]);
     match PluginHost::load(&map).await {
-        Err(PluginError::Load { plugin, reason }) => {
+        Err(PluginLoadError { plugin, reason }) => {
             assert_eq!(plugin, "broken-cors");
             assert!(reason.contains("not `name: value`"), "reason: {reason}");
         }
-        Err(other) => panic!("wrong error: {other}"),
         Ok(_) => panic!("a bad config must not load"),
     }
     let garbage = tempfile::NamedTempFile::new().expect("temp file");
@@ -331,7 +348,7 @@ async fn a_bad_plugin_config_is_a_load_error_naming_the_plugin() {
         plugin(&format!("path: {}", garbage.path().display())),
     )]);
     assert!(
-        matches!(PluginHost::load(&map).await, Err(PluginError::Load { plugin, .. }) if plugin == "junk")
+        matches!(PluginHost::load(&map).await, Err(PluginLoadError { plugin, .. }) if plugin == "junk")
     );
 }
 
@@ -341,6 +358,20 @@ async fn json_origin(body: &'static str) -> Origin {
         move |_| async move { respond(200, &[("content-type", "application/json")], body) },
     )
     .await
+}
+
+/// What the sources lend a fetcher run: the values it produced before.
+#[derive(Default)]
+struct Values(std::sync::Mutex<BTreeMap<String, SourceValue>>);
+
+impl SourceValues for Values {
+    fn get(&self, source: &str) -> Option<SourceValue> {
+        self.0.lock().unwrap().get(source).cloned()
+    }
+}
+
+fn no_values() -> Arc<dyn SourceValues> {
+    Arc::new(Values::default())
 }
 
 fn fetch_context(source: &str, url: &str) -> FetchContext {
@@ -362,15 +393,34 @@ async fn a_fetcher_fills_a_source_through_an_allowed_origin() {
     ));
     let host = host(&[("weather", fetcher)]).await;
     let url = format!("http://{addr}/now");
-    match host.fetch("weather", fetch_context("w", &url)).await {
-        Ok(FetchOutcome::Updated { content_type, body }) => {
+    let values = Arc::new(Values::default());
+    match host
+        .fetch("weather", fetch_context("w", &url), values.clone())
+        .await
+    {
+        Ok(FetchOutcome::Updated {
+            content_type,
+            body,
+            headers,
+        }) => {
             assert_eq!(body, Bytes::from_static(br#"{"temp":21,"unit":"C"}"#));
             assert_eq!(content_type.as_deref(), Some("application/json"));
+            // What the sources keep of a run, as they would.
+            values.0.lock().unwrap().insert(
+                "w".to_string(),
+                SourceValue {
+                    headers,
+                    body,
+                    produced_at: Instant::now(),
+                },
+            );
         }
         other => panic!("expected a value, got {other:?}"),
     }
     // The plugin sees its own last value through `cache.get` and reports no change.
-    let again = host.fetch("weather", fetch_context("w", &url)).await;
+    let again = host
+        .fetch("weather", fetch_context("w", &url), values)
+        .await;
     assert!(
         matches!(again, Ok(FetchOutcome::NotModified)),
         "got {again:?}"
@@ -394,8 +444,8 @@ async fn a_fetcher_cannot_reach_origins_outside_allow_hosts() {
         format!("http://user@{allowed}/"),
         format!("https://{allowed}/"),
     ] {
-        match host.fetch("f", fetch_context("s", &url)).await {
-            Err(PluginError::Call { reason, .. }) => {
+        match host.fetch("f", fetch_context("s", &url), no_values()).await {
+            Err(PluginError { detail: reason, .. }) => {
                 assert!(reason.contains("denied"), "{url}: {reason}")
             }
             other => panic!("{url} must be denied, got {other:?}"),
@@ -420,7 +470,11 @@ async fn assert_contained(name: &str, kind: &str, detail: &str) {
     let started = Instant::now();
     let mut parts = request(&[]);
     let skipped = host
-        .on_request(&chain(&["fault-open", "hdr"]), &mut parts)
+        .on_request(
+            &chain(&["fault-open", "hdr"]),
+            &mut parts,
+            &mut RequestState::default(),
+        )
         .await;
     assert!(matches!(skipped, Ok(None)), "{name} under open is skipped");
     assert_eq!(
@@ -430,10 +484,16 @@ async fn assert_contained(name: &str, kind: &str, detail: &str) {
 
     let mut parts = request(&[]);
     match host
-        .on_request(&chain(&["fault-closed", "hdr"]), &mut parts)
+        .on_request(
+            &chain(&["fault-closed", "hdr"]),
+            &mut parts,
+            &mut RequestState::default(),
+        )
         .await
     {
-        Err(error @ ProxyError::PluginFailed { .. }) => {
+        Err(error) => {
+            assert_eq!(&*error.plugin, "fault-closed");
+            let error = RequestError::from(error);
             assert_eq!(error.status(), StatusCode::BAD_GATEWAY);
             let (head, body) = text(error.into_response()).await;
             assert_eq!(head.headers["content-type"], "application/problem+json");
@@ -458,7 +518,7 @@ async fn assert_contained(name: &str, kind: &str, detail: &str) {
     }
     // Other plugins of the same host keep working.
     let mut parts = request(&[]);
-    host.on_request(&chain(&["hdr"]), &mut parts)
+    host.on_request(&chain(&["hdr"]), &mut parts, &mut RequestState::default())
         .await
         .expect("healthy plugin runs");
     assert_eq!(parts.headers["x-ok"], "1");
@@ -492,6 +552,7 @@ async fn a_plugin_that_fails_in_on_response_leaves_the_response_alone_under_open
             PluginPhase::Downstream,
             &request(&[]),
             response("text/plain", "intact"),
+            None,
         )
         .await
         .expect("open skips the plugin");
@@ -505,7 +566,9 @@ async fn repeated_failures_open_the_circuit() {
     let host = host(&[("p", fault_config("panic", "open"))]).await;
     for _ in 0..12 {
         let mut parts = request(&[]);
-        let result = host.on_request(&chain(&["p"]), &mut parts).await;
+        let result = host
+            .on_request(&chain(&["p"]), &mut parts, &mut RequestState::default())
+            .await;
         assert!(
             matches!(result, Ok(None)),
             "requests keep succeeding under open"
@@ -533,6 +596,7 @@ async fn bodies_over_the_cap_skip_the_plugin_under_open_and_fail_under_closed() 
             PluginPhase::Downstream,
             &request(&[]),
             response("text/plain", &big),
+            None,
         )
         .await
         .expect("skipped under open");
@@ -545,9 +609,10 @@ async fn bodies_over_the_cap_skip_the_plugin_under_open_and_fail_under_closed() 
             PluginPhase::Downstream,
             &request(&[]),
             response("text/plain", &big),
+            None,
         )
         .await;
-    assert!(matches!(failed, Err(ProxyError::PluginFailed { .. })));
+    assert!(matches!(failed, Err(PluginError { plugin, .. }) if &*plugin == "closed"));
 }
 
 #[tokio::test]
@@ -562,6 +627,7 @@ async fn reused_instances_give_the_same_answers() {
                 PluginPhase::Downstream,
                 &request(&[]),
                 response("text/plain", "a"),
+                None,
             )
             .await
             .expect("plugin runs");
@@ -627,7 +693,8 @@ async fn a_changed_plugin_file_is_swapped_in_and_a_broken_one_is_refused() {
     let answers_directly = |host: Arc<PluginHost>| async move {
         let mut parts = request(&[]);
         matches!(
-            host.on_request(&chain(&["live"]), &mut parts).await,
+            host.on_request(&chain(&["live"]), &mut parts, &mut RequestState::default())
+                .await,
             Ok(Some(_))
         )
     };
@@ -683,6 +750,7 @@ async fn a_reload_applies_plugin_changes_all_or_nothing() {
                 PluginPhase::Downstream,
                 &request(&[]),
                 response("text/plain", "x"),
+                None,
             )
             .await
             .expect("plugin runs");
@@ -702,7 +770,7 @@ async fn a_reload_applies_plugin_changes_all_or_nothing() {
     assert_eq!(header_after(host.clone()).await.as_deref(), Some("2"));
 
     match host.apply(&config("{ set: 'broken' }")).await {
-        Err(PluginError::Load { plugin, .. }) => assert_eq!(plugin, "hdr"),
+        Err(PluginLoadError { plugin, .. }) => assert_eq!(plugin, "hdr"),
         other => panic!("a bad config must be refused, got {other:?}"),
     }
     assert_eq!(
@@ -1068,9 +1136,13 @@ async fn guest_logs_and_stderr_reach_the_host_log_tagged_with_the_plugin() {
     ])
     .await;
     let mut parts = request(&[]);
-    host.on_request(&chain(&["log-crashy", "log-gate"]), &mut parts)
-        .await
-        .expect("open skips the crash; the gate answers");
+    host.on_request(
+        &chain(&["log-crashy", "log-gate"]),
+        &mut parts,
+        &mut RequestState::default(),
+    )
+    .await
+    .expect("open skips the crash; the gate answers");
 
     // Other tests log into the same process-wide log: look for this test's
     // plugin names only.
@@ -1104,16 +1176,16 @@ async fn concurrent_requests_each_get_their_own_instance() {
             tokio::spawn(async move {
                 let device = format!("device-{i}");
                 let mut parts = request(&[("x-device", &device)]);
-                host.on_request(&chain(&["device"]), &mut parts)
+                let mut state = RequestState::default();
+                host.on_request(&chain(&["device"]), &mut parts, &mut state)
                     .await
-                    .map(|_| parts.extensions.get::<CacheKeyExtra>().cloned())
-                    .map(|extra| (device, extra))
+                    .map(|_| (device, state.cache_key_extra))
             })
         })
         .collect();
     for task in tasks {
         let (device, extra) = task.await.expect("task").expect("plugin runs");
-        assert_eq!(extra, Some(CacheKeyExtra(vec![device])));
+        assert_eq!(extra, vec![device]);
     }
     assert_eq!(host.stats("device").map(|s| s.failures), Some(0));
 }
@@ -1129,7 +1201,7 @@ async fn a_transformed_chunked_body_gets_a_content_length() {
     )])
     .await;
     let chunks = futures_util::stream::iter([r#"{"a":1,"#, r#""b":2}"#].map(|chunk| {
-        Ok::<_, larder::body::BoxError>(hyper::body::Frame::data(Bytes::from(chunk)))
+        Ok::<_, larder::http::body::BoxError>(hyper::body::Frame::data(Bytes::from(chunk)))
     }));
     let streamed = Response::builder()
         .header("content-type", "application/json")
@@ -1144,6 +1216,7 @@ async fn a_transformed_chunked_body_gets_a_content_length() {
             PluginPhase::Downstream,
             &request(&[]),
             streamed,
+            None,
         )
         .await
         .expect("plugin runs");
@@ -1179,18 +1252,28 @@ async fn a_fetcher_gets_no_redirects_followed_and_no_oversized_bodies() {
     ));
     let host = host(&[("f", fetcher)]).await;
     match host
-        .fetch("f", fetch_context("s", &format!("{}/", redirecting.url())))
+        .fetch(
+            "f",
+            fetch_context("s", &format!("{}/", redirecting.url())),
+            no_values(),
+        )
         .await
     {
-        Err(PluginError::Call { reason, .. }) => assert!(reason.contains("status 302"), "{reason}"),
+        Err(PluginError { detail: reason, .. }) => {
+            assert!(reason.contains("status 302"), "{reason}")
+        }
         other => panic!("a redirect is handed back, not followed: {other:?}"),
     }
     assert_eq!(elsewhere.hits(), 0);
     match host
-        .fetch("f", fetch_context("s", &format!("{}/", huge.url())))
+        .fetch(
+            "f",
+            fetch_context("s", &format!("{}/", huge.url())),
+            no_values(),
+        )
         .await
     {
-        Err(PluginError::Call { reason, .. }) => {
+        Err(PluginError { detail: reason, .. }) => {
             assert!(reason.contains("too large"), "{reason}")
         }
         other => panic!("a 9 MiB body is over the cap: {other:?}"),
@@ -1207,7 +1290,11 @@ async fn a_fetcher_reaches_an_allowed_host_name_through_the_guarded_resolver() {
     ));
     let host = host(&[("named", fetcher)]).await;
     match host
-        .fetch("named", fetch_context("n", &format!("{origin}/x")))
+        .fetch(
+            "named",
+            fetch_context("n", &format!("{origin}/x")),
+            no_values(),
+        )
         .await
     {
         Ok(FetchOutcome::Updated { body, .. }) => assert_eq!(body, Bytes::from_static(b"[1,2]")),
@@ -1222,7 +1309,13 @@ async fn a_plugin_within_its_memory_limit_runs_normally() {
     frugal.config.insert("mib".to_string(), "8".to_string());
     let host = host(&[("frugal", frugal)]).await;
     let mut parts = request(&[]);
-    let result = host.on_request(&chain(&["frugal"]), &mut parts).await;
+    let result = host
+        .on_request(
+            &chain(&["frugal"]),
+            &mut parts,
+            &mut RequestState::default(),
+        )
+        .await;
     assert!(
         matches!(result, Ok(None)),
         "8 MiB fits in 32 MiB: {result:?}"

@@ -437,7 +437,7 @@ async fn downloads_stream_before_the_origin_has_finished() {
                 release.notified().await;
                 let _ = sender.send(Bytes::from_static(b"the rest")).await;
             });
-            http::Response::new(larder::body::boxed(body))
+            http::Response::new(larder::http::body::boxed(body))
         }
     })
     .await;
@@ -1079,7 +1079,7 @@ async fn one_upstream_connection_serves_many_requests_of_every_shape() {
                     let _ = sender.send(Bytes::from_static(b"chunk one,")).await;
                     let _ = sender.send(Bytes::from_static(b"chunk two")).await;
                 });
-                http::Response::new(larder::body::boxed(body))
+                http::Response::new(larder::http::body::boxed(body))
             }
             _ => respond(200, &[], "sized body"),
         }
@@ -1154,7 +1154,7 @@ async fn a_response_the_client_abandoned_midway_does_not_leave_its_connection_in
                     .is_ok()
                 {}
             });
-            return http::Response::new(larder::body::boxed(body));
+            return http::Response::new(larder::http::body::boxed(body));
         }
         respond(200, &[], "small")
     })

@@ -15,7 +15,8 @@ use bytes::Bytes;
 use common::{Origin, get, get_with, send, start_larder, start_origin};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use larder::body::{self, Body};
+use larder::http::body::{self, Body};
+use larder::http::error::RequestError;
 use larder::plugins::PluginHost;
 use larder::sources::Sources;
 
@@ -73,7 +74,9 @@ impl Answer {
     }
 }
 
-async fn read(response: Response<Body>) -> Answer {
+/// What a client gets for a source's answer or refusal.
+async fn read(answer: Result<Response<Body>, RequestError>) -> Answer {
+    let response = answer.unwrap_or_else(RequestError::into_response);
     let (parts, body) = response.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
     Answer {

@@ -4,8 +4,11 @@
 //! does not). /health, /ready and the sources' values (`GET /?key=NAME`, which
 //! cachepump served to anyone) answer without a token; everything else
 //! (metrics, sources status, purge) needs the bearer token, and without a
-//! configured token those endpoints answer 403. Purges call the cache's purge
-//! API; this module never touches entries itself.
+//! configured token those endpoints answer 403. Purges hand the cache a
+//! [`Purge`]; this module never touches entries itself. Refusals go through
+//! the one error mapping (`http::error`).
+//!
+//! Must not import the proxy.
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -15,11 +18,11 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
-use crate::body::{self, Body};
-use crate::cache::Cache;
+use crate::cache::{Cache, Purge};
 use crate::config::AdminConfig;
-use crate::error::problem_response;
-use crate::proxy::{Shared, health};
+use crate::http::body::{self, Body};
+use crate::http::error::{ErrorKind, RequestError};
+use crate::http::{health, json};
 use crate::sources::Sources;
 
 /// Purge requests are a line of JSON; anything bigger is a mistake.
@@ -33,59 +36,79 @@ pub struct Admin {
     sources: Arc<Sources>,
 }
 
-/// `POST /purge` body: exactly one of the three.
+/// `POST /purge` body: exactly one of the four.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PurgeRequest {
     url: Option<String>,
     prefix: Option<String>,
     tag: Option<String>,
+    #[serde(default)]
+    all: bool,
 }
 
 impl Admin {
-    pub fn new(config: Option<&AdminConfig>, shared: &Shared) -> Self {
+    pub fn new(config: Option<&AdminConfig>, cache: Arc<Cache>, sources: Arc<Sources>) -> Self {
         Self {
             token_digest: config
                 .and_then(|admin| admin.token.as_deref())
                 .filter(|token| !token.is_empty())
                 .map(digest),
-            cache: shared.cache.clone(),
-            sources: shared.sources.clone(),
+            cache,
+            sources,
         }
     }
 
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let method = request.method().clone();
+        match self.route(request).await {
+            Ok(response) => response,
+            Err(error) => {
+                error.log(&method);
+                error.into_response()
+            }
+        }
+    }
+
+    async fn route(&self, request: Request<Incoming>) -> Result<Response<Body>, RequestError> {
         let path = request.uri().path();
         match path {
-            "/health" => return health(),
-            "/ready" => return json(StatusCode::OK, r#"{"status":"ready"}"#.to_string()),
+            "/health" => return Ok(health()),
+            "/ready" => return Ok(json(StatusCode::OK, r#"{"status":"ready"}"#)),
             "/" if matches!(*request.method(), Method::GET | Method::HEAD) => {
                 return self.sources.serve_by_key(&request);
             }
             _ => {}
         }
-        if let Some(refusal) = self.refusal(&request) {
-            return refusal;
-        }
+        self.check_token(&request)?;
         match (request.method(), path) {
-            (&Method::GET, "/metrics") => metrics(),
-            (&Method::GET, "/sources") => json(StatusCode::OK, self.sources.status().to_string()),
-            (&Method::GET, "/cache") => json(StatusCode::OK, self.cache_status().to_string()),
-            (&Method::POST, "/purge") => self.purge(request).await,
-            (_, "/metrics" | "/sources" | "/cache" | "/" | "/purge") => {
-                problem_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+            (&Method::GET, "/metrics") => Ok(metrics()),
+            (&Method::GET, "/sources") => {
+                Ok(json(StatusCode::OK, self.sources.status().to_string()))
             }
-            _ => problem_response(StatusCode::NOT_FOUND, "no such admin endpoint"),
+            (&Method::GET, "/cache") => Ok(json(StatusCode::OK, self.cache_status().to_string())),
+            (&Method::POST, "/purge") => self.purge(request).await,
+            (_, "/metrics" | "/sources" | "/cache" | "/") => Err(ErrorKind::MethodNotAllowed {
+                allow: "GET",
+                reason: "method not allowed here",
+            }
+            .into()),
+            (_, "/purge") => Err(ErrorKind::MethodNotAllowed {
+                allow: "POST",
+                reason: "method not allowed here",
+            }
+            .into()),
+            _ => Err(ErrorKind::NotFound("no such admin endpoint".to_string()).into()),
         }
     }
 
-    /// `None` when the request carries the right token; else the 401/403 to send.
-    fn refusal<B>(&self, request: &Request<B>) -> Option<Response<Body>> {
+    /// Passes a request that carries the right bearer token; 401 or 403 otherwise.
+    fn check_token<B>(&self, request: &Request<B>) -> Result<(), RequestError> {
         let Some(expected) = &self.token_digest else {
-            return Some(problem_response(
-                StatusCode::FORBIDDEN,
+            return Err(ErrorKind::Forbidden(
                 "this endpoint needs admin.token to be set in the config",
-            ));
+            )
+            .into());
         };
         let presented = request
             .headers()
@@ -94,17 +117,11 @@ impl Admin {
             .and_then(|value| value.strip_prefix("Bearer "))
             .map(|token| digest(token.trim()));
         match presented {
-            Some(presented) if constant_time_eq(&presented, expected) => None,
-            _ => {
-                let mut response = problem_response(
-                    StatusCode::UNAUTHORIZED,
-                    "missing or wrong bearer token (Authorization: Bearer <admin.token>)",
-                );
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                Some(response)
-            }
+            Some(presented) if constant_time_eq(&presented, expected) => Ok(()),
+            _ => Err(ErrorKind::Unauthorized(
+                "missing or wrong bearer token (Authorization: Bearer <admin.token>)",
+            )
+            .into()),
         }
     }
 
@@ -123,49 +140,40 @@ impl Admin {
             "entries": self.cache.entry_count(),
             "bytes": self.cache.weighted_size(),
             "in_flight": in_flight,
+            "stats": self.cache.stats(),
         })
     }
 
-    async fn purge(&self, request: Request<Incoming>) -> Response<Body> {
-        let bytes = match Limited::new(request.into_body(), MAX_PURGE_BODY)
+    async fn purge(&self, request: Request<Incoming>) -> Result<Response<Body>, RequestError> {
+        let bytes = Limited::new(request.into_body(), MAX_PURGE_BODY)
             .collect()
             .await
-        {
-            Ok(collected) => collected.to_bytes(),
-            Err(_) => {
-                return problem_response(
-                    StatusCode::BAD_REQUEST,
-                    "the purge body could not be read or is over 64 KiB",
-                );
-            }
-        };
-        let purge: PurgeRequest = match serde_json::from_slice(&bytes) {
-            Ok(purge) => purge,
-            Err(error) => {
-                return problem_response(
-                    StatusCode::BAD_REQUEST,
-                    &format!(
-                        r#"expected {{"url": ...}}, {{"prefix": ...}} or {{"tag": ...}}: {error}"#
-                    ),
-                );
-            }
-        };
-        let purged = match (purge.url, purge.prefix, purge.tag) {
-            (Some(url), None, None) => self.cache.purge_url(&url),
-            (None, Some(prefix), None) => self.cache.purge_prefix(&prefix),
-            (None, None, Some(tag)) => self.cache.purge_tag(&tag),
+            .map_err(|_| {
+                RequestError::bad_request("the purge body could not be read or is over 64 KiB")
+            })?
+            .to_bytes();
+        let asked: PurgeRequest = serde_json::from_slice(&bytes).map_err(|error| {
+            RequestError::bad_request(format!(
+                r#"expected {{"url": ...}}, {{"prefix": ...}}, {{"tag": ...}} or {{"all": true}}: {error}"#
+            ))
+        })?;
+        let purge = match (asked.url, asked.prefix, asked.tag, asked.all) {
+            (Some(url), None, None, false) => Purge::Url(url),
+            (None, Some(prefix), None, false) => Purge::Prefix(prefix),
+            (None, None, Some(tag), false) => Purge::Tag(tag),
+            (None, None, None, true) => Purge::All,
             _ => {
-                return problem_response(
-                    StatusCode::BAD_REQUEST,
-                    "give exactly one of url, prefix and tag",
-                );
+                return Err(RequestError::bad_request(
+                    "give exactly one of url, prefix, tag and all",
+                ));
             }
         };
-        tracing::info!(purged, "purge done");
-        json(
+        let purged = self.cache.purge(&purge);
+        tracing::info!(?purge, purged, "purge done");
+        Ok(json(
             StatusCode::OK,
             serde_json::json!({ "purged": purged }).to_string(),
-        )
+        ))
     }
 }
 
@@ -175,19 +183,6 @@ fn metrics() -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
-    response
-}
-
-fn json(status: StatusCode, text: String) -> Response<Body> {
-    let mut response = Response::new(body::full(text));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 

@@ -1,6 +1,8 @@
-//! The fill: one upstream fetch for a flight, run in its own task so a
-//! leader's disconnect does not stop it. It decides whether the response can
-//! be shared, tees the body into the flight and commits the copy on a clean end.
+//! The fill: one origin fetch for a flight, run in its own task so a
+//! leader's disconnect does not stop it. It judges whether the response can
+//! be shared and stored, tees the body into the flight and commits the copy
+//! to the store on a clean end. Its result reaches the leader and the
+//! waiters through the flight's head, and nowhere else.
 //!
 //! Policy when every client has gone: a storable response is read to the end
 //! (bounded by an idle timeout) so the next client gets a hit; anything that
@@ -13,59 +15,37 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use tokio::sync::oneshot;
 
-use super::directives::{RequestDirectives, ResponseDirectives};
-use super::flight::{FailedFetch, Flight, Head, clone_error};
+use super::flight::{Flight, Head, SoloResponse};
+use super::freshness;
+use super::origin::{Origin, OriginError};
 use super::policy::{self, NotStorable, Timing};
 use super::store::{Entry, Meta};
-use super::{Inner, Origin, counters, is_error_status, key, update_gauges};
-use crate::body::{self, Body};
-use crate::error::ProxyError;
+use super::{Cache, key, update_gauges};
+use crate::http::body::{self, Body};
+use crate::http::cache_control::{RequestDirectives, ResponseDirectives};
 
 /// A storing fill gives up when the upstream sends nothing for this long.
 const FILL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A response that is not being stored runs at most this far ahead of its
 /// slowest reader.
 const STREAM_WINDOW: usize = 1024 * 1024;
-/// Stale entries with a validator are kept this long for revalidation.
-const VALIDATOR_RETENTION: Duration = Duration::from_secs(60 * 60);
-/// No entry is kept longer than this, whatever its freshness (an Expires in
-/// the year 9999 must not become an overflowing timer).
-const MAX_RETENTION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
-/// Every entry outlives its freshness by at least this (for max-stale).
-const MIN_STALE_RETENTION: Duration = Duration::from_secs(60);
 
-pub struct FillJob {
-    pub inner: Arc<Inner>,
+/// One fill's state: the flight it feeds, the key it stores under, and what
+/// its storability and stale windows are judged on.
+pub struct Fill {
+    pub cache: Arc<Cache>,
     pub flight: Arc<Flight>,
     pub key: String,
+    /// Whether the flight is in the cache's map (joinable by other requests).
     pub registered: bool,
     /// The leading request's headers: storability and Vary are judged on them.
     pub request_headers: HeaderMap,
     pub request_directives: RequestDirectives,
-    pub fetch: Request<Body>,
-    /// The same request without validators, for a 304 that matches nothing.
-    pub refetch: Option<Request<Body>>,
-    pub origin: Arc<dyn Origin>,
     /// The stored response being revalidated, if any.
     pub stale: Option<Arc<Entry>>,
     pub route_stale_while_revalidate: Option<Duration>,
     pub route_stale_if_error: Option<Duration>,
-    /// Gets the response when it is not shared through the flight.
-    pub leader: oneshot::Sender<Result<Response<Body>, ProxyError>>,
-}
-
-struct Fill {
-    inner: Arc<Inner>,
-    flight: Arc<Flight>,
-    key: String,
-    registered: bool,
-    request_headers: HeaderMap,
-    request_directives: RequestDirectives,
-    stale: Option<Arc<Entry>>,
-    route_stale_while_revalidate: Option<Duration>,
-    route_stale_if_error: Option<Duration>,
 }
 
 impl Drop for Fill {
@@ -78,7 +58,16 @@ impl Drop for Fill {
     }
 }
 
-type Leader = oneshot::Sender<Result<Response<Body>, ProxyError>>;
+/// Where a shared body stands while it streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Teeing {
+    /// Every chunk is kept for the store.
+    Storing,
+    /// Too large (or unstorable after all): streamed to readers only.
+    Streaming,
+    /// The whole body is in the store already (its declared length arrived).
+    Committed,
+}
 
 enum Step {
     Data(Bytes),
@@ -88,84 +77,62 @@ enum Step {
     Abandoned,
 }
 
-pub async fn run(job: FillJob) {
-    let FillJob {
-        inner,
-        flight,
-        key,
-        registered,
-        request_headers,
-        request_directives,
-        fetch,
-        refetch,
-        origin,
-        stale,
-        route_stale_while_revalidate,
-        route_stale_if_error,
-        leader,
-    } = job;
-    let fill = Fill {
-        inner,
-        flight,
-        key,
-        registered,
-        request_headers,
-        request_directives,
-        stale,
-        route_stale_while_revalidate,
-        route_stale_if_error,
-    };
-    let (response, request_time, response_time) = match fetch_timed(&*origin, fetch).await {
+/// Runs the fetch (`refetch`, without validators, follows a 304 that names
+/// another representation) and hands its result to the flight.
+pub async fn run(
+    fill: Fill,
+    fetch: Request<Body>,
+    refetch: Option<Request<Body>>,
+    origin: Arc<dyn Origin>,
+) {
+    let (response, request_time, response_time) = match fill.fetch_timed(&*origin, fetch).await {
         Ok(fetched) => fetched,
-        Err(error) => return fill.fail(error, leader),
+        Err(error) => return fill.fail(error),
     };
-    if let Some(stale) = fill.stale.clone() {
-        if response.status() == StatusCode::NOT_MODIFIED {
-            if policy::validators_match(&stale.meta.headers, response.headers()) {
-                fill.refresh(&stale, response, request_time, response_time, leader);
-                return;
+    let Some(stale) = fill.stale.clone() else {
+        return fill.stream(response, request_time, response_time).await;
+    };
+    if response.status() == StatusCode::NOT_MODIFIED {
+        if policy::validators_match(&stale.meta.headers, response.headers()) {
+            return fill.refresh(&stale, response, request_time, response_time);
+        }
+        // RFC 9111 section 4.3.4: a 304 naming another representation
+        // updates nothing; ask again for the full response.
+        tracing::debug!(key = %fill.key, "304 validators do not match the stored response; fetching in full");
+        let Some(refetch) = refetch else {
+            return fill.solo(response);
+        };
+        return match fill.fetch_timed(&*origin, refetch).await {
+            Ok((response, request_time, response_time)) => {
+                fill.stream(response, request_time, response_time).await
             }
-            // RFC 9111 section 4.3.4: a 304 naming another representation
-            // updates nothing; ask again for the full response.
-            tracing::debug!(key = %fill.key, "304 validators do not match the stored response; fetching in full");
-            let Some(refetch) = refetch else {
-                return fill.solo(response, leader);
-            };
-            let (response, request_time, response_time) = match fetch_timed(&*origin, refetch).await
-            {
-                Ok(fetched) => fetched,
-                Err(error) => return fill.fail(error, leader),
-            };
-            fill.stream(response, request_time, response_time, leader)
-                .await;
-            return;
-        }
-        if is_error_status(response.status()) {
-            // The leader decides between this error and stale-if-error.
-            fill.solo(response, leader);
-            return;
-        }
+            Err(error) => fill.fail(error),
+        };
     }
-    fill.stream(response, request_time, response_time, leader)
-        .await;
-}
-
-/// The response and the times the request left and its head arrived.
-async fn fetch_timed(
-    origin: &dyn Origin,
-    request: Request<Body>,
-) -> Result<(Response<Body>, SystemTime, SystemTime), ProxyError> {
-    let request_time = SystemTime::now();
-    let response = origin.fetch(request).await?;
-    Ok((response, request_time, SystemTime::now()))
+    if freshness::is_error_status(response.status()) {
+        // The leader decides between this error and stale-if-error.
+        return fill.solo(response);
+    }
+    fill.stream(response, request_time, response_time).await;
 }
 
 impl Fill {
+    /// The response and the times the request left and its head arrived.
+    async fn fetch_timed(
+        &self,
+        origin: &dyn Origin,
+        request: Request<Body>,
+    ) -> Result<(Response<Body>, SystemTime, SystemTime), OriginError> {
+        let request_time = self.cache.clock.now();
+        let response = origin.fetch(request).await?;
+        Ok((response, request_time, self.cache.clock.now()))
+    }
+
     fn unregister(&self) {
         if !self.registered {
             return;
         }
-        let mut flights = self.inner.flights.lock().unwrap_or_else(|p| p.into_inner());
+        let mut flights = self.cache.flights();
         if flights
             .get(&self.key)
             .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
@@ -174,22 +141,18 @@ impl Fill {
         }
     }
 
-    /// The upstream failed without a response: waiters get a copy of the error.
-    fn fail(&self, error: ProxyError, leader: Leader) {
-        tracing::debug!(key = %self.key, %error, "cache fill failed");
-        let failed = FailedFetch {
-            error: clone_error(&error),
-        };
+    /// The upstream failed without a response: every reader gets a copy.
+    fn fail(&self, error: OriginError) {
+        tracing::debug!(key = %self.key, error = %error.error, "cache fill failed");
         self.unregister();
-        self.flight.set_head(Head::Failed(Arc::new(failed)));
-        let _ = leader.send(Err(error));
+        self.flight.set_head(Head::Failed(error));
     }
 
     /// Hands the response to the leader alone; waiters fetch on their own.
-    fn solo(&self, response: Response<Body>, leader: Leader) {
+    fn solo(&self, response: Response<Body>) {
         self.unregister();
-        self.flight.set_head(Head::Solo);
-        let _ = leader.send(Ok(response));
+        self.flight
+            .set_head(Head::Solo(SoloResponse::new(response)));
     }
 
     fn check(
@@ -256,7 +219,7 @@ impl Fill {
     }
 
     fn tags(&self, headers: &HeaderMap) -> Vec<String> {
-        let settings = self.inner.settings.load();
+        let settings = self.cache.settings.load();
         let mut tags: Vec<String> = settings
             .tag_headers
             .iter()
@@ -272,8 +235,8 @@ impl Fill {
     }
 
     fn commit(&self, meta: Arc<Meta>, body: Bytes) {
-        let store = self.inner.store.load();
-        let retain = retention(&meta, SystemTime::now());
+        let store = self.cache.store.load();
+        let retain = freshness::retention(&meta, self.cache.clock.now());
         let entry = Arc::new(Entry { meta, body });
         store.put(&self.key, Arc::clone(&entry), retain);
         // Checked after the put: a purge that doomed this flight either runs
@@ -283,13 +246,13 @@ impl Fill {
             store.remove_entry(&self.key, &entry);
             return;
         }
-        counters::stored();
+        self.cache.stats.stored();
         update_gauges(&store);
     }
 
     fn forget_stale(&self) {
         if let Some(stale) = &self.stale {
-            self.inner.store.load().remove_entry(&self.key, stale);
+            self.cache.store.load().remove_entry(&self.key, stale);
         }
     }
 
@@ -301,7 +264,6 @@ impl Fill {
         response: Response<Body>,
         request_time: SystemTime,
         response_time: SystemTime,
-        leader: Leader,
     ) {
         let (head, _) = response.into_parts();
         let mut merged = policy::merge_not_modified(&stale.meta.headers, &head.headers);
@@ -320,8 +282,7 @@ impl Fill {
                 Some(full) => Arc::unwrap_or_clone(full),
                 None => meta.headers.clone(),
             };
-            self.solo(response, leader);
-            return;
+            return self.solo(response);
         }
         self.commit(Arc::clone(&meta), stale.body.clone());
         if !stale.body.is_empty() {
@@ -344,9 +305,29 @@ impl Fill {
         response: Response<Body>,
         request_time: SystemTime,
         response_time: SystemTime,
-        leader: Leader,
     ) {
         let (head, mut body) = response.into_parts();
+        let declared_length = crate::http::content_length(&head.headers);
+        let Some((meta, teeing)) = self.admit(&head, declared_length, request_time, response_time)
+        else {
+            return self.solo(Response::from_parts(head, body));
+        };
+        let Some(teeing) = self.pump(&mut body, &meta, teeing, declared_length).await else {
+            return;
+        };
+        self.finish(meta, teeing, declared_length);
+    }
+
+    /// Judges a response head: `None` when it may not be shared (the leader
+    /// gets it alone); otherwise the head is published to the flight's
+    /// readers, storing unless the declared length is over the limit.
+    fn admit(
+        &self,
+        head: &http::response::Parts,
+        declared_length: Option<u64>,
+        request_time: SystemTime,
+        response_time: SystemTime,
+    ) -> Option<(Arc<Meta>, Teeing)> {
         let timing = Timing::new(request_time, response_time, &head.headers);
         let mut stored_headers = policy::storable_headers(&head.headers);
         if !stored_headers.contains_key(header::DATE) {
@@ -354,77 +335,89 @@ impl Fill {
         }
         let leader_headers = self.withhold(&mut stored_headers);
         let meta = Arc::new(self.meta(head.status, stored_headers, timing));
-        let max_object = self.inner.settings.load().max_object_size;
-        let declared_length = content_length(&head.headers);
         // Judged without the withheld fields: `private="set-cookie"` lets the
         // rest of the response be shared.
-        let verdict = self.check(head.status, &meta.headers, &meta.directives);
-        if let Err(reason) = verdict {
+        if let Err(reason) = self.check(head.status, &meta.headers, &meta.directives) {
             tracing::debug!(key = %self.key, reason = reason.as_str(), "response not stored");
             self.forget_stale();
-            self.solo(Response::from_parts(head, body), leader);
-            return;
+            return None;
         }
         // Too big to keep, but still shareable: the readers already attached
         // stream it together; later requests start their own fetch.
-        let mut storing = declared_length.is_none_or(|length| length <= max_object);
-        if !storing {
+        let max_object = self.cache.settings.load().max_object_size;
+        let teeing = if declared_length.is_none_or(|length| length <= max_object) {
+            Teeing::Storing
+        } else {
             tracing::debug!(key = %self.key, max_object, "response over max_object_size; streaming it uncached");
             self.forget_stale();
-            self.unregister();
-            self.flight.stop_keeping();
-        }
-        drop(leader);
+            self.stop_storing();
+            Teeing::Streaming
+        };
         self.flight.set_head(Head::Shared {
             meta: Arc::clone(&meta),
-            stored: storing,
+            stored: teeing == Teeing::Storing,
             upstream_status: head.status,
             leader_headers,
         });
+        Some((meta, teeing))
+    }
 
+    /// The frame loop: each chunk to the flight, kept while storing, the
+    /// entry committed as soon as its declared length is complete. `None`
+    /// when the body failed or every reader of an unstored response left.
+    async fn pump(
+        &self,
+        body: &mut Body,
+        meta: &Arc<Meta>,
+        mut teeing: Teeing,
+        declared_length: Option<u64>,
+    ) -> Option<Teeing> {
+        let max_object = self.cache.settings.load().max_object_size;
         let mut total: u64 = 0;
-        let mut committed = false;
         loop {
-            match self.next_frame(&mut body, storing).await {
+            match self.next_frame(body, teeing != Teeing::Streaming).await {
                 Step::Data(chunk) => {
                     total += chunk.len() as u64;
-                    if storing && total > max_object {
-                        storing = false;
-                        self.unregister();
-                        self.flight.stop_keeping();
+                    if teeing == Teeing::Storing && total > max_object {
+                        teeing = Teeing::Streaming;
+                        self.stop_storing();
                         tracing::debug!(key = %self.key, max_object, "response outgrew max_object_size; streaming it uncached");
                     }
-                    if storing && declared_length == Some(total) {
+                    if teeing == Teeing::Storing && declared_length == Some(total) {
                         // The last byte of a known length: stored before any
                         // reader sees it, so a client holding the whole body
                         // finds the entry on its next request.
-                        self.commit(Arc::clone(&meta), self.flight.collected_with(&chunk));
+                        self.commit(Arc::clone(meta), self.flight.collected_with(&chunk));
                         self.unregister();
-                        committed = true;
+                        teeing = Teeing::Committed;
                     }
                     self.flight.push(chunk);
-                    if !storing && !self.pace().await {
+                    if teeing == Teeing::Streaming && !self.pace().await {
                         self.flight.finish(false);
-                        return;
+                        return None;
                     }
                 }
                 Step::Skip => {}
-                Step::End => break,
+                Step::End => return Some(teeing),
                 Step::Failed(reason) => {
                     tracing::warn!(key = %self.key, reason, "upstream body failed; nothing stored");
                     self.unregister();
                     self.flight.finish(false);
-                    return;
+                    return None;
                 }
                 Step::Abandoned => {
                     tracing::debug!(key = %self.key, "every reader left an unstored response; fill abandoned");
                     self.unregister();
                     self.flight.finish(false);
-                    return;
+                    return None;
                 }
             }
         }
-        if storing && !committed {
+    }
+
+    /// The body ended cleanly: store it if it is whole, release the readers.
+    fn finish(&self, meta: Arc<Meta>, teeing: Teeing, declared_length: Option<u64>) {
+        if teeing == Teeing::Storing {
             let body = self.flight.collected_with(&[]);
             if declared_length.is_none_or(|length| length == body.len() as u64) {
                 self.commit(meta, body);
@@ -432,6 +425,12 @@ impl Fill {
         }
         self.unregister();
         self.flight.finish(true);
+    }
+
+    /// No longer storing: the key is free for new fills and the replay copy goes.
+    fn stop_storing(&self) {
+        self.unregister();
+        self.flight.stop_keeping();
     }
 
     async fn next_frame(&self, body: &mut Body, storing: bool) -> Step {
@@ -475,28 +474,4 @@ impl Fill {
             self.flight.readers_changed().await;
         }
     }
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// How long moka keeps an entry: its remaining freshness plus the time it
-/// can still serve stale or be revalidated.
-fn retention(meta: &Meta, now: SystemTime) -> Duration {
-    let remaining = meta.lifetime.saturating_sub(meta.timing.current_age(now));
-    let validation = if policy::has_validator(&meta.headers) {
-        VALIDATOR_RETENTION
-    } else {
-        Duration::ZERO
-    };
-    let after_stale = meta
-        .stale_while_revalidate
-        .max(meta.stale_if_error)
-        .max(validation)
-        .max(MIN_STALE_RETENTION);
-    (remaining + after_stale).min(MAX_RETENTION)
 }

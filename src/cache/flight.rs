@@ -1,23 +1,27 @@
 //! Request coalescing: one upstream fetch per key, its body broadcast to every
 //! reader as it arrives, with a replay buffer for late joiners.
 //!
-//! A [`Flight`] is plain shared state (head outcome, body chunks, readers); the
-//! fill task in `fill` writes it, [`FlightBody`] reads it. Must not talk to
-//! the upstream or the store itself.
+//! A [`Flight`] is plain shared state (the fetch's result as a [`Head`], body
+//! chunks, readers); the fill task in `fill` writes it, the leader and the
+//! waiters read the head, [`FlightBody`] reads the body. The head is the one
+//! channel a fetch's result travels on. Must not talk to the upstream or the
+//! store itself.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
+use http::Response;
 use http_body::Frame;
+use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::{Notify, watch};
 
+use super::origin::OriginError;
 use super::store::Meta;
-use crate::body::BoxError;
-use crate::error::ProxyError;
+use crate::http::body::{Body, BoxError};
 
 /// What the leader's fetch turned out to be, as far as waiters are concerned.
 #[derive(Clone)]
@@ -34,20 +38,25 @@ pub enum Head {
         /// fields a qualified `no-cache` / `private` keeps from other clients.
         leader_headers: Option<Arc<http::HeaderMap>>,
     },
-    /// Not shareable: the leader has it; everyone else fetches on their own.
-    Solo,
-    /// The upstream failed without a response.
-    Failed(Arc<FailedFetch>),
+    /// Not shareable: the leader takes the response from the slot (empty
+    /// when the fill ended without one); everyone else fetches on their own.
+    Solo(SoloResponse),
+    /// The upstream failed without a response; each reader gets a copy.
+    Failed(OriginError),
 }
 
-/// A copy of the upstream error, so each waiter can return its own.
-pub struct FailedFetch {
-    pub error: ProxyError,
-}
+/// A response for the leader alone, handed over through the head.
+#[derive(Clone, Default)]
+pub struct SoloResponse(Arc<Mutex<Option<Response<Body>>>>);
 
-impl FailedFetch {
-    pub fn to_error(&self) -> ProxyError {
-        clone_error(&self.error)
+impl SoloResponse {
+    pub fn new(response: Response<Body>) -> Self {
+        Self(Arc::new(Mutex::new(Some(response))))
+    }
+
+    /// The response, for the one reader that takes it.
+    pub fn take(&self) -> Option<Response<Body>> {
+        self.0.lock().take()
     }
 }
 
@@ -119,20 +128,20 @@ impl Flight {
     }
 
     fn lock(&self) -> MutexGuard<'_, Buffer> {
-        // A poisoned buffer only means a reader panicked; the data is intact.
-        self.buffer.lock().unwrap_or_else(|p| p.into_inner())
+        self.buffer.lock()
     }
 
     pub fn set_head(&self, head: Head) {
         self.head.send_replace(head);
     }
 
-    /// Waits for the head outcome; a vanished fill task counts as `Solo`.
+    /// Waits for the head outcome; a vanished fill task counts as an
+    /// empty `Solo`.
     pub async fn wait_head(&self) -> Head {
         let mut receiver = self.head.subscribe();
         match receiver.wait_for(|h| !matches!(h, Head::Pending)).await {
             Ok(head) => head.clone(),
-            Err(_) => Head::Solo,
+            Err(_) => Head::Solo(SoloResponse::default()),
         }
     }
 
@@ -184,7 +193,7 @@ impl Flight {
         self.head.send_if_modified(|head| {
             let pending = matches!(head, Head::Pending);
             if pending {
-                *head = Head::Solo;
+                *head = Head::Solo(SoloResponse::default());
             }
             pending
         });
@@ -294,34 +303,6 @@ impl Drop for FlightBody {
     }
 }
 
-/// `ProxyError` is not `Clone` (it is the proxy's type); the cache needs one
-/// copy per coalesced waiter.
-pub fn clone_error(error: &ProxyError) -> ProxyError {
-    match error {
-        ProxyError::NoRoute(s) => ProxyError::NoRoute(s.clone()),
-        ProxyError::BadRequest(s) => ProxyError::BadRequest(s.clone()),
-        ProxyError::BodyTooLarge { limit } => ProxyError::BodyTooLarge { limit: *limit },
-        ProxyError::UpstreamUnavailable { upstream, reason } => ProxyError::UpstreamUnavailable {
-            upstream: upstream.clone(),
-            reason: reason.clone(),
-        },
-        ProxyError::UpstreamTimeout {
-            upstream,
-            timeout_ms,
-        } => ProxyError::UpstreamTimeout {
-            upstream: upstream.clone(),
-            timeout_ms: *timeout_ms,
-        },
-        ProxyError::NotCached => ProxyError::NotCached,
-        ProxyError::PluginFailed { plugin, reason } => ProxyError::PluginFailed {
-            plugin: plugin.clone(),
-            reason: reason.clone(),
-        },
-        ProxyError::NotFound(s) => ProxyError::NotFound(s.clone()),
-        ProxyError::Internal(s) => ProxyError::Internal(s.clone()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,7 +326,7 @@ mod tests {
         let flight = Flight::new();
         let reader = flight.reader().unwrap();
         flight.abandon();
-        assert!(matches!(flight.wait_head().await, Head::Solo));
+        assert!(matches!(flight.wait_head().await, Head::Solo(solo) if solo.take().is_none()));
         assert!(reader.collect().await.is_err());
     }
 

@@ -8,8 +8,8 @@
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Uri, uri::Authority};
 
-use super::directives::split_list;
 use crate::config::CacheKeyConfig;
+use crate::http::cache_control::split_list;
 
 /// Separates the URL from route-added header values in a primary key.
 pub const KEY_HEADER_SEPARATOR: char = '\n';
@@ -67,9 +67,10 @@ pub fn primary_key(uri: &Uri, headers: &HeaderMap, config: &CacheKeyConfig) -> S
     key
 }
 
-/// Appends the parts a transformer plugin asked to add to the key. They sit
-/// after the URL like route-added headers, so purge by URL still reaches them.
-pub fn append_plugin_parts(key: &mut String, parts: &[String]) {
+/// Appends parts the caller adds to the key (a transformer plugin's, say).
+/// They sit after the URL like route-added headers, so purge by URL still
+/// reaches them.
+pub fn append_extra_parts(key: &mut String, parts: &[String]) {
     for part in parts {
         key.push(KEY_HEADER_SEPARATOR);
         key.push_str("plugin:");
@@ -297,8 +298,8 @@ mod tests {
         let uri: Uri = "/p".parse().unwrap();
         let mut phone = primary_key(&uri, &host("a.example"), &CacheKeyConfig::default());
         let mut tablet = phone.clone();
-        append_plugin_parts(&mut phone, &["phone".to_string()]);
-        append_plugin_parts(&mut tablet, &["tablet".to_string()]);
+        append_extra_parts(&mut phone, &["phone".to_string()]);
+        append_extra_parts(&mut tablet, &["tablet".to_string()]);
         assert_ne!(phone, tablet);
         assert_eq!(url_part(&phone), url_part(&tablet));
     }

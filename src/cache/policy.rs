@@ -11,7 +11,10 @@ use std::time::{Duration, SystemTime};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 
-use super::directives::{RequestDirectives, ResponseDirectives, Seconds, split_list};
+use crate::http::cache_control::{
+    DELTA_SECONDS_MAX, RequestDirectives, ResponseDirectives, Seconds, split_list,
+};
+use crate::http::hop_by_hop;
 
 /// Statuses a cache may give heuristic freshness (RFC 9110 section 15.1),
 /// minus 206 which Larder does not store.
@@ -21,19 +24,6 @@ const HEURISTICALLY_CACHEABLE: &[u16] = &[200, 203, 204, 300, 301, 308, 404, 405
 const HEURISTIC_FRACTION_PERCENT: u64 = 10;
 /// ... capped at one day, as common caches do.
 const HEURISTIC_CAP: Duration = Duration::from_secs(24 * 60 * 60);
-
-/// Fields never stored or replayed: hop-by-hop (RFC 9110 section 7.6.1) and
-/// `Age`, which is recomputed on every use.
-const NOT_STORED: &[HeaderName] = &[
-    header::CONNECTION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::AGE,
-];
 
 /// The one field a 304 must not overwrite (RFC 9111 section 3.2); hop-by-hop
 /// fields never get this far.
@@ -234,9 +224,6 @@ fn whole_seconds(time: SystemTime) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(since_epoch.as_secs())
 }
 
-/// The largest delta-seconds value (RFC 9111 section 1.2.2).
-const DELTA_SECONDS_MAX: u64 = 2_147_483_648;
-
 /// The Age field: the first member of a list, ignored when invalid (RFC 9111 section 5.1).
 pub fn age_value(headers: &HeaderMap) -> Duration {
     headers
@@ -294,14 +281,18 @@ fn recase_date(value: &str) -> Option<String> {
     changed.then(|| words.join(" "))
 }
 
-/// Copies the fields worth storing, without hop-by-hop ones and Age.
+/// Copies the fields worth storing: not hop-by-hop ones (RFC 9110 section
+/// 7.6.1), and not `Age`, which is recomputed on every use.
 ///
 /// Values are copied: a parsed header value shares the connection's read
 /// buffer, which a stored entry would otherwise keep alive (and misweigh).
 pub fn storable_headers(headers: &HeaderMap) -> HeaderMap {
     let mut stored = HeaderMap::with_capacity(headers.len());
+    // Hop-by-hop fields, including those `Connection` lists: the proxy
+    // removes them already, but the store must not depend on that.
+    let hop_by_hop = hop_by_hop::hop_by_hop_names(headers, false);
     for (name, value) in headers {
-        if NOT_STORED.contains(name) || named_by_connection(headers, name) {
+        if *name == header::AGE || hop_by_hop.contains(name) {
             continue;
         }
         let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
@@ -309,17 +300,6 @@ pub fn storable_headers(headers: &HeaderMap) -> HeaderMap {
         stored.append(name.clone(), copy);
     }
     stored
-}
-
-/// Fields a `Connection` header lists are hop-by-hop too (RFC 9110 section
-/// 7.6.1). The proxy removes them already; the store must not depend on that.
-fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(split_list)
-        .any(|listed| listed.eq_ignore_ascii_case(name.as_str()))
 }
 
 /// Removes the fields a qualified `no-cache` / `private` keeps out of a

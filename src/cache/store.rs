@@ -6,18 +6,19 @@
 //! entries and a retention time.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, StatusCode};
 use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
+use parking_lot::Mutex;
 
-use super::directives::ResponseDirectives;
 use super::key::{KEY_HEADER_SEPARATOR, path_part, url_part};
 use super::policy::Timing;
+use crate::http::cache_control::ResponseDirectives;
 
 /// Variants kept per URL; the oldest goes first beyond this.
 const MAX_VARIANTS: usize = 16;
@@ -250,10 +251,7 @@ impl Store {
 
     /// Removes every variant tagged `tag`.
     pub fn purge_tag(&self, tag: &str) -> usize {
-        let keys = match self.tags.lock() {
-            Ok(mut index) => index.remove(tag).unwrap_or_default(),
-            Err(_) => return 0,
-        };
+        let keys = self.tags.lock().remove(tag).unwrap_or_default();
         let mut removed = 0;
         for key in keys {
             self.entries
@@ -284,6 +282,11 @@ impl Store {
         removed
     }
 
+    /// Removes everything; returns how many variants went.
+    pub fn purge_all(&self) -> usize {
+        self.remove_where(|_| true)
+    }
+
     fn remove_where(&self, doomed: impl Fn(&str) -> bool) -> usize {
         let keys: Vec<Arc<String>> = self
             .entries
@@ -298,13 +301,12 @@ impl Store {
         if tags.is_empty() {
             return;
         }
-        if let Ok(mut index) = self.tags.lock() {
-            for tag in tags {
-                index
-                    .entry(tag.clone())
-                    .or_default()
-                    .insert(key.to_string());
-            }
+        let mut index = self.tags.lock();
+        for tag in tags {
+            index
+                .entry(tag.clone())
+                .or_default()
+                .insert(key.to_string());
         }
     }
 
@@ -331,9 +333,7 @@ impl Store {
 }
 
 fn forget_tags(index: &TagIndex, key: &str, variants: &Variants) {
-    let Ok(mut index) = index.lock() else {
-        return;
-    };
+    let mut index = index.lock();
     for tag in variants.entries.iter().flat_map(|e| e.meta.tags.iter()) {
         if let Some(keys) = index.get_mut(tag) {
             keys.remove(key);

@@ -238,7 +238,7 @@ impl Checker<'_> {
         plugins: &BTreeMap<String, PluginConfig>,
     ) {
         if !source.rule.trim().is_empty()
-            && let Err(why) = crate::sources::validate_rule(&source.rule)
+            && let Err(why) = crate::schedule::Rule::parse_firing(&source.rule, chrono::Utc::now())
         {
             self.fail(&format!("{path}.rule"), why);
         }

@@ -5,8 +5,9 @@
 //!
 //! Must not decide what a skipped call means: the caller applies `on_error`.
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 /// Consecutive failures that open the circuit.
 pub const FAILURE_THRESHOLD: u32 = 5;
@@ -48,9 +49,7 @@ impl Default for Breaker {
 
 impl Breaker {
     pub fn admit(&self, now: Instant) -> Admission {
-        let Ok(mut state) = self.state.lock() else {
-            return Admission::Call;
-        };
+        let mut state = self.state.lock();
         match state.open_until {
             None => Admission::Call,
             Some(until) if now < until => Admission::Skip,
@@ -63,19 +62,16 @@ impl Breaker {
     }
 
     pub fn record_success(&self) {
-        if let Ok(mut state) = self.state.lock() {
-            state.consecutive_failures = 0;
-            state.open_until = None;
-            state.backoff = FIRST_BACKOFF;
-            state.trial_in_flight = false;
-        }
+        let mut state = self.state.lock();
+        state.consecutive_failures = 0;
+        state.open_until = None;
+        state.backoff = FIRST_BACKOFF;
+        state.trial_in_flight = false;
     }
 
     /// Records a failure; returns true when this failure opened the circuit.
     pub fn record_failure(&self, now: Instant) -> bool {
-        let Ok(mut state) = self.state.lock() else {
-            return false;
-        };
+        let mut state = self.state.lock();
         state.consecutive_failures = state.consecutive_failures.saturating_add(1);
         if state.trial_in_flight {
             state.trial_in_flight = false;
@@ -91,9 +87,7 @@ impl Breaker {
     }
 
     pub fn is_open(&self) -> bool {
-        self.state
-            .lock()
-            .is_ok_and(|state| state.open_until.is_some())
+        self.state.lock().open_until.is_some()
     }
 }
 

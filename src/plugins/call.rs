@@ -10,8 +10,8 @@ use std::time::Duration;
 use wasmtime::Store;
 
 use super::bindings::GuestError;
-use super::engine::{CpuBudgetExceeded, PluginEngine, StoreState, new_store};
-use super::loader::{Kind, LoadedPlugin, instantiate_transformer};
+use super::engine::PluginEngine;
+use super::store::{CpuBudgetExceeded, StoreState};
 
 /// Longest failure detail kept for the log.
 const MAX_DETAIL_BYTES: usize = 4096;
@@ -46,6 +46,9 @@ pub enum FailureKind {
     TooLarge,
     /// The circuit breaker is open; the guest was not called.
     CircuitOpen,
+    /// The response body broke while it was read for the guest: the
+    /// upstream's fault, not the plugin's, but the request cannot go on.
+    BodyUnreadable,
 }
 
 impl FailureKind {
@@ -57,6 +60,7 @@ impl FailureKind {
             Self::Oom => "oom",
             Self::TooLarge => "too_large",
             Self::CircuitOpen => "circuit_open",
+            Self::BodyUnreadable => "body_unreadable",
         }
     }
 }
@@ -162,53 +166,4 @@ pub async fn permit(engine: &PluginEngine) -> Result<tokio::sync::SemaphorePermi
         .acquire()
         .await
         .map_err(|_| Failure::new(FailureKind::Error, "the plugin engine is shutting down"))
-}
-
-/// The outer deadline around a call: a backstop for time spent outside the
-/// guest's epoch checks (host calls, instantiation).
-pub fn backstop(plugin: &LoadedPlugin) -> Duration {
-    let budget = plugin.config.limits.timeout.0;
-    let io = match plugin.kind {
-        Kind::Fetcher(_) => super::http_client::REQUEST_TIMEOUT * 2,
-        Kind::Transformer(_) => Duration::ZERO,
-    };
-    budget * 2 + io + Duration::from_secs(1)
-}
-
-/// Calls `init` with the plugin's config on a throwaway instance: a plugin
-/// that refuses its config, traps or hangs here is not loaded.
-pub async fn probe_init(engine: &PluginEngine, plugin: &LoadedPlugin) -> Result<(), String> {
-    let limit = backstop(plugin);
-    let probe = async {
-        match &plugin.kind {
-            Kind::Transformer(pre) => instantiate_transformer(engine, plugin, pre)
-                .await
-                .map(|_| ()),
-            Kind::Fetcher(pre) => {
-                let mut store = new_store(engine, plugin.grants(None));
-                let bindings = pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .map_err(|e| Failure::from_wasmtime(e, &store))?;
-                let init = bindings
-                    .larder_plugin_fetch()
-                    .call_init(&mut store, &plugin.guest_config)
-                    .await;
-                settle(init, &store, "init")
-            }
-        }
-    };
-    match tokio::time::timeout(limit, probe).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(failure)) => Err(format!(
-            "{} init failed ({}): {}",
-            plugin.kind.as_str(),
-            failure.kind.as_str(),
-            failure.describe()
-        )),
-        Err(_) => Err(format!(
-            "init did not finish within {} ms",
-            limit.as_millis()
-        )),
-    }
 }

@@ -1,29 +1,29 @@
 //! Fetcher calls: one fresh instance per run, `init` with the plugin's
-//! config merged under the source's, then `run`; an updated value is
-//! remembered for the plugin's read-only `cache` view.
+//! config merged under the source's, then `run`, with the read-only view of
+//! the plugin's own source values the sources lend it (the `cache` import).
 //!
 //! Must not decide what a failed run means for the source: the sources
 //! module applies its stale-on-error rules.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 
 use super::bindings::fetcher::exports::larder::plugin::fetch::{
     FetchContext as WitContext, FetchResult,
 };
-use super::call::{Failure, FailureKind, backstop, permit, settle};
-use super::engine::{PluginEngine, new_store};
+use super::call::{Failure, FailureKind, permit, settle};
+use super::engine::PluginEngine;
 use super::loader::{Kind, LoadedPlugin};
-use super::{FetchContext, FetchOutcome, SourceValue, SourceValues};
+use super::store::new_store;
+use super::{FetchContext, FetchOutcome, SourceValues};
 
 /// One run of a fetcher for one source.
 pub async fn run(
     engine: &PluginEngine,
     plugin: &LoadedPlugin,
-    values: &Arc<SourceValues>,
+    values: Arc<dyn SourceValues>,
     context: FetchContext,
 ) -> Result<FetchOutcome, Failure> {
     let Kind::Fetcher(pre) = &plugin.kind else {
@@ -41,9 +41,9 @@ pub async fn run(
         previous_etag: context.previous_etag,
     };
     let _permit = permit(engine).await?;
-    let limit = backstop(plugin);
+    let limit = plugin.backstop();
     let call = async {
-        let mut store = new_store(engine, plugin.grants(Some(values.clone())));
+        let mut store = new_store(&engine.engine, plugin.grants(Some(values)));
         let bindings = pre
             .instantiate_async(&mut store)
             .await
@@ -60,20 +60,15 @@ pub async fn run(
     Ok(match result {
         FetchResult::NotModified => FetchOutcome::NotModified,
         FetchResult::Updated((headers, body)) => {
-            let body = Bytes::from(body);
             let content_type = headers
                 .iter()
                 .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
                 .and_then(|(_, value)| String::from_utf8(value.clone()).ok());
-            values.insert(
-                &context.source,
-                SourceValue {
-                    headers,
-                    body: body.clone(),
-                    produced_at: Instant::now(),
-                },
-            );
-            FetchOutcome::Updated { content_type, body }
+            FetchOutcome::Updated {
+                content_type,
+                body: Bytes::from(body),
+                headers,
+            }
         }
     })
 }

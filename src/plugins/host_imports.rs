@@ -8,8 +8,8 @@ use std::time::Duration;
 use super::bindings::LogLevel;
 use super::bindings::fetcher::larder::plugin::{cache, http_client};
 use super::bindings::transformer::larder::plugin::{log, types};
-use super::engine::StoreState;
 use super::http_client::{self as client, OutboundRequest, SendError};
+use super::store::StoreState;
 
 /// Longest log message kept from a guest.
 const MAX_MESSAGE_BYTES: usize = 4096;
@@ -33,7 +33,7 @@ fn tracing_level(level: LogLevel) -> tracing::Level {
 fn sanitize(message: String) -> String {
     let message = truncate(message);
     if message.chars().any(char::is_control) {
-        super::engine::escape_controls(&message)
+        super::output::escape_controls(&message)
     } else {
         message
     }

@@ -174,8 +174,15 @@ fn client() -> &'static HttpsClient {
     CLIENT.get_or_init(|| {
         let mut http = HttpConnector::new_with_resolver(GuardedResolver(GaiResolver::new()));
         http.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let builder = match crate::http::tls::client_config(None) {
+            Ok(config) => builder.with_tls_config(config),
+            Err(error) => {
+                tracing::warn!(%error, "TLS setup failed; plugin https calls trust the bundled webpki roots");
+                builder.with_webpki_roots()
+            }
+        };
+        let connector = builder
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);

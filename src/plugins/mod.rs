@@ -1,10 +1,13 @@
 //! Wasm plugins: one wasmtime engine, components compiled (and cached on
 //! disk) at load, sandboxed instances per call, the WIT host imports, and the
 //! failure policy (on_error, circuit breaker). The main type is
-//! [`PluginHost`]; the proxy calls its transformer hooks, the sources call
-//! [`PluginHost::fetch`].
+//! [`PluginHost`]; the proxy calls its transformer hooks with the request's
+//! [`RequestState`], the sources call [`PluginHost::fetch`] with a view of
+//! the fetcher's own values. Failures come back as [`PluginError`] values;
+//! what a client is told is the proxy's business.
 //!
-//! Must not hand a plugin anything its config did not grant.
+//! Must not hand a plugin anything its config did not grant, or import the
+//! cache or the proxy.
 
 mod bindings;
 mod breaker;
@@ -13,12 +16,16 @@ mod engine;
 mod fetcher;
 mod host_imports;
 mod http_client;
+mod instances;
 mod loader;
+mod output;
+mod slot;
+mod store;
 mod transformer;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -26,28 +33,61 @@ use futures_util::StreamExt as _;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderValue, Response};
 use http_body_util::{BodyExt, BodyStream, StreamBody};
+use parking_lot::RwLock;
 
-use crate::body::{self, Body};
 use crate::config::{OnError, PluginConfig, PluginPhase};
-use crate::error::ProxyError;
+use crate::http::body::{self, Body};
+use crate::http::cache_control;
 
 use breaker::Admission;
-use call::{Failure, FailureKind, Hook};
+pub use call::FailureKind;
+use call::{Failure, Hook};
 use engine::PluginEngine;
-pub use loader::ParkedInstances;
-pub use loader::PluginStats;
-use loader::{Kind, LoadedPlugin, PluginSlot};
+use instances::ParkedInstances;
+use loader::{Kind, LoadedPlugin};
+use slot::PluginSlot;
+pub use slot::PluginStats;
 use transformer::RequestEdit;
 
 /// The largest response body handed to a transformer's `on-response`.
 pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
-#[derive(Debug, thiserror::Error)]
-pub enum PluginError {
-    #[error("plugin {plugin}: {reason}")]
-    Load { plugin: String, reason: String },
-    #[error("plugin {plugin} failed: {reason}")]
-    Call { plugin: String, reason: String },
+/// A plugin that could not be loaded (compiled, linked, or its `init`).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("plugin {plugin}: {reason}")]
+pub struct PluginLoadError {
+    pub plugin: String,
+    pub reason: String,
+}
+
+/// A plugin call that failed in a way its caller must act on: for a
+/// transformer, one whose `on_error` says `closed`; for a fetcher, any.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("plugin {plugin} failed ({}): {detail}", .kind.as_str())]
+pub struct PluginError {
+    pub plugin: Arc<str>,
+    pub kind: FailureKind,
+    pub on_error: OnError,
+    /// What happened, with the guest's stderr; for logs, not for clients.
+    pub detail: String,
+}
+
+/// What one request's plugins leave for its later phases: instances made
+/// in `on-request` and kept for the same request's `on-response` (one
+/// instantiation per plugin per request, not two), and extra cache-key
+/// parts. Owned by the request; dropping it frees the parked instances.
+#[derive(Default)]
+pub struct RequestState {
+    parked: ParkedInstances,
+    /// Parts the transformers' `on-request` asked to add to the cache key.
+    pub cache_key_extra: Vec<String>,
+}
+
+/// A fetcher's read-only view of the values it produced for its sources
+/// (the WIT `cache` import). The sources own the values; they lend each
+/// run a view limited to the sources that plugin feeds.
+pub trait SourceValues: Send + Sync {
+    fn get(&self, source: &str) -> Option<SourceValue>;
 }
 
 /// What a fetcher plugin's run produced.
@@ -56,6 +96,8 @@ pub enum FetchOutcome {
     Updated {
         content_type: Option<String>,
         body: Bytes,
+        /// The headers the fetcher returned with the value, as it gave them.
+        headers: Vec<(String, Vec<u8>)>,
     },
     NotModified,
 }
@@ -71,34 +113,12 @@ pub struct FetchContext {
     pub config: BTreeMap<String, String>,
 }
 
-/// Extra cache-key parts a transformer's `on-request` asked for; put in the
-/// request's extensions for the cache to fold into the key.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CacheKeyExtra(pub Vec<String>);
-
 /// A value a fetcher produced for a source, as its `cache` view shows it.
 #[derive(Debug, Clone)]
 pub struct SourceValue {
     pub headers: Vec<(String, Vec<u8>)>,
     pub body: Bytes,
     pub produced_at: Instant,
-}
-
-/// The values one fetcher plugin produced, by source name. Filled by the
-/// host from each successful run, so a plugin sees only its own sources.
-#[derive(Debug, Default)]
-pub struct SourceValues(Mutex<HashMap<String, SourceValue>>);
-
-impl SourceValues {
-    pub fn get(&self, source: &str) -> Option<SourceValue> {
-        self.0.lock().ok()?.get(source).cloned()
-    }
-
-    fn insert(&self, source: &str, value: SourceValue) {
-        if let Ok(mut values) = self.0.lock() {
-            values.insert(source.to_string(), value);
-        }
-    }
 }
 
 /// Every loaded plugin; lives across reloads and swaps plugins in place.
@@ -110,7 +130,9 @@ pub struct PluginHost {
 
 impl PluginHost {
     /// Compiles every plugin and probes its `init` with its config.
-    pub async fn load(config: &BTreeMap<String, PluginConfig>) -> Result<Arc<Self>, PluginError> {
+    pub async fn load(
+        config: &BTreeMap<String, PluginConfig>,
+    ) -> Result<Arc<Self>, PluginLoadError> {
         if config.is_empty() {
             // No plugins: do not build the engine (or its address space).
             return Ok(Arc::new(Self {
@@ -123,12 +145,12 @@ impl PluginHost {
         for (name, plugin_config) in config {
             let plugin = loader::load_plugin(&engine, name, plugin_config)
                 .await
-                .map_err(|reason| PluginError::Load {
+                .map_err(|reason| PluginLoadError {
                     plugin: name.clone(),
                     reason,
                 })?;
             let slot = PluginSlot::new(plugin);
-            loader::watch(engine.clone(), &slot);
+            slot::watch(engine.clone(), &slot);
             slots.insert(name.clone(), slot);
         }
         Ok(Arc::new(Self {
@@ -140,7 +162,10 @@ impl PluginHost {
     /// Applies a reloaded `plugins:` map, all or nothing: every changed or
     /// new plugin is built and probed first; if one fails, nothing changes
     /// (every plugin keeps its running build) and the error names it.
-    pub async fn apply(&self, config: &BTreeMap<String, PluginConfig>) -> Result<(), PluginError> {
+    pub async fn apply(
+        &self,
+        config: &BTreeMap<String, PluginConfig>,
+    ) -> Result<(), PluginLoadError> {
         if config.is_empty() {
             self.replace_slots(BTreeMap::new());
             return Ok(());
@@ -152,7 +177,7 @@ impl PluginHost {
                 self.engine.get_or_init(|| engine).clone()
             }
         };
-        let existing = self.slots.read().map(|s| s.clone()).unwrap_or_default();
+        let existing = self.slots.read().clone();
         let mut built = Vec::new();
         for (name, plugin_config) in config {
             if let Some(slot) = existing.get(name)
@@ -164,7 +189,7 @@ impl PluginHost {
                 Ok(plugin) => built.push((name.clone(), plugin)),
                 Err(reason) => {
                     tracing::error!(plugin = %name, %reason, "plugin failed to load; the reload changes no plugin");
-                    return Err(PluginError::Load {
+                    return Err(PluginLoadError {
                         plugin: name.clone(),
                         reason,
                     });
@@ -182,13 +207,13 @@ impl PluginHost {
                     let path_changed = slot.current.load().config.path != plugin.config.path;
                     slot.swap(plugin);
                     if path_changed {
-                        loader::watch(engine.clone(), slot);
+                        slot::watch(engine.clone(), slot);
                     }
                     slot.clone()
                 }
                 None => {
                     let slot = PluginSlot::new(plugin);
-                    loader::watch(engine.clone(), &slot);
+                    slot::watch(engine.clone(), &slot);
                     slot
                 }
             };
@@ -200,45 +225,40 @@ impl PluginHost {
     }
 
     fn replace_slots(&self, next: BTreeMap<String, Arc<PluginSlot>>) {
-        if let Ok(mut slots) = self.slots.write() {
-            *slots = next;
-        }
+        *self.slots.write() = next;
     }
 
     fn slot(&self, name: &str) -> Option<Arc<PluginSlot>> {
-        self.slots.read().ok()?.get(name).cloned()
+        self.slots.read().get(name).cloned()
     }
 
-    /// Counters of one plugin (for tests and the admin side).
+    /// Counters of one plugin.
     pub fn stats(&self, plugin: &str) -> Option<PluginStats> {
         self.slot(plugin).map(|slot| slot.stats())
     }
 
     /// Runs `on-request` of each plugin in `chain`, in order. `Some(response)`
     /// means a plugin answered directly and the request goes no further.
-    /// Extra cache-key parts land in the request's [`CacheKeyExtra`] extension.
+    /// Extra cache-key parts and parked instances land in `state`.
     pub async fn on_request(
         &self,
         chain: &[String],
         request: &mut http::request::Parts,
-    ) -> Result<Option<Response<Body>>, ProxyError> {
+        state: &mut RequestState,
+    ) -> Result<Option<Response<Body>>, PluginError> {
         let Some(engine) = self.engine.get() else {
             return Ok(None);
         };
         // A cache-store transformer is paid once per fill: calling its
         // on-request too would cost a fresh instance on every hit.
-        let parked = ParkedInstances::default();
-        for (slot, plugin) in self.transformers(chain, Some(PluginPhase::Downstream)) {
+        for (slot, plugin) in self.transformers(chain, PluginPhase::Downstream) {
             let head = transformer::request_head(request);
-            let call = transformer::on_request(engine, &plugin, &head, &parked);
+            let call = transformer::on_request(engine, &plugin, &head, &mut state.parked);
             let Some(edit) = guarded(&slot, &plugin, Hook::OnRequest, call).await? else {
                 continue;
             };
             match edit {
-                RequestEdit::Respond(response) => {
-                    keep_parked(request, parked);
-                    return Ok(Some(response));
-                }
+                RequestEdit::Respond(response) => return Ok(Some(response)),
                 RequestEdit::Continue {
                     method,
                     path_and_query,
@@ -249,42 +269,48 @@ impl PluginHost {
                         request.method = method;
                     }
                     if let Some(path_and_query) = path_and_query {
-                        request.uri = with_path_and_query(&request.uri, path_and_query)?;
+                        request.uri = with_path_and_query(&request.uri, path_and_query)
+                            .map_err(|why| call_error(&plugin, FailureKind::Error, why))?;
                     }
                     if let Some(headers) = headers {
                         request.headers = headers;
                     }
-                    if !cache_key_extra.is_empty() {
-                        let extra = request
-                            .extensions
-                            .get_or_insert_with(CacheKeyExtra::default);
-                        extra.0.extend(cache_key_extra);
-                    }
+                    state.cache_key_extra.extend(cache_key_extra);
                 }
             }
         }
-        keep_parked(request, parked);
         Ok(None)
     }
 
-    /// Runs `on-response` of the plugins in `chain` configured for `phase`.
-    /// The body is collected only when at least one plugin runs.
+    /// Runs `on-response` of the plugins in `chain` configured for `phase`,
+    /// on the instances `state` parked for them if any. The body is
+    /// collected only when at least one plugin runs.
     pub async fn on_response(
         &self,
         chain: &[String],
         phase: PluginPhase,
         request: &http::request::Parts,
         response: Response<Body>,
-    ) -> Result<Response<Body>, ProxyError> {
+        mut state: Option<&mut RequestState>,
+    ) -> Result<Response<Body>, PluginError> {
         let Some(engine) = self.engine.get() else {
             return Ok(response);
         };
-        let selected = self.transformers(chain, Some(phase));
-        if selected.is_empty() {
+        let selected = self.transformers(chain, phase);
+        let Some((first, _)) = selected.first() else {
             return Ok(response);
-        }
+        };
         let (mut parts, body) = response.into_parts();
-        let mut bytes = match collect_capped(body, MAX_BODY_BYTES).await? {
+        let collected = collect_capped(body, MAX_BODY_BYTES).await.map_err(|why| {
+            // Nothing to continue with: the body is lost, whatever on_error says.
+            PluginError {
+                plugin: first.name.clone(),
+                kind: FailureKind::BodyUnreadable,
+                on_error: OnError::Closed,
+                detail: why,
+            }
+        })?;
+        let mut bytes = match collected {
             Collected::Whole(bytes) => bytes,
             Collected::TooLarge(body) => {
                 for (slot, plugin) in &selected {
@@ -301,10 +327,10 @@ impl PluginHost {
         };
         let original_length = parts.headers.get(CONTENT_LENGTH).cloned();
         let request_head = transformer::request_head(request);
-        let parked = request.extensions.get::<ParkedInstances>();
         let mut body_changed = false;
         for (slot, plugin) in &selected {
             let head = transformer::response_head(&parts);
+            let parked = state.as_deref_mut().map(|state| &mut state.parked);
             let call = transformer::on_response(
                 engine,
                 plugin,
@@ -321,7 +347,7 @@ impl PluginHost {
             // so a plugin cannot lift it for itself; parsed only when a body
             // came back, which most response hooks never do.
             let no_transform =
-                edit.body.is_some() && crate::cache::forbids_transform(&parts.headers);
+                edit.body.is_some() && cache_control::forbids_transform(&parts.headers);
             parts.status = edit.status;
             if let Some(headers) = edit.headers {
                 parts.headers = headers;
@@ -348,36 +374,34 @@ impl PluginHost {
         Ok(Response::from_parts(parts, body::full(bytes)))
     }
 
-    /// One run of a fetcher plugin for a source.
+    /// One run of a fetcher plugin for a source; `values` is what its
+    /// `cache` import may read.
     pub async fn fetch(
         &self,
         plugin: &str,
         context: FetchContext,
+        values: Arc<dyn SourceValues>,
     ) -> Result<FetchOutcome, PluginError> {
-        let call_error = |reason: String| PluginError::Call {
-            plugin: plugin.to_string(),
-            reason,
-        };
         let (Some(engine), Some(slot)) = (self.engine.get(), self.slot(plugin)) else {
-            return Err(call_error("no such plugin is loaded".to_string()));
+            return Err(PluginError {
+                plugin: Arc::from(plugin),
+                kind: FailureKind::Error,
+                on_error: OnError::Closed,
+                detail: "no such plugin is loaded".to_string(),
+            });
         };
         let loaded = slot.current.load_full();
-        let call = fetcher::run(engine, &loaded, &slot.source_values, context);
-        match attempt(&slot, &loaded, Hook::Run, call).await {
-            Ok(outcome) => Ok(outcome),
-            Err(failure) => Err(call_error(format!(
-                "{}: {}",
-                failure.kind.as_str(),
-                failure.describe()
-            ))),
-        }
+        let call = fetcher::run(engine, &loaded, values, context);
+        attempt(&slot, &loaded, Hook::Run, call)
+            .await
+            .map_err(|failure| loaded.error(failure))
     }
 
-    /// The transformers of `chain` (for `phase`, if given), in chain order.
+    /// The transformers of `chain` configured for `phase`, in chain order.
     fn transformers(
         &self,
         chain: &[String],
-        phase: Option<PluginPhase>,
+        phase: PluginPhase,
     ) -> Vec<(Arc<PluginSlot>, Arc<LoadedPlugin>)> {
         chain
             .iter()
@@ -393,16 +417,8 @@ impl PluginHost {
                 (slot, plugin)
             })
             .filter(|(_, plugin)| matches!(plugin.kind, Kind::Transformer(_)))
-            .filter(|(_, plugin)| phase.is_none_or(|phase| plugin.config.phase == phase))
+            .filter(|(_, plugin)| plugin.config.phase == phase)
             .collect()
-    }
-}
-
-/// Leaves the request's parked instances in its extensions, where the
-/// proxy carries them to the response's plugins.
-fn keep_parked(request: &mut http::request::Parts, parked: ParkedInstances) {
-    if !parked.is_empty() {
-        request.extensions.insert(parked);
     }
 }
 
@@ -434,8 +450,8 @@ fn fix_framing(
     }
 }
 
-fn shared_engine(plugin: &str) -> Result<Arc<PluginEngine>, PluginError> {
-    engine::shared().map_err(|reason| PluginError::Load {
+fn shared_engine(plugin: &str) -> Result<Arc<PluginEngine>, PluginLoadError> {
+    engine::shared().map_err(|reason| PluginLoadError {
         plugin: plugin.to_string(),
         reason: format!("the wasm engine could not start: {reason}"),
     })
@@ -456,11 +472,19 @@ async fn is_unchanged(slot: &PluginSlot, config: &PluginConfig) -> bool {
 fn with_path_and_query(
     uri: &http::Uri,
     path_and_query: http::uri::PathAndQuery,
-) -> Result<http::Uri, ProxyError> {
+) -> Result<http::Uri, String> {
     let mut parts = uri.clone().into_parts();
     parts.path_and_query = Some(path_and_query);
-    http::Uri::from_parts(parts)
-        .map_err(|e| ProxyError::Internal(format!("rebuilding the URI after a plugin: {e}")))
+    http::Uri::from_parts(parts).map_err(|e| format!("the path it returned makes no URI: {e}"))
+}
+
+fn call_error(plugin: &LoadedPlugin, kind: FailureKind, detail: String) -> PluginError {
+    PluginError {
+        plugin: plugin.name.clone(),
+        kind,
+        on_error: plugin.config.on_error,
+        detail,
+    }
 }
 
 /// Runs one guest call under the breaker, with metrics; the failure (if
@@ -490,9 +514,7 @@ async fn attempt<T>(
         Ok(_) => slot.breaker(hook).record_success(),
         Err(failure) => {
             slot.counters.failures.fetch_add(1, Relaxed);
-            if let Ok(mut last) = slot.counters.last_failure.lock() {
-                *last = Some((failure.kind.as_str(), failure.describe()));
-            }
+            *slot.counters.last_failure.lock() = Some((failure.kind.as_str(), failure.describe()));
             let name = slot.name.to_string();
             metrics::counter!("larder_plugin_failures_total", "plugin" => name.clone(), "kind" => failure.kind.as_str())
                 .increment(1);
@@ -515,13 +537,13 @@ async fn attempt<T>(
 }
 
 /// [`attempt`] plus the plugin's `on_error`: `Ok(None)` means skip the
-/// plugin (open), `Err` answers the client 502 (closed).
+/// plugin (open), `Err` fails the request (closed).
 async fn guarded<T>(
     slot: &PluginSlot,
     plugin: &LoadedPlugin,
     hook: Hook,
     call: impl Future<Output = Result<T, Failure>>,
-) -> Result<Option<T>, ProxyError> {
+) -> Result<Option<T>, PluginError> {
     match attempt(slot, plugin, hook, call).await {
         Ok(value) => Ok(Some(value)),
         Err(failure) => match judge(plugin, &failure) {
@@ -532,20 +554,17 @@ async fn guarded<T>(
 }
 
 /// A failure that happened without calling the guest (body too large).
-fn fail(slot: &PluginSlot, plugin: &LoadedPlugin, failure: Failure) -> Option<ProxyError> {
+fn fail(slot: &PluginSlot, plugin: &LoadedPlugin, failure: Failure) -> Option<PluginError> {
     metrics::counter!("larder_plugin_failures_total", "plugin" => slot.name.to_string(), "kind" => failure.kind.as_str())
         .increment(1);
     tracing::warn!(plugin = &*slot.name, kind = failure.kind.as_str(), reason = %failure.detail, "plugin skipped");
     judge(plugin, &failure)
 }
 
-fn judge(plugin: &LoadedPlugin, failure: &Failure) -> Option<ProxyError> {
+fn judge(plugin: &LoadedPlugin, failure: &Failure) -> Option<PluginError> {
     match plugin.config.on_error {
         OnError::Open => None,
-        OnError::Closed => Some(ProxyError::PluginFailed {
-            plugin: plugin.name.to_string(),
-            reason: format!("{}: {}", failure.kind.as_str(), failure.detail),
-        }),
+        OnError::Closed => Some(plugin.error(failure.clone())),
     }
 }
 
@@ -556,7 +575,8 @@ enum Collected {
 }
 
 /// Reads a body up to `cap` bytes; above it, hands back an equivalent body.
-async fn collect_capped(body: Body, cap: usize) -> Result<Collected, ProxyError> {
+/// The error is the body's own, as text.
+async fn collect_capped(body: Body, cap: usize) -> Result<Collected, String> {
     use http_body::Body as _;
     if body.size_hint().lower() > cap as u64 {
         return Ok(Collected::TooLarge(body));
@@ -565,10 +585,7 @@ async fn collect_capped(body: Body, cap: usize) -> Result<Collected, ProxyError>
     let mut collected = BytesMut::new();
     let mut trailers = None;
     while let Some(frame) = stream.next().await {
-        let frame = frame.map_err(|e| ProxyError::UpstreamUnavailable {
-            upstream: "upstream".to_string(),
-            reason: format!("response body broke: {e}"),
-        })?;
+        let frame = frame.map_err(|e| format!("the response body broke: {e}"))?;
         match frame.into_data() {
             Ok(data) => {
                 collected.extend_from_slice(&data);

@@ -15,13 +15,13 @@ use super::bindings::transformer::exports::larder::plugin::transform::{
     Phase, RequestAction, ResponseOut,
 };
 use super::bindings::transformer::larder::plugin::types::{RequestHead, ResponseHead};
-use super::call::{Failure, FailureKind, backstop, permit, settle};
-use super::engine::{PluginEngine, start_call};
-use super::loader::{
-    Kind, LoadedPlugin, ParkedInstances, TransformerInstance, instantiate_transformer,
-};
-use crate::body::{self, Body};
+use super::call::{Failure, FailureKind, permit, settle};
+use super::engine::PluginEngine;
+use super::instances::ParkedInstances;
+use super::loader::{Kind, LoadedPlugin, TransformerInstance, instantiate_transformer};
+use super::store::start_call;
 use crate::config::PluginPhase;
+use crate::http::body::{self, Body};
 
 type WitHeaders = Vec<(String, Vec<u8>)>;
 
@@ -177,7 +177,7 @@ fn check_response_out(out: ResponseOut, given: &ResponseHead) -> Result<Response
 async fn checkout(
     engine: &PluginEngine,
     plugin: &LoadedPlugin,
-    parked: Option<&ParkedInstances>,
+    parked: Option<&mut ParkedInstances>,
 ) -> Result<TransformerInstance, Failure> {
     let Kind::Transformer(pre) = &plugin.kind else {
         return Err(Failure::new(FailureKind::Error, "not a transformer"));
@@ -200,10 +200,10 @@ pub async fn on_request(
     engine: &PluginEngine,
     plugin: &Arc<LoadedPlugin>,
     head: &RequestHead,
-    parked: &ParkedInstances,
+    parked: &mut ParkedInstances,
 ) -> Result<RequestEdit, Failure> {
     let _permit = permit(engine).await?;
-    let limit = backstop(plugin);
+    let limit = plugin.backstop();
     let call = async {
         let mut instance = checkout(engine, plugin, None).await?;
         let result = instance
@@ -233,10 +233,10 @@ pub async fn on_response(
     request: &RequestHead,
     response: &ResponseHead,
     body: &[u8],
-    parked: Option<&ParkedInstances>,
+    parked: Option<&mut ParkedInstances>,
 ) -> Result<ResponseEdit, Failure> {
     let _permit = permit(engine).await?;
-    let limit = backstop(plugin);
+    let limit = plugin.backstop();
     let call = async {
         let mut instance = checkout(engine, plugin, parked).await?;
         let result = instance

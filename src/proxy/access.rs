@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
-use crate::body::{Body, BoxError};
+use crate::http::body::{Body, BoxError};
 
 /// What the line says about one request, gathered along the request path.
 pub struct AccessEntry {
@@ -138,7 +138,7 @@ mod tests {
             cache_status: Some("larder; fwd=uri-miss".to_string()),
             started: Instant::now(),
         };
-        let body = LoggedBody::new(crate::body::full("twelve bytes"), entry);
+        let body = LoggedBody::new(crate::http::body::full("twelve bytes"), entry);
         let collected = body.collect().await.map(|c| c.to_bytes());
         assert_eq!(collected.ok(), Some(Bytes::from_static(b"twelve bytes")));
         let text = captured

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use crate::body::BoxError;
+use crate::http::body::BoxError;
 
 /// How long a client may pause between parts of a request body (nginx's
 /// `client_body_timeout` default). Time spent waiting on the upstream to

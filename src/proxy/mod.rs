@@ -1,136 +1,105 @@
-//! Routing, forwarding and header hygiene: the request path from a client's
-//! request to the upstream's response.
+//! The request pipeline: the only module that knows routing, plugins, the
+//! cache, sources and upstreams together.
 //!
-//! [`Proxy`] is built from one config and swapped whole on reload. Its
-//! [`Proxy::handle`] reads as the phases of a request: `route`, `on_request`
-//! plugins, then a source, the cache (which calls back into [`RouteOrigin`])
-//! or the upstream, then `on_response` plugins and `respond`.
-//! Asks `cache` for cached answers but never decides cacheability itself.
+//! [`Proxy`] is built from one config and swapped whole on reload.
+//! [`Proxy::handle`] runs one request through named phases, each a method
+//! below it, in the order they run (Pingora's `process_request` shape):
+//!
+//! ```text
+//! route         request checks, loop detection, host + path -> RouteEntry
+//! prepare       body limit, hop-by-hop out, X-Forwarded-*/Via in, body guard
+//! on_request    the route's transformers; may answer, may add cache-key parts
+//! target        a source | the cache (Cache::serve with the route's RouteOrigin)
+//!               | the upstream (RouteOrigin::fetch: forward, then the
+//!               cache-store plugin phase; for cached routes the cache calls it)
+//! on_response   the route's downstream-phase transformers, hits included
+//! respond       errors to problem+json, Via, metrics, the access log
+//! ```
+//!
+//! Per-request state lives in one [`RequestCtx`]. Must not decide
+//! cacheability (the cache does) or build problem+json itself
+//! (`http::error` does).
 
 mod access;
+mod ctx;
+mod errors;
+mod forwarded;
 mod guard;
-mod headers;
-mod pool;
+mod origin;
+mod purge;
 mod route_metrics;
 mod router;
 mod upgrade;
-mod upstream;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
-use futures_util::future::BoxFuture;
 use http::header::{self, HeaderValue};
-use http::request::Parts;
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Request, Response, Version};
 use hyper::body::Incoming;
+use ipnet::IpNet;
 
-use crate::body::{self, Body};
 use crate::cache::{self, Cache};
 use crate::config::{Config, PluginPhase, Route, RouteCache, Upstream};
-use crate::error::ProxyError;
-use crate::plugins::{ParkedInstances, PluginHost};
+use crate::http::body::{self, Body};
+use crate::http::error::{ErrorKind, RequestError};
+use crate::http::{copy_head, hop_by_hop};
+use crate::plugins::PluginHost;
 use crate::sources::Sources;
+use crate::upstream::UpstreamClient;
 
+use ctx::RequestCtx;
 pub use guard::{BodyFault, BodyGuard};
+use origin::RouteOrigin;
 use route_metrics::RouteMetrics;
-pub use upstream::UpstreamClient;
-
-/// The client's address, in the extensions of requests that go to the
-/// cache (its PURGE allow-list reads it). Only there: an extension costs two
-/// allocations per request.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub SocketAddr);
 
 /// More passes through Larder than any sane chain of proxies makes: the
 /// request is looping (an upstream points back at Larder).
 const MAX_LARDER_HOPS: usize = 8;
 
-/// The shared parts a [`Proxy`] is built around; they outlive reloads.
-#[derive(Clone)]
-pub struct Shared {
-    pub cache: Arc<Cache>,
-    pub sources: Arc<Sources>,
-    pub plugins: Arc<PluginHost>,
-}
-
 /// Where a route sends its requests.
 enum Target {
-    Upstream(Arc<RouteOrigin>),
+    Upstream {
+        origin: Arc<RouteOrigin>,
+        /// The same origin, as the cache calls it.
+        cache_origin: Arc<dyn cache::Origin>,
+    },
     Source(String),
 }
 
 /// One compiled `routes:` entry.
-struct RouteEntry {
+pub struct RouteEntry {
     matcher: router::Matcher,
     metrics: RouteMetrics,
     target: Target,
     cache: RouteCache,
+    /// `cache.purge.allow`, parsed.
+    purge_allow: Vec<IpNet>,
     plugins: Arc<[String]>,
     max_request_body: Option<u64>,
 }
 
-/// The upstream behind one route, as the cache calls it: forwards, then runs
-/// the route's cache-store phase plugins on what came back (once per fill).
-pub struct RouteOrigin {
-    upstream: Arc<UpstreamClient>,
-    plugins: Arc<PluginHost>,
-    chain: Arc<[String]>,
+/// What routing found for a request.
+enum Routed<'p> {
+    Route(&'p RouteEntry),
+    /// Answered without a route: `/health`, or cachepump's `/?key=`.
+    Answer(Response<Body>),
 }
 
-impl cache::Origin for RouteOrigin {
-    fn fetch(
-        &self,
-        request: Request<Body>,
-    ) -> BoxFuture<'static, Result<Response<Body>, ProxyError>> {
-        let upstream = self.upstream.clone();
-        let plugins = self.plugins.clone();
-        let chain = self.chain.clone();
-        Box::pin(async move {
-            let head = (!chain.is_empty()).then(|| copy_head(&request));
-            let response = forward(&upstream, request).await?;
-            match head {
-                Some(head) => {
-                    Box::pin(plugins.on_response(&chain, PluginPhase::CacheStore, &head, response))
-                        .await
-                }
-                None => Ok(response),
-            }
-        })
-    }
-}
-
-/// Sends a cleaned request upstream and cleans the response's headers.
-async fn forward(
-    upstream: &UpstreamClient,
-    request: Request<Body>,
-) -> Result<Response<Body>, ProxyError> {
-    let guard = request.extensions().get::<BodyGuard>().cloned();
-    match upstream.send(request).await {
-        Ok(mut response) => {
-            headers::strip_hop_by_hop(response.headers_mut(), false);
-            Ok(response)
-        }
-        // The upstream call failed because the client's body was cut off:
-        // that is the client's fault, not the upstream's.
-        Err(error) => match guard.and_then(|guard| guard.fault()) {
-            Some(BodyFault::TooLarge { limit }) => Err(ProxyError::BodyTooLarge { limit }),
-            Some(BodyFault::Idle { timeout }) => Err(ProxyError::BadRequest(format!(
-                "the client sent no request body data for {} s",
-                timeout.as_secs()
-            ))),
-            None => Err(error),
-        },
-    }
+/// What the `on-request` plugins decided.
+enum OnRequest {
+    Continue(Request<Body>),
+    Answer(Response<Body>),
 }
 
 /// The request path for one config. Immutable; a reload builds a new one.
 pub struct Proxy {
     /// `None`: no `routes:` key, cachepump mode.
     routes: Option<Vec<RouteEntry>>,
-    shared: Shared,
+    cache: Arc<Cache>,
+    sources: Arc<Sources>,
+    plugins: Arc<PluginHost>,
     upstreams: BTreeMap<String, Arc<UpstreamClient>>,
     max_request_body: Option<u64>,
     access_log: bool,
@@ -139,11 +108,14 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Builds the request path for `config`, reusing the clients (and their
-    /// connection pools) of `previous` whose upstream config is unchanged.
+    /// Builds the request path for `config` on the long-lived parts,
+    /// reusing the clients (and their connection pools) of `previous` whose
+    /// upstream config is unchanged.
     pub fn build(
         config: &Config,
-        shared: Shared,
+        cache: Arc<Cache>,
+        sources: Arc<Sources>,
+        plugins: Arc<PluginHost>,
         previous: Option<&Proxy>,
     ) -> Result<Self, String> {
         let mut upstreams = BTreeMap::new();
@@ -155,7 +127,7 @@ impl Proxy {
             Some(routes) => Some(
                 routes
                     .iter()
-                    .map(|route| compile_route(route, &upstreams, &shared.plugins))
+                    .map(|route| compile_route(route, &upstreams, &plugins))
                     .collect::<Result<Vec<_>, String>>()?,
             ),
         };
@@ -167,131 +139,128 @@ impl Proxy {
         Ok(Self {
             unrouted,
             routes,
-            shared,
+            cache,
+            sources,
+            plugins,
             upstreams,
             max_request_body: config.server.max_request_body.map(|size| size.0),
             access_log: config.log.access_log,
         })
     }
 
-    /// Answers one request; never fails: errors become problem+json here.
-    pub async fn handle(&self, request: Request<Incoming>, client: SocketAddr) -> Response<Body> {
-        let started = Instant::now();
-        let method = request.method().clone();
-        // Skip the line's bookkeeping when the level filter would drop it anyway.
-        let logging =
-            self.access_log && tracing::enabled!(target: "larder::access", tracing::Level::INFO);
-        let path = if logging {
-            request.uri().path().to_string()
-        } else {
-            String::new()
-        };
-        let mut outcome = Outcome::default();
-        let mut response = match self.dispatch(request, client, &mut outcome).await {
-            Ok(response) => response,
-            Err(error) => {
-                log_error(&error, &method);
-                error.into_response()
-            }
-        };
-        headers::append_via(response.headers_mut());
-        let status = response.status();
-        let route = outcome.route.unwrap_or(&self.unrouted);
-        route.record(status, started.elapsed());
-        if !logging {
-            return response;
-        }
-        let entry = access::AccessEntry {
-            method,
-            path,
-            status,
-            upstream: outcome.upstream,
-            cache_status: response
-                .headers()
-                .get("cache-status")
-                .and_then(|value| value.to_str().ok())
-                .map(str::to_string),
-            started,
-        };
-        response.map(|inner| body::boxed(access::LoggedBody::new(inner, entry)))
+    /// The upstreams this proxy forwards to, by name.
+    pub fn upstream(&self, name: &str) -> Option<&Arc<UpstreamClient>> {
+        self.upstreams.get(name)
     }
 
-    async fn dispatch<'a>(
-        &'a self,
+    /// Answers one request; never fails: errors become responses in `respond`.
+    pub async fn handle(&self, request: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+        // Skip the access log's bookkeeping when its level is off anyway.
+        let logging =
+            self.access_log && tracing::enabled!(target: "larder::access", tracing::Level::INFO);
+        let mut ctx = RequestCtx::new(client, &request, logging);
+        let result = self.process(request, &mut ctx).await;
+        self.respond(result, ctx)
+    }
+
+    /// The phases, in order; each may end the request with an answer or an error.
+    async fn process<'p>(
+        &'p self,
         request: Request<Incoming>,
-        client: SocketAddr,
-        outcome: &mut Outcome<'a>,
-    ) -> Result<Response<Body>, ProxyError> {
-        check_request(&request)?;
-        let hops = headers::larder_hops(request.headers());
-        if hops >= MAX_LARDER_HOPS {
-            tracing::error!(hops, path = %request.uri().path(), "request loop: an upstream points back at Larder");
-            return Ok(crate::error::problem_response(
-                StatusCode::LOOP_DETECTED,
-                &format!(
-                    "the request has passed through Larder {hops} times; an upstream points back at it"
-                ),
-            ));
+        ctx: &mut RequestCtx<'p>,
+    ) -> Result<Response<Body>, RequestError> {
+        let route = match self.route(&request, ctx)? {
+            Routed::Route(route) => route,
+            Routed::Answer(response) => return Ok(response),
+        };
+        self.check_body_limit(route, &request)?;
+        if let Target::Upstream { origin, .. } = &route.target
+            && hop_by_hop::is_upgrade_request(request.headers())
+        {
+            return self.tunnel(origin, request, ctx).await;
         }
-        let host = router::request_host(&request);
+        let request = self.prepare(route, request, ctx);
+        let request = match self.on_request(route, request, ctx).await? {
+            OnRequest::Continue(request) => request,
+            // A plugin's own answer still goes through the downstream
+            // on-response hooks, as the WIT promises.
+            OnRequest::Answer(response) => return self.on_response(route, response, ctx).await,
+        };
+        let response = self.target(route, request, ctx).await?;
+        self.on_response(route, response, ctx).await
+    }
+
+    /// Refuses what no origin should see, detects loops, and finds the route.
+    fn route<'p>(
+        &'p self,
+        request: &Request<Incoming>,
+        ctx: &mut RequestCtx<'p>,
+    ) -> Result<Routed<'p>, RequestError> {
+        check_request(request)?;
+        let hops = forwarded::larder_hops(request.headers());
+        if hops >= MAX_LARDER_HOPS {
+            return Err(ErrorKind::Loop { hops }.into());
+        }
+        let host = router::request_host(request);
         let path = request.uri().path();
         let Some(routes) = &self.routes else {
             if path == "/health" {
-                return Ok(health());
+                return Ok(Routed::Answer(crate::http::health()));
             }
-            return Ok(self.shared.sources.serve_by_key(&request));
+            return self.sources.serve_by_key(request).map(Routed::Answer);
         };
         let Some(route) = routes
             .iter()
             .find(|route| route.matcher.is_match(host, path))
         else {
             if path == "/health" {
-                return Ok(health());
+                return Ok(Routed::Answer(crate::http::health()));
             }
             if request.version() < Version::HTTP_2 && request.uri().scheme().is_some() {
-                return Err(ProxyError::BadRequest(
-                    "absolute-form request for a host this proxy does not serve; Larder is not a forward proxy".to_string(),
+                return Err(RequestError::bad_request(
+                    "absolute-form request for a host this proxy does not serve; Larder is not a forward proxy",
                 ));
             }
-            return Err(ProxyError::NoRoute(format!(
-                "{}{}",
-                host.unwrap_or(""),
-                path
-            )));
+            return Err(ErrorKind::NoRoute(format!("{}{}", host.unwrap_or(""), path)).into());
         };
-        outcome.route = Some(&route.metrics);
-        self.serve_route(route, request, client, outcome).await
+        ctx.route = Some(route);
+        if let Target::Upstream { origin, .. } = &route.target {
+            ctx.upstream = Some(origin.upstream().name().clone());
+        }
+        Ok(Routed::Route(route))
     }
 
-    async fn serve_route(
+    /// 413 for a declared body over the route's (or the server's) limit.
+    fn check_body_limit(
+        &self,
+        route: &RouteEntry,
+        request: &Request<Incoming>,
+    ) -> Result<(), RequestError> {
+        let limit = route.max_request_body.or(self.max_request_body);
+        match (limit, crate::http::content_length(request.headers())) {
+            (Some(limit), Some(length)) if length > limit => {
+                Err(ErrorKind::BodyTooLarge { limit }.into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Header hygiene and the body guard: what any target gets.
+    fn prepare(
         &self,
         route: &RouteEntry,
         mut request: Request<Incoming>,
-        client: SocketAddr,
-        outcome: &mut Outcome<'_>,
-    ) -> Result<Response<Body>, ProxyError> {
-        let limit = route.max_request_body.or(self.max_request_body);
-        if let Some(limit) = limit {
-            check_content_length(&request, limit)?;
-        }
-        if let Target::Upstream(origin) = &route.target {
-            outcome.upstream = Some(origin.upstream.name().clone());
-            if headers::is_upgrade_request(request.headers()) {
-                prepare_request_headers(&mut request, client, true);
-                return Box::pin(upgrade::tunnel(&origin.upstream, request)).await;
-            }
-        }
-        prepare_request_headers(&mut request, client, false);
-        if route.cache.enabled {
-            request.extensions_mut().insert(ClientAddr(client));
-        }
-        let (mut parts, incoming) = request.into_parts();
+        ctx: &mut RequestCtx<'_>,
+    ) -> Request<Body> {
+        prepare_request_headers(&mut request, ctx.client, false);
+        let (parts, incoming) = request.into_parts();
         let body = if http_body::Body::is_end_stream(&incoming) {
             // Nothing to read: an empty body, which boxes without allocating.
             body::empty()
         } else {
             let guard = BodyGuard::default();
-            parts.extensions.insert(guard.clone());
+            ctx.body_guard = Some(guard.clone());
+            let limit = route.max_request_body.or(self.max_request_body);
             body::boxed(guard::GuardedBody::new(
                 incoming,
                 limit,
@@ -299,59 +268,147 @@ impl Proxy {
                 guard,
             ))
         };
-        // The cache's and the plugins' futures are boxed: they are several KiB
-        // each, and a request future that embeds them is memmoved per request.
-        let plugins = &self.shared.plugins;
-        let (direct_answer, head) = if route.plugins.is_empty() {
-            (None, None)
-        } else {
-            let answer = Box::pin(plugins.on_request(&route.plugins, &mut parts)).await?;
-            let mut head = copy_head_parts(&parts);
-            // Instances on-request made wait for this request's on-response.
-            if let Some(parked) = parts.extensions.remove::<ParkedInstances>() {
-                head.extensions.insert(parked);
+        Request::from_parts(parts, body)
+    }
+
+    /// The route's transformers' `on-request`, in order.
+    async fn on_request(
+        &self,
+        route: &RouteEntry,
+        request: Request<Body>,
+        ctx: &mut RequestCtx<'_>,
+    ) -> Result<OnRequest, RequestError> {
+        if route.plugins.is_empty() {
+            return Ok(OnRequest::Continue(request));
+        }
+        let (mut parts, body) = request.into_parts();
+        // Boxed: the plugin host's futures are several KiB, and a request
+        // future that embeds them is memmoved per request.
+        let answer = Box::pin(self.plugins.on_request(
+            &route.plugins,
+            &mut parts,
+            &mut ctx.plugins,
+        ))
+        .await
+        .map_err(|error| errors::from_plugin(error, ctx.upstream.as_ref()))?;
+        ctx.request_head = Some(copy_head(&parts));
+        Ok(match answer {
+            Some(response) => OnRequest::Answer(response),
+            None => OnRequest::Continue(Request::from_parts(parts, body)),
+        })
+    }
+
+    /// Where the route sends the request: a source, the cache, or the upstream.
+    async fn target(
+        &self,
+        route: &RouteEntry,
+        request: Request<Body>,
+        ctx: &mut RequestCtx<'_>,
+    ) -> Result<Response<Body>, RequestError> {
+        match &route.target {
+            Target::Source(name) => self.sources.serve_source(name, &request),
+            Target::Upstream { .. } if route.cache.enabled && request.method() == "PURGE" => {
+                let (parts, _) = request.into_parts();
+                purge::answer(
+                    &self.cache,
+                    &route.cache,
+                    &route.purge_allow,
+                    &parts,
+                    ctx.client,
+                )
             }
-            (answer, Some(head))
-        };
-        let request = Request::from_parts(parts, body);
-        // A plugin's own answer still goes through the downstream
-        // on-response hooks, as the WIT promises.
-        let response = match direct_answer {
-            Some(answer) => answer,
-            None => match &route.target {
-                Target::Source(name) => self.shared.sources.serve_source(name, &request),
-                Target::Upstream(origin) if route.cache.enabled => {
-                    let origin: Arc<dyn cache::Origin> = origin.clone();
-                    Box::pin(self.shared.cache.serve(&route.cache, request, origin)).await?
-                }
-                Target::Upstream(origin) => cache::Origin::fetch(origin.as_ref(), request).await?,
-            },
-        };
-        match head {
-            Some(head) => {
-                Box::pin(plugins.on_response(
-                    &route.plugins,
-                    PluginPhase::Downstream,
-                    &head,
-                    response,
-                ))
-                .await
+            Target::Upstream { cache_origin, .. } if route.cache.enabled => {
+                let key_extra = &ctx.plugins.cache_key_extra;
+                let serve = self
+                    .cache
+                    .serve(&route.cache, request, key_extra, cache_origin);
+                let served = Box::pin(serve).await;
+                ctx.cache_outcome = Some(served.outcome);
+                served.result
             }
-            None => Ok(response),
+            Target::Upstream { origin, .. } => origin.fetch(request).await,
         }
     }
 
-    /// The upstreams this proxy forwards to, by name.
-    pub fn upstream(&self, name: &str) -> Option<&Arc<UpstreamClient>> {
-        self.upstreams.get(name)
+    /// The route's downstream-phase transformers' `on-response`.
+    async fn on_response(
+        &self,
+        route: &RouteEntry,
+        response: Response<Body>,
+        ctx: &mut RequestCtx<'_>,
+    ) -> Result<Response<Body>, RequestError> {
+        let RequestCtx {
+            request_head: Some(head),
+            plugins,
+            upstream,
+            ..
+        } = ctx
+        else {
+            return Ok(response);
+        };
+        let phase = self.plugins.on_response(
+            &route.plugins,
+            PluginPhase::Downstream,
+            head,
+            response,
+            Some(plugins),
+        );
+        Box::pin(phase)
+            .await
+            .map_err(|error| errors::from_plugin(error, upstream.as_ref()))
     }
-}
 
-/// What the access log and metrics learn while a request is dispatched.
-#[derive(Default)]
-struct Outcome<'a> {
-    route: Option<&'a RouteMetrics>,
-    upstream: Option<Arc<str>>,
+    /// An Upgrade (WebSocket) request goes to the upstream on a connection
+    /// of its own and becomes a tunnel.
+    async fn tunnel(
+        &self,
+        origin: &RouteOrigin,
+        mut request: Request<Incoming>,
+        ctx: &mut RequestCtx<'_>,
+    ) -> Result<Response<Body>, RequestError> {
+        prepare_request_headers(&mut request, ctx.client, true);
+        Box::pin(upgrade::tunnel(origin.upstream(), request))
+            .await
+            .map_err(errors::from_upstream)
+    }
+
+    /// The one place a request ends: errors become problem+json (labelled
+    /// with the cache's outcome when there is one), `Via` is added, the
+    /// route's metrics count it, and the access log line is set up.
+    fn respond(
+        &self,
+        result: Result<Response<Body>, RequestError>,
+        ctx: RequestCtx<'_>,
+    ) -> Response<Body> {
+        let mut response = match result {
+            Ok(response) => response,
+            Err(error) => {
+                let error = ctx.blame_body_faults(error);
+                error.log(&ctx.method);
+                let mut response = error.into_response();
+                if let Some(outcome) = &ctx.cache_outcome {
+                    cache::append_cache_status(response.headers_mut(), &outcome.member());
+                }
+                response
+            }
+        };
+        forwarded::append_via(response.headers_mut());
+        let status = response.status();
+        let metrics = ctx.route.map_or(&self.unrouted, |route| &route.metrics);
+        metrics.record(status, ctx.started.elapsed());
+        let Some(path) = ctx.log_path else {
+            return response;
+        };
+        let entry = access::AccessEntry {
+            method: ctx.method,
+            path,
+            status,
+            upstream: ctx.upstream,
+            cache_status: ctx.cache_outcome.map(|outcome| outcome.member()),
+            started: ctx.started,
+        };
+        response.map(|inner| body::boxed(access::LoggedBody::new(inner, entry)))
+    }
 }
 
 fn compile_route(
@@ -365,11 +422,15 @@ fn compile_route(
             let upstream = upstreams
                 .get(name)
                 .ok_or_else(|| format!("a route names upstream {name}, which is not defined"))?;
-            Target::Upstream(Arc::new(RouteOrigin {
-                upstream: upstream.clone(),
-                plugins: plugins.clone(),
-                chain: chain.clone(),
-            }))
+            let origin = Arc::new(RouteOrigin::new(
+                upstream.clone(),
+                plugins.clone(),
+                chain.clone(),
+            ));
+            Target::Upstream {
+                cache_origin: origin.clone(),
+                origin,
+            }
         }
         (None, Some(source)) => Target::Source(source.clone()),
         (None, None) => return Err("a route needs an upstream or a source".to_string()),
@@ -379,11 +440,22 @@ fn compile_route(
         route.matcher.host.as_deref().unwrap_or(""),
         route.matcher.path_prefix.as_deref().unwrap_or("/")
     );
+    let purge_allow = route
+        .cache
+        .purge
+        .iter()
+        .flat_map(|purge| purge.allow.iter())
+        .map(|entry| {
+            let (address, prefix) = crate::config::parse_cidr(entry)?;
+            IpNet::new(address, prefix).map_err(|e| format!("{entry:?}: {e}"))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     Ok(RouteEntry {
         matcher: router::Matcher::new(&route.matcher),
         metrics: RouteMetrics::new(&label),
         target,
         cache: route.cache.clone(),
+        purge_allow,
         plugins: chain,
         max_request_body: route.max_request_body.map(|size| size.0),
     })
@@ -405,7 +477,7 @@ fn reuse_or_build(
 /// Refuses requests no origin should see: a Host header that is not a valid
 /// authority, several Host headers, user information in the target, or an
 /// HTTP/1.1 request without any host.
-fn check_request<B>(request: &Request<B>) -> Result<(), ProxyError> {
+fn check_request<B>(request: &Request<B>) -> Result<(), RequestError> {
     let host_headers = request.headers().get_all(header::HOST);
     let mut count = 0;
     for value in host_headers {
@@ -418,8 +490,8 @@ fn check_request<B>(request: &Request<B>) -> Result<(), ProxyError> {
                 !authority.host().is_empty() && !authority.as_str().contains('@')
             });
         if !valid {
-            return Err(ProxyError::BadRequest(
-                "the Host header is not a valid host".to_string(),
+            return Err(RequestError::bad_request(
+                "the Host header is not a valid host",
             ));
         }
     }
@@ -428,33 +500,19 @@ fn check_request<B>(request: &Request<B>) -> Result<(), ProxyError> {
         .authority()
         .is_some_and(|authority| authority.as_str().contains('@'))
     {
-        return Err(ProxyError::BadRequest(
-            "user information in the request target is not allowed".to_string(),
+        return Err(RequestError::bad_request(
+            "user information in the request target is not allowed",
         ));
     }
     if count > 1 {
-        return Err(ProxyError::BadRequest(
-            "more than one Host header".to_string(),
-        ));
+        return Err(RequestError::bad_request("more than one Host header"));
     }
     if count == 0 && request.version() == Version::HTTP_11 && request.uri().authority().is_none() {
-        return Err(ProxyError::BadRequest(
-            "HTTP/1.1 request without a Host header".to_string(),
+        return Err(RequestError::bad_request(
+            "HTTP/1.1 request without a Host header",
         ));
     }
     Ok(())
-}
-
-fn check_content_length<B>(request: &Request<B>, limit: u64) -> Result<(), ProxyError> {
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|text| text.trim().parse::<u64>().ok());
-    match declared {
-        Some(length) if length > limit => Err(ProxyError::BodyTooLarge { limit }),
-        _ => Ok(()),
-    }
 }
 
 /// Hop-by-hop out, forwarding headers in, and a Host header that names what
@@ -465,68 +523,12 @@ fn prepare_request_headers<B>(request: &mut Request<B>, client: SocketAddr, keep
         None => request.headers().get(header::HOST).cloned(),
     };
     let headers = request.headers_mut();
-    headers::strip_hop_by_hop(headers, keep_upgrade);
+    hop_by_hop::strip(headers, keep_upgrade);
     // Back if `Connection` named it, or in from the URI (HTTP/2, absolute form).
     if let Some(host) = &original_host
         && headers.get(header::HOST) != Some(host)
     {
         headers.insert(header::HOST, host.clone());
     }
-    headers::add_forwarded(headers, client.ip(), "http", original_host);
-}
-
-/// A copy of a request head, without its extensions: for plugins that look
-/// at it after the request itself has gone upstream.
-fn copy_head_parts(parts: &Parts) -> Parts {
-    head_copy(&parts.method, &parts.uri, parts.version, &parts.headers)
-}
-
-/// The same for a whole request (also how a request is copied to be sent again).
-fn copy_head<B>(request: &Request<B>) -> Parts {
-    head_copy(
-        request.method(),
-        request.uri(),
-        request.version(),
-        request.headers(),
-    )
-}
-
-fn head_copy(
-    method: &Method,
-    uri: &http::Uri,
-    version: Version,
-    headers: &http::HeaderMap,
-) -> Parts {
-    let (mut head, ()) = Request::new(()).into_parts();
-    head.method = method.clone();
-    head.uri = uri.clone();
-    head.version = version;
-    head.headers = headers.clone();
-    head
-}
-
-/// `{"status":"ok"}`: the process is up and serving.
-pub fn health() -> Response<Body> {
-    let mut response = Response::new(body::full(r#"{"status":"ok"}"#));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
-}
-
-/// Client faults at DEBUG, upstream and plugin faults at WARN, ours at ERROR.
-fn log_error(error: &ProxyError, method: &Method) {
-    use crate::error::Blame;
-    let status = error.status().as_u16();
-    match error.blame() {
-        Blame::Client => tracing::debug!(%method, status, %error, "request refused"),
-        Blame::Upstream | Blame::Plugin => {
-            tracing::warn!(%method, status, %error, "request failed")
-        }
-        Blame::Internal => tracing::error!(%method, status, %error, "request failed"),
-    }
+    forwarded::add_forwarded(headers, client.ip(), "http", original_host);
 }

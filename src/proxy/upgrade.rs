@@ -6,29 +6,28 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::headers;
-use super::upstream::UpstreamClient;
-use crate::body::{self, Body};
-use crate::error::ProxyError;
+use crate::http::body::{self, Body};
+use crate::http::hop_by_hop;
+use crate::upstream::{UpstreamClient, UpstreamError};
 
 /// Forwards an upgrade request; the tunnel runs in its own task once both
 /// sides have switched protocols.
 pub async fn tunnel(
     upstream: &UpstreamClient,
     mut request: Request<Incoming>,
-) -> Result<Response<Body>, ProxyError> {
+) -> Result<Response<Body>, UpstreamError> {
     let client_side = hyper::upgrade::on(&mut request);
     let request = request.map(body::boxed);
     let mut response = upstream.send_upgrade(request).await?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The upstream declined the upgrade: its answer is a plain response.
         let (mut parts, incoming) = response.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers, false);
+        hop_by_hop::strip(&mut parts.headers, false);
         return Ok(Response::from_parts(parts, body::boxed(incoming)));
     }
     let upstream_side = hyper::upgrade::on(&mut response);
     let (mut parts, _) = response.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers, true);
+    hop_by_hop::strip(&mut parts.headers, true);
     let name = upstream.name().clone();
     tokio::spawn(async move {
         let (client, origin) = match tokio::try_join!(client_side, upstream_side) {

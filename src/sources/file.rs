@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 
-use super::provider::{Fetched, SourceError};
+use super::run::{Fetched, SourceError};
 use crate::config::FileSource;
 
 #[derive(Debug)]

@@ -19,8 +19,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use super::provider::{Fetched, SourceError};
+use super::run::{Fetched, SourceError};
 use crate::config::HttpSource;
+use crate::http::error_chain;
 
 /// Go's `http.Client` stops after this many redirects.
 const MAX_REDIRECTS: usize = 10;
@@ -28,18 +29,15 @@ const MAX_REDIRECTS: usize = 10;
 /// One pooled client shared by every http source.
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Builds the shared client: http and https, the system's roots (falling
-/// back to the bundled webpki roots when the system has none).
+/// Builds the shared client: http and https, with the one outbound trust
+/// policy (`http::tls`).
 pub fn build_client() -> HttpClient {
-    let provider = rustls::crypto::ring::default_provider();
     let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let builder = match builder.with_provider_and_native_roots(provider.clone()) {
-        Ok(builder) => builder,
-        Err(e) => {
-            tracing::warn!(error = %e, "no usable system CA roots; http sources trust the bundled webpki roots");
-            hyper_rustls::HttpsConnectorBuilder::new()
-                .with_provider_and_webpki_roots(provider)
-                .unwrap_or_else(|_| hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots())
+    let builder = match crate::http::tls::client_config(None) {
+        Ok(config) => builder.with_tls_config(config),
+        Err(error) => {
+            tracing::warn!(%error, "TLS setup failed; http sources trust the bundled webpki roots");
+            builder.with_webpki_roots()
         }
     };
     let connector = builder.https_or_http().enable_http1().build();
@@ -194,6 +192,7 @@ impl HttpProvider {
             return Ok(Fetched::Updated {
                 body: bytes,
                 content_type,
+                headers: Vec::new(),
             });
         }
         Err(SourceError::TooManyRedirects {
@@ -241,21 +240,6 @@ fn redirect_target(current: &Uri, status: StatusCode, headers: &HeaderMap) -> Op
         return None;
     }
     target.as_str().parse().ok()
-}
-
-/// The error and its causes, `a: b: c`, so "client error (Connect)" says why.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// `endpoint` without a password in its userinfo.

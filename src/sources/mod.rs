@@ -4,43 +4,48 @@
 //!
 //! `Sources` owns the set of running schedules (one tokio task per source,
 //! see `runner`, all on the sources' own thread, see `background`) and a
-//! lock-free snapshot of their slots for readers.
+//! lock-free snapshot of their slots for readers. The slots are the only
+//! copy of source values: a fetcher plugin reads its own through a view
+//! lent to each run.
 //! Must never block the request path: serving is a snapshot read, a clone of
 //! pre-built headers and of the value's `Bytes`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::SystemTime;
 
-use ::http::header::{self, HeaderValue};
 use ::http::{Method, Request, Response, StatusCode};
 use arc_swap::ArcSwap;
 use chrono::{DateTime, SecondsFormat, Utc};
+use parking_lot::{Mutex, MutexGuard};
 use tokio::task::JoinHandle;
 
-use crate::body::{self, Body};
 use crate::config::SourceConfig;
-use crate::error::{ProxyError, problem_response};
-use crate::plugins::PluginHost;
+use crate::http::body::Body;
+use crate::http::error::{ErrorKind, RequestError};
+use crate::plugins::{self, PluginHost};
+use crate::schedule::Rule;
 
 mod background;
 mod file;
 mod http;
 mod plugin;
 mod provider;
-mod rule;
+mod run;
 mod runner;
 mod r#static;
 mod value;
 
-pub use provider::SourceError;
-pub use rule::Rule;
+pub use run::SourceError;
 pub use value::sniff;
 
 use self::http::{HttpClient, build_client};
 use provider::Provider;
 use runner::{Runner, Settings, Slot};
 use value::seconds_until;
+
+/// Every source's slot by name; replaced whole on reload, never locked.
+type Slots = ArcSwap<HashMap<String, Arc<Slot>>>;
 
 /// cachepump's answers, kept byte for byte because its clients may match them.
 const MISSING_KEY: &str = "Parametor 'key' is not found";
@@ -53,8 +58,8 @@ pub struct Sources {
     background: background::Background,
     plugins: Arc<PluginHost>,
     client: HttpClient,
-    /// What readers see: replaced whole on reload, never locked.
-    slots: ArcSwap<HashMap<String, Arc<Slot>>>,
+    /// What readers see (shared with the runs, for fetchers' views).
+    slots: Arc<Slots>,
     /// The schedules, by source; only `apply` and `shutdown` touch it.
     running: Mutex<HashMap<String, Running>>,
 }
@@ -80,7 +85,7 @@ impl Sources {
             background: background::Background::start(),
             plugins,
             client: build_client(),
-            slots: ArcSwap::from_pointee(HashMap::new()),
+            slots: Arc::new(ArcSwap::from_pointee(HashMap::new())),
             running: Mutex::new(HashMap::new()),
         });
         sources.apply(config);
@@ -153,6 +158,7 @@ impl Sources {
             rule,
             provider: Arc::new(provider),
             plugins: self.plugins.clone(),
+            slots: self.slots.clone(),
             timeout: source.timeout.get(),
             run_on_start: source.run_on_start,
             generation,
@@ -160,38 +166,40 @@ impl Sources {
         Some(runner.spawn(self.background.handle()))
     }
 
-    /// cachepump's API: `GET /?key=NAME` (HEAD too, without the body).
-    pub fn serve_by_key<B>(&self, request: &Request<B>) -> Response<Body> {
+    /// cachepump's API: `GET /?key=NAME` (HEAD too, without the body);
+    /// its refusals are cachepump's plain-text answers.
+    pub fn serve_by_key<B>(&self, request: &Request<B>) -> Result<Response<Body>, RequestError> {
         if !is_read(request.method()) {
-            return plain(StatusCode::BAD_REQUEST, BAD_METHOD, request.method());
+            return Err(plain(StatusCode::BAD_REQUEST, BAD_METHOD));
         }
         let Some(key) = key_of(request) else {
-            return plain(StatusCode::BAD_REQUEST, MISSING_KEY, request.method());
+            return Err(plain(StatusCode::BAD_REQUEST, MISSING_KEY));
         };
         let slots = self.slots.load();
-        match slots.get(&key).and_then(|slot| answer(slot, request)) {
-            Some(response) => response,
-            None => plain(StatusCode::NOT_FOUND, UNKNOWN_KEY, request.method()),
-        }
+        slots
+            .get(&key)
+            .and_then(|slot| answer(slot, request))
+            .ok_or_else(|| plain(StatusCode::NOT_FOUND, UNKNOWN_KEY))
     }
 
     /// A route with `source: NAME`: the same answer, whatever the query says.
-    pub fn serve_source<B>(&self, name: &str, request: &Request<B>) -> Response<Body> {
+    pub fn serve_source<B>(
+        &self,
+        name: &str,
+        request: &Request<B>,
+    ) -> Result<Response<Body>, RequestError> {
         if !is_read(request.method()) {
-            let mut response = problem_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "a source answers GET and HEAD only",
-            );
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-            return response;
+            return Err(ErrorKind::MethodNotAllowed {
+                allow: "GET, HEAD",
+                reason: "a source answers GET and HEAD only",
+            }
+            .into());
         }
         let slots = self.slots.load();
-        match slots.get(name).and_then(|slot| answer(slot, request)) {
-            Some(response) => response,
-            None => ProxyError::NotFound(format!("source {name} has no value yet")).into_response(),
-        }
+        slots
+            .get(name)
+            .and_then(|slot| answer(slot, request))
+            .ok_or_else(|| ErrorKind::NotFound(format!("source {name} has no value yet")).into())
     }
 
     /// `GET /sources` on the admin listener: every source, sorted by name.
@@ -215,9 +223,7 @@ impl Sources {
     }
 
     fn lock_running(&self) -> MutexGuard<'_, HashMap<String, Running>> {
-        self.running
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.running.lock()
     }
 }
 
@@ -229,23 +235,37 @@ impl Drop for Sources {
     }
 }
 
-/// Checks a schedule rule as `config` validation needs it (no scheduling).
-pub fn validate_rule(rule: &str) -> Result<(), String> {
-    let parsed = Rule::parse(rule)?;
-    if parsed.next_after(Utc::now()).is_none() {
-        return Err(format!(
-            "rule {:?} never fires (a date that does not exist, such as February 30th)",
-            parsed.text()
-        ));
-    }
-    Ok(())
-}
-
 fn settings_of(source: &SourceConfig, kind: &'static str) -> Settings {
     Settings {
         kind,
         rule: source.rule.clone(),
         content_type: source.content_type.clone(),
+        fetcher: (kind == "plugin")
+            .then(|| source.plugin.as_ref().map(|plugin| plugin.name.clone()))
+            .flatten(),
+    }
+}
+
+/// What a fetcher plugin's run may read: the values of the sources that
+/// plugin feeds, and nothing else.
+struct FetcherView {
+    slots: Arc<Slots>,
+    plugin: String,
+}
+
+impl plugins::SourceValues for FetcherView {
+    fn get(&self, source: &str) -> Option<plugins::SourceValue> {
+        let slots = self.slots.load();
+        let slot = slots.get(source)?;
+        if slot.settings.load().fetcher.as_deref() != Some(self.plugin.as_str()) {
+            return None;
+        }
+        let value = slot.value.load_full()?;
+        Some(plugins::SourceValue {
+            headers: value.fetcher_headers.clone(),
+            body: value.body.clone(),
+            produced_at: value.fetched_at,
+        })
     }
 }
 
@@ -269,23 +289,9 @@ fn answer<B>(slot: &Slot, request: &Request<B>) -> Option<Response<Body>> {
     Some(value.respond(request, max_age))
 }
 
-/// cachepump's plain-text answers, with a type and no caching added.
-fn plain(status: StatusCode, text: &'static str, method: &Method) -> Response<Body> {
-    let body = if method == Method::HEAD {
-        body::empty()
-    } else {
-        body::full(text)
-    };
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+/// One of cachepump's plain-text refusals.
+fn plain(status: StatusCode, text: &'static str) -> RequestError {
+    ErrorKind::PlainText { status, text }.into()
 }
 
 fn rfc3339(time: Option<DateTime<Utc>>) -> serde_json::Value {
@@ -315,17 +321,4 @@ fn status_of(slot: &Slot) -> serde_json::Value {
         "skipped": record.skipped,
         "not_modified": record.not_modified,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::validate_rule;
-
-    #[test]
-    fn validation_refuses_rules_that_never_fire() {
-        let error = validate_rule("0 0 0 30 2 *").unwrap_err();
-        assert!(error.contains("never fires"), "{error}");
-        assert!(validate_rule("0 0 0 29 2 *").is_ok(), "leap days exist");
-        assert!(validate_rule("").is_ok());
-    }
 }

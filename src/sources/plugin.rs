@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::provider::{Fetched, RunInput, SourceError};
+use super::run::{Fetched, RunInput, SourceError};
 use crate::config::PluginSource;
 use crate::plugins::{FetchContext, FetchOutcome};
 
@@ -29,10 +29,20 @@ impl PluginProvider {
             previous_etag: input.previous_etag,
             config: self.config.clone(),
         };
-        match input.plugins.fetch(&self.plugin, context).await {
-            Ok(FetchOutcome::Updated { content_type, body }) => {
-                Ok(Fetched::Updated { body, content_type })
-            }
+        match input
+            .plugins
+            .fetch(&self.plugin, context, input.values)
+            .await
+        {
+            Ok(FetchOutcome::Updated {
+                content_type,
+                body,
+                headers,
+            }) => Ok(Fetched::Updated {
+                body,
+                content_type,
+                headers,
+            }),
             Ok(FetchOutcome::NotModified) => Ok(Fetched::NotModified),
             Err(e) => Err(SourceError::Plugin(e.to_string())),
         }

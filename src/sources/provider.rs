@@ -7,73 +7,12 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-
 use super::file::FileProvider;
 use super::http::{HttpClient, HttpProvider};
 use super::plugin::PluginProvider;
+use super::run::{Fetched, RunInput, SourceError};
 use super::r#static::StaticProvider;
 use crate::config::SourceConfig;
-use crate::plugins::PluginHost;
-
-/// What one run produced.
-#[derive(Debug)]
-pub enum Fetched {
-    Updated {
-        body: Bytes,
-        content_type: Option<String>,
-    },
-    /// A fetcher plugin said the value it has is still current.
-    NotModified,
-}
-
-impl Fetched {
-    pub fn bytes(body: Bytes) -> Self {
-        Self::Updated {
-            body,
-            content_type: None,
-        }
-    }
-}
-
-/// Why a run kept the old value.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    #[error(
-        "source has no supported provider (set one of static.value, http.endpoint, file.path, plugin.name)"
-    )]
-    NoProvider,
-    #[error("invalid source settings: {0}")]
-    Misconfigured(String),
-    #[error("request to {endpoint} failed: {reason}")]
-    Request { endpoint: String, reason: String },
-    #[error("{endpoint} answered status {status}, which is not accepted; the old value is kept")]
-    Status { endpoint: String, status: u16 },
-    #[error("request to {endpoint} stopped after 10 redirects")]
-    TooManyRedirects { endpoint: String },
-    #[error("cannot read {path}: {reason}")]
-    File { path: String, reason: String },
-    #[error("{0}")]
-    Plugin(String),
-    #[error("no result within the source's timeout of {0:?}")]
-    Timeout(Duration),
-}
-
-impl SourceError {
-    /// Settings errors repeat identically on every retry; wait for a reload instead.
-    pub fn is_retryable(&self) -> bool {
-        !matches!(self, Self::NoProvider | Self::Misconfigured(_))
-    }
-}
-
-/// The inputs of one run that are not part of the provider's settings.
-pub struct RunInput<'a> {
-    pub source: &'a str,
-    /// Unix seconds of the tick that started the run.
-    pub scheduled_at: u64,
-    pub previous_etag: Option<String>,
-    pub plugins: &'a PluginHost,
-}
 
 /// The provider a source uses.
 #[derive(Debug)]

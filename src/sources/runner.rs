@@ -6,18 +6,21 @@
 //! block readers: the value is an `ArcSwapOption`, the record a short
 //! mutex that is never held across an await.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use chrono::{DateTime, TimeDelta, Utc};
+use parking_lot::{Mutex, MutexGuard};
 use tokio::task::JoinHandle;
 
-use super::provider::{Fetched, Provider, RunInput, SourceError};
-use super::rule::Rule;
+use super::provider::Provider;
+use super::run::{Fetched, RunInput, SourceError};
 use super::value::StoredValue;
+use super::{FetcherView, Slots};
 use crate::plugins::PluginHost;
+use crate::schedule::Rule;
 
 /// The first retry waits this long; each next one twice as long.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -45,6 +48,8 @@ pub struct Settings {
     pub kind: &'static str,
     pub rule: String,
     pub content_type: Option<String>,
+    /// The fetcher plugin that feeds this source, for kind `plugin`.
+    pub fetcher: Option<String>,
 }
 
 /// Counters and last results for `GET /sources`.
@@ -87,10 +92,7 @@ impl Slot {
     }
 
     fn lock_record(&self) -> MutexGuard<'_, RunRecord> {
-        // A panic elsewhere must not take the status page down with it.
-        self.record
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.record.lock()
     }
 
     /// Starts a new generation for edited settings; returns its number.
@@ -134,6 +136,8 @@ pub struct Runner {
     pub rule: Rule,
     pub provider: Arc<Provider>,
     pub plugins: Arc<PluginHost>,
+    /// Every source's slot: what a fetcher's view reads.
+    pub slots: Arc<Slots>,
     pub timeout: Duration,
     pub run_on_start: bool,
     pub generation: u64,
@@ -230,11 +234,16 @@ impl Runner {
     async fn attempt(&self, tick: DateTime<Utc>) -> Result<(), SourceError> {
         let name = &self.slot.name;
         let previous = self.slot.value.load_full();
+        let fetcher = self.slot.settings.load().fetcher.clone();
         let input = RunInput {
             source: name,
             scheduled_at: tick.timestamp().max(0) as u64,
             previous_etag: previous.as_ref().map(|v| v.etag().to_string()),
             plugins: &self.plugins,
+            values: Arc::new(FetcherView {
+                slots: self.slots.clone(),
+                plugin: fetcher.unwrap_or_default(),
+            }),
         };
         let started = Instant::now();
         let result = self.provider.fetch(input, self.timeout).await;
@@ -246,12 +255,17 @@ impl Runner {
             return Ok(());
         }
         match result {
-            Ok(Fetched::Updated { body, content_type }) => {
+            Ok(Fetched::Updated {
+                body,
+                content_type,
+                headers,
+            }) => {
                 let settings = self.slot.settings.load();
                 let content_type = settings.content_type.as_deref().or(content_type.as_deref());
                 let bytes = body.len();
-                let (value, changed) =
+                let (mut value, changed) =
                     StoredValue::next(previous.as_deref(), body, content_type, Utc::now());
+                value.fetcher_headers = headers;
                 self.slot.value.store(Some(Arc::new(value)));
                 self.record_outcome("ok", None);
                 self.slot.update_age_gauge();

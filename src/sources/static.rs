@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use super::provider::Fetched;
+use super::run::Fetched;
 use crate::config::StaticSource;
 
 #[derive(Debug)]

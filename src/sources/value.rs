@@ -5,7 +5,7 @@
 //! Must stay allocation-light per request: headers are built when a value
 //! changes, a request only clones them and the `Bytes`.
 
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -13,7 +13,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use sha2::{Digest, Sha256};
 
-use crate::body::{self, Body};
+use crate::http::body::{self, Body};
 
 /// One value as it is served.
 #[derive(Debug)]
@@ -21,6 +21,11 @@ pub struct StoredValue {
     pub body: Bytes,
     /// When the bytes last changed (a fetch that returns the same bytes keeps it).
     pub changed_at: DateTime<Utc>,
+    /// When the fetch that produced this value ended.
+    pub fetched_at: Instant,
+    /// The headers a fetcher plugin returned with the value (empty for
+    /// other kinds): what its `cache` view shows it next time.
+    pub fetcher_headers: Vec<(String, Vec<u8>)>,
     etag: HeaderValue,
     last_modified: HeaderValue,
     content_type: HeaderValue,
@@ -42,6 +47,8 @@ impl StoredValue {
         Self {
             body,
             changed_at,
+            fetched_at: Instant::now(),
+            fetcher_headers: Vec::new(),
             etag,
             last_modified,
             content_type,
@@ -64,6 +71,8 @@ impl StoredValue {
                     content_type: content_type_header(content_type, &body),
                     body,
                     changed_at: old.changed_at,
+                    fetched_at: Instant::now(),
+                    fetcher_headers: Vec::new(),
                     etag: old.etag.clone(),
                     last_modified: old.last_modified.clone(),
                     content_length: old.content_length.clone(),

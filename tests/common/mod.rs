@@ -16,8 +16,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use larder::body::Body;
-use larder::server::Server;
+use larder::app::Server;
+use larder::http::body::Body;
 use tokio::net::{TcpListener, TcpStream};
 
 const LOOPBACK_ANY_PORT: &str = "127.0.0.1:0";
@@ -71,7 +71,7 @@ pub async fn start_larder(yaml: &str) -> Larder {
     if let Some(admin) = config.admin.as_mut() {
         admin.listen = any_port;
     }
-    let server = larder::server::start(config, None)
+    let server = larder::app::start(config, larder::app::Options::default())
         .await
         .unwrap_or_else(|error| panic!("larder did not start: {error}"));
     Larder {
@@ -248,6 +248,6 @@ pub fn respond(status: u16, headers: &[(&str, &str)], body: impl Into<Bytes>) ->
         builder = builder.header(*name, *value);
     }
     builder
-        .body(larder::body::full(body))
+        .body(larder::http::body::full(body))
         .expect("valid test response")
 }

@@ -1,6 +1,12 @@
-//! One configured upstream: its servers in round robin, a pooled keep-alive
-//! client (http:// and https://, system roots plus `ca_file`), the connect and
-//! response-head timeouts, and the mapping of transport failures to 502/504.
+//! Outbound to origins: one configured upstream's servers in round robin, a
+//! pooled keep-alive client (http:// and https://, the one trust policy of
+//! `http::tls` plus `ca_file`), the connect and response-head timeouts, and
+//! which failures may be sent again ([`UpstreamError`] carries that as data).
+//!
+//! Must not know about routes or the cache, or decide what a client is told:
+//! the proxy maps an [`UpstreamError`] to a status.
+
+mod pool;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -12,13 +18,12 @@ use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 
-use super::pool::{self, Pool, SendError};
-use crate::body::Body;
 use crate::config::Upstream;
-use crate::error::ProxyError;
+use crate::http::body::{self, Body, BoxError};
+use crate::http::error::Retry;
+use crate::http::{copy_head, error_chain, io_error_kind, tls};
+use pool::{Pool, SendError};
 
 /// How long a server that refused a connection is skipped by round robin
 /// (nginx's `max_fails=1 fail_timeout=10s` defaults).
@@ -68,23 +73,40 @@ fn now_ms() -> u64 {
     u64::try_from(clock_origin().elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Why an upstream call failed, as the `kind` label of
+/// Why an upstream call failed; also the `kind` label of
 /// `larder_upstream_errors_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FailureKind {
+pub enum FailureKind {
+    /// No connection could be made.
     Connect,
+    /// No response head within the timeout.
     Timeout,
+    /// The connection closed before a complete response head.
     Reset,
 }
 
 impl FailureKind {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Connect => "connect",
             Self::Timeout => "timeout",
             Self::Reset => "reset",
         }
     }
+}
+
+/// One upstream call that produced no response.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("upstream {upstream}: {} ({cause})", .kind.as_str())]
+pub struct UpstreamError {
+    pub upstream: Arc<str>,
+    pub kind: FailureKind,
+    /// How long was waited: the connect timeout or the response timeout.
+    pub waited: Duration,
+    /// Whether another server may be tried with the same request.
+    pub retry: Retry,
+    /// What the transport said, for the log.
+    pub cause: String,
 }
 
 /// A running upstream. Built from [`Upstream`]; reused across reloads when
@@ -101,6 +123,8 @@ pub struct UpstreamClient {
 
 impl UpstreamClient {
     pub fn new(name: &str, config: &Upstream) -> Result<Self, String> {
+        // Config validation has checked servers and host; this re-checks
+        // only what the file system can change (the CA bundle).
         let servers = config
             .servers
             .iter()
@@ -156,31 +180,33 @@ impl UpstreamClient {
     /// for the response head, up to the upstream's `timeout`. A request
     /// without a body moves on to the next server when no connection could be
     /// made (nothing was sent yet), as nginx's `proxy_next_upstream error`.
-    pub async fn send(&self, request: Request<Body>) -> Result<Response<Body>, ProxyError> {
-        let spare = (self.servers.len() > 1 && http_body::Body::is_end_stream(request.body()))
-            .then(|| bodyless_copy(&request));
-        let mut request = request;
+    pub async fn send(&self, request: Request<Body>) -> Result<Response<Body>, UpstreamError> {
+        let (head, body) = request.into_parts();
+        let spare = (self.servers.len() > 1 && http_body::Body::is_end_stream(&body))
+            .then(|| copy_head(&head));
+        let mut request = Request::from_parts(head, body);
         let mut attempts_left = self.servers.len();
         loop {
             attempts_left -= 1;
             let server = self.pick();
-            let failed = match self.send_to(server, request).await {
+            let error = match self.send_to(server, request).await {
                 Ok(response) => {
                     server.mark_up();
                     return Ok(response);
                 }
-                Err(failed) => failed,
+                Err(error) => error,
             };
-            if failed.nothing_sent && self.servers.len() > 1 {
+            let nothing_sent = error.retry == Retry::NothingSent;
+            if nothing_sent && self.servers.len() > 1 {
                 tracing::warn!(upstream = %self.name, server = %server.authority, skip_for = ?FAIL_TIMEOUT, "server unreachable; skipping it");
                 server.mark_down(now_ms());
             }
             match &spare {
-                Some(spare) if failed.nothing_sent && attempts_left > 0 => {
+                Some(spare) if nothing_sent && attempts_left > 0 => {
                     tracing::debug!(upstream = %self.name, "trying the next server");
-                    request = bodyless_copy(spare);
+                    request = Request::from_parts(copy_head(spare), body::empty());
                 }
-                _ => return Err(failed.error),
+                _ => return Err(error),
             }
         }
     }
@@ -190,7 +216,7 @@ impl UpstreamClient {
     pub async fn send_upgrade(
         &self,
         mut request: Request<Body>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let server = self.pick();
         self.address_to(server, &mut request);
         let exchange = async {
@@ -200,14 +226,14 @@ impl UpstreamClient {
             sender.send_request(request).await.map_err(Attempt::Send)
         };
         let outcome = tokio::time::timeout(self.config.timeout.0, exchange).await;
-        self.settle(outcome).map_err(|failed| failed.error)
+        self.settle(outcome)
     }
 
     async fn send_to(
         &self,
         server: &Server,
         mut request: Request<Body>,
-    ) -> Result<Response<Body>, Failed> {
+    ) -> Result<Response<Body>, UpstreamError> {
         self.address_to(server, &mut request);
         let started = Instant::now();
         // Boxed once here so the futures of every caller above stay small
@@ -250,7 +276,7 @@ impl UpstreamClient {
         let request = match &body_sent {
             Some(signal) => {
                 let signal = signal.clone();
-                request.map(|body| crate::body::boxed(NotifyAtEnd::new(body, signal)))
+                request.map(|inner| body::boxed(NotifyAtEnd::new(inner, signal)))
             }
             None => request,
         };
@@ -291,8 +317,14 @@ impl UpstreamClient {
             let reused = conn.reused;
             // Busy connections skip the copy: the race needs an idle one.
             let replay =
-                (reused && conn.idle_for >= CLOSE_RACE_AFTER_IDLE && is_replayable(&request))
-                    .then(|| bodyless_copy(&request));
+                if reused && conn.idle_for >= CLOSE_RACE_AFTER_IDLE && is_replayable(&request) {
+                    let (head, body) = request.into_parts();
+                    let copy = Request::from_parts(copy_head(&head), body::empty());
+                    request = Request::from_parts(head, body);
+                    Some(copy)
+                } else {
+                    None
+                };
             let error = match pool::send(&server.pool, conn, request).await {
                 Ok(response) => return Ok(response),
                 Err(SendError::NotSent(unsent, _)) if reused => {
@@ -316,49 +348,47 @@ impl UpstreamClient {
     fn settle<T>(
         &self,
         outcome: Result<Result<T, Attempt>, tokio::time::error::Elapsed>,
-    ) -> Result<T, Failed> {
+    ) -> Result<T, UpstreamError> {
         let timeout = self.config.timeout.0;
         match outcome {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(Attempt::Connect(error))) => Err(Failed {
-                error: self.failure(
-                    classify(&*error, FailureKind::Connect),
-                    self.config.connect_timeout.0,
-                    &error_chain(&*error),
-                ),
-                nothing_sent: true,
-            }),
-            Ok(Err(Attempt::Send(error))) => Err(Failed {
-                error: self.failure(
-                    classify(&error, FailureKind::Reset),
-                    timeout,
-                    &error_chain(&error),
-                ),
-                nothing_sent: false,
-            }),
-            Err(_) => Err(Failed {
-                error: self.failure(FailureKind::Timeout, timeout, "no response head in time"),
-                nothing_sent: false,
-            }),
+            Ok(Err(Attempt::Connect(error))) => Err(self.failure(
+                classify(&*error, FailureKind::Connect),
+                self.config.connect_timeout.0,
+                Retry::NothingSent,
+                error_chain(&*error),
+            )),
+            Ok(Err(Attempt::Send(error))) => Err(self.failure(
+                classify(&error, FailureKind::Reset),
+                timeout,
+                Retry::No,
+                error_chain(&error),
+            )),
+            Err(_) => Err(self.failure(
+                FailureKind::Timeout,
+                timeout,
+                Retry::No,
+                "no response head in time".to_string(),
+            )),
         }
     }
 
-    fn failure(&self, kind: FailureKind, waited: Duration, cause: &str) -> ProxyError {
+    fn failure(
+        &self,
+        kind: FailureKind,
+        waited: Duration,
+        retry: Retry,
+        cause: String,
+    ) -> UpstreamError {
         metrics::counter!("larder_upstream_errors_total", "upstream" => self.name.clone(), "kind" => kind.as_str())
             .increment(1);
         tracing::warn!(upstream = %self.name, kind = kind.as_str(), cause, "upstream request failed");
-        match kind {
-            FailureKind::Timeout => ProxyError::UpstreamTimeout {
-                upstream: self.name.to_string(),
-                timeout_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
-            },
-            FailureKind::Connect | FailureKind::Reset => ProxyError::UpstreamUnavailable {
-                upstream: self.name.to_string(),
-                reason: match kind {
-                    FailureKind::Connect => "connection failed".to_string(),
-                    _ => "connection closed before a complete response head".to_string(),
-                },
-            },
+        UpstreamError {
+            upstream: self.name.clone(),
+            kind,
+            waited,
+            retry,
+            cause,
         }
     }
 }
@@ -383,7 +413,7 @@ impl NotifyAtEnd {
 
 impl http_body::Body for NotifyAtEnd {
     type Data = bytes::Bytes;
-    type Error = crate::body::BoxError;
+    type Error = BoxError;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
@@ -416,14 +446,8 @@ impl http_body::Body for NotifyAtEnd {
 /// Why one exchange with a server failed.
 enum Attempt {
     /// No connection could be made: nothing was sent.
-    Connect(crate::body::BoxError),
+    Connect(BoxError),
     Send(hyper::Error),
-}
-
-/// One failed attempt; `nothing_sent` when the connection was never made.
-struct Failed {
-    error: ProxyError,
-    nothing_sent: bool,
 }
 
 /// Whether `request` may be sent twice: an idempotent method (RFC 9110
@@ -449,23 +473,6 @@ fn closed_before_answering(error: &hyper::Error) -> bool {
                     | std::io::ErrorKind::UnexpectedEof
             )
         )
-}
-
-/// The kind of the first I/O error in `error`'s chain of sources.
-fn io_error_kind(error: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
-    let mut source = Some(error);
-    while let Some(current) = source {
-        if let Some(io) = current.downcast_ref::<std::io::Error>() {
-            return Some(io.kind());
-        }
-        source = current.source();
-    }
-    None
-}
-
-/// The head of a request without a body, ready to send again.
-fn bodyless_copy<B>(request: &Request<B>) -> Request<Body> {
-    Request::from_parts(super::copy_head(request), crate::body::empty())
 }
 
 fn parse_server(server: &str) -> Result<Server, String> {
@@ -505,48 +512,11 @@ fn build_connector(config: &Upstream) -> Result<HttpsConnector<HttpConnector>, S
     http.set_nodelay(true);
     http.set_connect_timeout(Some(config.connect_timeout.0));
     let tls = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls_config(config)?)
+        .with_tls_config(tls::client_config(config.ca_file.as_deref()).map_err(|e| e.to_string())?)
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
     Ok(tls)
-}
-
-/// System roots, loaded once per process.
-fn native_roots() -> &'static [CertificateDer<'static>] {
-    static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
-    ROOTS.get_or_init(|| {
-        let loaded = rustls_native_certs::load_native_certs();
-        for error in &loaded.errors {
-            tracing::warn!(%error, "could not load a system CA certificate");
-        }
-        loaded.certs
-    })
-}
-
-fn tls_config(config: &Upstream) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(native_roots().iter().cloned());
-    if let Some(path) = &config.ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("ca_file {}: {e}", path.display()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-        if certs.is_empty() {
-            return Err(format!("ca_file {} holds no certificate", path.display()));
-        }
-        for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 /// `otherwise`, unless the I/O error in the error's chain is a timeout.
@@ -555,17 +525,6 @@ fn classify(error: &(dyn std::error::Error + 'static), otherwise: FailureKind) -
         Some(std::io::ErrorKind::TimedOut) => FailureKind::Timeout,
         _ => otherwise,
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

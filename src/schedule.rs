@@ -4,7 +4,9 @@
 //! Owns the translation from robfig's dialect to the `cron` crate's: exactly
 //! six fields, `@every <duration>`, robfig's descriptors, `CRON_TZ=UTC`, days
 //! of the week counted from 0 = Sunday, and classic cron's "day-of-month OR
-//! day-of-week" when both are restricted. Must not schedule anything itself.
+//! day-of-week" when both are restricted. Sits below `config` (which parses
+//! every rule once, at load) and `sources` (which schedules them). Must not
+//! schedule anything itself.
 //!
 //! Times are UTC. cachepump used the process's local time zone, which is UTC
 //! in the containers it ran in; other zones are refused rather than guessed.
@@ -46,6 +48,13 @@ enum RuleKind {
     Every(Duration),
 }
 
+/// Two rules are the same when they are written the same.
+impl PartialEq for Rule {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
 impl std::fmt::Debug for Rule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Rule({:?})", self.text)
@@ -71,6 +80,19 @@ impl Rule {
             text: original.to_string(),
             kind,
         })
+    }
+
+    /// [`Rule::parse`], refusing a rule with no firing after `now` (a date
+    /// that does not exist, such as February 30th).
+    pub fn parse_firing(text: &str, now: DateTime<Utc>) -> Result<Rule, String> {
+        let rule = Self::parse(text)?;
+        if rule.next_after(now).is_none() {
+            return Err(format!(
+                "rule {:?} never fires (a date that does not exist, such as February 30th)",
+                rule.text()
+            ));
+        }
+        Ok(rule)
     }
 
     /// The rule as written in the config.
@@ -516,5 +538,17 @@ mod tests {
             at(2027, 1, 1, 0, 0, 0)
         );
         assert!(Rule::parse("0 0 12 * * Mon-Fri").is_ok());
+    }
+
+    #[test]
+    fn rules_that_never_fire_are_refused() {
+        let now = Utc::now();
+        let error = Rule::parse_firing("0 0 0 30 2 *", now).unwrap_err();
+        assert!(error.contains("never fires"), "{error}");
+        assert!(
+            Rule::parse_firing("0 0 0 29 2 *", now).is_ok(),
+            "leap days exist"
+        );
+        assert!(Rule::parse_firing("", now).is_ok());
     }
 }

@@ -2,14 +2,21 @@
 //! requests and one for responses.
 //!
 //! Pure and allocation-light: no I/O, no clocks. Must not decide policy; the
-//! rules that combine directives live in `policy`.
+//! rules that combine directives live in `cache::policy`. Here rather than in
+//! the cache because plugins read `no-transform` too.
 
 use http::header::{CACHE_CONTROL, PRAGMA};
 use http::{HeaderMap, HeaderName};
 
 /// The largest delta-seconds a cache must handle; bigger values saturate to it
 /// (RFC 9111 section 1.2.2).
-const DELTA_SECONDS_MAX: u64 = 2_147_483_648;
+pub const DELTA_SECONDS_MAX: u64 = 2_147_483_648;
+
+/// Whether a response's `Cache-Control` says `no-transform`: a proxy must
+/// then not change its content (RFC 9110 section 7.7), plugins included.
+pub fn forbids_transform(headers: &HeaderMap) -> bool {
+    ResponseDirectives::parse(headers).no_transform
+}
 
 /// A directive's numeric argument as written: missing, a valid delta-seconds,
 /// or something else (which the freshness rules treat as "already stale").

@@ -29,7 +29,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-use crate::body::{Body, BoxError};
+use crate::http::body::{self, Body, BoxError};
 
 /// How long an unused connection is kept (hyper-util's default, which the
 /// previous client used).
@@ -222,7 +222,7 @@ pub async fn send(
     };
     let conn = (!closed).then_some(conn);
     Ok(response.map(|incoming| {
-        crate::body::boxed(DrivingBody {
+        body::boxed(DrivingBody {
             incoming,
             conn,
             pool: Arc::downgrade(pool),

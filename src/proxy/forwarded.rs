@@ -1,85 +1,16 @@
-//! Header hygiene: hop-by-hop headers out (both directions), X-Forwarded-*
-//! and Via in. Pure functions over a `HeaderMap`.
+//! What a proxy adds to a forwarded request: `X-Forwarded-*` and `Via`, and
+//! the loop check that reads `Via` back. Pure functions over a `HeaderMap`;
+//! hop-by-hop fields are `http::hop_by_hop`'s.
 
 use std::net::IpAddr;
 
 use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};
-use smallvec::SmallVec;
-
-/// The hop-by-hop headers of RFC 9110 7.6.1, plus the non-standard ones
-/// proxies have always dropped.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-];
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 larder");
-
-/// Removes hop-by-hop headers and every header named in `Connection`.
-/// With `keep_upgrade`, `Upgrade` and `Connection: upgrade` survive (the
-/// WebSocket handshake must reach the other side).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let doomed = hop_by_hop_names(headers, keep_upgrade);
-    if doomed.is_empty() {
-        return;
-    }
-    for name in doomed {
-        headers.remove(name);
-    }
-    if keep_upgrade && headers.contains_key(header::UPGRADE) {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-}
-
-/// The hop-by-hop names present in `headers`, found in one pass over the
-/// names (most messages carry one or none; a lookup per candidate costs more).
-/// Inline for up to four names: this runs twice per forwarded request.
-fn hop_by_hop_names(headers: &HeaderMap, keep_upgrade: bool) -> SmallVec<[HeaderName; 4]> {
-    let listed: SmallVec<[&str; 4]> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
-        .filter(|token| !token.is_empty())
-        .collect();
-    headers
-        .keys()
-        .filter(|name| !(keep_upgrade && **name == header::UPGRADE))
-        .filter(|name| {
-            is_hop_by_hop(name)
-                || listed
-                    .iter()
-                    .any(|token| token.eq_ignore_ascii_case(name.as_str()))
-        })
-        .cloned()
-        .collect()
-}
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    *name == header::PROXY_AUTHORIZATION || HOP_BY_HOP.contains(name)
-}
-
-/// Whether the request asks for a protocol upgrade (WebSocket).
-pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
-}
 
 /// Adds `X-Forwarded-For` (appended to any earlier hops), `X-Forwarded-Proto`,
 /// `X-Forwarded-Host` (the host the client asked for) and `Via`.
@@ -166,51 +97,6 @@ mod tests {
             headers.append(*name, HeaderValue::from_static(value));
         }
         headers
-    }
-
-    #[test]
-    fn strips_standard_and_connection_named_headers() {
-        let mut headers = map(&[
-            ("connection", "keep-alive, x-secret"),
-            ("keep-alive", "timeout=5"),
-            ("x-secret", "1"),
-            ("te", "trailers"),
-            ("proxy-authorization", "Basic abc"),
-            ("upgrade", "h2c"),
-            ("accept", "*/*"),
-        ]);
-        strip_hop_by_hop(&mut headers, false);
-        assert_eq!(headers.len(), 1);
-        assert!(headers.contains_key("accept"));
-    }
-
-    #[test]
-    fn each_hop_by_hop_header_alone_is_stripped() {
-        for name in [
-            "connection",
-            "keep-alive",
-            "te",
-            "trailer",
-            "transfer-encoding",
-            "upgrade",
-            "proxy-connection",
-            "proxy-authenticate",
-            "proxy-authorization",
-        ] {
-            let mut headers = map(&[(name, "x"), ("accept", "*/*")]);
-            strip_hop_by_hop(&mut headers, false);
-            assert!(!headers.contains_key(name), "{name} survived");
-            assert!(headers.contains_key("accept"));
-        }
-    }
-
-    #[test]
-    fn keeps_upgrade_for_websocket() {
-        let mut headers = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
-        assert!(is_upgrade_request(&headers));
-        strip_hop_by_hop(&mut headers, true);
-        assert_eq!(headers["upgrade"], "websocket");
-        assert_eq!(headers["connection"], "upgrade");
     }
 
     #[test]

@@ -1,43 +1,38 @@
-//! Listeners, connection tasks, graceful shutdown and the hot swap of the
-//! running config. Knows nothing of caching.
+//! The composition root: builds the long-lived parts (plugins, cache,
+//! sources) once, the request path ([`Proxy`]) and admin API from each
+//! config, binds the listeners, reloads and shuts down. Knows no caching or
+//! routing rules: it only wires the modules that do.
 //!
-//! [`start`] builds the long-lived parts (plugins, cache, sources), binds the
-//! proxy and admin listeners and serves each connection in its own task
-//! (HTTP/1.1 and h2c on the same port). [`Server::reload`] builds a new
-//! request path from a new config and swaps it in; in-flight requests finish
-//! on the one they started with. [`Server::shutdown`] stops accepting and
-//! drains up to `server.drain_timeout`.
+//! [`start`] brings everything up; [`Server::reload`] builds a new request
+//! path from a new config and swaps it in (in-flight requests finish on the
+//! one they started with); [`Server::shutdown`] stops accepting and drains up
+//! to `server.drain_timeout`; [`Server::run_until_signal`] adds signals and
+//! the config file watch.
 
-use std::convert::Infallible;
-use std::future::Future;
+mod listener;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
-use crate::body::Body;
-use crate::cache::Cache;
+use crate::cache::{Cache, Clock, SystemClock};
 use crate::config::Config;
-use crate::plugins::{PluginError, PluginHost};
-use crate::proxy::{Proxy, Shared};
+use crate::plugins::{PluginHost, PluginLoadError};
+use crate::proxy::Proxy;
 use crate::sources::Sources;
+use listener::accept_loop;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Plugins(#[from] PluginError),
+    Plugins(#[from] PluginLoadError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -47,13 +42,58 @@ pub enum StartError {
     Config(String),
 }
 
+/// The parts that outlive reloads.
+struct App {
+    cache: Arc<Cache>,
+    sources: Arc<Sources>,
+    plugins: Arc<PluginHost>,
+}
+
+impl App {
+    fn proxy(&self, config: &Config, previous: Option<&Proxy>) -> Result<Proxy, String> {
+        Proxy::build(
+            config,
+            self.cache.clone(),
+            self.sources.clone(),
+            self.plugins.clone(),
+            previous,
+        )
+    }
+
+    fn admin(&self, config: &Config) -> Admin {
+        Admin::new(
+            config.admin.as_ref(),
+            self.cache.clone(),
+            self.sources.clone(),
+        )
+    }
+}
+
 /// What both listeners read per request; replaced whole on reload.
 struct Live {
     proxy: ArcSwap<Proxy>,
     admin: ArcSwap<Admin>,
-    shared: Shared,
+    app: App,
     /// The config now running: reload compares against it.
     config: Mutex<Config>,
+}
+
+/// What a process may choose when it starts Larder; the defaults are what
+/// runs in production.
+pub struct Options {
+    /// The file the config came from: reloads read it again.
+    pub config_path: Option<PathBuf>,
+    /// The cache's clock (tests move a manual one instead of sleeping).
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            config_path: None,
+            clock: Arc::new(SystemClock),
+        }
+    }
 }
 
 /// A running Larder.
@@ -68,18 +108,16 @@ pub struct Server {
 }
 
 /// Starts everything `config` describes; nothing is left running on error.
-pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Server, StartError> {
+pub async fn start(config: Config, options: Options) -> Result<Server, StartError> {
     crate::telemetry::metrics();
     let plugins = PluginHost::load(&config.plugins).await?;
-    let cache = Cache::new(&config.cache);
-    let sources = Sources::start(&config.sources, plugins.clone());
-    let shared = Shared {
-        cache,
-        sources,
+    let app = App {
+        cache: Cache::new(&config.cache, options.clock),
+        sources: Sources::start(&config.sources, plugins.clone()),
         plugins,
     };
-    let proxy = Proxy::build(&config, shared.clone(), None).map_err(StartError::Config)?;
-    let admin = Admin::new(config.admin.as_ref(), &shared);
+    let proxy = app.proxy(&config, None).map_err(StartError::Config)?;
+    let admin = app.admin(&config);
 
     let proxy_listener = bind(config.listen).await?;
     let proxy_addr = local_addr(&proxy_listener, config.listen)?;
@@ -100,7 +138,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Serve
     let live = Arc::new(Live {
         proxy: ArcSwap::from_pointee(proxy),
         admin: ArcSwap::from_pointee(admin),
-        shared,
+        app,
         config: Mutex::new(config),
     });
     let (stop, stopped) = watch::channel(None);
@@ -132,7 +170,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Serve
         proxy_addr,
         admin_addr,
         live,
-        config_path,
+        config_path: options.config_path,
         stop,
         listeners,
     })
@@ -150,74 +188,6 @@ fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, St
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// Accepts until told to stop, then drains the open connections for up to
-/// the drain timeout it was told. Accept errors never end the loop.
-async fn accept_loop<H, F>(
-    name: &'static str,
-    listener: TcpListener,
-    mut stopped: watch::Receiver<Option<Duration>>,
-    handler: H,
-) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
-{
-    let graceful = GracefulShutdown::new();
-    let mut connections = tokio::task::JoinSet::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    builder.http2().timer(TokioTimer::new());
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(listener = name, %error, "accept failed");
-                    // Out of file descriptors and the like: give the process a moment.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopped.changed() => break,
-        };
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%peer, %error, "could not set TCP_NODELAY");
-        }
-        let handler = handler.clone();
-        let service = service_fn(move |request: Request<Incoming>| {
-            // Boxed: hyper moves the service future into its connection
-            // state, and the unboxed one is a few KiB copied per request.
-            let response = Box::pin(handler(request, peer));
-            async move { Ok::<_, Infallible>(response.await) }
-        });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        connections.spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
-            }
-        });
-        // Reap finished connection tasks so the set holds only live ones.
-        while connections.try_join_next().is_some() {}
-    }
-    drop(listener);
-    let drain_timeout = stopped
-        .borrow()
-        .unwrap_or(crate::config::ServerConfig::default().drain_timeout.0);
-    tracing::info!(listener = name, connections = graceful.count(), "draining");
-    if tokio::time::timeout(drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(listener = name, timeout = ?drain_timeout, remaining = connections.len(), "drain timeout passed; closing the remaining connections");
-        connections.shutdown().await;
-    }
-}
-
 impl Server {
     /// Applies a new config: plugins, cache settings and sources in place,
     /// then a new request path swapped in. On error the running config stays.
@@ -231,20 +201,17 @@ impl Server {
                 "admin.listen changed or admin was added or removed; listeners change on restart, the token applies now"
             );
         }
-        let shared = &self.live.shared;
+        let app = &self.live.app;
         let previous = self.live.proxy.load_full();
-        let proxy = Proxy::build(&config, shared.clone(), Some(&previous))?;
-        shared
-            .plugins
+        let proxy = app.proxy(&config, Some(&previous))?;
+        app.plugins
             .apply(&config.plugins)
             .await
             .map_err(|error| error.to_string())?;
-        shared.cache.apply(&config.cache);
-        shared.sources.apply(&config.sources);
+        app.cache.apply(&config.cache);
+        app.sources.apply(&config.sources);
         self.live.proxy.store(Arc::new(proxy));
-        self.live
-            .admin
-            .store(Arc::new(Admin::new(config.admin.as_ref(), shared)));
+        self.live.admin.store(Arc::new(app.admin(&config)));
         *running = config;
         tracing::debug!("configuration swapped in");
         Ok(())
@@ -260,7 +227,7 @@ impl Server {
                 tracing::error!(%error, "a listener task failed");
             }
         }
-        self.live.shared.sources.shutdown().await;
+        self.live.app.sources.shutdown().await;
         tracing::info!("larder stopped");
     }
 
@@ -272,22 +239,19 @@ impl Server {
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut hangup = signal(SignalKind::hangup())?;
-        let (changed_tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
-        let _watcher = self
-            .config_path
-            .as_deref()
-            .and_then(|path| watch_config(path, changed_tx));
+        let mut watch = self.config_path.as_deref().and_then(watch_config);
         loop {
+            let changed = async {
+                match &mut watch {
+                    Some((_, changes)) => changes.next().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = terminate.recv() => { tracing::info!(signal = "SIGTERM", "shutting down"); break; }
                 _ = interrupt.recv() => { tracing::info!(signal = "SIGINT", "shutting down"); break; }
                 _ = hangup.recv() => self.reload_from_file("SIGHUP").await,
-                Some(()) = changed.recv() => {
-                    // Editors write in several steps: wait for the file to settle.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    while changed.try_recv().is_ok() {}
-                    self.reload_from_file("file changed").await;
-                }
+                true = changed => self.reload_from_file("file changed").await,
             }
         }
         // A second signal means the operator will not wait for the drain.
@@ -329,45 +293,19 @@ impl Server {
     }
 }
 
-/// Watches the config file's directory (editors replace files by rename) and
-/// signals `changed` for events on the file.
+/// The config file's watch, or `None` (with a warning) when it cannot be
+/// watched: SIGHUP still reloads.
 fn watch_config(
-    path: &Path,
-    changed: tokio::sync::mpsc::Sender<()>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::{RecursiveMode, Watcher};
-    let file = path.file_name()?.to_owned();
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let handler = move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        if event.kind.is_access() {
-            return;
+    path: &std::path::Path,
+) -> Option<(crate::watch::FileWatch, crate::watch::Changes)> {
+    match crate::watch::file(path) {
+        Ok(watch) => {
+            tracing::info!(path = %path.display(), "watching the config file; SIGHUP also reloads it");
+            Some(watch)
         }
-        // `..data` is how Kubernetes swaps a mounted ConfigMap: the file
-        // itself is a symlink that never changes.
-        let is_ours = |name: &std::ffi::OsStr| name == file.as_os_str() || name == "..data";
-        if event
-            .paths
-            .iter()
-            .any(|p| p.file_name().is_some_and(is_ours))
-        {
-            let _ = changed.try_send(());
-        }
-    };
-    let mut watcher = match notify::recommended_watcher(handler) {
-        Ok(watcher) => watcher,
         Err(error) => {
             tracing::warn!(%error, "cannot watch the config file; reload with SIGHUP");
-            return None;
+            None
         }
-    };
-    if let Err(error) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-        tracing::warn!(dir = %dir.display(), %error, "cannot watch the config directory; reload with SIGHUP");
-        return None;
     }
-    tracing::info!(path = %path.display(), "watching the config file; SIGHUP also reloads it");
-    Some(watcher)
 }
