@@ -59,7 +59,7 @@ pub fn primary_key(uri: &Uri, headers: &HeaderMap, config: &CacheKeyConfig) -> S
     }
     for name in &config.headers {
         key.push(KEY_HEADER_SEPARATOR);
-        key.push_str(&name.to_ascii_lowercase());
+        key.push_str(name.as_str());
         key.push(':');
         let value = join_field(headers, name.as_str());
         key.push_str(value.as_deref().unwrap_or(""));
@@ -224,7 +224,7 @@ mod tests {
         let config = CacheKeyConfig {
             ignore_query: vec!["utm_source".into()],
             sort_query: true,
-            headers: vec!["X-Tenant".into()],
+            headers: vec![HeaderName::from_static("x-tenant")],
         };
         assert_eq!(
             primary_key(&uri, &headers, &config),

@@ -63,11 +63,7 @@ impl Settings {
         Self {
             max_size: config.max_size.0,
             max_object_size: config.max_object_size.0,
-            tag_headers: config
-                .tag_headers
-                .iter()
-                .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-                .collect(),
+            tag_headers: config.tag_headers.clone(),
         }
     }
 }

@@ -6,7 +6,7 @@
 //! `validate`.
 
 use super::ConfigError;
-use super::model::{Config, Route};
+use super::model::{Config, Route, RouteTarget};
 use super::positions::PositionIndex;
 
 /// Every warning for `config`, placed by `index`, in file order.
@@ -66,7 +66,7 @@ pub fn lint(config: &Config, index: &PositionIndex, file: &str) -> Vec<ConfigErr
         }
         if let Some(http) = &source.http
             && source.static_.is_none()
-            && http.endpoint.trim().is_empty()
+            && http.endpoint.is_none()
         {
             warn(
                 format!("sources.{name}.http"),
@@ -99,7 +99,7 @@ pub fn lint(config: &Config, index: &PositionIndex, file: &str) -> Vec<ConfigErr
                 ),
             );
         }
-        if route.source.is_some() && route.cache.enabled {
+        if matches!(route.target, RouteTarget::Source(_)) && route.cache.enabled {
             warn(
                 format!("routes[{i}].cache"),
                 "caching applies to upstream routes; a source route serves its value directly"
@@ -111,7 +111,7 @@ pub fn lint(config: &Config, index: &PositionIndex, file: &str) -> Vec<ConfigErr
         for name in config.upstreams.keys() {
             if !routes
                 .iter()
-                .any(|r| r.upstream.as_deref() == Some(name.as_str()))
+                .any(|r| r.target == RouteTarget::Upstream(name.clone()))
             {
                 warn(
                     format!("upstreams.{name}"),

@@ -1,13 +1,17 @@
-//! The YAML configuration: schema, defaults, `${ENV}` interpolation and
-//! validation with file, line, column and key path in every error.
+//! The YAML configuration: schema, defaults, `${ENV}` interpolation, and
+//! parsing into typed settings with file, line, column and key path in every
+//! error.
 //!
-//! Owns turning text into a checked [`Config`]; must not start anything.
+//! Owns turning text into a [`Config`] of typed values (`raw` is the file as
+//! written, `model` what the runtime reads, `validate` the one step between);
+//! must not start anything, and imports no runtime module.
 
 mod env;
 mod lint;
 pub mod model;
 mod partial;
 mod positions;
+pub mod raw;
 pub mod units;
 mod validate;
 
@@ -94,11 +98,15 @@ pub fn load_str_with(
         return Err(ConfigErrors(vec![serde_error(file, String::new(), &e)]));
     }
     let index = positions::PositionIndex::build(&expanded);
-    let mut config = match deserialize(&expanded, file, &index) {
-        Ok(config) => config,
+    let mut raw = match deserialize(&expanded, file, &index) {
+        Ok(raw) => raw,
         Err(first) => return Err(every_serde_error(first, &expanded, file, &index)),
     };
-    present_but_empty_sections(&mut config, &index);
+    present_but_empty_sections(&mut raw, &index);
+    // `INFO` and `warning` are fine to write; what runs is the directive.
+    if let Ok(directive) = log_directive(&raw.log.level) {
+        raw.log.level = directive;
+    }
     let mut errors: Vec<ConfigError> = index
         .duplicates
         .iter()
@@ -113,16 +121,14 @@ pub fn load_str_with(
             ),
         })
         .collect();
-    errors.extend(validate::validate(&config, &index, file));
-    if errors.is_empty() {
-        // `INFO` and `warning` are fine to write; what runs is the directive.
-        if let Ok(directive) = log_directive(&config.log.level) {
-            config.log.level = directive;
+    match validate::validate(raw, &index, file) {
+        Ok(config) if errors.is_empty() => Ok(config),
+        Ok(_) => Err(ConfigErrors(errors)),
+        Err(invalid) => {
+            errors.extend(invalid);
+            errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column.unwrap_or(0)));
+            Err(ConfigErrors(errors))
         }
-        Ok(config)
-    } else {
-        errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column.unwrap_or(0)));
-        Err(ConfigErrors(errors))
     }
 }
 
@@ -131,7 +137,7 @@ fn deserialize(
     text: &str,
     file: &str,
     index: &positions::PositionIndex,
-) -> Result<Config, ConfigError> {
+) -> Result<raw::RawConfig, ConfigError> {
     let deserializer = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
@@ -178,7 +184,7 @@ fn every_serde_error(
 /// `routes:` or `admin:` written without a value reads as null, which serde
 /// turns into "absent"; but the operator wrote the key, and absent `routes`
 /// means cachepump mode. A written key means the section is on, with defaults.
-fn present_but_empty_sections(config: &mut Config, index: &positions::PositionIndex) {
+fn present_but_empty_sections(config: &mut raw::RawConfig, index: &positions::PositionIndex) {
     if config.routes.is_none() && index.contains("routes") {
         config.routes = Some(Vec::new());
     }

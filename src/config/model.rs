@@ -1,51 +1,163 @@
-//! The configuration as plain data: one type per thing an operator can name.
+//! The configuration as the runtime reads it: typed values, parsed once at
+//! load (header names, CIDR blocks, server addresses, URLs, cron rules,
+//! header values), so no module parses config text again or holds a
+//! "misconfigured" state. Built by `validate` from the raw model; sections
+//! with nothing to parse are shared with it.
 //!
-//! These types are the user-facing contract of `../shared/notes/config.md`.
-//! They are deserialized with `deny_unknown_fields` (so typos are errors) and
-//! carry no behaviour beyond defaults; the runtime builds its state from them.
+//! Must not start anything or read files.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme};
+use http::{Method, StatusCode, Uri};
+use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::units::{ByteSize, HumanDuration, deserialize_listen};
+use crate::schedule::Rule;
 
-/// The whole file.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// cachepump files carry `version: '1.0'`; anything else is rejected.
-    #[serde(default)]
-    pub version: Option<String>,
-    /// The proxy listener (`-e` overrides). cachepump's default is `:8080`.
-    #[serde(default = "default_listen", deserialize_with = "deserialize_listen")]
+    /// The proxy listener (`-e` overrides).
     pub listen: SocketAddr,
-    #[serde(default)]
     pub log: LogConfig,
-    /// Listener-wide limits and timeouts.
-    #[serde(default)]
     pub server: ServerConfig,
     /// The operator API. Absent means not started.
-    #[serde(default)]
     pub admin: Option<AdminConfig>,
-    #[serde(default)]
     pub cache: CacheConfig,
-    #[serde(default)]
     pub upstreams: BTreeMap<String, Upstream>,
-    /// First match wins. Absent (not merely empty) means cachepump mode.
-    #[serde(default)]
+    /// First match wins. `None` (no `routes:` key) means cachepump mode.
     pub routes: Option<Vec<Route>>,
-    #[serde(default)]
     pub plugins: BTreeMap<String, PluginConfig>,
-    #[serde(default)]
     pub sources: BTreeMap<String, SourceConfig>,
 }
 
-pub fn default_listen() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 8080))
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheConfig {
+    pub max_size: ByteSize,
+    pub max_object_size: ByteSize,
+    /// Response headers whose values tag an entry for purge.
+    pub tag_headers: Vec<HeaderName>,
+}
+
+/// One upstream: where its servers are and how long to wait for them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    pub servers: Vec<ServerAddr>,
+    pub connect_timeout: HumanDuration,
+    pub timeout: HumanDuration,
+    /// Replaces the client's Host header when set.
+    pub host: Option<HeaderValue>,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// An upstream server: `http` or `https`, and host and port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerAddr {
+    pub scheme: Scheme,
+    pub authority: Authority,
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub matcher: RouteMatch,
+    pub target: RouteTarget,
+    pub cache: RouteCache,
+    /// Transformer plugins, run in order.
+    pub plugins: Vec<String>,
+    pub max_request_body: Option<ByteSize>,
+}
+
+/// Where a route sends its requests: exactly one of the two.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteTarget {
+    Upstream(String),
+    Source(String),
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteCache {
+    pub enabled: bool,
+    /// Used when the origin's Cache-Control says nothing about it.
+    pub stale_while_revalidate: Option<HumanDuration>,
+    pub stale_if_error: Option<HumanDuration>,
+    pub key: CacheKeyConfig,
+    /// PURGE on the proxy listener, from these client addresses only.
+    pub purge: Option<PurgeConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CacheKeyConfig {
+    /// Query parameters left out of the key.
+    pub ignore_query: Vec<String>,
+    pub sort_query: bool,
+    /// Request headers added to the key.
+    pub headers: Vec<HeaderName>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PurgeConfig {
+    pub allow: Vec<IpNet>,
+}
+
+/// A scheduled source; the first provider set wins, in the order static,
+/// http, file, plugin (cachepump's order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceConfig {
+    /// An empty rule in the file is cachepump's hourly default.
+    pub rule: Rule,
+    pub static_: Option<StaticSource>,
+    pub http: Option<HttpSource>,
+    pub file: Option<FileSource>,
+    pub plugin: Option<PluginSource>,
+    /// Served as Content-Type; sniffed when absent.
+    pub content_type: Option<HeaderValue>,
+    pub timeout: HumanDuration,
+    /// Statuses that replace the value; `None` means 2xx.
+    pub accept_status: Option<Vec<StatusCode>>,
+    pub run_on_start: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpSource {
+    /// `None`: the file left it empty (cachepump: the provider is unset).
+    pub endpoint: Option<Endpoint>,
+    pub method: Method,
+    /// Sent as they are (cachepump: they replace the default headers).
+    pub header: HeaderMap,
+    pub auth: Option<BasicAuth>,
+    pub body: String,
+}
+
+/// An absolute http(s) URL, with the text it was written as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub uri: Uri,
+    text: String,
+}
+
+impl Endpoint {
+    pub fn new(uri: Uri, text: &str) -> Self {
+        Self {
+            uri,
+            text: text.to_string(),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -126,85 +238,6 @@ pub fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9901))
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct CacheConfig {
-    /// Bytes of cached bodies + headers held in memory.
-    #[serde(default = "default_cache_max_size")]
-    pub max_size: ByteSize,
-    /// Larger responses stream through uncached.
-    #[serde(default = "default_max_object_size")]
-    pub max_object_size: ByteSize,
-    /// Response headers whose space-separated values tag an entry for purge.
-    #[serde(default = "default_tag_headers")]
-    pub tag_headers: Vec<String>,
-}
-
-impl Default for CacheConfig {
-    fn default() -> Self {
-        Self {
-            max_size: default_cache_max_size(),
-            max_object_size: default_max_object_size(),
-            tag_headers: default_tag_headers(),
-        }
-    }
-}
-
-fn default_cache_max_size() -> ByteSize {
-    ByteSize(256 * 1024 * 1024)
-}
-fn default_max_object_size() -> ByteSize {
-    ByteSize(8 * 1024 * 1024)
-}
-fn default_tag_headers() -> Vec<String> {
-    vec!["surrogate-key".to_string(), "cache-tag".to_string()]
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Upstream {
-    /// `http://host:port` or `https://host:port`; several are used in round robin.
-    pub servers: Vec<String>,
-    #[serde(default = "default_connect_timeout")]
-    pub connect_timeout: HumanDuration,
-    /// Until the response head arrives.
-    #[serde(default = "default_upstream_timeout")]
-    pub timeout: HumanDuration,
-    /// Replaces the client's Host header when set; otherwise Host passes through.
-    #[serde(default)]
-    pub host: Option<String>,
-    /// Extra PEM CA bundle trusted for this upstream's https servers.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-}
-
-fn default_connect_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(2))
-}
-fn default_upstream_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(30))
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Route {
-    #[serde(default, rename = "match")]
-    pub matcher: RouteMatch,
-    /// Exactly one of `upstream` and `source`.
-    #[serde(default)]
-    pub upstream: Option<String>,
-    #[serde(default)]
-    pub source: Option<String>,
-    #[serde(default)]
-    pub cache: RouteCache,
-    /// Transformer plugins, run in order.
-    #[serde(default)]
-    pub plugins: Vec<String>,
-    /// Overrides `server.max_request_body` for this route.
-    #[serde(default)]
-    pub max_request_body: Option<ByteSize>,
-}
-
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RouteMatch {
@@ -213,44 +246,6 @@ pub struct RouteMatch {
     pub host: Option<String>,
     #[serde(default)]
     pub path_prefix: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RouteCache {
-    #[serde(default)]
-    pub enabled: bool,
-    /// Used when the origin's Cache-Control says nothing about it.
-    #[serde(default)]
-    pub stale_while_revalidate: Option<HumanDuration>,
-    #[serde(default)]
-    pub stale_if_error: Option<HumanDuration>,
-    #[serde(default)]
-    pub key: CacheKeyConfig,
-    /// PURGE on the proxy listener, from these client addresses only.
-    #[serde(default)]
-    pub purge: Option<PurgeConfig>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct CacheKeyConfig {
-    /// Query parameters left out of the key (utm_source, ...).
-    #[serde(default)]
-    pub ignore_query: Vec<String>,
-    /// Sort query parameters so `?a=1&b=2` and `?b=2&a=1` share an entry.
-    #[serde(default)]
-    pub sort_query: bool,
-    /// Request headers added to the key.
-    #[serde(default)]
-    pub headers: Vec<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct PurgeConfig {
-    /// Client addresses or CIDR blocks allowed to send PURGE, e.g. `127.0.0.1/32`.
-    pub allow: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -321,63 +316,11 @@ pub enum PluginPhase {
     CacheStore,
 }
 
-/// A scheduled source, cachepump-compatible. The first provider set wins, in
-/// the order static, http, file, plugin (cachepump's order).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct SourceConfig {
-    /// Cron with seconds, `@every 30s`, `@hourly`, ... Empty means `0 0 * * * *` (cachepump).
-    #[serde(default)]
-    pub rule: String,
-    #[serde(default, rename = "static")]
-    pub static_: Option<StaticSource>,
-    #[serde(default)]
-    pub http: Option<HttpSource>,
-    #[serde(default)]
-    pub file: Option<FileSource>,
-    #[serde(default)]
-    pub plugin: Option<PluginSource>,
-    /// Served as Content-Type; sniffed when absent.
-    #[serde(default)]
-    pub content_type: Option<String>,
-    #[serde(default = "default_source_timeout")]
-    pub timeout: HumanDuration,
-    /// Statuses that replace the value; others keep the old one. Default 2xx.
-    #[serde(default)]
-    pub accept_status: Option<Vec<u16>>,
-    #[serde(default = "default_true")]
-    pub run_on_start: bool,
-}
-
-fn default_source_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(30))
-}
-
-fn default_true() -> bool {
-    true
-}
-
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StaticSource {
     #[serde(default)]
     pub value: String,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct HttpSource {
-    #[serde(default)]
-    pub endpoint: String,
-    /// Empty means GET.
-    #[serde(default)]
-    pub method: String,
-    #[serde(default)]
-    pub header: BTreeMap<String, Vec<String>>,
-    #[serde(default)]
-    pub auth: Option<BasicAuth>,
-    #[serde(default)]
-    pub body: String,
 }
 
 #[derive(Clone, Default, Deserialize, PartialEq)]
@@ -414,6 +357,10 @@ pub struct PluginSource {
     /// Extra entries merged over the plugin's own `config` for this source.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+}
+
+pub fn default_true() -> bool {
+    true
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
-//! Checks that need the whole deserialized config: cross-references, values
-//! serde cannot judge alone, files that must exist. Every check runs and every
-//! problem is collected (like Vector's `validate`), each placed at its key
-//! path's line and column.
+//! Turns the raw model into the typed [`Config`]: every value serde cannot
+//! judge alone is checked and parsed here, once (header names, CIDR blocks,
+//! server addresses, URLs, methods, cron rules), with the cross-references
+//! and the files that must exist. Every check runs and every problem is
+//! collected (like Vector's `validate`), each placed at its key path's line
+//! and column; the typed config exists only when there is none.
 //!
 //! Must not start anything or touch the network; reads the filesystem only to
 //! see that named files exist.
@@ -10,33 +12,77 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 
-use super::ConfigError;
-use super::model::{Config, PluginConfig, Route, SourceConfig, Upstream};
-use super::positions::PositionIndex;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme};
+use http::{Method, StatusCode};
+use ipnet::IpNet;
 
-/// Runs every check; returns the problems in file order.
-pub fn validate(config: &Config, index: &PositionIndex, file: &str) -> Vec<ConfigError> {
+use super::ConfigError;
+use super::model::{
+    CacheConfig, CacheKeyConfig, Config, Endpoint, HttpSource, PluginConfig, PurgeConfig, Route,
+    RouteCache, RouteTarget, ServerAddr, SourceConfig, Upstream,
+};
+use super::positions::PositionIndex;
+use super::raw::{
+    RawCacheConfig, RawConfig, RawHttpSource, RawRoute, RawRouteCache, RawSource, RawUpstream,
+};
+use crate::schedule::Rule;
+
+/// Checks `raw` and builds the typed config; or every problem, in file order.
+pub fn validate(
+    raw: RawConfig,
+    index: &PositionIndex,
+    file: &str,
+) -> Result<Config, Vec<ConfigError>> {
     let mut checker = Checker {
         index,
         file,
         errors: Vec::new(),
     };
-    checker.check_document(config);
-    for (name, upstream) in &config.upstreams {
-        checker.check_upstream(&format!("upstreams.{name}"), upstream);
-    }
-    for (i, route) in config.routes.iter().flatten().enumerate() {
-        checker.check_route(&format!("routes[{i}]"), route, config);
-    }
-    for (name, plugin) in &config.plugins {
+    checker.check_document(&raw);
+    let cache = checker.cache(&raw.cache);
+    let upstreams: BTreeMap<String, Upstream> = raw
+        .upstreams
+        .iter()
+        .map(|(name, upstream)| {
+            let typed = checker.upstream(&format!("upstreams.{name}"), upstream);
+            (name.clone(), typed)
+        })
+        .collect();
+    let routes: Option<Vec<Route>> = raw.routes.as_ref().map(|routes| {
+        routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, route)| checker.route(&format!("routes[{i}]"), route, &raw))
+            .collect()
+    });
+    for (name, plugin) in &raw.plugins {
         checker.check_plugin(&format!("plugins.{name}"), plugin);
     }
-    for (name, source) in &config.sources {
-        checker.check_source(&format!("sources.{name}"), source, &config.plugins);
-    }
+    let sources: BTreeMap<String, SourceConfig> = raw
+        .sources
+        .iter()
+        .filter_map(|(name, source)| {
+            let typed = checker.source(&format!("sources.{name}"), source, &raw.plugins)?;
+            Some((name.clone(), typed))
+        })
+        .collect();
     let mut errors = checker.errors;
-    errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column.unwrap_or(0)));
-    errors
+    if !errors.is_empty() {
+        errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column.unwrap_or(0)));
+        return Err(errors);
+    }
+    Ok(Config {
+        listen: raw.listen,
+        log: raw.log,
+        server: raw.server,
+        admin: raw.admin,
+        cache,
+        upstreams,
+        routes,
+        plugins: raw.plugins,
+        sources,
+    })
 }
 
 struct Checker<'a> {
@@ -57,7 +103,7 @@ impl Checker<'_> {
         });
     }
 
-    fn check_document(&mut self, config: &Config) {
+    fn check_document(&mut self, config: &RawConfig) {
         if let Some(version) = &config.version
             && version.trim() != "1.0"
         {
@@ -90,7 +136,9 @@ impl Checker<'_> {
                 );
             }
         }
-        let cache = &config.cache;
+    }
+
+    fn cache(&mut self, cache: &RawCacheConfig) -> CacheConfig {
         if cache.max_object_size > cache.max_size {
             self.fail(
                 "cache.max_object_size",
@@ -100,56 +148,78 @@ impl Checker<'_> {
                 ),
             );
         }
-        for (i, name) in cache.tag_headers.iter().enumerate() {
-            self.check_header_name(&format!("cache.tag_headers[{i}]"), name);
+        CacheConfig {
+            max_size: cache.max_size,
+            max_object_size: cache.max_object_size,
+            tag_headers: self.header_names("cache.tag_headers", &cache.tag_headers),
         }
     }
 
-    fn check_upstream(&mut self, path: &str, upstream: &Upstream) {
+    fn upstream(&mut self, path: &str, upstream: &RawUpstream) -> Upstream {
         if upstream.servers.is_empty() {
             self.fail(
                 &format!("{path}.servers"),
                 "an upstream needs at least one server, e.g. [\"http://127.0.0.1:9000\"]",
             );
         }
-        for (i, server) in upstream.servers.iter().enumerate() {
-            if let Err(why) = check_server_url(server) {
-                self.fail(&format!("{path}.servers[{i}]"), why);
-            }
-        }
+        let servers = upstream
+            .servers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, server)| {
+                parse_server_url(server)
+                    .map_err(|why| self.fail(&format!("{path}.servers[{i}]"), why))
+                    .ok()
+            })
+            .collect();
         if upstream.connect_timeout.get().is_zero() {
             self.fail(&format!("{path}.connect_timeout"), "must be more than 0");
         }
         if upstream.timeout.get().is_zero() {
             self.fail(&format!("{path}.timeout"), "must be more than 0");
         }
-        if let Some(host) = &upstream.host
-            && (host.is_empty() || http::HeaderValue::from_str(host).is_err())
-        {
-            self.fail(
-                &format!("{path}.host"),
-                format!("{host:?} is not a valid Host header value"),
-            );
-        }
+        let host = upstream.host.as_ref().and_then(|host| {
+            let value = HeaderValue::from_str(host)
+                .ok()
+                .filter(|_| !host.is_empty());
+            if value.is_none() {
+                self.fail(
+                    &format!("{path}.host"),
+                    format!("{host:?} is not a valid Host header value"),
+                );
+            }
+            value
+        });
         if let Some(ca_file) = &upstream.ca_file
             && let Err(why) = check_ca_file(ca_file)
         {
             self.fail(&format!("{path}.ca_file"), why);
         }
+        Upstream {
+            servers,
+            connect_timeout: upstream.connect_timeout,
+            timeout: upstream.timeout,
+            host,
+            ca_file: upstream.ca_file.clone(),
+        }
     }
 
-    fn check_route(&mut self, path: &str, route: &Route, config: &Config) {
-        match (&route.upstream, &route.source) {
-            (Some(_), Some(_)) => self.fail(
-                path,
-                "a route has either `upstream` or `source`, not both",
-            ),
-            (None, None) => self.fail(
-                path,
-                "a route needs `upstream: NAME` (proxy to an upstream) or `source: NAME` (serve a source)",
-            ),
-            _ => {}
-        }
+    fn route(&mut self, path: &str, route: &RawRoute, config: &RawConfig) -> Option<Route> {
+        let target = match (&route.upstream, &route.source) {
+            (Some(_), Some(_)) => {
+                self.fail(path, "a route has either `upstream` or `source`, not both");
+                None
+            }
+            (None, None) => {
+                self.fail(
+                    path,
+                    "a route needs `upstream: NAME` (proxy to an upstream) or `source: NAME` (serve a source)",
+                );
+                None
+            }
+            (Some(upstream), None) => Some(RouteTarget::Upstream(upstream.clone())),
+            (None, Some(source)) => Some(RouteTarget::Source(source.clone())),
+        };
         if let Some(name) = &route.upstream {
             self.check_reference(
                 &format!("{path}.upstream"),
@@ -193,15 +263,40 @@ impl Checker<'_> {
                 format!("{host:?} is not a host name (e.g. api.example.com or *.example.com)"),
             );
         }
-        for (j, name) in route.cache.key.headers.iter().enumerate() {
-            self.check_header_name(&format!("{path}.cache.key.headers[{j}]"), name);
-        }
-        if let Some(purge) = &route.cache.purge {
-            for (j, entry) in purge.allow.iter().enumerate() {
-                if let Err(why) = parse_cidr(entry) {
-                    self.fail(&format!("{path}.cache.purge.allow[{j}]"), why);
-                }
-            }
+        let cache = self.route_cache(&format!("{path}.cache"), &route.cache);
+        Some(Route {
+            matcher: route.matcher.clone(),
+            target: target?,
+            cache,
+            plugins: route.plugins.clone(),
+            max_request_body: route.max_request_body,
+        })
+    }
+
+    fn route_cache(&mut self, path: &str, cache: &RawRouteCache) -> RouteCache {
+        let headers = self.header_names(&format!("{path}.key.headers"), &cache.key.headers);
+        let purge = cache.purge.as_ref().map(|purge| PurgeConfig {
+            allow: purge
+                .allow
+                .iter()
+                .enumerate()
+                .filter_map(|(j, entry)| {
+                    parse_cidr(entry)
+                        .map_err(|why| self.fail(&format!("{path}.purge.allow[{j}]"), why))
+                        .ok()
+                })
+                .collect(),
+        });
+        RouteCache {
+            enabled: cache.enabled,
+            stale_while_revalidate: cache.stale_while_revalidate,
+            stale_if_error: cache.stale_if_error,
+            key: CacheKeyConfig {
+                ignore_query: cache.key.ignore_query.clone(),
+                sort_query: cache.key.sort_query,
+                headers,
+            },
+            purge,
         }
     }
 
@@ -231,34 +326,19 @@ impl Checker<'_> {
         }
     }
 
-    fn check_source(
+    fn source(
         &mut self,
         path: &str,
-        source: &SourceConfig,
+        source: &RawSource,
         plugins: &BTreeMap<String, PluginConfig>,
-    ) {
-        if !source.rule.trim().is_empty()
-            && let Err(why) = crate::schedule::Rule::parse_firing(&source.rule, chrono::Utc::now())
-        {
-            self.fail(&format!("{path}.rule"), why);
-        }
-        if let Some(http) = &source.http {
-            if !http.endpoint.is_empty()
-                && let Err(why) = check_endpoint_url(&http.endpoint)
-            {
-                self.fail(&format!("{path}.http.endpoint"), why);
-            }
-            if !http.method.is_empty() && http::Method::from_bytes(http.method.as_bytes()).is_err()
-            {
-                self.fail(
-                    &format!("{path}.http.method"),
-                    format!("{:?} is not an HTTP method", http.method),
-                );
-            }
-            for name in http.header.keys() {
-                self.check_header_name(&format!("{path}.http.header.{name}"), name);
-            }
-        }
+    ) -> Option<SourceConfig> {
+        let rule = Rule::parse_firing(&source.rule, chrono::Utc::now())
+            .map_err(|why| self.fail(&format!("{path}.rule"), why))
+            .ok();
+        let http = source
+            .http
+            .as_ref()
+            .map(|http| self.http_source(&format!("{path}.http"), http));
         if let Some(plugin) = &source.plugin {
             self.check_reference(
                 &format!("{path}.plugin.name"),
@@ -267,24 +347,92 @@ impl Checker<'_> {
                 plugins.keys(),
             );
         }
-        if let Some(content_type) = &source.content_type
-            && http::HeaderValue::from_str(content_type).is_err()
-        {
-            self.fail(
-                &format!("{path}.content_type"),
-                format!("{content_type:?} is not a valid header value"),
-            );
-        }
-        for (i, status) in source.accept_status.iter().flatten().enumerate() {
-            if !(100..=599).contains(status) {
-                self.fail(
-                    &format!("{path}.accept_status[{i}]"),
-                    format!("{status} is not an HTTP status (100-599)"),
-                );
-            }
-        }
+        let content_type = source.content_type.as_ref().and_then(|content_type| {
+            HeaderValue::from_str(content_type)
+                .map_err(|_| {
+                    self.fail(
+                        &format!("{path}.content_type"),
+                        format!("{content_type:?} is not a valid header value"),
+                    )
+                })
+                .ok()
+        });
+        let accept_status = source.accept_status.as_ref().map(|statuses| {
+            statuses
+                .iter()
+                .enumerate()
+                .filter_map(|(i, status)| {
+                    StatusCode::from_u16(*status)
+                        .ok()
+                        .filter(|_| (100..=599).contains(status))
+                        .or_else(|| {
+                            self.fail(
+                                &format!("{path}.accept_status[{i}]"),
+                                format!("{status} is not an HTTP status (100-599)"),
+                            );
+                            None
+                        })
+                })
+                .collect()
+        });
         if source.timeout.get().is_zero() {
             self.fail(&format!("{path}.timeout"), "must be more than 0");
+        }
+        Some(SourceConfig {
+            rule: rule?,
+            static_: source.static_.clone(),
+            http,
+            file: source.file.clone(),
+            plugin: source.plugin.clone(),
+            content_type,
+            timeout: source.timeout,
+            accept_status,
+            run_on_start: source.run_on_start,
+        })
+    }
+
+    fn http_source(&mut self, path: &str, http: &RawHttpSource) -> HttpSource {
+        let endpoint = if http.endpoint.is_empty() {
+            None
+        } else {
+            parse_endpoint(&http.endpoint)
+                .map_err(|why| self.fail(&format!("{path}.endpoint"), why))
+                .ok()
+        };
+        let method = if http.method.is_empty() {
+            Method::GET
+        } else {
+            Method::from_bytes(http.method.as_bytes()).unwrap_or_else(|_| {
+                self.fail(
+                    &format!("{path}.method"),
+                    format!("{:?} is not an HTTP method", http.method),
+                );
+                Method::GET
+            })
+        };
+        let mut header = HeaderMap::new();
+        for (name, values) in &http.header {
+            let Some(header_name) = self.header_name(&format!("{path}.header.{name}"), name) else {
+                continue;
+            };
+            for value in values {
+                match HeaderValue::from_str(value) {
+                    Ok(value) => {
+                        header.append(header_name.clone(), value);
+                    }
+                    Err(_) => self.fail(
+                        &format!("{path}.header.{name}"),
+                        format!("{value:?} is not a valid header value"),
+                    ),
+                }
+            }
+        }
+        HttpSource {
+            endpoint,
+            method,
+            header,
+            auth: http.auth.clone(),
+            body: http.body.clone(),
         }
     }
 
@@ -308,10 +456,20 @@ impl Checker<'_> {
         self.fail(path, format!("no {kind} named {name:?}{hint}"));
     }
 
-    fn check_header_name(&mut self, path: &str, name: &str) {
-        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            self.fail(path, format!("{name:?} is not a valid header name"));
-        }
+    /// A header name, lowercased as HTTP/2 sends it; `None` (with the
+    /// error recorded) when it is not one.
+    fn header_name(&mut self, path: &str, name: &str) -> Option<HeaderName> {
+        HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| self.fail(path, format!("{name:?} is not a valid header name")))
+            .ok()
+    }
+
+    fn header_names(&mut self, path: &str, names: &[String]) -> Vec<HeaderName> {
+        names
+            .iter()
+            .enumerate()
+            .filter_map(|(i, name)| self.header_name(&format!("{path}[{i}]"), name))
+            .collect()
     }
 }
 
@@ -358,7 +516,7 @@ pub fn log_directive(level: &str) -> Result<String, String> {
 }
 
 /// An upstream server: `http(s)://host[:port]`, nothing after it but `/`.
-fn check_server_url(server: &str) -> Result<(), String> {
+fn parse_server_url(server: &str) -> Result<ServerAddr, String> {
     let url = url::Url::parse(server).map_err(|e| {
         format!("{server:?} is not a URL ({e}); write e.g. \"http://127.0.0.1:9000\"")
     })?;
@@ -378,7 +536,20 @@ fn check_server_url(server: &str) -> Result<(), String> {
             "{server:?}: a server is scheme, host and port only (no path or query); routes choose paths"
         ));
     }
-    Ok(())
+    let scheme = if url.scheme() == "https" {
+        Scheme::HTTPS
+    } else {
+        Scheme::HTTP
+    };
+    let host_and_port = match (url.host_str(), url.port()) {
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        (Some(host), None) => host.to_string(),
+        (None, _) => String::new(),
+    };
+    let authority: Authority = host_and_port
+        .parse()
+        .map_err(|e| format!("{server:?}: {e}"))?;
+    Ok(ServerAddr { scheme, authority })
 }
 
 /// A PEM file holding at least one certificate, as the upstream's TLS setup needs.
@@ -404,7 +575,7 @@ fn check_ca_file(path: &Path) -> Result<(), String> {
 }
 
 /// A source's `http.endpoint`: any http(s) URL with a host.
-fn check_endpoint_url(endpoint: &str) -> Result<(), String> {
+fn parse_endpoint(endpoint: &str) -> Result<Endpoint, String> {
     let url = url::Url::parse(endpoint).map_err(|e| format!("{endpoint:?} is not a URL ({e})"))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(format!("{endpoint:?}: the scheme must be http or https"));
@@ -412,11 +583,15 @@ fn check_endpoint_url(endpoint: &str) -> Result<(), String> {
     if url.host_str().is_none_or(str::is_empty) {
         return Err(format!("{endpoint:?} has no host"));
     }
-    Ok(())
+    let uri = url
+        .as_str()
+        .parse()
+        .map_err(|e| format!("{endpoint:?} is not a URL ({e})"))?;
+    Ok(Endpoint::new(uri, endpoint))
 }
 
 /// `10.0.0.1`, `10.0.0.0/8`, `::1`, `fd00::/8`: an address and a prefix length.
-pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
     let text = text.trim();
     let (address, prefix) = match text.split_once('/') {
         Some((address, prefix)) => (address, Some(prefix)),
@@ -434,7 +609,7 @@ pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
             .filter(|p| *p <= max)
             .ok_or_else(|| format!("{text:?}: the prefix length must be 0 to {max}"))?,
     };
-    Ok((address, prefix))
+    IpNet::new(address, prefix).map_err(|e| format!("{text:?}: {e}"))
 }
 
 #[cfg(test)]
@@ -466,11 +641,15 @@ mod tests {
 
     #[test]
     fn server_urls_are_origins() {
-        assert!(check_server_url("http://127.0.0.1:9000").is_ok());
-        assert!(check_server_url("https://api.example.com/").is_ok());
-        assert!(check_server_url("127.0.0.1:9000").is_err());
-        assert!(check_server_url("ftp://x").is_err());
-        assert!(check_server_url("http://x/v1").is_err());
+        let parsed = parse_server_url("http://127.0.0.1:9000").unwrap();
+        assert_eq!(parsed.to_string(), "http://127.0.0.1:9000");
+        let https = parse_server_url("https://api.example.com/").unwrap();
+        assert_eq!(https.to_string(), "https://api.example.com");
+        assert!(parse_server_url("127.0.0.1:9000").is_err());
+        assert!(parse_server_url("https://example.com").is_ok());
+        assert!(parse_server_url("ftp://x").is_err());
+        assert!(parse_server_url("ftp://example.com").is_err());
+        assert!(parse_server_url("http://x/v1").is_err());
     }
 
     #[test]
@@ -480,5 +659,20 @@ mod tests {
         assert!(parse_cidr("fd00::/8").is_ok());
         assert!(parse_cidr("10.0.0.0/33").is_err());
         assert!(parse_cidr("localhost").is_err());
+    }
+
+    #[test]
+    fn bad_http_source_settings_are_refused_with_the_setting_named() {
+        let text = "sources:\n  s:\n    http:\n      endpoint: 'not a url'\n      method: 'GE T'\n      header:\n        'bad name': [x]\n";
+        let errors = crate::config::load_str(text, "config.yml")
+            .expect_err("refused")
+            .0;
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert!(paths.contains(&"sources.s.http.endpoint"), "{paths:?}");
+        assert!(paths.contains(&"sources.s.http.method"), "{paths:?}");
+        assert!(
+            paths.contains(&"sources.s.http.header.bad name"),
+            "{paths:?}"
+        );
     }
 }

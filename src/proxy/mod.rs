@@ -38,10 +38,9 @@ use std::sync::Arc;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
-use ipnet::IpNet;
 
 use crate::cache::{self, Cache};
-use crate::config::{Config, PluginPhase, Route, RouteCache, Upstream};
+use crate::config::{Config, PluginPhase, Route, RouteCache, RouteTarget, Upstream};
 use crate::http::body::{self, Body};
 use crate::http::error::{ErrorKind, RequestError};
 use crate::http::{copy_head, hop_by_hop};
@@ -74,8 +73,6 @@ pub struct RouteEntry {
     metrics: RouteMetrics,
     target: Target,
     cache: RouteCache,
-    /// `cache.purge.allow`, parsed.
-    purge_allow: Vec<IpNet>,
     plugins: Arc<[String]>,
     max_request_body: Option<u64>,
 }
@@ -309,13 +306,7 @@ impl Proxy {
             Target::Source(name) => self.sources.serve_source(name, &request),
             Target::Upstream { .. } if route.cache.enabled && request.method() == "PURGE" => {
                 let (parts, _) = request.into_parts();
-                purge::answer(
-                    &self.cache,
-                    &route.cache,
-                    &route.purge_allow,
-                    &parts,
-                    ctx.client,
-                )
+                purge::answer(&self.cache, &route.cache, &parts, ctx.client)
             }
             Target::Upstream { cache_origin, .. } if route.cache.enabled => {
                 let key_extra = &ctx.plugins.cache_key_extra;
@@ -417,8 +408,8 @@ fn compile_route(
     plugins: &Arc<PluginHost>,
 ) -> Result<RouteEntry, String> {
     let chain: Arc<[String]> = route.plugins.clone().into();
-    let target = match (&route.upstream, &route.source) {
-        (Some(name), _) => {
+    let target = match &route.target {
+        RouteTarget::Upstream(name) => {
             let upstream = upstreams
                 .get(name)
                 .ok_or_else(|| format!("a route names upstream {name}, which is not defined"))?;
@@ -432,30 +423,18 @@ fn compile_route(
                 origin,
             }
         }
-        (None, Some(source)) => Target::Source(source.clone()),
-        (None, None) => return Err("a route needs an upstream or a source".to_string()),
+        RouteTarget::Source(source) => Target::Source(source.clone()),
     };
     let label = format!(
         "{}{}",
         route.matcher.host.as_deref().unwrap_or(""),
         route.matcher.path_prefix.as_deref().unwrap_or("/")
     );
-    let purge_allow = route
-        .cache
-        .purge
-        .iter()
-        .flat_map(|purge| purge.allow.iter())
-        .map(|entry| {
-            let (address, prefix) = crate::config::parse_cidr(entry)?;
-            IpNet::new(address, prefix).map_err(|e| format!("{entry:?}: {e}"))
-        })
-        .collect::<Result<Vec<_>, String>>()?;
     Ok(RouteEntry {
         matcher: router::Matcher::new(&route.matcher),
         metrics: RouteMetrics::new(&label),
         target,
         cache: route.cache.clone(),
-        purge_allow,
         plugins: chain,
         max_request_body: route.max_request_body.map(|size| size.0),
     })

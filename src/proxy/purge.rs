@@ -20,18 +20,17 @@ const ALLOW: &str = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS";
 pub fn answer(
     cache: &Cache,
     route: &RouteCache,
-    allow: &[IpNet],
     request: &Parts,
     client: SocketAddr,
 ) -> Result<Response<Body>, RequestError> {
-    if route.purge.is_none() {
+    let Some(purge) = &route.purge else {
         return Err(ErrorKind::MethodNotAllowed {
             allow: ALLOW,
             reason: "PURGE is not enabled on this route",
         }
         .into());
-    }
-    if !is_allowed(allow, client.ip()) {
+    };
+    if !is_allowed(&purge.allow, client.ip()) {
         tracing::info!(client = %client.ip(), "PURGE refused: client not in purge.allow");
         return Err(ErrorKind::Forbidden("this client may not PURGE").into());
     }

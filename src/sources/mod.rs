@@ -24,7 +24,6 @@ use crate::config::SourceConfig;
 use crate::http::body::Body;
 use crate::http::error::{ErrorKind, RequestError};
 use crate::plugins::{self, PluginHost};
-use crate::schedule::Rule;
 
 mod background;
 mod file;
@@ -129,7 +128,7 @@ impl Sources {
                     slot
                 }
             };
-            let task = self.spawn_runner(&slot, source);
+            let task = Some(self.spawn_runner(&slot, source));
             running.insert(
                 name.clone(),
                 Running {
@@ -141,21 +140,12 @@ impl Sources {
         self.slots.store(Arc::new(slots));
     }
 
-    fn spawn_runner(&self, slot: &Arc<Slot>, source: &SourceConfig) -> Option<JoinHandle<()>> {
+    fn spawn_runner(&self, slot: &Arc<Slot>, source: &SourceConfig) -> JoinHandle<()> {
         let provider = Provider::from_config(source, &self.client);
         let generation = slot.begin_generation(settings_of(source, provider.kind()));
-        let rule = match Rule::parse(&source.rule) {
-            Ok(rule) => rule,
-            Err(error) => {
-                // Config validation refuses these; a source that slips through stays idle.
-                tracing::warn!(source = %slot.name, error = %error, "invalid rule; source not scheduled");
-                slot.record_error(format!("invalid rule: {error}"));
-                return None;
-            }
-        };
         let runner = Runner {
             slot: slot.clone(),
-            rule,
+            rule: source.rule.clone(),
             provider: Arc::new(provider),
             plugins: self.plugins.clone(),
             slots: self.slots.clone(),
@@ -163,7 +153,7 @@ impl Sources {
             run_on_start: source.run_on_start,
             generation,
         };
-        Some(runner.spawn(self.background.handle()))
+        runner.spawn(self.background.handle())
     }
 
     /// cachepump's API: `GET /?key=NAME` (HEAD too, without the body);
@@ -238,8 +228,12 @@ impl Drop for Sources {
 fn settings_of(source: &SourceConfig, kind: &'static str) -> Settings {
     Settings {
         kind,
-        rule: source.rule.clone(),
-        content_type: source.content_type.clone(),
+        rule: source.rule.text().to_string(),
+        content_type: source
+            .content_type
+            .as_ref()
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_string),
         fetcher: (kind == "plugin")
             .then(|| source.plugin.as_ref().map(|plugin| plugin.name.clone()))
             .flatten(),

@@ -21,11 +21,6 @@ pub enum Provider {
     Http(Box<HttpProvider>),
     File(FileProvider),
     Plugin(PluginProvider),
-    /// Settings that cannot work (a bad header name, an unknown method...).
-    Misconfigured {
-        kind: &'static str,
-        reason: String,
-    },
     Unsupported,
 }
 
@@ -36,14 +31,18 @@ impl Provider {
         if let Some(source) = config.static_.as_ref().filter(|s| !s.value.is_empty()) {
             return Self::Static(StaticProvider::new(source));
         }
-        if let Some(source) = config.http.as_ref().filter(|s| !s.endpoint.is_empty()) {
-            return match HttpProvider::new(source, config.accept_status.clone(), client.clone()) {
-                Ok(provider) => Self::Http(Box::new(provider)),
-                Err(reason) => Self::Misconfigured {
-                    kind: "http",
-                    reason,
-                },
-            };
+        if let Some((source, endpoint)) = config
+            .http
+            .as_ref()
+            .and_then(|s| s.endpoint.as_ref().map(|endpoint| (s, endpoint)))
+        {
+            let accept = config.accept_status.clone();
+            return Self::Http(Box::new(HttpProvider::new(
+                source,
+                endpoint,
+                accept,
+                client.clone(),
+            )));
         }
         if let Some(source) = config
             .file
@@ -65,7 +64,6 @@ impl Provider {
             Self::Http(_) => "http",
             Self::File(_) => "file",
             Self::Plugin(_) => "plugin",
-            Self::Misconfigured { kind, .. } => kind,
             Self::Unsupported => "none",
         }
     }
@@ -82,9 +80,6 @@ impl Provider {
                 Self::Http(provider) => provider.fetch().await,
                 Self::File(provider) => provider.fetch().await,
                 Self::Plugin(provider) => provider.fetch(input).await,
-                Self::Misconfigured { reason, .. } => {
-                    Err(SourceError::Misconfigured(reason.clone()))
-                }
                 Self::Unsupported => Err(SourceError::NoProvider),
             }
         };

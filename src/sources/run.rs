@@ -39,8 +39,6 @@ pub enum SourceError {
         "source has no supported provider (set one of static.value, http.endpoint, file.path, plugin.name)"
     )]
     NoProvider,
-    #[error("invalid source settings: {0}")]
-    Misconfigured(String),
     #[error("request to {endpoint} failed: {reason}")]
     Request { endpoint: String, reason: String },
     #[error("{endpoint} answered status {status}, which is not accepted; the old value is kept")]
@@ -56,9 +54,10 @@ pub enum SourceError {
 }
 
 impl SourceError {
-    /// Settings errors repeat identically on every retry; wait for a reload instead.
+    /// A source without a provider fails the same way on every retry;
+    /// it waits for a reload instead.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, Self::NoProvider | Self::Misconfigured(_))
+        !matches!(self, Self::NoProvider)
     }
 }
 

@@ -110,13 +110,6 @@ impl Slot {
         self.generation.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    /// Records a failure that happened outside a run (an unusable rule).
-    pub fn record_error(&self, error: String) {
-        let mut record = self.lock_record();
-        record.failures += 1;
-        record.last_error = Some(error);
-    }
-
     fn is_current(&self, generation: u64) -> bool {
         self.generation.load(Ordering::SeqCst) == generation
     }

@@ -13,13 +13,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use crate::config::Upstream;
+use crate::config::{ServerAddr, Upstream};
 use crate::http::body::{self, Body, BoxError};
 use crate::http::error::Retry;
 use crate::http::{copy_head, error_chain, io_error_kind, tls};
@@ -123,22 +123,17 @@ pub struct UpstreamClient {
 
 impl UpstreamClient {
     pub fn new(name: &str, config: &Upstream) -> Result<Self, String> {
-        // Config validation has checked servers and host; this re-checks
-        // only what the file system can change (the CA bundle).
+        // The config parsed servers and host; what can still fail is what
+        // the file system can change (the CA bundle).
         let servers = config
             .servers
             .iter()
-            .map(|server| parse_server(server))
+            .map(server_of)
             .collect::<Result<Vec<_>, _>>()?;
         if servers.is_empty() {
             return Err(format!("upstream {name} has no servers"));
         }
-        let host = config
-            .host
-            .as_deref()
-            .map(HeaderValue::from_str)
-            .transpose()
-            .map_err(|_| format!("upstream {name}: host is not a valid header value"))?;
+        let host = config.host.clone();
         let name: Arc<str> = Arc::from(name);
         Ok(Self {
             duration: metrics::histogram!("larder_upstream_duration_seconds", "upstream" => name.clone()),
@@ -475,31 +470,16 @@ fn closed_before_answering(error: &hyper::Error) -> bool {
         )
 }
 
-fn parse_server(server: &str) -> Result<Server, String> {
-    let uri: Uri = server
-        .parse()
-        .map_err(|e| format!("server {server:?} is not a URL: {e}"))?;
-    let scheme = match uri.scheme_str() {
-        Some("http") => Scheme::HTTP,
-        Some("https") => Scheme::HTTPS,
-        _ => {
-            return Err(format!(
-                "server {server:?} must start with http:// or https://"
-            ));
-        }
-    };
-    let authority = uri
-        .authority()
-        .cloned()
-        .ok_or_else(|| format!("server {server:?} has no host"))?;
+/// A server's state, from its parsed address.
+fn server_of(addr: &ServerAddr) -> Result<Server, String> {
     let base = Uri::builder()
-        .scheme(scheme)
-        .authority(authority.clone())
+        .scheme(addr.scheme.clone())
+        .authority(addr.authority.clone())
         .path_and_query("/")
         .build()
-        .map_err(|e| format!("server {server:?}: {e}"))?;
+        .map_err(|e| format!("server {addr}: {e}"))?;
     Ok(Server {
-        authority,
+        authority: addr.authority.clone(),
         base,
         pool: Pool::new(),
         down_until_ms: AtomicU64::new(0),
@@ -524,18 +504,5 @@ fn classify(error: &(dyn std::error::Error + 'static), otherwise: FailureKind) -
     match io_error_kind(error) {
         Some(std::io::ErrorKind::TimedOut) => FailureKind::Timeout,
         _ => otherwise,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn servers_need_an_http_or_https_scheme() {
-        assert!(parse_server("http://127.0.0.1:9000").is_ok());
-        assert!(parse_server("https://example.com").is_ok());
-        assert!(parse_server("ftp://example.com").is_err());
-        assert!(parse_server("127.0.0.1:9000").is_err());
     }
 }

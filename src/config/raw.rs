@@ -1,0 +1,219 @@
+//! The configuration as it is written: one type per thing an operator can
+//! name, read by serde with `deny_unknown_fields` (so typos are errors) and
+//! defaults. Text that needs parsing (header names, CIDRs, URLs, rules)
+//! stays text here; `validate` checks it and turns the whole into the typed
+//! [`super::model::Config`] the runtime reads. Sections with nothing to parse
+//! are the typed model's own types, shared.
+//!
+//! These types are the user-facing contract of `../shared/notes/config.md`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::model::{AdminConfig, LogConfig, PluginConfig, RouteMatch, ServerConfig};
+use super::model::{BasicAuth, FileSource, PluginSource, StaticSource, default_true};
+use super::units::{ByteSize, HumanDuration, deserialize_listen};
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// cachepump files carry `version: '1.0'`; anything else is rejected.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// The proxy listener (`-e` overrides). cachepump's default is `:8080`.
+    #[serde(default = "default_listen", deserialize_with = "deserialize_listen")]
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Listener-wide limits and timeouts.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The operator API. Absent means not started.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub cache: RawCacheConfig,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, RawUpstream>,
+    /// First match wins. Absent (not merely empty) means cachepump mode.
+    #[serde(default)]
+    pub routes: Option<Vec<RawRoute>>,
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginConfig>,
+    #[serde(default)]
+    pub sources: BTreeMap<String, RawSource>,
+}
+
+pub fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8080))
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheConfig {
+    /// Bytes of cached bodies + headers held in memory.
+    #[serde(default = "default_cache_max_size")]
+    pub max_size: ByteSize,
+    /// Larger responses stream through uncached.
+    #[serde(default = "default_max_object_size")]
+    pub max_object_size: ByteSize,
+    /// Response headers whose space-separated values tag an entry for purge.
+    #[serde(default = "default_tag_headers")]
+    pub tag_headers: Vec<String>,
+}
+
+impl Default for RawCacheConfig {
+    fn default() -> Self {
+        Self {
+            max_size: default_cache_max_size(),
+            max_object_size: default_max_object_size(),
+            tag_headers: default_tag_headers(),
+        }
+    }
+}
+
+fn default_cache_max_size() -> ByteSize {
+    ByteSize(256 * 1024 * 1024)
+}
+fn default_max_object_size() -> ByteSize {
+    ByteSize(8 * 1024 * 1024)
+}
+fn default_tag_headers() -> Vec<String> {
+    vec!["surrogate-key".to_string(), "cache-tag".to_string()]
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// `http://host:port` or `https://host:port`; several are used in round robin.
+    pub servers: Vec<String>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// Until the response head arrives.
+    #[serde(default = "default_upstream_timeout")]
+    pub timeout: HumanDuration,
+    /// Replaces the client's Host header when set; otherwise Host passes through.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Extra PEM CA bundle trusted for this upstream's https servers.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+fn default_upstream_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    #[serde(default, rename = "match")]
+    pub matcher: RouteMatch,
+    /// Exactly one of `upstream` and `source`.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(default)]
+    pub cache: RawRouteCache,
+    /// Transformer plugins, run in order.
+    #[serde(default)]
+    pub plugins: Vec<String>,
+    /// Overrides `server.max_request_body` for this route.
+    #[serde(default)]
+    pub max_request_body: Option<ByteSize>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteCache {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Used when the origin's Cache-Control says nothing about it.
+    #[serde(default)]
+    pub stale_while_revalidate: Option<HumanDuration>,
+    #[serde(default)]
+    pub stale_if_error: Option<HumanDuration>,
+    #[serde(default)]
+    pub key: RawCacheKey,
+    /// PURGE on the proxy listener, from these client addresses only.
+    #[serde(default)]
+    pub purge: Option<RawPurge>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheKey {
+    /// Query parameters left out of the key (utm_source, ...).
+    #[serde(default)]
+    pub ignore_query: Vec<String>,
+    /// Sort query parameters so `?a=1&b=2` and `?b=2&a=1` share an entry.
+    #[serde(default)]
+    pub sort_query: bool,
+    /// Request headers added to the key.
+    #[serde(default)]
+    pub headers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawPurge {
+    /// Client addresses or CIDR blocks allowed to send PURGE, e.g. `127.0.0.1/32`.
+    pub allow: Vec<String>,
+}
+
+/// A scheduled source, cachepump-compatible. The first provider set wins, in
+/// the order static, http, file, plugin (cachepump's order).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    /// Cron with seconds, `@every 30s`, `@hourly`, ... Empty means `0 0 * * * *` (cachepump).
+    #[serde(default)]
+    pub rule: String,
+    #[serde(default, rename = "static")]
+    pub static_: Option<StaticSource>,
+    #[serde(default)]
+    pub http: Option<RawHttpSource>,
+    #[serde(default)]
+    pub file: Option<FileSource>,
+    #[serde(default)]
+    pub plugin: Option<PluginSource>,
+    /// Served as Content-Type; sniffed when absent.
+    #[serde(default)]
+    pub content_type: Option<String>,
+    #[serde(default = "default_source_timeout")]
+    pub timeout: HumanDuration,
+    /// Statuses that replace the value; others keep the old one. Default 2xx.
+    #[serde(default)]
+    pub accept_status: Option<Vec<u16>>,
+    #[serde(default = "default_true")]
+    pub run_on_start: bool,
+}
+
+fn default_source_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpSource {
+    #[serde(default)]
+    pub endpoint: String,
+    /// Empty means GET.
+    #[serde(default)]
+    pub method: String,
+    #[serde(default)]
+    pub header: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    pub auth: Option<BasicAuth>,
+    #[serde(default)]
+    pub body: String,
+}
