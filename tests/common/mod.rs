@@ -534,14 +534,28 @@ pub struct AccessLog {
 }
 
 impl AccessLog {
-    pub fn capture() -> Self {
+    /// Starts capturing and returns once the access log reaches the capture:
+    /// `probe` sends a request Larder logs (one that changes nothing the
+    /// test checks) until its line shows up. tracing decides once per log
+    /// statement, for the whole process, whether anyone listens, and with
+    /// only thread-scoped listeners it asks whichever thread reaches the
+    /// statement first: another test's thread answers no. Deciding again
+    /// once the statement has been reached makes it ask this thread.
+    pub async fn capture(mut probe: impl AsyncFnMut()) -> Self {
         use tracing_subscriber::layer::SubscriberExt;
         let lines: Arc<Mutex<Vec<String>>> = Arc::default();
         let subscriber = tracing_subscriber::registry().with(AccessLayer(lines.clone()));
-        Self {
+        let log = Self {
             lines,
             _scope: tracing::subscriber::set_default(subscriber),
-        }
+        };
+        eventually("the access log to reach the capture", async || {
+            tracing::callsite::rebuild_interest_cache();
+            probe().await;
+            !log.lines().is_empty()
+        })
+        .await;
+        log
     }
 
     pub fn lines(&self) -> Vec<String> {
