@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Reply, get, get_with, respond, send, start_larder, start_origin};
+use common::{Reply, assert_problem, get, get_with, respond, send, start_larder, start_origin};
 
 const TOKEN: &str = "s3cret-token";
 
@@ -17,15 +17,6 @@ fn bearer() -> (&'static str, String) {
 async fn admin_get(url: &str) -> Reply {
     let (name, value) = bearer();
     get_with(url, &[(name, value.as_str())]).await
-}
-
-fn assert_problem(reply: &Reply, status: u16) {
-    assert_eq!(reply.status, status, "body: {}", reply.text());
-    assert_eq!(
-        reply.header("content-type"),
-        Some("application/problem+json")
-    );
-    assert_eq!(reply.json()["status"], status);
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::{Larder, Origin, Reply};
@@ -186,14 +186,6 @@ fn age(reply: &Reply) -> u64 {
         .header("age")
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no Age on {:?}", reply.headers))
-}
-
-async fn eventually(mut done: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done().await {
-        assert!(Instant::now() < deadline, "condition not met within 10 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 // ------------------------------------------- RFC 9111 section 3: storing responses
@@ -562,7 +554,7 @@ async fn a_concurrent_request_never_receives_the_fields_named_by_private() {
         let url = url.clone();
         async move { common::get(&url).await }
     });
-    eventually(async || case.hits() == 1).await;
+    common::wait_until("the leader reaches the origin", || case.hits() == 1).await;
     let waiter = tokio::spawn(async move { common::get(&url).await });
     // Gives the second request time to join the fill in progress. Nothing
     // depends on it: a request that arrives after the release is a hit, and
@@ -1688,7 +1680,10 @@ async fn stale_while_revalidate_answers_stale_and_refreshes_in_the_background() 
     let stale = case.get("/", &[]).await;
     assert_eq!(stale.header("etag"), Some("\"abc\""));
     assert_eq!(stale.text(), "response 0");
-    eventually(async || case.get("/", &[]).await.header("etag") == Some("\"def\"")).await;
+    common::eventually("the refreshed ETag", async || {
+        case.get("/", &[]).await.header("etag") == Some("\"def\"")
+    })
+    .await;
     let fresh = case.get("/", &[]).await;
     assert_eq!(fresh.header("cache-control"), Some("max-age=3600"));
     assert_eq!(fresh.text(), "response 1");
@@ -1766,7 +1761,10 @@ async fn a_stale_while_revalidate_refresh_answered_304_freshens_the_entry() {
     case.get("/", &[]).await;
     let stale = case.get("/", &[]).await;
     assert_eq!(stale.header("x-version"), Some("1"));
-    eventually(async || case.get("/", &[]).await.header("x-version") == Some("2")).await;
+    common::eventually("the refreshed x-version", async || {
+        case.get("/", &[]).await.header("x-version") == Some("2")
+    })
+    .await;
     let fresh = case.get("/", &[]).await;
     assert_eq!(fresh.text(), "response 0");
     assert_eq!(case.hits(), 2);

@@ -2,6 +2,8 @@
 //! cachepump's flags, config errors before anything binds, and serving on the
 //! address `-e` gives.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -146,22 +148,42 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 /// Polls until `path` answers `expect_status`; panics with the server's log
 /// if it exits or the deadline passes.
 fn poll_until(server: &mut Running, addr: SocketAddr, path: &str, expect_status: u16) -> String {
-    let start = Instant::now();
-    while start.elapsed() < DEADLINE {
-        if let Some((status, body)) = http_get(addr, path)
-            && status == expect_status
-        {
-            return body;
+    let log_path = &server.log_path;
+    let awaited = Awaited {
+        path,
+        expect_status,
+        log_path,
+    };
+    let child = &mut server.child;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a runtime to poll on");
+    runtime.block_on(common::wait_until(awaited, || {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("larder exited with {status}:\n{}", read_log(log_path));
         }
-        if let Some(status) = server.child.try_wait().expect("try_wait") {
-            panic!("larder exited with {status}:\n{}", server.log());
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        http_get(addr, path).and_then(|(status, body)| (status == expect_status).then_some(body))
+    }))
+}
+
+/// What [`poll_until`] waits for, shown with the server's log as it is
+/// when the wait fails.
+struct Awaited<'a> {
+    path: &'a str,
+    expect_status: u16,
+    log_path: &'a Path,
+}
+
+impl std::fmt::Display for Awaited<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (path, status) = (self.path, self.expect_status);
+        write!(f, "{path} to answer {status}:\n{}", read_log(self.log_path))
     }
-    panic!(
-        "{path} did not answer {expect_status} within {DEADLINE:?}:\n{}",
-        server.log()
-    );
+}
+
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
 }
 
 #[test]

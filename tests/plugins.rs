@@ -676,14 +676,6 @@ async fn a_restart_loads_the_precompiled_artifact_instead_of_compiling() {
     assert_eq!(stats.compilations, 0);
 }
 
-async fn poll_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_changed_plugin_file_is_swapped_in_and_a_broken_one_is_refused() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -701,13 +693,13 @@ async fn a_changed_plugin_file_is_swapped_in_and_a_broken_one_is_refused() {
     assert!(!answers_directly(host.clone()).await);
 
     std::fs::write(&path, std::fs::read(wasm("answer_direct")).expect("read")).expect("overwrite");
-    poll_until("the new build answers directly", async || {
+    common::eventually("the new build answers directly", async || {
         answers_directly(host.clone()).await
     })
     .await;
 
     std::fs::write(&path, b"\0asm garbage").expect("overwrite with garbage");
-    poll_until("the broken build is refused", async || {
+    common::eventually("the broken build is refused", async || {
         host.stats("live").is_some_and(|s| s.rejected_builds > 0)
     })
     .await;

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Reply, connect, get, get_with, respond, send, start_larder, start_origin};
+use common::{
+    assert_problem, connect, get, get_with, respond, send, start_larder, start_origin, wait_until,
+};
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -41,21 +43,6 @@ async fn echo_origin() -> common::Origin {
         respond(200, &[], lines.join("\n"))
     })
     .await
-}
-
-fn assert_problem(reply: &Reply, status: u16) {
-    assert_eq!(reply.status, status, "body: {}", reply.text());
-    assert_eq!(
-        reply.header("content-type"),
-        Some("application/problem+json")
-    );
-    let problem = reply.json();
-    assert_eq!(problem["status"], status);
-    assert!(problem["title"].is_string());
-    assert!(
-        problem["detail"].as_str().is_some_and(|d| !d.is_empty()),
-        "problem without detail: {problem}"
-    );
 }
 
 #[tokio::test]
@@ -561,7 +548,7 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
     let addr = larder.addr;
     let url = larder.url("/slow");
     let in_flight = tokio::spawn(async move { get(&url).await });
-    wait_until(|| origin.hits() == 1).await;
+    wait_until("the request to reach the origin", || origin.hits() == 1).await;
 
     let stopping = tokio::spawn(larder.stop());
     let deadline = Instant::now() + DEADLINE;
@@ -578,14 +565,6 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
         .await
         .expect("stop returns once drained")
         .expect("stop task");
-}
-
-async fn wait_until(condition: impl Fn() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !condition() {
-        assert!(Instant::now() < deadline, "condition not reached in time");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test]
@@ -870,20 +849,11 @@ async fn the_binary_reloads_its_file_and_exits_0_on_sigterm() {
 
 /// Polls `url` until it answers 200 with `expected`.
 async fn wait_for_body(url: &str, expected: &str) {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    common::eventually(format!("{url} to answer {expected:?}"), async || {
         let reply = get(url).await;
-        if reply.status == 200 && reply.text() == expected {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{url} never answered {expected:?}; last: {} {}",
-            reply.status,
-            reply.text()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+        reply.status == 200 && reply.text() == expected
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -973,7 +943,7 @@ async fn shutdown_gives_up_on_requests_after_the_drain_timeout() {
         .body(Full::new(Bytes::new()))
         .expect("request");
     let in_flight = tokio::spawn(async move { sender.send_request(request).await });
-    wait_until(|| origin.hits() == 1).await;
+    wait_until("the request to reach the origin", || origin.hits() == 1).await;
     tokio::time::timeout(DEADLINE, larder.stop())
         .await
         .expect("stop returns once the drain timeout has passed");

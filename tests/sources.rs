@@ -6,40 +6,18 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Origin, get, get_with, send, start_larder, start_origin};
+use common::{Origin, eventually, get, get_with, send, start_larder, start_origin};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use larder::http::body::{self, Body};
 use larder::http::error::RequestError;
 use larder::plugins::PluginHost;
 use larder::sources::Sources;
-
-const DEADLINE: Duration = Duration::from_secs(10);
-
-/// Polls `check` every 50 ms until it gives a value, failing after [`DEADLINE`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Waits until Larder answers `GET path` with 200 and returns that reply.
 async fn served(url: &str) -> common::Reply {

@@ -1,26 +1,45 @@
 //! Test support shared by every integration test file: start Larder in
 //! process from a YAML string on 127.0.0.1:0, start real hyper origins that
-//! count their requests, and send requests over real sockets.
+//! count and record their requests, send requests over real sockets, and
+//! poll for a condition with a deadline.
 //!
 //! Each test file uses a different part of this module.
 #![allow(dead_code)]
 
+use std::fmt::Display;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use larder::app::Server;
-use larder::http::body::Body;
+use larder::http::body::{Body, BoxError};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 const LOOPBACK_ANY_PORT: &str = "127.0.0.1:0";
+
+/// How long a polling helper waits for its condition before failing.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// How often a polling helper checks its condition.
+const POLL_EVERY: Duration = Duration::from_millis(20);
+
+/// The bearer token of the admin block [`ADMIN_BLOCK`].
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// An `admin:` block with [`ADMIN_TOKEN`], to start a test config with;
+/// [`Larder::admin`] then sends admin requests with that token.
+pub const ADMIN_BLOCK: &str = "admin:\n  token: test-admin-token\n";
 
 /// A Larder running in this process.
 pub struct Larder {
@@ -41,6 +60,18 @@ impl Larder {
         format!("http://{addr}{path_and_query}")
     }
 
+    /// `method path` on the admin listener with the bearer [`ADMIN_TOKEN`]
+    /// (the config needs [`ADMIN_BLOCK`]); a non-empty `body` goes as JSON.
+    pub async fn admin(&self, method: &str, path: &str, body: impl Into<Bytes>) -> Reply {
+        let body = body.into();
+        let authorization = format!("Bearer {ADMIN_TOKEN}");
+        let mut headers = vec![("authorization", authorization.as_str())];
+        if !body.is_empty() {
+            headers.push(("content-type", "application/json"));
+        }
+        send(method, &self.admin_url(path), &headers, body).await
+    }
+
     /// Applies a new config; the listeners keep their ports.
     pub async fn reload(&self, yaml: &str) -> Result<(), String> {
         let mut config = larder::config::load_str(yaml, "test.yml").map_err(|e| e.to_string())?;
@@ -48,7 +79,7 @@ impl Larder {
         if let (Some(admin), Some(addr)) = (config.admin.as_mut(), self.admin_addr) {
             admin.listen = addr;
         }
-        self.server.reload(config).await
+        self.server.reload(config).await.map_err(|e| e.to_string())
     }
 
     /// Graceful shutdown: in-flight requests finish, new connections are refused.
@@ -81,11 +112,29 @@ pub async fn start_larder(yaml: &str) -> Larder {
     }
 }
 
-/// A real HTTP/1.1 origin on 127.0.0.1:0 that counts the requests it answers.
+/// What an origin saw of one request.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
+}
+
+/// A real HTTP/1.1 origin on 127.0.0.1:0 that counts the requests it
+/// answers and keeps what it saw of each.
 pub struct Origin {
     pub addr: SocketAddr,
     hits: Arc<AtomicUsize>,
     connections: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    accept: Mutex<Option<JoinHandle<()>>>,
+    open: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl Origin {
@@ -101,13 +150,73 @@ impl Origin {
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
     }
+
+    /// Every request answered so far, in arrival order.
+    pub fn requests(&self) -> Vec<Seen> {
+        lock(&self.seen).clone()
+    }
+
+    /// The latest request; panics when there was none.
+    pub fn last_request(&self) -> Seen {
+        lock(&self.seen)
+            .last()
+            .cloned()
+            .expect("the origin has not seen a request")
+    }
+
+    /// Stops the origin: its port refuses connections from now on and every
+    /// connection it had open (e.g. one Larder keeps in its pool) is closed.
+    pub async fn stop(&self) {
+        let accept = lock(&self.accept).take();
+        if let Some(accept) = accept {
+            accept.abort();
+            let _ = accept.await;
+        }
+        let open = std::mem::take(&mut *lock(&self.open));
+        for connection in open {
+            connection.abort();
+            let _ = connection.await;
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Starts an origin that answers every request with `handler`. It runs until
-/// the test's runtime ends.
+/// the test's runtime ends or [`Origin::stop`].
 pub async fn start_origin<F, Fut>(handler: F) -> Origin
 where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    serve_origin(true, move |request, _| handler(request)).await
+}
+
+/// As [`start_origin`], the handler also getting the request's number (the
+/// first request is 1).
+pub async fn start_numbered_origin<F, Fut>(handler: F) -> Origin
+where
+    F: Fn(Request<Incoming>, usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    serve_origin(true, handler).await
+}
+
+/// As [`start_numbered_origin`], without the `Date` hyper adds to every
+/// response: the responses carry a `Date` only if the handler sets one.
+pub async fn start_dateless_origin<F, Fut>(handler: F) -> Origin
+where
+    F: Fn(Request<Incoming>, usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    serve_origin(false, handler).await
+}
+
+async fn serve_origin<F, Fut>(auto_date: bool, handler: F) -> Origin
+where
+    F: Fn(Request<Incoming>, usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let listener = TcpListener::bind(LOOPBACK_ANY_PORT)
@@ -116,34 +225,51 @@ where
     let addr = listener.local_addr().expect("origin address");
     let hits = Arc::new(AtomicUsize::new(0));
     let connections = Arc::new(AtomicUsize::new(0));
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let open: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
     let handler = Arc::new(handler);
-    let counter = hits.clone();
-    let accepted = connections.clone();
-    tokio::spawn(async move {
+    let (counter, accepted, log, tasks) = (
+        hits.clone(),
+        connections.clone(),
+        seen.clone(),
+        open.clone(),
+    );
+    let accept = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             accepted.fetch_add(1, Ordering::SeqCst);
-            let handler = handler.clone();
-            let counter = counter.clone();
+            let (handler, counter, log) = (handler.clone(), counter.clone(), log.clone());
             let service = service_fn(move |request: Request<Incoming>| {
-                counter.fetch_add(1, Ordering::SeqCst);
-                let response = handler(request);
+                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                lock(&log).push(Seen {
+                    method: request.method().clone(),
+                    uri: request.uri().clone(),
+                    headers: request.headers().clone(),
+                });
+                let response = handler(request, n);
                 async move { Ok::<_, std::convert::Infallible>(response.await) }
             });
-            tokio::spawn(async move {
+            let connection = tokio::spawn(async move {
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .auto_date_header(auto_date)
                     .serve_connection(TokioIo::new(stream), service)
                     .with_upgrades()
                     .await;
             });
+            let mut open = lock(&tasks);
+            open.retain(|task| !task.is_finished());
+            open.push(connection);
         }
     });
     Origin {
         addr,
         hits,
         connections,
+        seen,
+        accept: Mutex::new(Some(accept)),
+        open,
     }
 }
 
@@ -169,6 +295,34 @@ impl Reply {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
     }
+
+    /// The `Cache-Status` header, or "" without one.
+    pub fn cache_status(&self) -> &str {
+        self.header("cache-status").unwrap_or("")
+    }
+
+    /// The `Age` header in seconds; panics without a valid one.
+    pub fn age(&self) -> u64 {
+        self.header("age")
+            .and_then(|age| age.parse().ok())
+            .unwrap_or_else(|| panic!("no valid Age in {:?}", self.headers))
+    }
+}
+
+/// Asserts `reply` is an RFC 9457 problem with `status`, a title and a detail.
+pub fn assert_problem(reply: &Reply, status: u16) {
+    assert_eq!(reply.status, status, "body: {}", reply.text());
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/problem+json")
+    );
+    let problem = reply.json();
+    assert_eq!(problem["status"], status);
+    assert!(problem["title"].is_string());
+    assert!(
+        problem["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "problem without detail: {problem}"
+    );
 }
 
 pub async fn get(url: &str) -> Reply {
@@ -186,6 +340,28 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> Reply {
+    let response = open(method, url, headers, body).await;
+    let (parts, incoming) = response.into_parts();
+    let body = incoming
+        .collect()
+        .await
+        .unwrap_or_else(|e| panic!("reading the body of {method} {url} failed: {e}"))
+        .to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Sends one request on a fresh HTTP/1.1 connection and returns the response
+/// once its head has arrived; the body streams as the server sends it.
+pub async fn open(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Response<Incoming> {
     let uri: http::Uri = url
         .parse()
         .unwrap_or_else(|e| panic!("bad test URL {url}: {e}"));
@@ -205,21 +381,10 @@ pub async fn send(
         .body(Full::new(body.into()))
         .expect("valid test request");
     let mut sender = connect(authority.as_str()).await;
-    let response = sender
+    sender
         .send_request(request)
         .await
-        .unwrap_or_else(|e| panic!("{method} {url} failed: {e}"));
-    let (parts, incoming) = response.into_parts();
-    let body = incoming
-        .collect()
-        .await
-        .unwrap_or_else(|e| panic!("reading the body of {method} {url} failed: {e}"))
-        .to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
+        .unwrap_or_else(|e| panic!("{method} {url} failed: {e}"))
 }
 
 /// An HTTP/1.1 client connection to `authority`, driven in the background.
@@ -250,4 +415,185 @@ pub fn respond(status: u16, headers: &[(&str, &str)], body: impl Into<Bytes>) ->
     builder
         .body(larder::http::body::full(body))
         .expect("valid test response")
+}
+
+/// Feeds the body of a [`streamed`] response.
+pub struct BodySender(mpsc::Sender<Result<Frame<Bytes>, BoxError>>);
+
+impl BodySender {
+    /// Sends one chunk; false once the body's reader has gone.
+    pub async fn chunk(&self, data: impl Into<Bytes>) -> bool {
+        self.0.send(Ok(Frame::data(data.into()))).await.is_ok()
+    }
+
+    /// Breaks the body: an origin's server then cuts the connection
+    /// mid-body, without the end of the message.
+    pub async fn fail(self, why: &str) {
+        let _ = self.0.send(Err(why.to_string().into())).await;
+    }
+
+    /// Resolves once the body's reader has dropped it (for an origin: the
+    /// connection the response was going out on has gone).
+    pub async fn closed(&self) {
+        self.0.closed().await;
+    }
+}
+
+/// A response with `status` and `headers` whose body is what is sent
+/// through the returned [`BodySender`], ending when that is dropped.
+pub fn streamed(status: u16, headers: &[(&str, &str)]) -> (BodySender, Response<Body>) {
+    let (sender, receiver) = mpsc::channel(1);
+    let frames = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|frame| (frame, receiver))
+    });
+    let mut response = respond(status, headers, Bytes::new());
+    *response.body_mut() = larder::http::body::boxed(StreamBody::new(frames));
+    (BodySender(sender), response)
+}
+
+/// An HTTP-date `offset_secs` seconds from now (negative: in the past).
+pub fn http_date(offset_secs: i64) -> String {
+    let now = SystemTime::now();
+    let offset = Duration::from_secs(offset_secs.unsigned_abs());
+    let time = if offset_secs >= 0 {
+        now + offset
+    } else {
+        now - offset
+    };
+    httpdate::fmt_http_date(time)
+}
+
+/// What a polled condition gives: `true`, or `Some(value)`, once it holds.
+pub trait Outcome {
+    type Value;
+    fn ready(self) -> Option<Self::Value>;
+}
+
+impl Outcome for bool {
+    type Value = ();
+    fn ready(self) -> Option<()> {
+        self.then_some(())
+    }
+}
+
+impl<T> Outcome for Option<T> {
+    type Value = T;
+    fn ready(self) -> Option<T> {
+        self
+    }
+}
+
+/// Checks `condition` every 20 ms until it holds and returns what it gave;
+/// fails "timed out waiting for {what}" after [`DEADLINE`]. For conditions
+/// that only look (counters, flags); see [`eventually`] for ones that await.
+pub async fn wait_until<O: Outcome>(
+    what: impl Display,
+    mut condition: impl FnMut() -> O,
+) -> O::Value {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = condition().ready() {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// As [`wait_until`], for a condition that awaits (a request, a lookup);
+/// a check still pending at the deadline fails the same way.
+pub async fn eventually<O: Outcome>(
+    what: impl Display,
+    mut condition: impl AsyncFnMut() -> O,
+) -> O::Value {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let checked = tokio::time::timeout_at(deadline, condition()).await;
+        if let Some(value) = checked.ok().and_then(Outcome::ready) {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// The access-log lines (target `larder::access`: one per request, written
+/// when its response body has ended or been dropped) that Larder writes on
+/// this thread while this value lives, as `field=value` pairs. A plain
+/// `#[tokio::test]` runs Larder's tasks on the test's own thread, so these
+/// are that test's requests; on a multi-thread runtime lines are missed.
+pub struct AccessLog {
+    lines: Arc<Mutex<Vec<String>>>,
+    _scope: tracing::subscriber::DefaultGuard,
+}
+
+impl AccessLog {
+    /// Starts capturing and returns once the access log reaches the capture:
+    /// `probe` sends a request Larder logs (one that changes nothing the
+    /// test checks) until its line shows up. tracing decides once per log
+    /// statement, for the whole process, whether anyone listens, and with
+    /// only thread-scoped listeners it asks whichever thread reaches the
+    /// statement first: another test's thread answers no. Deciding again
+    /// once the statement has been reached makes it ask this thread.
+    pub async fn capture(mut probe: impl AsyncFnMut()) -> Self {
+        use tracing_subscriber::layer::SubscriberExt;
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let subscriber = tracing_subscriber::registry().with(AccessLayer(lines.clone()));
+        let log = Self {
+            lines,
+            _scope: tracing::subscriber::set_default(subscriber),
+        };
+        eventually("the access log to reach the capture", async || {
+            tracing::callsite::rebuild_interest_cache();
+            probe().await;
+            !log.lines().is_empty()
+        })
+        .await;
+        log
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        lock(&self.lines).clone()
+    }
+}
+
+struct AccessLayer(Arc<Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AccessLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if event.metadata().target() == "larder::access" {
+            let mut line = Fields(String::new());
+            event.record(&mut line);
+            lock(&self.0).push(line.0);
+        }
+    }
+}
+
+/// An event's fields as `name=value` separated by spaces.
+struct Fields(String);
+
+impl Fields {
+    fn push(&mut self, name: &str, value: std::fmt::Arguments<'_>) {
+        use std::fmt::Write;
+        if !self.0.is_empty() {
+            self.0.push(' ');
+        }
+        let _ = write!(self.0, "{name}={value}");
+    }
+}
+
+impl tracing::field::Visit for Fields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.push(field.name(), format_args!("{value}"));
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.push(field.name(), format_args!("{value:?}"));
+    }
 }
