@@ -111,7 +111,8 @@ fn check(path: &Path, config: Config) -> anyhow::Result<ExitCode> {
         .build()?;
     let loaded = runtime.block_on(larder::plugins::PluginHost::load(&config.plugins));
     if let Err(error) = loaded {
-        let error = config::error_at(path, &format!("plugins.{}", error.plugin), error.reason);
+        let at = format!("plugins.{}", error.plugin);
+        let error = config::error_at(path, &at, error.reason.to_string());
         return Ok(report_config_errors(path, &ConfigErrors(vec![error])));
     }
     for warning in config::warnings(path, &config) {

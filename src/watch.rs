@@ -41,10 +41,10 @@ impl Changes {
 
 /// Watches `path` for changes: writes, renames and removals of the file
 /// itself or of a `..data` entry beside it.
-pub fn file(path: &Path) -> Result<(FileWatch, Changes), String> {
+pub fn file(path: &Path) -> Result<(FileWatch, Changes), notify::Error> {
     let name: OsString = path
         .file_name()
-        .ok_or_else(|| format!("{} names no file", path.display()))?
+        .ok_or_else(|| notify::Error::generic("the path names no file").add_path(path.into()))?
         .to_owned();
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
@@ -66,9 +66,9 @@ pub fn file(path: &Path) -> Result<(FileWatch, Changes), String> {
             let _ = sender.try_send(());
         }
     };
-    let mut watcher = notify::recommended_watcher(handler).map_err(|e| e.to_string())?;
+    let mut watcher = notify::recommended_watcher(handler)?;
     watcher
         .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
+        .map_err(|e| e.add_path(dir))?;
     Ok((FileWatch { _watcher: watcher }, Changes { events }))
 }

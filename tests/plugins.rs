@@ -337,6 +337,7 @@ async fn a_bad_plugin_config_is_a_load_error_naming_the_plugin() {
     match PluginHost::load(&map).await {
         Err(PluginLoadError { plugin, reason }) => {
             assert_eq!(plugin, "broken-cors");
+            let reason = reason.to_string();
             assert!(reason.contains("not `name: value`"), "reason: {reason}");
         }
         Ok(_) => panic!("a bad config must not load"),

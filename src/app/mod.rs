@@ -25,7 +25,7 @@ use crate::admin::Admin;
 use crate::cache::{Cache, Clock, SystemClock};
 use crate::config::Config;
 use crate::plugins::{PluginHost, PluginLoadError};
-use crate::proxy::Proxy;
+use crate::proxy::{BuildError, Proxy};
 use crate::sources::Sources;
 use listener::accept_loop;
 
@@ -39,7 +39,16 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("invalid configuration: {0}")]
-    Config(String),
+    Config(#[from] BuildError),
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Proxy(#[from] BuildError),
+    #[error(transparent)]
+    Plugins(#[from] PluginLoadError),
 }
 
 /// The parts that outlive reloads.
@@ -50,7 +59,7 @@ struct App {
 }
 
 impl App {
-    fn proxy(&self, config: &Config, previous: Option<&Proxy>) -> Result<Proxy, String> {
+    fn proxy(&self, config: &Config, previous: Option<&Proxy>) -> Result<Proxy, BuildError> {
         Proxy::build(
             config,
             self.cache.clone(),
@@ -116,7 +125,7 @@ pub async fn start(config: Config, options: Options) -> Result<Server, StartErro
         sources: Sources::start(&config.sources, plugins.clone()),
         plugins,
     };
-    let proxy = app.proxy(&config, None).map_err(StartError::Config)?;
+    let proxy = app.proxy(&config, None)?;
     let admin = app.admin(&config);
 
     let proxy_listener = bind(config.listen).await?;
@@ -191,7 +200,7 @@ fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, St
 impl Server {
     /// Applies a new config: plugins, cache settings and sources in place,
     /// then a new request path swapped in. On error the running config stays.
-    pub async fn reload(&self, config: Config) -> Result<(), String> {
+    pub async fn reload(&self, config: Config) -> Result<(), ReloadError> {
         let mut running = self.live.config.lock().await;
         if config.listen != running.listen {
             tracing::warn!(old = %running.listen, new = %config.listen, "listen changed; it takes effect on restart");
@@ -204,10 +213,7 @@ impl Server {
         let app = &self.live.app;
         let previous = self.live.proxy.load_full();
         let proxy = app.proxy(&config, Some(&previous))?;
-        app.plugins
-            .apply(&config.plugins)
-            .await
-            .map_err(|error| error.to_string())?;
+        app.plugins.apply(&config.plugins).await?;
         app.cache.apply(&config.cache);
         app.sources.apply(&config.sources);
         self.live.proxy.store(Arc::new(proxy));

@@ -15,6 +15,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::bindings;
+use super::loader::LoadError;
 use super::store::{EPOCH_TICK, StoreState};
 
 /// Low bytes of a linear memory reset in place when its slot is reused: a
@@ -45,27 +46,35 @@ pub struct PluginEngine {
     cache_dir: Option<PathBuf>,
 }
 
-static SHARED: OnceLock<Result<Arc<PluginEngine>, String>> = OnceLock::new();
+static SHARED: OnceLock<Result<Arc<PluginEngine>, EngineError>> = OnceLock::new();
+
+/// Why the engine could not start (kept as text: the one engine's error is
+/// shared by every later caller).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the wasm engine could not start: {0}")]
+pub struct EngineError(String);
 
 /// The engine every plugin host of this process uses (built on first use,
 /// with its epoch ticker thread).
-pub fn shared() -> Result<Arc<PluginEngine>, String> {
+pub fn shared() -> Result<Arc<PluginEngine>, EngineError> {
     SHARED
         .get_or_init(|| PluginEngine::build().map(Arc::new))
         .clone()
 }
 
 impl PluginEngine {
-    fn build() -> Result<Self, String> {
+    fn build() -> Result<Self, EngineError> {
         let engine = match Engine::new(&engine_config(true)) {
             Ok(engine) => engine,
             Err(error) => {
                 tracing::warn!(%error, "the pooling allocator could not reserve its memory; plugins use on-demand allocation");
-                Engine::new(&engine_config(false)).map_err(|e| e.to_string())?
+                Engine::new(&engine_config(false)).map_err(|e| EngineError(format!("{e:#}")))?
             }
         };
-        start_epoch_ticker(&engine)?;
-        let linker = build_linker(&engine).map_err(|e| format!("linking host imports: {e}"))?;
+        start_epoch_ticker(&engine)
+            .map_err(|e| EngineError(format!("starting the epoch ticker: {e}")))?;
+        let linker = build_linker(&engine)
+            .map_err(|e| EngineError(format!("linking host imports: {e:#}")))?;
         Ok(Self {
             engine,
             linker,
@@ -77,7 +86,7 @@ impl PluginEngine {
 
     /// Compiles `wasm` or loads its precompiled artifact. Blocking: call it
     /// from `spawn_blocking`. Returns whether a compilation happened.
-    pub fn compile(&self, wasm: &[u8]) -> Result<(Component, bool), String> {
+    pub fn compile(&self, wasm: &[u8]) -> Result<(Component, bool), LoadError> {
         let artifact = self
             .cache_dir
             .as_ref()
@@ -95,10 +104,10 @@ impl PluginEngine {
         let compiled = self
             .engine
             .precompile_component(wasm)
-            .map_err(|e| format!("not a valid component: {e:#}"))?;
+            .map_err(LoadError::Compile)?;
         // SAFETY: the bytes were produced just now by this engine.
         let component = unsafe { Component::deserialize(&self.engine, &compiled) }
-            .map_err(|e| format!("loading the compiled component: {e:#}"))?;
+            .map_err(LoadError::Compile)?;
         if let Some(path) = artifact
             && let Err(error) = write_atomically(&path, &compiled)
         {
@@ -163,7 +172,7 @@ fn engine_config(pooling: bool) -> Config {
     config
 }
 
-fn start_epoch_ticker(engine: &Engine) -> Result<(), String> {
+fn start_epoch_ticker(engine: &Engine) -> std::io::Result<()> {
     let engine = engine.weak();
     std::thread::Builder::new()
         .name("larder-plugin-epoch".to_string())
@@ -175,7 +184,6 @@ fn start_epoch_ticker(engine: &Engine) -> Result<(), String> {
             }
         })
         .map(|_| ())
-        .map_err(|e| format!("starting the epoch ticker: {e}"))
 }
 
 fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<StoreState>> {

@@ -112,7 +112,7 @@ impl StoreState {
             return Err(SendError::TooManyRequests);
         }
         grant.requests_made += 1;
-        let url = grant.allow.check(&request.url).map_err(SendError::Denied)?;
+        let url = grant.allow.check(&request.url)?;
         let timeout = request
             .timeout_ms
             .map(|ms| Duration::from_millis(u64::from(ms)))

@@ -28,6 +28,14 @@ pub const MAX_REQUESTS_PER_CALL: u32 = 16;
 /// The longest a single outbound call may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// An `allow_hosts` entry that is not an origin, and why.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("`{entry}`: {reason}")]
+pub struct InvalidOrigin {
+    pub entry: String,
+    pub reason: String,
+}
+
 /// One `allow_hosts` entry: scheme, host (exact, or `*.` for subdomains)
 /// and port.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,19 +54,21 @@ enum HostPattern {
 
 impl AllowedOrigin {
     /// Parses `https://api.example.com`, `http://127.0.0.1:8080`, `https://*.example.com`.
-    pub fn parse(entry: &str) -> Result<Self, String> {
-        let url = Url::parse(entry).map_err(|e| format!("`{entry}` is not a URL: {e}"))?;
+    pub fn parse(entry: &str) -> Result<Self, InvalidOrigin> {
+        let invalid = |reason: String| InvalidOrigin {
+            entry: entry.to_string(),
+            reason,
+        };
+        let url = Url::parse(entry).map_err(|e| invalid(format!("not a URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!(
-                "`{entry}`: only http and https origins can be allowed"
-            ));
+            return Err(invalid("only http and https origins can be allowed".into()));
         }
         if has_userinfo(&url) {
-            return Err(format!("`{entry}`: an origin has no user information"));
+            return Err(invalid("an origin has no user information".into()));
         }
         if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
-            return Err(format!(
-                "`{entry}`: give an origin (scheme, host, optional port) without a path"
+            return Err(invalid(
+                "give an origin (scheme, host, optional port) without a path".into(),
             ));
         }
         let host = match url.host() {
@@ -66,11 +76,11 @@ impl AllowedOrigin {
                 HostPattern::Subdomains(domain[1..].to_string())
             }
             Some(host) if !host.to_string().contains('*') => HostPattern::Exact(host.to_owned()),
-            _ => return Err(format!("`{entry}`: `*` is only allowed as a leading `*.`")),
+            _ => return Err(invalid("`*` is only allowed as a leading `*.`".into())),
         };
         let port = url
             .port_or_known_default()
-            .ok_or_else(|| format!("`{entry}` has no port"))?;
+            .ok_or_else(|| invalid("no port".into()))?;
         Ok(Self {
             scheme: url.scheme().to_string(),
             host,
@@ -101,7 +111,7 @@ fn has_userinfo(url: &Url) -> bool {
 pub struct AllowList(Vec<AllowedOrigin>);
 
 impl AllowList {
-    pub fn parse(entries: &[String]) -> Result<Self, String> {
+    pub fn parse(entries: &[String]) -> Result<Self, InvalidOrigin> {
         entries
             .iter()
             .map(|entry| AllowedOrigin::parse(entry))
@@ -110,21 +120,27 @@ impl AllowList {
     }
 
     /// The parsed URL if the plugin may call it, else why not.
-    pub fn check(&self, raw: &str) -> Result<Url, String> {
-        let url = Url::parse(raw).map_err(|e| format!("`{raw}` is not a URL: {e}"))?;
+    pub fn check(&self, raw: &str) -> Result<Url, SendError> {
+        let url =
+            Url::parse(raw).map_err(|e| SendError::Denied(format!("`{raw}` is not a URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!("scheme `{}` is not allowed", url.scheme()));
+            return Err(SendError::Denied(format!(
+                "scheme `{}` is not allowed",
+                url.scheme()
+            )));
         }
         if has_userinfo(&url) {
-            return Err("URLs with user information are refused".to_string());
+            return Err(SendError::Denied(
+                "URLs with user information are refused".to_string(),
+            ));
         }
         if self.0.iter().any(|origin| origin.allows(&url)) {
             Ok(url)
         } else {
-            Err(format!(
+            Err(SendError::Denied(format!(
                 "{} is not in allow_hosts",
                 url.origin().ascii_serialization()
-            ))
+            )))
         }
     }
 }

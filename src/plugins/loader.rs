@@ -5,6 +5,7 @@
 //!
 //! Must not swap in a build that failed to compile or to initialise.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -16,8 +17,8 @@ use wasmtime::Store;
 use super::bindings::fetcher::FetcherPre;
 use super::bindings::transformer::{Transformer, TransformerPre};
 use super::call::{Failure, settle};
-use super::engine::PluginEngine;
-use super::http_client::{AllowList, HttpGrant};
+use super::engine::{EngineError, PluginEngine};
+use super::http_client::{AllowList, HttpGrant, InvalidOrigin};
 use super::store::{Grants, StoreState, new_store};
 use super::{PluginError, SourceValues};
 use crate::config::PluginConfig;
@@ -121,15 +122,47 @@ impl LoadedPlugin {
     }
 }
 
+/// Why a plugin did not load.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("allow_hosts: {0}")]
+    AllowHosts(#[from] InvalidOrigin),
+    #[error("not a valid component: {0:#}")]
+    Compile(wasmtime::Error),
+    #[error("compilation task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("cannot link (does it import only larder:plugin and WASI?): {0:#}")]
+    Link(wasmtime::Error),
+    #[error("exports neither larder:plugin/transform nor larder:plugin/fetch: {0:#}")]
+    NoWorld(wasmtime::Error),
+    #[error("{kind} init failed ({}): {}", .failure.kind.as_str(), .failure.describe())]
+    Init {
+        kind: &'static str,
+        failure: Failure,
+    },
+    #[error("init did not finish within {} ms", .0.as_millis())]
+    InitTimeout(Duration),
+}
+
 /// Reads, compiles, links and probes one plugin.
 pub async fn load_plugin(
     engine: &Arc<PluginEngine>,
     name: &str,
     config: &PluginConfig,
-) -> Result<LoadedPlugin, String> {
+) -> Result<LoadedPlugin, LoadError> {
     let wasm = tokio::fs::read(&config.path)
         .await
-        .map_err(|e| format!("cannot read {}: {e}", config.path.display()))?;
+        .map_err(|source| LoadError::Read {
+            path: config.path.clone(),
+            source,
+        })?;
     load_bytes(engine, name, config, wasm).await
 }
 
@@ -138,14 +171,13 @@ pub async fn load_bytes(
     name: &str,
     config: &PluginConfig,
     wasm: Vec<u8>,
-) -> Result<LoadedPlugin, String> {
-    let allow = AllowList::parse(&config.allow_hosts).map_err(|e| format!("allow_hosts: {e}"))?;
+) -> Result<LoadedPlugin, LoadError> {
+    let allow = AllowList::parse(&config.allow_hosts)?;
     let wasm_sha256 = hex::encode(Sha256::digest(&wasm));
     let started = Instant::now();
     let compiling = engine.clone();
-    let (component, compiled) = tokio::task::spawn_blocking(move || compiling.compile(&wasm))
-        .await
-        .map_err(|e| format!("compilation task failed: {e}"))??;
+    let (component, compiled) =
+        tokio::task::spawn_blocking(move || compiling.compile(&wasm)).await??;
     if compiled {
         metrics::counter!("larder_plugin_compilations_total", "plugin" => name.to_string())
             .increment(1);
@@ -164,12 +196,10 @@ pub async fn load_bytes(
     let pre = engine
         .linker
         .instantiate_pre(&component)
-        .map_err(|e| format!("cannot link (does it import only larder:plugin and WASI?): {e:#}"))?;
+        .map_err(LoadError::Link)?;
     let kind = match TransformerPre::new(pre.clone()) {
         Ok(transformer) => Kind::Transformer(transformer),
-        Err(_) => Kind::Fetcher(FetcherPre::new(pre).map_err(|e| {
-            format!("exports neither larder:plugin/transform nor larder:plugin/fetch: {e:#}")
-        })?),
+        Err(_) => Kind::Fetcher(FetcherPre::new(pre).map_err(LoadError::NoWorld)?),
     };
     let plugin = LoadedPlugin {
         name: Arc::from(name),
@@ -207,7 +237,7 @@ pub async fn instantiate_transformer(
 
 /// Calls `init` with the plugin's config on a throwaway instance: a plugin
 /// that refuses its config, traps or hangs here is not loaded.
-async fn probe_init(engine: &PluginEngine, plugin: &LoadedPlugin) -> Result<(), String> {
+async fn probe_init(engine: &PluginEngine, plugin: &LoadedPlugin) -> Result<(), LoadError> {
     let limit = plugin.backstop();
     let probe = async {
         match &plugin.kind {
@@ -230,15 +260,10 @@ async fn probe_init(engine: &PluginEngine, plugin: &LoadedPlugin) -> Result<(), 
     };
     match tokio::time::timeout(limit, probe).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(failure)) => Err(format!(
-            "{} init failed ({}): {}",
-            plugin.kind.as_str(),
-            failure.kind.as_str(),
-            failure.describe()
-        )),
-        Err(_) => Err(format!(
-            "init did not finish within {} ms",
-            limit.as_millis()
-        )),
+        Ok(Err(failure)) => Err(LoadError::Init {
+            kind: plugin.kind.as_str(),
+            failure,
+        }),
+        Err(_) => Err(LoadError::InitTimeout(limit)),
     }
 }

@@ -36,7 +36,7 @@ use http_body_util::{BodyExt, BodyStream, StreamBody};
 use parking_lot::RwLock;
 
 use crate::config::{OnError, PluginConfig, PluginPhase};
-use crate::http::body::{self, Body};
+use crate::http::body::{self, Body, BoxError};
 use crate::http::cache_control;
 
 use breaker::Admission;
@@ -44,6 +44,7 @@ pub use call::FailureKind;
 use call::{Failure, Hook};
 use engine::PluginEngine;
 use instances::ParkedInstances;
+pub use loader::LoadError;
 use loader::{Kind, LoadedPlugin};
 use slot::PluginSlot;
 pub use slot::PluginStats;
@@ -52,12 +53,12 @@ use transformer::RequestEdit;
 /// The largest response body handed to a transformer's `on-response`.
 pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
-/// A plugin that could not be loaded (compiled, linked, or its `init`).
-#[derive(Debug, Clone, thiserror::Error)]
+/// A plugin that could not be loaded (read, compiled, linked, or its `init`).
+#[derive(Debug, thiserror::Error)]
 #[error("plugin {plugin}: {reason}")]
 pub struct PluginLoadError {
     pub plugin: String,
-    pub reason: String,
+    pub reason: LoadError,
 }
 
 /// A plugin call that failed in a way its caller must act on: for a
@@ -269,8 +270,11 @@ impl PluginHost {
                         request.method = method;
                     }
                     if let Some(path_and_query) = path_and_query {
-                        request.uri = with_path_and_query(&request.uri, path_and_query)
-                            .map_err(|why| call_error(&plugin, FailureKind::Error, why))?;
+                        request.uri =
+                            with_path_and_query(&request.uri, path_and_query).map_err(|e| {
+                                let why = format!("the path it returned makes no URI: {e}");
+                                call_error(&plugin, FailureKind::Error, why)
+                            })?;
                     }
                     if let Some(headers) = headers {
                         request.headers = headers;
@@ -301,15 +305,17 @@ impl PluginHost {
             return Ok(response);
         };
         let (mut parts, body) = response.into_parts();
-        let collected = collect_capped(body, MAX_BODY_BYTES).await.map_err(|why| {
-            // Nothing to continue with: the body is lost, whatever on_error says.
-            PluginError {
-                plugin: first.name.clone(),
-                kind: FailureKind::BodyUnreadable,
-                on_error: OnError::Closed,
-                detail: why,
-            }
-        })?;
+        let collected = collect_capped(body, MAX_BODY_BYTES)
+            .await
+            .map_err(|error| {
+                // Nothing to continue with: the body is lost, whatever on_error says.
+                PluginError {
+                    plugin: first.name.clone(),
+                    kind: FailureKind::BodyUnreadable,
+                    on_error: OnError::Closed,
+                    detail: format!("the response body broke: {error}"),
+                }
+            })?;
         let mut bytes = match collected {
             Collected::Whole(bytes) => bytes,
             Collected::TooLarge(body) => {
@@ -451,9 +457,9 @@ fn fix_framing(
 }
 
 fn shared_engine(plugin: &str) -> Result<Arc<PluginEngine>, PluginLoadError> {
-    engine::shared().map_err(|reason| PluginLoadError {
+    engine::shared().map_err(|error| PluginLoadError {
         plugin: plugin.to_string(),
-        reason: format!("the wasm engine could not start: {reason}"),
+        reason: error.into(),
     })
 }
 
@@ -472,10 +478,10 @@ async fn is_unchanged(slot: &PluginSlot, config: &PluginConfig) -> bool {
 fn with_path_and_query(
     uri: &http::Uri,
     path_and_query: http::uri::PathAndQuery,
-) -> Result<http::Uri, String> {
+) -> Result<http::Uri, http::uri::InvalidUriParts> {
     let mut parts = uri.clone().into_parts();
     parts.path_and_query = Some(path_and_query);
-    http::Uri::from_parts(parts).map_err(|e| format!("the path it returned makes no URI: {e}"))
+    http::Uri::from_parts(parts)
 }
 
 fn call_error(plugin: &LoadedPlugin, kind: FailureKind, detail: String) -> PluginError {
@@ -575,8 +581,7 @@ enum Collected {
 }
 
 /// Reads a body up to `cap` bytes; above it, hands back an equivalent body.
-/// The error is the body's own, as text.
-async fn collect_capped(body: Body, cap: usize) -> Result<Collected, String> {
+async fn collect_capped(body: Body, cap: usize) -> Result<Collected, BoxError> {
     use http_body::Body as _;
     if body.size_hint().lower() > cap as u64 {
         return Ok(Collected::TooLarge(body));
@@ -585,7 +590,7 @@ async fn collect_capped(body: Body, cap: usize) -> Result<Collected, String> {
     let mut collected = BytesMut::new();
     let mut trailers = None;
     while let Some(frame) = stream.next().await {
-        let frame = frame.map_err(|e| format!("the response body broke: {e}"))?;
+        let frame = frame?;
         match frame.into_data() {
             Ok(data) => {
                 collected.extend_from_slice(&data);

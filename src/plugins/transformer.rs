@@ -61,16 +61,21 @@ fn to_wit_headers(headers: &HeaderMap) -> WitHeaders {
         .collect()
 }
 
-fn from_wit_headers(headers: WitHeaders) -> Result<HeaderMap, String> {
+fn from_wit_headers(headers: WitHeaders) -> Result<HeaderMap, Failure> {
     let mut map = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
         let header = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| format!("invalid header name `{name}`"))?;
+            .map_err(|_| bad_output(format!("invalid header name `{name}`")))?;
         let value = HeaderValue::from_bytes(&value)
-            .map_err(|_| format!("invalid value for header `{name}`"))?;
+            .map_err(|_| bad_output(format!("invalid value for header `{name}`")))?;
         map.append(header, value);
     }
     Ok(map)
+}
+
+/// A guest's answer that is not a valid request or response.
+fn bad_output(why: String) -> Failure {
+    Failure::new(FailureKind::Error, why)
 }
 
 pub fn request_head(request: &http::request::Parts) -> RequestHead {
@@ -104,7 +109,10 @@ pub fn response_head(response: &http::response::Parts) -> ResponseHead {
     }
 }
 
-fn check_request_action(action: RequestAction, given: &RequestHead) -> Result<RequestEdit, String> {
+fn check_request_action(
+    action: RequestAction,
+    given: &RequestHead,
+) -> Result<RequestEdit, Failure> {
     match action {
         RequestAction::Continue(out) => {
             let method = if out.head.method == given.method {
@@ -112,23 +120,20 @@ fn check_request_action(action: RequestAction, given: &RequestHead) -> Result<Re
             } else {
                 Some(
                     Method::from_bytes(out.head.method.as_bytes())
-                        .map_err(|_| format!("invalid method `{}`", out.head.method))?,
+                        .map_err(|_| bad_output(format!("invalid method `{}`", out.head.method)))?,
                 )
             };
             let path_and_query = if out.head.path_with_query == given.path_with_query {
                 None
             } else if !out.head.path_with_query.starts_with('/') {
-                return Err(format!(
+                return Err(bad_output(format!(
                     "path `{}` does not start with /",
                     out.head.path_with_query
-                ));
+                )));
             } else {
-                Some(
-                    out.head
-                        .path_with_query
-                        .parse()
-                        .map_err(|_| format!("invalid path `{}`", out.head.path_with_query))?,
-                )
+                Some(out.head.path_with_query.parse().map_err(|_| {
+                    bad_output(format!("invalid path `{}`", out.head.path_with_query))
+                })?)
             };
             let headers = if out.head.headers == given.headers {
                 None
@@ -144,7 +149,7 @@ fn check_request_action(action: RequestAction, given: &RequestHead) -> Result<Re
         }
         RequestAction::Respond(direct) => {
             let status = StatusCode::from_u16(direct.head.status)
-                .map_err(|_| format!("invalid status {}", direct.head.status))?;
+                .map_err(|_| bad_output(format!("invalid status {}", direct.head.status)))?;
             let mut headers = from_wit_headers(direct.head.headers)?;
             headers.remove(http::header::TRANSFER_ENCODING);
             headers.insert(
@@ -159,9 +164,9 @@ fn check_request_action(action: RequestAction, given: &RequestHead) -> Result<Re
     }
 }
 
-fn check_response_out(out: ResponseOut, given: &ResponseHead) -> Result<ResponseEdit, String> {
+fn check_response_out(out: ResponseOut, given: &ResponseHead) -> Result<ResponseEdit, Failure> {
     let status = StatusCode::from_u16(out.head.status)
-        .map_err(|_| format!("invalid status {}", out.head.status))?;
+        .map_err(|_| bad_output(format!("invalid status {}", out.head.status)))?;
     let headers = if out.head.headers == given.headers {
         None
     } else {
@@ -217,7 +222,7 @@ pub async fn on_request(
         } else {
             parked.park(engine, plugin, instance);
         }
-        check_request_action(action, head).map_err(|why| Failure::new(FailureKind::Error, why))
+        check_request_action(action, head)
     };
     tokio::time::timeout(limit, call)
         .await
@@ -246,7 +251,7 @@ pub async fn on_response(
             .await;
         let out = settle(result, &instance.store, "on-response")?;
         plugin.put_idle(instance);
-        check_response_out(out, response).map_err(|why| Failure::new(FailureKind::Error, why))
+        check_response_out(out, response)
     };
     tokio::time::timeout(limit, call)
         .await

@@ -90,6 +90,15 @@ enum OnRequest {
     Answer(Response<Body>),
 }
 
+/// Why a request path could not be built from a config.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::SetupError),
+    #[error("a route names upstream {0}, which is not defined")]
+    UnknownUpstream(String),
+}
+
 /// The request path for one config. Immutable; a reload builds a new one.
 pub struct Proxy {
     /// `None`: no `routes:` key, cachepump mode.
@@ -114,7 +123,7 @@ impl Proxy {
         sources: Arc<Sources>,
         plugins: Arc<PluginHost>,
         previous: Option<&Proxy>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, BuildError> {
         let mut upstreams = BTreeMap::new();
         for (name, upstream) in &config.upstreams {
             upstreams.insert(name.clone(), reuse_or_build(name, upstream, previous)?);
@@ -125,7 +134,7 @@ impl Proxy {
                 routes
                     .iter()
                     .map(|route| compile_route(route, &upstreams, &plugins))
-                    .collect::<Result<Vec<_>, String>>()?,
+                    .collect::<Result<Vec<_>, BuildError>>()?,
             ),
         };
         let unrouted = RouteMetrics::new(if routes.is_some() {
@@ -406,13 +415,13 @@ fn compile_route(
     route: &Route,
     upstreams: &BTreeMap<String, Arc<UpstreamClient>>,
     plugins: &Arc<PluginHost>,
-) -> Result<RouteEntry, String> {
+) -> Result<RouteEntry, BuildError> {
     let chain: Arc<[String]> = route.plugins.clone().into();
     let target = match &route.target {
         RouteTarget::Upstream(name) => {
             let upstream = upstreams
                 .get(name)
-                .ok_or_else(|| format!("a route names upstream {name}, which is not defined"))?;
+                .ok_or_else(|| BuildError::UnknownUpstream(name.clone()))?;
             let origin = Arc::new(RouteOrigin::new(
                 upstream.clone(),
                 plugins.clone(),
@@ -444,13 +453,13 @@ fn reuse_or_build(
     name: &str,
     config: &Upstream,
     previous: Option<&Proxy>,
-) -> Result<Arc<UpstreamClient>, String> {
+) -> Result<Arc<UpstreamClient>, BuildError> {
     if let Some(existing) = previous.and_then(|proxy| proxy.upstream(name))
         && existing.is_built_from(config)
     {
         return Ok(existing.clone());
     }
-    UpstreamClient::new(name, config).map(Arc::new)
+    Ok(Arc::new(UpstreamClient::new(name, config)?))
 }
 
 /// Refuses requests no origin should see: a Host header that is not a valid

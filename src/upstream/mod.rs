@@ -95,6 +95,24 @@ impl FailureKind {
     }
 }
 
+/// Why an upstream client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("upstream {0} has no servers")]
+    NoServers(String),
+    #[error("upstream {upstream}: server {server}: {reason}")]
+    Server {
+        upstream: String,
+        server: String,
+        reason: http::Error,
+    },
+    #[error("upstream {upstream}: {cause}")]
+    Tls {
+        upstream: String,
+        cause: tls::TlsError,
+    },
+}
+
 /// One upstream call that produced no response.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("upstream {upstream}: {} ({cause})", .kind.as_str())]
@@ -122,22 +140,31 @@ pub struct UpstreamClient {
 }
 
 impl UpstreamClient {
-    pub fn new(name: &str, config: &Upstream) -> Result<Self, String> {
+    pub fn new(name: &str, config: &Upstream) -> Result<Self, SetupError> {
         // The config parsed servers and host; what can still fail is what
         // the file system can change (the CA bundle).
         let servers = config
             .servers
             .iter()
-            .map(server_of)
+            .map(|addr| {
+                server_of(addr).map_err(|reason| SetupError::Server {
+                    upstream: name.to_string(),
+                    server: addr.to_string(),
+                    reason,
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if servers.is_empty() {
-            return Err(format!("upstream {name} has no servers"));
+            return Err(SetupError::NoServers(name.to_string()));
         }
         let host = config.host.clone();
         let name: Arc<str> = Arc::from(name);
         Ok(Self {
             duration: metrics::histogram!("larder_upstream_duration_seconds", "upstream" => name.clone()),
-            connector: build_connector(config)?,
+            connector: build_connector(config).map_err(|cause| SetupError::Tls {
+                upstream: name.to_string(),
+                cause,
+            })?,
             name,
             config: config.clone(),
             servers,
@@ -471,13 +498,12 @@ fn closed_before_answering(error: &hyper::Error) -> bool {
 }
 
 /// A server's state, from its parsed address.
-fn server_of(addr: &ServerAddr) -> Result<Server, String> {
+fn server_of(addr: &ServerAddr) -> Result<Server, http::Error> {
     let base = Uri::builder()
         .scheme(addr.scheme.clone())
         .authority(addr.authority.clone())
         .path_and_query("/")
-        .build()
-        .map_err(|e| format!("server {addr}: {e}"))?;
+        .build()?;
     Ok(Server {
         authority: addr.authority.clone(),
         base,
@@ -486,13 +512,13 @@ fn server_of(addr: &ServerAddr) -> Result<Server, String> {
     })
 }
 
-fn build_connector(config: &Upstream) -> Result<HttpsConnector<HttpConnector>, String> {
+fn build_connector(config: &Upstream) -> Result<HttpsConnector<HttpConnector>, tls::TlsError> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(config.connect_timeout.0));
     let tls = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls::client_config(config.ca_file.as_deref()).map_err(|e| e.to_string())?)
+        .with_tls_config(tls::client_config(config.ca_file.as_deref())?)
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);

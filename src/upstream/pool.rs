@@ -15,7 +15,7 @@
 //! servers, retry across them or turn failures into statuses: `upstream` does.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use parking_lot::{Mutex, MutexGuard};
 use tower_service::Service;
 
 use crate::http::body::{self, Body, BoxError};
@@ -129,11 +130,8 @@ impl Pool {
             .retain_mut(|entry| entry.since.elapsed() < IDLE_TIMEOUT && entry.conn.still_usable());
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-        // A panic while holding the lock leaves a plain list behind: still usable.
-        self.idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Vec<Idle>> {
+        self.idle.lock()
     }
 }
 
