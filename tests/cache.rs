@@ -12,7 +12,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use common::{
@@ -1869,4 +1869,122 @@ async fn a_304_for_another_representation_is_not_merged() {
     assert_eq!(reply.text(), "body 3", "the full response, fetched again");
     assert_eq!(reply.header("etag"), Some("\"v2\""));
     assert_eq!(origin.hits(), 3);
+}
+
+// ---------------------------------------------------------------- counts and the clock
+
+/// The cache's per-instance counts, as the admin `GET /cache` reports them.
+async fn stats(front: &Larder) -> serde_json::Value {
+    cache_state(front).await["stats"].clone()
+}
+
+#[tokio::test]
+async fn a_just_stale_answer_for_an_unreachable_origin_is_counted_as_disconnected() {
+    // 65 s old with max-age=60: 5 s stale, inside the 10 s disconnected grace.
+    let (origin, front) = fixed_dated(200, &[("cache-control", "max-age=60")], -65).await;
+    get(&front.url("/grace")).await;
+    origin.stop().await;
+    let reply = get(&front.url("/grace")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(
+        reply.cache_status().contains("detail=origin-unreachable"),
+        "{}",
+        reply.cache_status()
+    );
+    let stats = stats(&front).await;
+    assert_eq!(stats["stale_served"]["disconnected"], 1, "{stats}");
+    assert_eq!(stats["requests"]["stale"], 1, "{stats}");
+    // The Prometheus counter has the label too (it was never registered).
+    let metrics = front.admin("GET", "/metrics", "").await.text();
+    assert!(
+        metrics.contains(r#"larder_cache_stale_served_total{reason="disconnected"}"#),
+        "{metrics}"
+    );
+}
+
+/// A raw TCP origin that reads each request head, waits for `release`,
+/// then closes the connection without answering.
+async fn hanging_up_origin(release: Arc<Notify>) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&heads);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (release, counted) = (Arc::clone(&release), Arc::clone(&counted));
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buffer = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                release.notified().await;
+                release.notify_one();
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[tokio::test]
+async fn waiters_of_a_failed_leader_are_counted_as_errors() {
+    let release = Arc::new(Notify::new());
+    let (addr, heads) = hanging_up_origin(Arc::clone(&release)).await;
+    let front =
+        common::start_larder(&yaml_with_timeout(&format!("http://{addr}"), "30s", "", "")).await;
+    let url = front.url("/doomed");
+    let mut requests = spawn_gets(&url, 1);
+    wait_until("the leader reaches the origin", || {
+        heads.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    requests.extend(spawn_gets(&url, 3));
+    joined(&front, &url, 3).await;
+    release.notify_one();
+    for request in requests {
+        let reply = request.await.unwrap();
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    }
+    let stats = stats(&front).await;
+    assert_eq!(
+        stats["requests"]["error"], 4,
+        "the leader and its three waiters: {stats}"
+    );
+    assert_eq!(stats["coalesced"], 3, "{stats}");
+}
+
+#[tokio::test]
+async fn a_moved_clock_makes_a_stored_response_stale_without_waiting() {
+    let clock = Arc::new(larder::cache::ManualClock::default());
+    let origin = start_numbered_origin(|_, n| async move {
+        respond(200, &[("cache-control", "max-age=60")], format!("body {n}"))
+    })
+    .await;
+    let options = larder::app::Options {
+        clock: clock.clone(),
+        ..Default::default()
+    };
+    let front = common::start_larder_with(&larder_yaml(&origin.url(), "", ""), options).await;
+    get(&front.url("/clock")).await;
+    let fresh = get(&front.url("/clock")).await;
+    assert!(
+        fresh.cache_status().contains("hit"),
+        "{}",
+        fresh.cache_status()
+    );
+    assert_eq!(origin.hits(), 1);
+    clock.advance(std::time::Duration::from_secs(61));
+    let stale = get(&front.url("/clock")).await;
+    assert_eq!(stale.text(), "body 2");
+    assert!(
+        stale.cache_status().contains("fwd=stale"),
+        "{}",
+        stale.cache_status()
+    );
+    assert_eq!(origin.hits(), 2);
 }

@@ -26,8 +26,8 @@ use hyper::client::conn::http1;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use parking_lot::{Mutex, MutexGuard};
+use tokio::net::TcpStream;
 use tower_service::Service;
 
 use crate::http::body::{self, Body, BoxError};

@@ -92,6 +92,11 @@ impl Larder {
 /// the config errors if the YAML is invalid (test-only). Set
 /// `LARDER_TEST_LOG=debug` to see the logs.
 pub async fn start_larder(yaml: &str) -> Larder {
+    start_larder_with(yaml, larder::app::Options::default()).await
+}
+
+/// [`start_larder`] with start options (a manual cache clock, say).
+pub async fn start_larder_with(yaml: &str, options: larder::app::Options) -> Larder {
     if let Ok(level) = std::env::var("LARDER_TEST_LOG") {
         larder::telemetry::init(&level, larder::config::LogFormat::Text);
     }
@@ -102,7 +107,7 @@ pub async fn start_larder(yaml: &str) -> Larder {
     if let Some(admin) = config.admin.as_mut() {
         admin.listen = any_port;
     }
-    let server = larder::app::start(config, larder::app::Options::default())
+    let server = larder::app::start(config, options)
         .await
         .unwrap_or_else(|error| panic!("larder did not start: {error}"));
     Larder {
