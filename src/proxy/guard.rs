@@ -26,9 +26,9 @@ pub enum BodyFault {
     Idle { timeout: Duration },
 }
 
-/// Records the first fault of a request body; kept in the request's
-/// extensions so whoever sees the upstream call fail can answer 413 (or 400)
-/// instead of 502.
+/// Records the first fault of a request body; the body keeps one copy and
+/// the request's context the other, so `respond` can answer 413 (or 400)
+/// instead of 502 when the upstream call failed because of it.
 #[derive(Debug, Clone, Default)]
 pub struct BodyGuard(Arc<OnceLock<BodyFault>>);
 
