@@ -6,20 +6,6 @@ use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};
 use smallvec::SmallVec;
 
-/// The hop-by-hop headers of RFC 9110 7.6.1, plus the non-standard ones
-/// proxies have always dropped.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-];
-
 /// Removes hop-by-hop headers and every header named in `Connection`.
 /// With `keep_upgrade`, `Upgrade` and `Connection: upgrade` survive (the
 /// WebSocket handshake must reach the other side).
@@ -36,44 +22,67 @@ pub fn strip(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// The hop-by-hop names present in `headers`, found in one pass over the
-/// names (most messages carry one or none; a lookup per candidate costs more).
-/// Inline for up to four names: this runs twice per forwarded request.
+/// The hop-by-hop names present in `headers`: the fixed ones and those
+/// `Connection` lists, found in one pass over the names (most messages carry
+/// one or none; a lookup per candidate costs more). Inline for up to four
+/// names: this runs twice per forwarded request.
 pub fn hop_by_hop_names(headers: &HeaderMap, keep_upgrade: bool) -> SmallVec<[HeaderName; 4]> {
-    let listed: SmallVec<[&str; 4]> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
-        .filter(|token| !token.is_empty())
-        .collect();
-    headers
-        .keys()
-        .filter(|name| !(keep_upgrade && **name == header::UPGRADE))
-        .filter(|name| {
-            is_hop_by_hop(name)
-                || listed
-                    .iter()
-                    .any(|token| token.eq_ignore_ascii_case(name.as_str()))
-        })
-        .cloned()
-        .collect()
+    let listed = connection_tokens(headers);
+    let mut doomed = SmallVec::new();
+    for name in headers.keys() {
+        if keep_upgrade && name == header::UPGRADE {
+            continue;
+        }
+        let named = || {
+            listed
+                .iter()
+                .any(|token| token.eq_ignore_ascii_case(name.as_str().as_bytes()))
+        };
+        if is_hop_by_hop(name) || named() {
+            doomed.push(name.clone());
+        }
+    }
+    doomed
 }
 
+/// The hop-by-hop headers of RFC 9110 section 7.6.1, plus the non-standard
+/// ones proxies have always dropped: the one list.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+    )
+}
+
+/// The comma-separated tokens of every `Connection` line, trimmed, as bytes
+/// (a token that is not ASCII matches no header name anyway).
+fn connection_tokens(headers: &HeaderMap) -> SmallVec<[&[u8]; 4]> {
+    let mut tokens = SmallVec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        for token in value.as_bytes().split(|byte| *byte == b',') {
+            let token = token.trim_ascii();
+            if !token.is_empty() {
+                tokens.push(token);
+            }
+        }
+    }
+    tokens
 }
 
 /// Whether the request asks for a protocol upgrade (WebSocket).
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
+        && connection_tokens(headers)
             .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+            .any(|token| token.eq_ignore_ascii_case(b"upgrade"))
 }
 
 #[cfg(test)]

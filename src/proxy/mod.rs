@@ -103,6 +103,8 @@ pub enum BuildError {
 pub struct Proxy {
     /// `None`: no `routes:` key, cachepump mode.
     routes: Option<Vec<RouteEntry>>,
+    /// Whether any route matches on the host (else routing never reads it).
+    routes_match_host: bool,
     cache: Arc<Cache>,
     sources: Arc<Sources>,
     plugins: Arc<PluginHost>,
@@ -137,6 +139,10 @@ impl Proxy {
                     .collect::<Result<Vec<_>, BuildError>>()?,
             ),
         };
+        let routes_match_host = routes
+            .iter()
+            .flatten()
+            .any(|route| route.matcher.matches_host());
         let unrouted = RouteMetrics::new(if routes.is_some() {
             "none"
         } else {
@@ -145,6 +151,7 @@ impl Proxy {
         Ok(Self {
             unrouted,
             routes,
+            routes_match_host,
             cache,
             sources,
             plugins,
@@ -207,7 +214,10 @@ impl Proxy {
         if hops >= MAX_LARDER_HOPS {
             return Err(ErrorKind::Loop { hops }.into());
         }
-        let host = router::request_host(request);
+        let host = self
+            .routes_match_host
+            .then(|| router::request_host(request))
+            .flatten();
         let path = request.uri().path();
         let Some(routes) = &self.routes else {
             if path == "/health" {
@@ -227,7 +237,8 @@ impl Proxy {
                     "absolute-form request for a host this proxy does not serve; Larder is not a forward proxy",
                 ));
             }
-            return Err(ErrorKind::NoRoute(format!("{}{}", host.unwrap_or(""), path)).into());
+            let host = router::request_host(request).unwrap_or("");
+            return Err(ErrorKind::NoRoute(format!("{host}{path}")).into());
         };
         ctx.route = Some(route);
         if let Target::Upstream { origin, .. } = &route.target {
@@ -470,14 +481,7 @@ fn check_request<B>(request: &Request<B>) -> Result<(), RequestError> {
     let mut count = 0;
     for value in host_headers {
         count += 1;
-        let valid = value
-            .to_str()
-            .ok()
-            .and_then(|text| text.parse::<http::uri::Authority>().ok())
-            .is_some_and(|authority| {
-                !authority.host().is_empty() && !authority.as_str().contains('@')
-            });
-        if !valid {
+        if !is_valid_host(value.as_bytes()) {
             return Err(RequestError::bad_request(
                 "the Host header is not a valid host",
             ));
@@ -503,6 +507,28 @@ fn check_request<B>(request: &Request<B>) -> Result<(), RequestError> {
     Ok(())
 }
 
+/// Whether a Host value is an authority (RFC 3986) with a host and no user
+/// information. The common `name[:port]` is checked byte by byte; anything
+/// else goes through the `http` crate's parser.
+fn is_valid_host(value: &[u8]) -> bool {
+    let (host, port) = match value.iter().rposition(|b| *b == b':') {
+        Some(colon) => (&value[..colon], &value[colon + 1..]),
+        None => (value, &[][..]),
+    };
+    let plain_name = !host.is_empty()
+        && host
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'.' || *b == b'-')
+        && port.iter().all(u8::is_ascii_digit);
+    if plain_name {
+        return true;
+    }
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|text| text.parse::<http::uri::Authority>().ok())
+        .is_some_and(|authority| !authority.host().is_empty() && !authority.as_str().contains('@'))
+}
+
 /// Hop-by-hop out, forwarding headers in, and a Host header that names what
 /// the client asked for (HTTP/2 and absolute-form carry it in the URI).
 fn prepare_request_headers<B>(request: &mut Request<B>, client: SocketAddr, keep_upgrade: bool) {
@@ -519,4 +545,25 @@ fn prepare_request_headers<B>(request: &mut Request<B>, client: SocketAddr, keep
         headers.insert(header::HOST, host.clone());
     }
     forwarded::add_forwarded(headers, client.ip(), "http", original_host);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_values_are_authorities_without_user_information() {
+        for valid in [
+            "example.com",
+            "a.b-c.test:8080",
+            "127.0.0.1:80",
+            "[::1]:8080",
+            "x:",
+        ] {
+            assert!(is_valid_host(valid.as_bytes()), "{valid}");
+        }
+        for invalid in ["", ":80", "user@host", "a b", "host/x", "[::1", "a:b:c"] {
+            assert!(!is_valid_host(invalid.as_bytes()), "{invalid}");
+        }
+    }
 }

@@ -44,13 +44,13 @@ impl RouteOrigin {
 
     /// The two steps of an origin fetch: forward, then the cache-store phase.
     pub async fn fetch(&self, request: Request<Body>) -> Result<Response<Body>, RequestError> {
-        let (head, body) = request.into_parts();
-        let plugin_head = (!self.chain.is_empty()).then(|| copy_head(&head));
-        let response = self.forward(Request::from_parts(head, body)).await?;
-        match plugin_head {
-            Some(head) => self.cache_store_phase(&head, response).await,
-            None => Ok(response),
+        if self.chain.is_empty() {
+            return self.forward(request).await;
         }
+        let (head, body) = request.into_parts();
+        let plugin_head = copy_head(&head);
+        let response = self.forward(Request::from_parts(head, body)).await?;
+        self.cache_store_phase(&plugin_head, response).await
     }
 
     /// Sends a cleaned request upstream and cleans the response's headers.

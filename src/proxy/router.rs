@@ -58,6 +58,11 @@ impl Matcher {
         }
     }
 
+    /// Whether this rule looks at the host at all.
+    pub fn matches_host(&self) -> bool {
+        self.host != HostMatch::Any
+    }
+
     pub fn is_match(&self, host: Option<&str>, path: &str) -> bool {
         path.starts_with(self.path_prefix.as_str()) && self.host.is_match(host)
     }

@@ -203,10 +203,16 @@ impl UpstreamClient {
     /// without a body moves on to the next server when no connection could be
     /// made (nothing was sent yet), as nginx's `proxy_next_upstream error`.
     pub async fn send(&self, request: Request<Body>) -> Result<Response<Body>, UpstreamError> {
-        let (head, body) = request.into_parts();
-        let spare = (self.servers.len() > 1 && http_body::Body::is_end_stream(&body))
-            .then(|| copy_head(&head));
-        let mut request = Request::from_parts(head, body);
+        let mut request = request;
+        // A copy to send to the next server, when there is one to try.
+        let spare = if self.servers.len() > 1 && http_body::Body::is_end_stream(request.body()) {
+            let (head, body) = request.into_parts();
+            let spare = copy_head(&head);
+            request = Request::from_parts(head, body);
+            Some(spare)
+        } else {
+            None
+        };
         let mut attempts_left = self.servers.len();
         loop {
             attempts_left -= 1;

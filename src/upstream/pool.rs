@@ -109,8 +109,12 @@ impl Pool {
         None
     }
 
-    fn checkin(&self, mut conn: Box<Conn>) {
-        if !conn.still_usable() {
+    /// Keeps a connection whose response was read to the end. Its state is
+    /// not polled here: a connection the server is closing ("Connection:
+    /// close") is found out at the next checkout, which polls anyway (one
+    /// poll per request instead of two).
+    fn checkin(&self, conn: Box<Conn>) {
+        if conn.sender.is_closed() {
             return;
         }
         let mut idle = self.lock();
