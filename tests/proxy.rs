@@ -151,7 +151,13 @@ async fn hop_by_hop_headers_are_removed_both_ways_and_forwarding_headers_added()
         )
     })
     .await;
-    let larder = start_larder(&one_upstream(&origin.url(), "")).await;
+    // The test client is a trusted proxy: its X-Forwarded-For is kept and
+    // appended to (tests/hostile.rs checks that an untrusted one's is not).
+    let yaml = format!(
+        "server:\n  trusted_proxies: [127.0.0.1]\n{}",
+        one_upstream(&origin.url(), "")
+    );
+    let larder = start_larder(&yaml).await;
     let reply = get_with(
         &larder.url("/h"),
         &[

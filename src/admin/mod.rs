@@ -2,9 +2,12 @@
 //!
 //! Binds to loopback unless configured otherwise (the server warns when it
 //! does not). /health, /ready and the sources' values (`GET /?key=NAME`, which
-//! cachepump served to anyone) answer without a token; everything else
-//! (metrics, sources status, purge) needs the bearer token, and without a
-//! configured token those endpoints answer 403. Purges hand the cache a
+//! cachepump served to anyone; `admin.public_key_api: false` puts it behind
+//! the token) answer without a token; everything else (metrics, sources
+//! status, purge) needs the bearer token, and without a configured token
+//! those endpoints answer 403. A request naming a host in `Host` that is not
+//! an IP address, `localhost` or one of `admin.hosts` is refused: a web page
+//! cannot reach the API through DNS rebinding. Purges hand the cache a
 //! [`Purge`]; this module never touches entries itself. Refusals go through
 //! the one error mapping (`http::error`).
 //!
@@ -32,6 +35,9 @@ const MAX_PURGE_BODY: usize = 64 * 1024;
 pub struct Admin {
     /// SHA-256 of the token, so comparing takes the same time for any guess.
     token_digest: Option<[u8; 32]>,
+    public_key_api: bool,
+    /// Host names besides IP addresses and `localhost`, lowercase.
+    hosts: Vec<String>,
     cache: Arc<Cache>,
     sources: Arc<Sources>,
 }
@@ -54,6 +60,16 @@ impl Admin {
                 .and_then(|admin| admin.token.as_deref())
                 .filter(|token| !token.is_empty())
                 .map(digest),
+            public_key_api: config.is_none_or(|admin| admin.public_key_api),
+            hosts: config
+                .map(|admin| {
+                    admin
+                        .hosts
+                        .iter()
+                        .map(|host| host.trim().to_ascii_lowercase())
+                        .collect()
+                })
+                .unwrap_or_default(),
             cache,
             sources,
         }
@@ -71,11 +87,14 @@ impl Admin {
     }
 
     async fn route(&self, request: Request<Incoming>) -> Result<Response<Body>, RequestError> {
+        self.check_host(&request)?;
         let path = request.uri().path();
         match path {
             "/health" => return Ok(health()),
             "/ready" => return Ok(json(StatusCode::OK, r#"{"status":"ready"}"#)),
-            "/" if matches!(*request.method(), Method::GET | Method::HEAD) => {
+            "/" if self.public_key_api
+                && matches!(*request.method(), Method::GET | Method::HEAD) =>
+            {
                 return self.sources.serve_by_key(&request);
             }
             _ => {}
@@ -87,6 +106,7 @@ impl Admin {
                 Ok(json(StatusCode::OK, self.sources.status().to_string()))
             }
             (&Method::GET, "/cache") => Ok(json(StatusCode::OK, self.cache_status().to_string())),
+            (&Method::GET | &Method::HEAD, "/") => self.sources.serve_by_key(&request),
             (&Method::POST, "/purge") => self.purge(request).await,
             (_, "/metrics" | "/sources" | "/cache" | "/") => Err(ErrorKind::MethodNotAllowed {
                 allow: "GET",
@@ -99,6 +119,32 @@ impl Admin {
             }
             .into()),
             _ => Err(ErrorKind::NotFound("no such admin endpoint".to_string()).into()),
+        }
+    }
+
+    /// Refuses a request whose `Host` names something other than an IP
+    /// address, `localhost` or a configured admin host: a browser tricked by
+    /// DNS rebinding sends the attacker's name.
+    fn check_host<B>(&self, request: &Request<B>) -> Result<(), RequestError> {
+        let Some(host) = request.uri().host().map(str::to_string).or_else(|| {
+            let value = request.headers().get(header::HOST)?.to_str().ok()?;
+            Some(host_of(value).to_string())
+        }) else {
+            // HTTP/1.0 without Host: no browser sends that.
+            return Ok(());
+        };
+        let host = host.to_ascii_lowercase();
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let allowed = bare.parse::<std::net::IpAddr>().is_ok()
+            || host == "localhost"
+            || self.hosts.contains(&host);
+        if allowed {
+            Ok(())
+        } else {
+            Err(ErrorKind::Forbidden(
+                "this Host is not one of the admin API's (an IP address, localhost or admin.hosts)",
+            )
+            .into())
         }
     }
 
@@ -184,6 +230,15 @@ fn metrics() -> Response<Body> {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     response
+}
+
+/// The host part of a `Host` value (`[::1]:80` -> `[::1]`, `a.b:80` -> `a.b`).
+fn host_of(value: &str) -> &str {
+    let value = value.trim();
+    if value.starts_with('[') {
+        return value.find(']').map_or(value, |end| &value[..=end]);
+    }
+    value.rsplit_once(':').map_or(value, |(host, _)| host)
 }
 
 fn digest(token: &str) -> [u8; 32] {

@@ -1,43 +1,83 @@
-//! The listeners' accept loop: each connection in its own task
-//! (HTTP/1.1 and h2c on the same port), accept errors that never end the
-//! loop, and the graceful drain on shutdown.
+//! The listeners' accept loop: each connection in its own task (HTTP/1.1
+//! and h2c on the same port), accept errors that never end the loop, the
+//! limits that keep idle or slow clients from holding the listener (a cap on
+//! open connections, a deadline for the first request from the first byte,
+//! an idle timeout, HTTP/2 stream and reset limits), and the graceful drain
+//! on shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::time::Instant;
 
 use crate::http::body::Body;
 
+/// HTTP/2 streams one connection may have open at once.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// The largest HTTP/2 header list a client may send (HTTP/1.1's limit is
+/// hyper's: 100 headers, ~400 KiB of head).
+const H2_MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+/// Streams a client may reset before the server accepted them, at once
+/// (CVE-2023-44487, "rapid reset"): past this the connection is closed.
+const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Streams the server may reset because of client errors, per connection,
+/// before it closes the connection.
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 256;
+/// An HTTP/2 peer that does not answer a PING within this is gone.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+
+/// The timeouts connections get; replaced on reload (new connections use
+/// the new ones).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnSettings {
+    /// A connection must send a complete first request head within this;
+    /// for HTTP/1.1 also each later one, counted from the previous response.
+    pub header_timeout: Duration,
+    /// A connection with no request in progress for this long is closed
+    /// (gracefully: an HTTP/2 GOAWAY).
+    pub idle_timeout: Duration,
+}
+
 /// Accepts until told to stop, then drains the open connections for up to
-/// the drain timeout it was told. Accept errors never end the loop.
+/// the drain timeout it was told. Accept errors never end the loop. With
+/// `max_connections`, no more connections than that are accepted at once;
+/// the rest wait in the kernel's backlog.
 pub async fn accept_loop<H, F>(
     name: &'static str,
     listener: TcpListener,
     mut stopped: watch::Receiver<Option<Duration>>,
+    settings: Arc<ArcSwap<ConnSettings>>,
+    max_connections: Option<usize>,
     handler: H,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    builder.http2().timer(TokioTimer::new());
+    let places = max_connections.map(|max| Arc::new(Semaphore::new(max)));
     loop {
+        let place = match &places {
+            Some(places) => tokio::select! {
+                place = Arc::clone(places).acquire_owned() => match place {
+                    Ok(place) => Some(place),
+                    Err(_) => break,
+                },
+                _ = stopped.changed() => break,
+            },
+            None => None,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -53,21 +93,28 @@ pub async fn accept_loop<H, F>(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%peer, %error, "could not set TCP_NODELAY");
         }
+        let settings = **settings.load();
+        let activity = Arc::new(Activity::new());
         let handler = handler.clone();
+        let tracked = Arc::clone(&activity);
         let service = service_fn(move |request: Request<Incoming>| {
+            let in_progress = tracked.begin();
             // Boxed: hyper moves the service future into its connection
             // state, and the unboxed one is a few KiB copied per request.
             let response = Box::pin(handler(request, peer));
-            async move { Ok::<_, Infallible>(response.await) }
+            async move {
+                let response = response.await;
+                drop(in_progress);
+                Ok::<_, Infallible>(response)
+            }
         });
-        let connection = builder
+        let connection = builder(settings)
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
-        let connection = graceful.watch(connection);
+        let stopping = stopped.clone();
         connections.spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
-            }
+            let _place = place;
+            serve(connection, activity, settings, stopping, peer).await;
         });
         // Reap finished connection tasks so the set holds only live ones.
         while connections.try_join_next().is_some() {}
@@ -76,12 +123,172 @@ pub async fn accept_loop<H, F>(
     let drain_timeout = stopped
         .borrow()
         .unwrap_or(crate::config::ServerConfig::default().drain_timeout.0);
-    tracing::info!(listener = name, connections = graceful.count(), "draining");
-    if tokio::time::timeout(drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    tracing::info!(listener = name, connections = connections.len(), "draining");
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(drain_timeout, drained).await.is_err() {
         tracing::warn!(listener = name, timeout = ?drain_timeout, remaining = connections.len(), "drain timeout passed; closing the remaining connections");
         connections.shutdown().await;
+    }
+}
+
+fn builder(settings: ConnSettings) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(H2_MAX_HEADER_LIST_SIZE)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS)
+        .keep_alive_interval(H2_KEEP_ALIVE)
+        .keep_alive_timeout(H2_KEEP_ALIVE);
+    builder
+}
+
+/// Drives one connection: closes it when no first request arrived within
+/// the header timeout (counted from accept, before the protocol is even
+/// known), shuts it down gracefully when it sat idle past the idle timeout
+/// or when the listener drains.
+async fn serve<C, E>(
+    connection: C,
+    activity: Arc<Activity>,
+    settings: ConnSettings,
+    mut stopped: watch::Receiver<Option<Duration>>,
+    peer: SocketAddr,
+) where
+    C: Future<Output = Result<(), E>> + GracefulShutdown,
+    E: std::fmt::Display,
+{
+    tokio::pin!(connection);
+    let mut closing = stopped.borrow().is_some();
+    if closing {
+        connection.as_mut().shut_down();
+    }
+    loop {
+        let deadline = activity.deadline(settings);
+        tokio::select! {
+            outcome = connection.as_mut() => {
+                if let Err(error) = outcome {
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                }
+                return;
+            }
+            () = sleep_until(deadline), if !closing => {
+                if activity.in_progress() > 0 {
+                    continue;
+                }
+                if !activity.has_served() {
+                    tracing::debug!(%peer, "no complete request within the header timeout; closed");
+                    return;
+                }
+                tracing::debug!(%peer, "connection idle; closing it");
+                connection.as_mut().shut_down();
+                closing = true;
+            }
+            () = activity.changed() => {}
+            _ = stopped.changed(), if !closing => {
+                connection.as_mut().shut_down();
+                closing = true;
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What hyper-util's connection offers for a graceful end.
+trait GracefulShutdown {
+    fn shut_down(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, E> GracefulShutdown for auto::UpgradeableConnection<'_, I, S, E>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = Body>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    E: auto::HttpServerConnExec<S::Future, Body>,
+{
+    fn shut_down(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// One connection's requests: how many are in progress, when the last one
+/// ended, whether there was one at all.
+struct Activity {
+    started: Instant,
+    in_progress: AtomicUsize,
+    /// Milliseconds from `started` to the end of the last request, plus one
+    /// (0: no request has ended yet).
+    last_end: AtomicU64,
+    served: AtomicUsize,
+    changed: Notify,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            in_progress: AtomicUsize::new(0),
+            last_end: AtomicU64::new(0),
+            served: AtomicUsize::new(0),
+            changed: Notify::new(),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> InProgress {
+        self.served.fetch_add(1, Ordering::Relaxed);
+        self.in_progress.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_one();
+        InProgress(Arc::clone(self))
+    }
+
+    fn in_progress(&self) -> usize {
+        self.in_progress.load(Ordering::Acquire)
+    }
+
+    fn has_served(&self) -> bool {
+        self.served.load(Ordering::Relaxed) > 0
+    }
+
+    async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// When the connection is due to close if nothing happens: none while
+    /// a request is in progress.
+    fn deadline(&self, settings: ConnSettings) -> Option<Instant> {
+        if self.in_progress() > 0 {
+            return None;
+        }
+        if !self.has_served() {
+            return Some(self.started + settings.header_timeout);
+        }
+        let ended = self.last_end.load(Ordering::Acquire).saturating_sub(1);
+        Some(self.started + Duration::from_millis(ended) + settings.idle_timeout)
+    }
+}
+
+/// A request in progress on a connection; its end is recorded on drop.
+struct InProgress(Arc<Activity>);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        let millis = u64::try_from(activity.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        activity
+            .last_end
+            .store(millis.saturating_add(1), Ordering::Release);
+        activity.in_progress.fetch_sub(1, Ordering::AcqRel);
+        activity.changed.notify_one();
     }
 }

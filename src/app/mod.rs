@@ -25,9 +25,9 @@ use crate::admin::Admin;
 use crate::cache::{Cache, Clock, SystemClock};
 use crate::config::Config;
 use crate::plugins::{PluginHost, PluginLoadError};
-use crate::proxy::{BuildError, Proxy};
+use crate::proxy::{BuildError, Proxy, Services};
 use crate::sources::Sources;
-use listener::accept_loop;
+use listener::{ConnSettings, accept_loop};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -53,27 +53,19 @@ pub enum ReloadError {
 
 /// The parts that outlive reloads.
 struct App {
-    cache: Arc<Cache>,
-    sources: Arc<Sources>,
-    plugins: Arc<PluginHost>,
+    services: Services,
 }
 
 impl App {
     fn proxy(&self, config: &Config, previous: Option<&Proxy>) -> Result<Proxy, BuildError> {
-        Proxy::build(
-            config,
-            self.cache.clone(),
-            self.sources.clone(),
-            self.plugins.clone(),
-            previous,
-        )
+        Proxy::build(config, &self.services, previous)
     }
 
     fn admin(&self, config: &Config) -> Admin {
         Admin::new(
             config.admin.as_ref(),
-            self.cache.clone(),
-            self.sources.clone(),
+            self.services.cache.clone(),
+            self.services.sources.clone(),
         )
     }
 }
@@ -82,6 +74,8 @@ impl App {
 struct Live {
     proxy: ArcSwap<Proxy>,
     admin: ArcSwap<Admin>,
+    /// Timeouts for new connections.
+    conn_settings: Arc<ArcSwap<ConnSettings>>,
     app: App,
     /// The config now running: reload compares against it.
     config: Mutex<Config>,
@@ -121,9 +115,12 @@ pub async fn start(config: Config, options: Options) -> Result<Server, StartErro
     crate::telemetry::metrics();
     let plugins = PluginHost::load(&config.plugins).await?;
     let app = App {
-        cache: Cache::new(&config.cache, options.clock),
-        sources: Sources::start(&config.sources, plugins.clone()),
-        plugins,
+        services: Services {
+            cache: Cache::new(&config.cache, options.clock),
+            sources: Sources::start(&config.sources, plugins.clone()),
+            plugins,
+            tunnels: Arc::default(),
+        },
     };
     let proxy = app.proxy(&config, None)?;
     let admin = app.admin(&config);
@@ -144,9 +141,15 @@ pub async fn start(config: Config, options: Options) -> Result<Server, StartErro
         _ => None,
     };
 
+    let max_connections = config
+        .server
+        .max_connections
+        .unwrap_or_else(default_max_connections);
+    tracing::debug!(max_connections, "connection limit of the proxy listener");
     let live = Arc::new(Live {
         proxy: ArcSwap::from_pointee(proxy),
         admin: ArcSwap::from_pointee(admin),
+        conn_settings: Arc::new(ArcSwap::from_pointee(conn_settings(&config))),
         app,
         config: Mutex::new(config),
     });
@@ -157,6 +160,8 @@ pub async fn start(config: Config, options: Options) -> Result<Server, StartErro
         "proxy",
         proxy_listener,
         stopped.clone(),
+        live.conn_settings.clone(),
+        Some(max_connections),
         move |request, peer| {
             let proxy = proxy_live.proxy.load_full();
             async move { proxy.handle(request, peer).await }
@@ -168,6 +173,8 @@ pub async fn start(config: Config, options: Options) -> Result<Server, StartErro
             "admin",
             listener,
             stopped,
+            live.conn_settings.clone(),
+            None,
             move |request, _peer| {
                 let admin = admin_live.admin.load_full();
                 async move { admin.handle(request).await }
@@ -213,11 +220,14 @@ impl Server {
         let app = &self.live.app;
         let previous = self.live.proxy.load_full();
         let proxy = app.proxy(&config, Some(&previous))?;
-        app.plugins.apply(&config.plugins).await?;
-        app.cache.apply(&config.cache);
-        app.sources.apply(&config.sources);
+        app.services.plugins.apply(&config.plugins).await?;
+        app.services.cache.apply(&config.cache);
+        app.services.sources.apply(&config.sources);
         self.live.proxy.store(Arc::new(proxy));
         self.live.admin.store(Arc::new(app.admin(&config)));
+        self.live
+            .conn_settings
+            .store(Arc::new(conn_settings(&config)));
         *running = config;
         tracing::debug!("configuration swapped in");
         Ok(())
@@ -233,7 +243,7 @@ impl Server {
                 tracing::error!(%error, "a listener task failed");
             }
         }
-        self.live.app.sources.shutdown().await;
+        self.live.app.services.sources.shutdown().await;
         tracing::info!("larder stopped");
     }
 
@@ -297,6 +307,31 @@ impl Server {
             }
         }
     }
+}
+
+fn conn_settings(config: &Config) -> ConnSettings {
+    ConnSettings {
+        header_timeout: config.server.header_timeout.get(),
+        idle_timeout: config.server.idle_timeout.get(),
+    }
+}
+
+/// Without `server.max_connections`: half the process's file descriptors
+/// (each client connection may need one to its upstream), less a reserve
+/// for listeners, plugins, sources and logs; at least 64.
+fn default_max_connections() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given and nothing else.
+    let known = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    let descriptors = if !known || limit.rlim_cur == libc::RLIM_INFINITY {
+        65_536
+    } else {
+        usize::try_from(limit.rlim_cur).unwrap_or(65_536)
+    };
+    (descriptors.saturating_sub(256) / 2).max(64)
 }
 
 /// The config file's watch, or `None` (with a warning) when it cannot be

@@ -160,6 +160,7 @@ impl Fill {
         status: StatusCode,
         headers: &HeaderMap,
         directives: &ResponseDirectives,
+        sets_cookie: bool,
     ) -> Result<(), NotStorable> {
         policy::check_storable(
             &Method::GET,
@@ -168,6 +169,7 @@ impl Fill {
             status,
             headers,
             directives,
+            sets_cookie,
         )
     }
 
@@ -211,7 +213,7 @@ impl Fill {
     /// when anything was removed (no copy otherwise).
     fn withhold(&self, headers: &mut HeaderMap) -> Option<Arc<HeaderMap>> {
         let directives = ResponseDirectives::parse(headers);
-        if directives.withheld.is_empty() {
+        if directives.withheld.is_empty() && !headers.contains_key(header::SET_COOKIE) {
             return None;
         }
         let full = headers.clone();
@@ -270,10 +272,11 @@ impl Fill {
         if !head.headers.contains_key(header::DATE) {
             merged.insert(header::DATE, policy::date_value(response_time));
         }
+        let sets_cookie = policy::sets_shared_cookie(&merged, &ResponseDirectives::parse(&merged));
         let leader_headers = self.withhold(&mut merged);
         let timing = Timing::new(request_time, response_time, &head.headers);
         let meta = Arc::new(self.meta(stale.meta.status, merged, timing));
-        if let Err(reason) = self.check(meta.status, &meta.headers, &meta.directives) {
+        if let Err(reason) = self.check(meta.status, &meta.headers, &meta.directives, sets_cookie) {
             tracing::debug!(key = %self.key, reason = reason.as_str(), "revalidated response no longer storable");
             self.forget_stale();
             let mut response = Response::new(body::full(stale.body.clone()));
@@ -333,11 +336,16 @@ impl Fill {
         if !stored_headers.contains_key(header::DATE) {
             stored_headers.insert(header::DATE, policy::date_value(response_time));
         }
+        let sets_cookie = policy::sets_shared_cookie(
+            &stored_headers,
+            &ResponseDirectives::parse(&stored_headers),
+        );
         let leader_headers = self.withhold(&mut stored_headers);
         let meta = Arc::new(self.meta(head.status, stored_headers, timing));
         // Judged without the withheld fields: `private="set-cookie"` lets the
         // rest of the response be shared.
-        if let Err(reason) = self.check(head.status, &meta.headers, &meta.directives) {
+        let verdict = self.check(head.status, &meta.headers, &meta.directives, sets_cookie);
+        if let Err(reason) = verdict {
             tracing::debug!(key = %self.key, reason = reason.as_str(), "response not stored");
             self.forget_stale();
             return None;

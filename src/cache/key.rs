@@ -3,7 +3,12 @@
 //! A primary key is the normalized effective URL (`scheme://authority/path?query`,
 //! lowercase host, default port dropped), with the route's query rules applied,
 //! followed by `\n name:value` for each header the route adds to the key.
-//! GET and HEAD share keys; nothing else is keyed. Pure functions only.
+//! GET and HEAD share keys; nothing else is keyed. Header values count by
+//! their bytes (0x80-0xFF included, escaped in the key). Vary values too,
+//! case-sensitively except for the fields whose values are case-insensitive
+//! by their RFCs; only the list syntax is normalised (lines combined,
+//! whitespace around commas dropped, RFC 9110 sections 5.3 and 5.6.1).
+//! Pure functions only.
 
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Uri, uri::Authority};
@@ -61,10 +66,26 @@ pub fn primary_key(uri: &Uri, headers: &HeaderMap, config: &CacheKeyConfig) -> S
         key.push(KEY_HEADER_SEPARATOR);
         key.push_str(name.as_str());
         key.push(':');
-        let value = join_field(headers, name.as_str());
-        key.push_str(value.as_deref().unwrap_or(""));
+        if let Some(value) = join_field(headers, name) {
+            push_escaped(&mut key, &value);
+        }
     }
     key
+}
+
+/// Appends `bytes` to a key so that different bytes give different text:
+/// visible ASCII as is, `%` and anything else as `%XX`.
+fn push_escaped(key: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &byte in bytes {
+        if (0x21..=0x7e).contains(&byte) && byte != b'%' || byte == b' ' {
+            key.push(char::from(byte));
+        } else {
+            key.push('%');
+            key.push(char::from(HEX[usize::from(byte >> 4)]));
+            key.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+    }
 }
 
 /// Appends parts the caller adds to the key (a transformer plugin's, say).
@@ -122,6 +143,17 @@ pub fn path_part(url: &str) -> &str {
         .map_or("/", |slash| &after_scheme[slash..])
 }
 
+/// Whether a response's Vary field lists only field names (or `*`): one
+/// that cannot be read cannot say which requests may share the response.
+pub fn vary_is_well_formed(response: &HeaderMap) -> bool {
+    response.get_all(header::VARY).iter().all(|value| {
+        value.to_str().is_ok_and(|text| {
+            split_list(text)
+                .all(|name| name == "*" || HeaderName::from_bytes(name.as_bytes()).is_ok())
+        })
+    })
+}
+
 /// The request headers named by a response's Vary field, lowercased, in order.
 pub fn vary_names(response: &HeaderMap) -> Vec<HeaderName> {
     let mut names: Vec<HeaderName> = response
@@ -136,42 +168,67 @@ pub fn vary_names(response: &HeaderMap) -> Vec<HeaderName> {
     names
 }
 
-/// The normalized values of the selecting headers in a request; `None` for
-/// an absent header (which only matches an absent header).
-pub fn vary_values(names: &[HeaderName], request: &HeaderMap) -> Vec<Option<String>> {
+/// The values of the selecting headers in a request, by their bytes, list
+/// syntax normalised, lowercased only for the fields whose values are
+/// case-insensitive; `None` for an absent header, which only matches an
+/// absent header.
+pub fn vary_values(names: &[HeaderName], request: &HeaderMap) -> Vec<Option<Vec<u8>>> {
     names
         .iter()
-        .map(|name| join_field(request, name.as_str()).map(|v| normalize_vary_value(&v)))
+        .map(|name| {
+            let value = join_field(request, name)?;
+            Some(normalize_vary_value(&value, is_case_insensitive_list(name)))
+        })
         .collect()
 }
 
-/// Trims, lowercases, collapses whitespace runs and removes it around commas.
-pub fn normalize_vary_value(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for (i, item) in value.split(',').enumerate() {
+/// Request fields whose values are case-insensitive lists: content codings
+/// (RFC 9110 section 8.4.1), media types (8.3.1), charsets (8.3.2) and
+/// language ranges (RFC 4647 section 2).
+fn is_case_insensitive_list(name: &HeaderName) -> bool {
+    *name == header::ACCEPT
+        || *name == header::ACCEPT_ENCODING
+        || *name == header::ACCEPT_LANGUAGE
+        || *name == header::ACCEPT_CHARSET
+}
+
+/// Trims, collapses whitespace runs and removes it around commas (and
+/// lowercases ASCII letters when `fold_case`): equal lists compare equal.
+/// Bytes above 0x7F are kept as they are.
+pub fn normalize_vary_value(value: &[u8], fold_case: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(value.len());
+    for (i, item) in value.split(|byte| *byte == b',').enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(b',');
         }
         let mut first = true;
-        for word in item.split_ascii_whitespace() {
+        for word in item
+            .split(|byte| byte.is_ascii_whitespace())
+            .filter(|word| !word.is_empty())
+        {
             if !first {
-                out.push(' ');
+                out.push(b' ');
             }
             first = false;
-            out.push_str(&word.to_ascii_lowercase());
+            if fold_case {
+                out.extend(word.iter().map(u8::to_ascii_lowercase));
+            } else {
+                out.extend_from_slice(word);
+            }
         }
     }
     out
 }
 
-/// All field lines of `name`, joined with ", " as RFC 9110 section 5.3 combines them.
-fn join_field(headers: &HeaderMap, name: &str) -> Option<String> {
-    let mut values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
+/// All field lines of `name`, by their bytes, joined with ", " as RFC 9110
+/// section 5.3 combines them.
+fn join_field(headers: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
+    let mut values = headers.get_all(name).iter();
     let first = values.next()?;
-    let mut joined = first.to_string();
+    let mut joined = first.as_bytes().to_vec();
     for more in values {
-        joined.push_str(", ");
-        joined.push_str(more);
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(more.as_bytes());
     }
     Some(joined)
 }
@@ -241,13 +298,14 @@ mod tests {
     #[test]
     fn vary_values_are_normalized() {
         assert_eq!(
-            normalize_vary_value("  GZIP ,  br,deflate  "),
-            "gzip,br,deflate"
+            normalize_vary_value(b"  GZIP ,  br,deflate  ", true),
+            b"gzip,br,deflate"
         );
         assert_eq!(
-            normalize_vary_value("en-US,  fr  ;q=0.5"),
-            "en-us,fr ;q=0.5"
+            normalize_vary_value(b"en-US,  fr  ;q=0.5", true),
+            b"en-us,fr ;q=0.5"
         );
+        assert_eq!(normalize_vary_value(b" Abc,  d\xff ", false), b"Abc,d\xff");
         let mut request = HeaderMap::new();
         request.append("accept-language", HeaderValue::from_static("en"));
         request.append("accept-language", HeaderValue::from_static("fr"));
@@ -257,7 +315,7 @@ mod tests {
         ];
         assert_eq!(
             vary_values(&names, &request),
-            vec![Some("en,fr".to_string()), None]
+            vec![Some(b"en,fr".to_vec()), None]
         );
     }
 

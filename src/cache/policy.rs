@@ -12,7 +12,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 
 use crate::http::cache_control::{
-    DELTA_SECONDS_MAX, RequestDirectives, ResponseDirectives, Seconds, split_list,
+    self, DELTA_SECONDS_MAX, RequestDirectives, ResponseDirectives, Seconds, split_list,
 };
 use crate::http::hop_by_hop;
 
@@ -51,6 +51,8 @@ pub enum NotStorable {
     Authorization,
     SetCookie,
     VaryStar,
+    /// A `Cache-Control` or `Vary` field that cannot be read.
+    Malformed,
     NothingToReuse,
 }
 
@@ -65,13 +67,16 @@ impl NotStorable {
             Self::Authorization => "authorization",
             Self::SetCookie => "set-cookie",
             Self::VaryStar => "vary-star",
+            Self::Malformed => "unreadable-cache-control-or-vary",
             Self::NothingToReuse => "no-freshness-or-validator",
         }
     }
 }
 
 /// Decides whether a shared cache may store this response (RFC 9111 section 3,
-/// plus Larder's Set-Cookie habit).
+/// plus Larder's Set-Cookie habit). `sets_cookie`: the response carried a
+/// `Set-Cookie` that no qualified `private`/`no-cache` kept from sharing
+/// (the stored copy never has it; the question is whether to store at all).
 pub fn check_storable(
     method: &Method,
     request_headers: &HeaderMap,
@@ -79,6 +84,7 @@ pub fn check_storable(
     status: StatusCode,
     headers: &HeaderMap,
     response: &ResponseDirectives,
+    sets_cookie: bool,
 ) -> Result<(), NotStorable> {
     if method != Method::GET {
         return Err(NotStorable::Method);
@@ -100,12 +106,16 @@ pub fn check_storable(
     if request_headers.contains_key(header::AUTHORIZATION) && !response.allows_authorized() {
         return Err(NotStorable::Authorization);
     }
-    if headers.contains_key(header::SET_COOKIE) && !(response.public || response.s_maxage.is_some())
-    {
+    if sets_cookie && !(response.public || response.s_maxage.is_some()) {
         return Err(NotStorable::SetCookie);
     }
     if has_vary_star(headers) {
         return Err(NotStorable::VaryStar);
+    }
+    // A field that cannot be read might have said private or no-store, or
+    // named the request fields that select a variant.
+    if !cache_control::is_well_formed(headers) || !super::key::vary_is_well_formed(headers) {
+        return Err(NotStorable::Malformed);
     }
     let explicit = response.s_maxage.is_some()
         || response.max_age.is_some()
@@ -302,10 +312,17 @@ pub fn storable_headers(headers: &HeaderMap) -> HeaderMap {
     stored
 }
 
+/// Whether a response sets a cookie that no qualified `private` or
+/// `no-cache` keeps from shared caches.
+pub fn sets_shared_cookie(headers: &HeaderMap, directives: &ResponseDirectives) -> bool {
+    headers.contains_key(header::SET_COOKIE) && !directives.withheld.contains(&header::SET_COOKIE)
+}
+
 /// Removes the fields a qualified `no-cache` / `private` keeps out of a
-/// shared cache; returns whether any was present.
+/// shared cache, and `Set-Cookie`, which only the client whose request
+/// brought the response may get; returns whether any was present.
 pub fn withhold(headers: &mut HeaderMap, directives: &ResponseDirectives) -> bool {
-    let mut removed = false;
+    let mut removed = headers.remove(header::SET_COOKIE).is_some();
     for name in &directives.withheld {
         removed |= headers.remove(name).is_some();
     }
@@ -498,6 +515,7 @@ mod tests {
             StatusCode::from_u16(status).unwrap(),
             &rs,
             &ResponseDirectives::parse(&rs),
+            rs.contains_key(header::SET_COOKIE),
         )
     }
 

@@ -44,6 +44,9 @@ impl Cache {
     ) -> Served {
         let method = request.method();
         if method == Method::GET || method == Method::HEAD {
+            if route.bypass_with_credentials && carries_credentials(request.headers()) {
+                return pass(request, origin, Fwd::Bypass).await;
+            }
             if has_origin_only_preconditions(request.headers()) {
                 // Checked only here, so a plain GET pays nothing for ranges.
                 if method == Method::GET && is_plain_range(request.headers()) {
@@ -233,6 +236,11 @@ fn not_cached() -> Served {
         RequestError::from(ErrorKind::NotCached),
         CacheOutcome::NotCached,
     )
+}
+
+/// A request that identifies its user (Varnish's builtin test).
+fn carries_credentials(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::COOKIE) || headers.contains_key(header::AUTHORIZATION)
 }
 
 /// A `Range` request the cache may answer from a stored response: no

@@ -7,7 +7,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -35,7 +34,7 @@ pub struct Meta {
     pub timing: Timing,
     pub lifetime: Duration,
     pub vary_names: Vec<HeaderName>,
-    pub vary_values: Vec<Option<String>>,
+    pub vary_values: Vec<Option<Vec<u8>>>,
     /// From the response or the route default when the response is silent.
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,
@@ -44,7 +43,7 @@ pub struct Meta {
 
 impl Meta {
     /// Whether this variant was stored for requests with these selecting values.
-    pub fn matches(&self, request_values: &[Option<String>]) -> bool {
+    pub fn matches(&self, request_values: &[Option<Vec<u8>>]) -> bool {
         self.vary_values == request_values
     }
 
@@ -118,19 +117,24 @@ impl moka::Expiry<String, Arc<Variants>> for Retention {
     }
 }
 
-type TagIndex = Arc<Mutex<HashMap<String, HashSet<String>>>>;
+/// A name (a tag, a URL) to the keys stored under it.
+type KeyIndex = Arc<Mutex<HashMap<String, HashSet<String>>>>;
 
 pub struct Store {
     entries: moka::sync::Cache<String, Arc<Variants>>,
-    tags: TagIndex,
-    /// Set once any key carries route-added header values, so URL purges scan.
-    has_header_keys: AtomicBool,
+    tags: KeyIndex,
+    /// URL to the keys with added parts (route headers, plugin parts) stored
+    /// for it, so a URL purge (and an unsafe method's invalidation) finds
+    /// them without scanning the store.
+    urls: KeyIndex,
 }
 
 impl Store {
     pub fn new(max_size: u64) -> Self {
-        let tags: TagIndex = Arc::default();
+        let tags: KeyIndex = Arc::default();
+        let urls: KeyIndex = Arc::default();
         let listener_tags = Arc::clone(&tags);
+        let listener_urls = Arc::clone(&urls);
         let entries = moka::sync::Cache::builder()
             .max_capacity(max_size)
             .weigher(|key: &String, value: &Arc<Variants>| value.weight(key))
@@ -146,14 +150,19 @@ impl Store {
                         .increment(1);
                 }
                 if cause != RemovalCause::Replaced {
-                    forget_tags(&listener_tags, &key, &value);
+                    for tag in value.entries.iter().flat_map(|e| e.meta.tags.iter()) {
+                        forget(&listener_tags, tag, &key);
+                    }
+                    if url_part(&key) != key.as_str() {
+                        forget(&listener_urls, url_part(&key), &key);
+                    }
                 }
             })
             .build();
         Self {
             entries,
             tags,
-            has_header_keys: AtomicBool::new(false),
+            urls,
         }
     }
 
@@ -164,9 +173,11 @@ impl Store {
     /// Stores `entry`, replacing the variant with the same selecting values.
     pub fn put(&self, key: &str, entry: Arc<Entry>, retain: Duration) {
         if key.contains(KEY_HEADER_SEPARATOR) {
-            self.has_header_keys.store(true, Ordering::Relaxed);
+            remember(&self.urls, url_part(key), key);
         }
-        self.index_tags(key, &entry.meta.tags);
+        for tag in &entry.meta.tags {
+            remember(&self.tags, tag, key);
+        }
         self.entries.entry_by_ref(key).and_compute_with(|existing| {
             let existing = existing.map(|e| e.into_value());
             // Other variants keep at least the retention they had.
@@ -227,15 +238,9 @@ impl Store {
     /// Removes the URL's entries, including those with route-added header
     /// values in their key. `url` must already be normalized.
     pub fn purge_url(&self, url: &str) -> usize {
-        let mut removed = self.remove_key(url);
-        if self.has_header_keys.load(Ordering::Relaxed) {
-            removed += self.remove_where(|key| {
-                key.len() > url.len()
-                    && key.starts_with(url)
-                    && key[url.len()..].starts_with(KEY_HEADER_SEPARATOR)
-            });
-        }
-        removed
+        let with_parts = self.urls.lock().remove(url).unwrap_or_default();
+        let removed: usize = with_parts.iter().map(|key| self.remove_key(key)).sum();
+        removed + self.remove_key(url)
     }
 
     /// Removes entries whose URL starts with `prefix`; a prefix starting with
@@ -297,19 +302,6 @@ impl Store {
         keys.iter().map(|key| self.remove_key(key)).sum()
     }
 
-    fn index_tags(&self, key: &str, tags: &[String]) {
-        if tags.is_empty() {
-            return;
-        }
-        let mut index = self.tags.lock();
-        for tag in tags {
-            index
-                .entry(tag.clone())
-                .or_default()
-                .insert(key.to_string());
-        }
-    }
-
     pub fn weighted_size(&self) -> u64 {
         self.entries.weighted_size()
     }
@@ -332,14 +324,20 @@ impl Store {
     }
 }
 
-fn forget_tags(index: &TagIndex, key: &str, variants: &Variants) {
+fn remember(index: &KeyIndex, name: &str, key: &str) {
+    index
+        .lock()
+        .entry(name.to_string())
+        .or_default()
+        .insert(key.to_string());
+}
+
+fn forget(index: &KeyIndex, name: &str, key: &str) {
     let mut index = index.lock();
-    for tag in variants.entries.iter().flat_map(|e| e.meta.tags.iter()) {
-        if let Some(keys) = index.get_mut(tag) {
-            keys.remove(key);
-            if keys.is_empty() {
-                index.remove(tag);
-            }
+    if let Some(keys) = index.get_mut(name) {
+        keys.remove(key);
+        if keys.is_empty() {
+            index.remove(name);
         }
     }
 }
@@ -405,6 +403,17 @@ mod tests {
         store.put("http://a/pp", entry(&[], 1), minute);
         assert_eq!(store.purge_url("http://a/p"), 2);
         assert!(store.get("http://a/pp").is_some());
+    }
+
+    #[test]
+    fn the_url_index_forgets_keys_that_left_the_store() {
+        let store = Store::new(1 << 20);
+        let minute = Duration::from_secs(60);
+        store.put("http://a/p\nx-tenant:blue", entry(&[], 1), minute);
+        assert_eq!(store.remove_key("http://a/p\nx-tenant:blue"), 1);
+        store.run_pending_tasks();
+        assert!(store.urls.lock().is_empty(), "the index follows the store");
+        assert_eq!(store.purge_url("http://a/p"), 0);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! `validate`.
 
 use super::ConfigError;
-use super::model::{Config, Route, RouteTarget};
+use super::model::{Config, OnError, PluginPhase, Route, RouteTarget};
 use super::positions::PositionIndex;
 
 /// Every warning for `config`, placed by `index`, in file order.
@@ -98,6 +98,19 @@ pub fn lint(config: &Config, index: &PositionIndex, file: &str) -> Vec<ConfigErr
                     "never matches: routes[{j}] comes first and matches every request this one would"
                 ),
             );
+        }
+        for (j, name) in route.plugins.iter().enumerate() {
+            let Some(plugin) = config.plugins.get(name) else {
+                continue;
+            };
+            if plugin.phase == PluginPhase::Downstream && plugin.on_error == OnError::Open {
+                warn(
+                    format!("routes[{i}].plugins[{j}]"),
+                    format!(
+                        "plugin {name:?} has on_error: open: if it guards this route (answers requests itself), its failure or an open circuit lets requests through; set on_error: closed"
+                    ),
+                );
+            }
         }
         if matches!(route.target, RouteTarget::Source(_)) && route.cache.enabled {
             warn(

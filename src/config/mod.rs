@@ -192,6 +192,8 @@ fn present_but_empty_sections(config: &mut raw::RawConfig, index: &positions::Po
         config.admin = Some(AdminConfig {
             listen: default_admin_listen(),
             token: None,
+            public_key_api: true,
+            hosts: Vec::new(),
         });
     }
 }

@@ -77,6 +77,10 @@ pub struct Route {
     /// Transformer plugins, run in order.
     pub plugins: Vec<String>,
     pub max_request_body: Option<ByteSize>,
+    /// `Upgrade` protocols tunnelled on this route, lowercase (`websocket`).
+    pub upgrades: Vec<String>,
+    /// Request headers removed before anything else sees the request.
+    pub strip_request_headers: Vec<HeaderName>,
 }
 
 /// Where a route sends its requests: exactly one of the two.
@@ -95,6 +99,9 @@ pub struct RouteCache {
     pub key: CacheKeyConfig,
     /// PURGE on the proxy listener, from these client addresses only.
     pub purge: Option<PurgeConfig>,
+    /// Requests with `Cookie` or `Authorization` go to the origin and are
+    /// neither answered from nor stored in the cache.
+    pub bypass_with_credentials: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -196,28 +203,43 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+/// Listener-wide limits and timeouts.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
-    /// Request bodies larger than this get 413. Absent means no limit (bodies stream).
-    #[serde(default)]
+    /// Request bodies larger than this get 413. `None`: no limit (bodies stream).
     pub max_request_body: Option<ByteSize>,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
-    #[serde(default = "default_drain_timeout")]
     pub drain_timeout: HumanDuration,
+    /// A connection must send a complete request head within this, from its
+    /// first byte (and, for HTTP/1.1, from the end of the previous response).
+    pub header_timeout: HumanDuration,
+    /// An HTTP/2 connection with no request in progress for this long is closed.
+    pub idle_timeout: HumanDuration,
+    /// Open client connections on the proxy listener; `None`: sized from the
+    /// process's file-descriptor limit at start.
+    pub max_connections: Option<usize>,
+    /// Clients whose `Forwarded` and `X-Forwarded-*` headers are kept and
+    /// appended to; from anyone else they are replaced.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Upgraded (WebSocket) tunnels open at once; more get 503.
+    pub max_tunnels: usize,
+    /// A tunnel with no byte in either direction for this long is closed.
+    pub tunnel_idle_timeout: HumanDuration,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_request_body: None,
-            drain_timeout: default_drain_timeout(),
+            drain_timeout: HumanDuration(Duration::from_secs(30)),
+            header_timeout: HumanDuration(Duration::from_secs(10)),
+            idle_timeout: HumanDuration(Duration::from_secs(60)),
+            max_connections: None,
+            trusted_proxies: Vec::new(),
+            max_tunnels: 1024,
+            tunnel_idle_timeout: HumanDuration(Duration::from_secs(300)),
         }
     }
-}
-
-fn default_drain_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(30))
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -232,6 +254,13 @@ pub struct AdminConfig {
     /// other than /health and /ready). Without one, only /health and /ready answer.
     #[serde(default)]
     pub token: Option<String>,
+    /// Answer cachepump's `GET /?key=NAME` without the token.
+    #[serde(default = "default_true")]
+    pub public_key_api: bool,
+    /// Host names (besides the listen address, `localhost` and the loopback
+    /// addresses) that requests to the admin API may name in `Host`.
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
 
 pub fn default_admin_listen() -> SocketAddr {

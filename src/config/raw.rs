@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::model::{AdminConfig, LogConfig, PluginConfig, RouteMatch, ServerConfig};
+use super::model::{AdminConfig, LogConfig, PluginConfig, RouteMatch};
 use super::model::{BasicAuth, FileSource, PluginSource, StaticSource, default_true};
 use super::units::{ByteSize, HumanDuration, deserialize_listen};
 
@@ -32,7 +32,7 @@ pub struct RawConfig {
     pub log: LogConfig,
     /// Listener-wide limits and timeouts.
     #[serde(default)]
-    pub server: ServerConfig,
+    pub server: RawServer,
     /// The operator API. Absent means not started.
     #[serde(default)]
     pub admin: Option<AdminConfig>,
@@ -51,6 +51,68 @@ pub struct RawConfig {
 
 pub fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 8080))
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Request bodies larger than this get 413. Absent means no limit (bodies stream).
+    #[serde(default)]
+    pub max_request_body: Option<ByteSize>,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: HumanDuration,
+    /// A complete request head must arrive within this, from the first byte
+    /// (HTTP/1.1: also from the end of the previous response).
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: HumanDuration,
+    /// HTTP/2 connections with no request in progress close after this.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: HumanDuration,
+    /// Open client connections; absent: sized from the file-descriptor limit.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Addresses or CIDR blocks whose `Forwarded`/`X-Forwarded-*` are trusted.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// WebSocket tunnels open at once.
+    #[serde(default = "default_max_tunnels")]
+    pub max_tunnels: usize,
+    /// A tunnel idle in both directions for this long is closed.
+    #[serde(default = "default_tunnel_idle_timeout")]
+    pub tunnel_idle_timeout: HumanDuration,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            max_request_body: None,
+            drain_timeout: default_drain_timeout(),
+            header_timeout: default_header_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_connections: None,
+            trusted_proxies: Vec::new(),
+            max_tunnels: default_max_tunnels(),
+            tunnel_idle_timeout: default_tunnel_idle_timeout(),
+        }
+    }
+}
+
+fn default_drain_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+fn default_header_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_max_tunnels() -> usize {
+    1024
+}
+fn default_tunnel_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(300))
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -130,6 +192,24 @@ pub struct RawRoute {
     /// Overrides `server.max_request_body` for this route.
     #[serde(default)]
     pub max_request_body: Option<ByteSize>,
+    /// `Upgrade` protocols tunnelled to the upstream; others are refused
+    /// (`h2c`) or ignored. Default `[websocket]`.
+    #[serde(default = "default_upgrades")]
+    pub upgrades: Vec<String>,
+    /// Request headers removed on the way in: ones origins may trust that
+    /// the cache key does not include.
+    #[serde(default = "default_strip_request_headers")]
+    pub strip_request_headers: Vec<String>,
+}
+
+fn default_upgrades() -> Vec<String> {
+    vec!["websocket".to_string()]
+}
+
+fn default_strip_request_headers() -> Vec<String> {
+    ["x-original-url", "x-rewrite-url", "x-http-method-override"]
+        .map(str::to_string)
+        .to_vec()
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -147,6 +227,9 @@ pub struct RawRouteCache {
     /// PURGE on the proxy listener, from these client addresses only.
     #[serde(default)]
     pub purge: Option<RawPurge>,
+    /// Requests with `Cookie` or `Authorization` skip the cache (Varnish's habit).
+    #[serde(default)]
+    pub bypass_with_credentials: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

@@ -44,7 +44,15 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
-/// Parses `250ms`, `10s`, `1m30s`, `1h`. A bare number is refused: units are required.
+/// The longest duration a setting may name: anything longer is a typo, and
+/// would overflow timers and clock arithmetic (`now + duration`).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// The largest size a setting may name (1 PiB).
+pub const MAX_SIZE: u64 = 1 << 50;
+
+/// Parses `250ms`, `10s`, `1m30s`, `1h`. A bare number is refused: units are
+/// required; so is anything longer than 100 years.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if !text.is_empty() && text.chars().all(|c| c.is_ascii_digit()) {
@@ -52,8 +60,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "duration {text:?} has no unit (write e.g. \"{text}s\" or \"{text}ms\")"
         ));
     }
-    humantime::parse_duration(text)
-        .map_err(|e| format!("invalid duration {text:?}: {e} (examples: 250ms, 10s, 5m, 1h)"))
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("invalid duration {text:?}: {e} (examples: 250ms, 10s, 5m, 1h)"))?;
+    if duration > MAX_DURATION {
+        return Err(format!("duration {text:?} is longer than 100 years"));
+    }
+    Ok(duration)
 }
 
 /// A size in bytes written with its unit, e.g. `256MiB`.
@@ -81,12 +93,13 @@ impl<'de> Deserialize<'de> for ByteSize {
                 f.write_str("a size such as 512KiB, 256MiB or 1GiB (a bare number is bytes)")
             }
             fn visit_u64<E: de::Error>(self, n: u64) -> Result<ByteSize, E> {
-                Ok(ByteSize(n))
+                check_size(n).map(ByteSize).map_err(E::custom)
             }
             fn visit_i64<E: de::Error>(self, n: i64) -> Result<ByteSize, E> {
-                u64::try_from(n)
-                    .map(ByteSize)
-                    .map_err(|_| E::custom(format!("invalid size {n}: a size cannot be negative")))
+                let n = u64::try_from(n).map_err(|_| {
+                    E::custom(format!("invalid size {n}: a size cannot be negative"))
+                })?;
+                self.visit_u64(n)
             }
             fn visit_str<E: de::Error>(self, text: &str) -> Result<ByteSize, E> {
                 parse_size(text).map(ByteSize).map_err(E::custom)
@@ -96,12 +109,22 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-/// Parses `512KiB`, `256MiB`, `1GiB`, `1000` (bytes), `10MB` (decimal).
+/// Parses `512KiB`, `256MiB`, `1GiB`, `1000` (bytes), `10MB` (decimal), up
+/// to [`MAX_SIZE`].
 pub fn parse_size(text: &str) -> Result<u64, String> {
-    text.trim()
+    let size = text
+        .trim()
         .parse::<bytesize::ByteSize>()
         .map(|b| b.as_u64())
-        .map_err(|e| format!("invalid size {text:?}: {e} (examples: 512KiB, 256MiB, 1GiB)"))
+        .map_err(|e| format!("invalid size {text:?}: {e} (examples: 512KiB, 256MiB, 1GiB)"))?;
+    check_size(size)
+}
+
+fn check_size(size: u64) -> Result<u64, String> {
+    if size > MAX_SIZE {
+        return Err(format!("size {size} is over the 1 PiB limit"));
+    }
+    Ok(size)
 }
 
 /// Parses a listen address: `HOST:PORT` with an IP host (`0.0.0.0:8080`,
@@ -152,6 +175,16 @@ mod tests {
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("ten seconds").is_err());
+    }
+
+    #[test]
+    fn durations_and_sizes_out_of_range_are_refused() {
+        assert!(parse_duration("100y").is_ok());
+        let error = parse_duration("101y").unwrap_err();
+        assert!(error.contains("100 years"), "{error}");
+        assert!(parse_duration("9999999999999999h").is_err());
+        assert!(parse_size("1PiB").is_ok());
+        assert!(parse_size("2PiB").is_err());
     }
 
     #[test]

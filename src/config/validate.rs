@@ -20,11 +20,12 @@ use ipnet::IpNet;
 use super::ConfigError;
 use super::model::{
     CacheConfig, CacheKeyConfig, Config, Endpoint, HttpSource, PluginConfig, PurgeConfig, Route,
-    RouteCache, RouteTarget, ServerAddr, SourceConfig, Upstream,
+    RouteCache, RouteTarget, ServerAddr, ServerConfig, SourceConfig, Upstream,
 };
 use super::positions::PositionIndex;
 use super::raw::{
-    RawCacheConfig, RawConfig, RawHttpSource, RawRoute, RawRouteCache, RawSource, RawUpstream,
+    RawCacheConfig, RawConfig, RawHttpSource, RawRoute, RawRouteCache, RawServer, RawSource,
+    RawUpstream,
 };
 use crate::schedule::Rule;
 
@@ -40,6 +41,7 @@ pub fn validate(
         errors: Vec::new(),
     };
     checker.check_document(&raw);
+    let server = checker.server(&raw.server);
     let cache = checker.cache(&raw.cache);
     let upstreams: BTreeMap<String, Upstream> = raw
         .upstreams
@@ -75,7 +77,7 @@ pub fn validate(
     Ok(Config {
         listen: raw.listen,
         log: raw.log,
-        server: raw.server,
+        server,
         admin: raw.admin,
         cache,
         upstreams,
@@ -135,6 +137,41 @@ impl Checker<'_> {
                     ),
                 );
             }
+        }
+    }
+
+    fn server(&mut self, server: &RawServer) -> ServerConfig {
+        for (key, duration) in [
+            ("header_timeout", server.header_timeout),
+            ("idle_timeout", server.idle_timeout),
+            ("tunnel_idle_timeout", server.tunnel_idle_timeout),
+        ] {
+            if duration.get().is_zero() {
+                self.fail(&format!("server.{key}"), "must be more than 0");
+            }
+        }
+        if server.max_connections == Some(0) {
+            self.fail("server.max_connections", "must be more than 0");
+        }
+        let trusted_proxies = server
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .filter_map(|(i, entry)| {
+                parse_cidr(entry)
+                    .map_err(|why| self.fail(&format!("server.trusted_proxies[{i}]"), why))
+                    .ok()
+            })
+            .collect();
+        ServerConfig {
+            max_request_body: server.max_request_body,
+            drain_timeout: server.drain_timeout,
+            header_timeout: server.header_timeout,
+            idle_timeout: server.idle_timeout,
+            max_connections: server.max_connections,
+            trusted_proxies,
+            max_tunnels: server.max_tunnels,
+            tunnel_idle_timeout: server.tunnel_idle_timeout,
         }
     }
 
@@ -264,13 +301,51 @@ impl Checker<'_> {
             );
         }
         let cache = self.route_cache(&format!("{path}.cache"), &route.cache);
+        let upgrades = self.upgrades(&format!("{path}.upgrades"), &route.upgrades);
+        let strip_request_headers = self.header_names(
+            &format!("{path}.strip_request_headers"),
+            &route.strip_request_headers,
+        );
         Some(Route {
             matcher: route.matcher.clone(),
             target: target?,
             cache,
             plugins: route.plugins.clone(),
             max_request_body: route.max_request_body,
+            upgrades,
+            strip_request_headers,
         })
+    }
+
+    /// Upgrade protocol names, lowercase; `h2c` is never tunnelled (it would
+    /// carry HTTP/2 past routing and plugins).
+    fn upgrades(&mut self, path: &str, names: &[String]) -> Vec<String> {
+        names
+            .iter()
+            .enumerate()
+            .filter_map(|(i, name)| {
+                let lower = name.trim().to_ascii_lowercase();
+                let is_token = !lower.is_empty()
+                    && lower
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b));
+                if lower == "h2c" {
+                    self.fail(
+                        &format!("{path}[{i}]"),
+                        "h2c upgrades are never tunnelled (HTTP/2 would pass routing and plugins)",
+                    );
+                    None
+                } else if !is_token {
+                    self.fail(
+                        &format!("{path}[{i}]"),
+                        format!("{name:?} is not a protocol name"),
+                    );
+                    None
+                } else {
+                    Some(lower)
+                }
+            })
+            .collect()
     }
 
     fn route_cache(&mut self, path: &str, cache: &RawRouteCache) -> RouteCache {
@@ -297,6 +372,7 @@ impl Checker<'_> {
                 headers,
             },
             purge,
+            bypass_with_credentials: cache.bypass_with_credentials,
         }
     }
 

@@ -18,6 +18,40 @@ pub fn forbids_transform(headers: &HeaderMap) -> bool {
     ResponseDirectives::parse(headers).no_transform
 }
 
+/// Whether every `Cache-Control` line can be read: visible ASCII, each
+/// directive a token with an optional token or quoted-string argument
+/// (RFC 9111 section 5.2). One that cannot might have said `no-store`.
+pub fn is_well_formed(headers: &HeaderMap) -> bool {
+    headers.get_all(CACHE_CONTROL).iter().all(|value| {
+        let Ok(text) = value.to_str() else {
+            return false;
+        };
+        let mut in_quotes = false;
+        let mut escaped = false;
+        for byte in text.bytes() {
+            if escaped {
+                escaped = false;
+                continue;
+            }
+            match byte {
+                b'\\' if in_quotes => escaped = true,
+                b'"' => in_quotes = !in_quotes,
+                _ => {}
+            }
+        }
+        !in_quotes
+            && split_list(text).all(|item| {
+                let name = item.split_once('=').map_or(item, |(name, _)| name);
+                !name.is_empty() && name.bytes().all(is_token_byte)
+            })
+    })
+}
+
+/// RFC 9110 section 5.6.2 `tchar`.
+fn is_token_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
 /// A directive's numeric argument as written: missing, a valid delta-seconds,
 /// or something else (which the freshness rules treat as "already stale").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,5 +402,31 @@ mod tests {
     fn list_split_keeps_quoted_commas() {
         let items: Vec<_> = split_list(" a, b=\"x, y\" ,, c ").collect();
         assert_eq!(items, vec!["a", "b=\"x, y\"", "c"]);
+    }
+
+    #[test]
+    fn unreadable_lines_are_not_well_formed() {
+        assert!(is_well_formed(&headers(&[(
+            "cache-control",
+            "public, max-age=60"
+        )])));
+        assert!(is_well_formed(&headers(&[(
+            "cache-control",
+            "private=\"set-cookie, x\""
+        )])));
+        assert!(!is_well_formed(&headers(&[(
+            "cache-control",
+            "max-age=60, \"oops"
+        )])));
+        assert!(!is_well_formed(&headers(&[(
+            "cache-control",
+            "max age=60"
+        )])));
+        let mut bytes = HeaderMap::new();
+        bytes.insert(
+            CACHE_CONTROL,
+            http::HeaderValue::from_bytes(b"private, x\xff").unwrap(),
+        );
+        assert!(!is_well_formed(&bytes));
     }
 }

@@ -69,6 +69,9 @@ pub enum ErrorKind {
     StaleNotRevalidated,
     #[error("plugin {plugin} failed: {reason}")]
     PluginFailed { plugin: Arc<str>, reason: String },
+    /// Larder itself is at a limit (open tunnels, say): try again later.
+    #[error("{0}")]
+    Unavailable(&'static str),
     /// cachepump's plain-text answers on `/?key=`, kept byte for byte
     /// because its clients may match them.
     #[error("{text}")]
@@ -95,6 +98,7 @@ impl ErrorKind {
                 StatusCode::GATEWAY_TIMEOUT
             }
             Self::PlainText { status, .. } => *status,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -116,7 +120,7 @@ impl ErrorKind {
             | Self::StaleNotRevalidated => Blame::Upstream,
             Self::PluginFailed { .. } => Blame::Plugin,
             // A loop is an upstream pointing back at Larder: configuration.
-            Self::Loop { .. } | Self::Internal(_) => Blame::Internal,
+            Self::Loop { .. } | Self::Internal(_) | Self::Unavailable(_) => Blame::Internal,
         }
     }
 }

@@ -12,8 +12,31 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 larder");
 
-/// Adds `X-Forwarded-For` (appended to any earlier hops), `X-Forwarded-Proto`,
-/// `X-Forwarded-Host` (the host the client asked for) and `Via`.
+/// The forwarding headers a client may forge to make an origin believe
+/// something about the original request (its address, scheme, host, prefix).
+const FORWARDING: [HeaderName; 7] = [
+    header::FORWARDED,
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-real-ip"),
+];
+
+/// Removes the forwarding headers a client sent: only a trusted proxy's
+/// are kept (`server.trusted_proxies`).
+pub fn remove_forwarding(headers: &mut HeaderMap) {
+    for name in &FORWARDING {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Adds `X-Forwarded-For` (appended to any earlier hops), `X-Forwarded-Proto`
+/// and `X-Forwarded-Host` (the scheme and host the client asked for) unless
+/// a trusted proxy set them already, and `Via`.
 pub fn add_forwarded(
     headers: &mut HeaderMap,
     client: IpAddr,
@@ -34,8 +57,12 @@ pub fn add_forwarded(
     if let Some(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR, value);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    if let Some(host) = original_host {
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if let Some(host) = original_host
+        && !headers.contains_key(X_FORWARDED_HOST)
+    {
         headers.insert(X_FORWARDED_HOST, host);
     }
     append_via(headers);

@@ -6,10 +6,14 @@
 //! below it, in the order they run (Pingora's `process_request` shape):
 //!
 //! ```text
-//! route         request checks, loop detection, host + path -> RouteEntry
-//! prepare       body limit, hop-by-hop out, X-Forwarded-*/Via in, body guard
+//! route         request checks, loop detection, the path normalised, host +
+//!               path -> RouteEntry
+//! prepare       body limit, an allowed Upgrade kept (others refused or
+//!               dropped), hop-by-hop out, untrusted forwarding headers out,
+//!               X-Forwarded-*/Via in, body guard
 //! on_request    the route's transformers; may answer, may add cache-key parts
-//! target        a source | the cache (Cache::serve with the route's RouteOrigin)
+//! target        a tunnel (an allowed Upgrade, after the plugins let it through)
+//!               | a source | the cache (Cache::serve with the route's RouteOrigin)
 //!               | the upstream (RouteOrigin::fetch: forward, then the
 //!               cache-store plugin phase; for cached routes the cache calls it)
 //! on_response   the route's downstream-phase transformers, hits included
@@ -26,6 +30,7 @@ mod errors;
 mod forwarded;
 mod guard;
 mod origin;
+mod path;
 mod purge;
 mod route_metrics;
 mod router;
@@ -38,6 +43,7 @@ use std::sync::Arc;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
+use ipnet::IpNet;
 
 use crate::cache::{self, Cache};
 use crate::config::{Config, PluginPhase, Route, RouteCache, RouteTarget, Upstream};
@@ -73,6 +79,9 @@ pub struct RouteEntry {
     metrics: RouteMetrics,
     target: Target,
     cache: RouteCache,
+    /// `Upgrade` protocols tunnelled (lowercase).
+    upgrades: Vec<String>,
+    strip_request_headers: Vec<http::HeaderName>,
     plugins: Arc<[String]>,
     max_request_body: Option<u64>,
 }
@@ -88,6 +97,16 @@ enum Routed<'p> {
 enum OnRequest {
     Continue(Request<Body>),
     Answer(Response<Body>),
+}
+
+/// The long-lived parts a request path is built around; they outlive reloads.
+#[derive(Clone)]
+pub struct Services {
+    pub cache: Arc<Cache>,
+    pub sources: Arc<Sources>,
+    pub plugins: Arc<PluginHost>,
+    /// Open upgrade tunnels, counted across reloads.
+    pub tunnels: Arc<upgrade::Tunnels>,
 }
 
 /// Why a request path could not be built from a config.
@@ -108,8 +127,12 @@ pub struct Proxy {
     cache: Arc<Cache>,
     sources: Arc<Sources>,
     plugins: Arc<PluginHost>,
+    tunnels: Arc<upgrade::Tunnels>,
     upstreams: BTreeMap<String, Arc<UpstreamClient>>,
     max_request_body: Option<u64>,
+    trusted_proxies: Vec<IpNet>,
+    max_tunnels: usize,
+    tunnel_idle_timeout: std::time::Duration,
     access_log: bool,
     /// Metrics of requests no route answered.
     unrouted: RouteMetrics,
@@ -121,11 +144,15 @@ impl Proxy {
     /// upstream config is unchanged.
     pub fn build(
         config: &Config,
-        cache: Arc<Cache>,
-        sources: Arc<Sources>,
-        plugins: Arc<PluginHost>,
+        services: &Services,
         previous: Option<&Proxy>,
     ) -> Result<Self, BuildError> {
+        let Services {
+            cache,
+            sources,
+            plugins,
+            tunnels,
+        } = services.clone();
         let mut upstreams = BTreeMap::new();
         for (name, upstream) in &config.upstreams {
             upstreams.insert(name.clone(), reuse_or_build(name, upstream, previous)?);
@@ -155,8 +182,12 @@ impl Proxy {
             cache,
             sources,
             plugins,
+            tunnels,
             upstreams,
             max_request_body: config.server.max_request_body.map(|size| size.0),
+            trusted_proxies: config.server.trusted_proxies.clone(),
+            max_tunnels: config.server.max_tunnels,
+            tunnel_idle_timeout: config.server.tunnel_idle_timeout.get(),
             access_log: config.log.access_log,
         })
     }
@@ -182,31 +213,32 @@ impl Proxy {
         request: Request<Incoming>,
         ctx: &mut RequestCtx<'p>,
     ) -> Result<Response<Body>, RequestError> {
-        let route = match self.route(&request, ctx)? {
+        let mut request = request;
+        let route = match self.route(&mut request, ctx)? {
             Routed::Route(route) => route,
             Routed::Answer(response) => return Ok(response),
         };
         self.check_body_limit(route, &request)?;
-        if let Target::Upstream { origin, .. } = &route.target
-            && hop_by_hop::is_upgrade_request(request.headers())
-        {
-            return self.tunnel(origin, request, ctx).await;
-        }
-        let request = self.prepare(route, request, ctx);
+        let upgrade = upgrade::accept(&route.upgrades, route.target.origin(), &mut request)?;
+        let request = self.prepare(route, request, ctx, upgrade.is_some());
         let request = match self.on_request(route, request, ctx).await? {
             OnRequest::Continue(request) => request,
             // A plugin's own answer still goes through the downstream
             // on-response hooks, as the WIT promises.
             OnRequest::Answer(response) => return self.on_response(route, response, ctx).await,
         };
+        if let (Some(client_side), Some(origin)) = (upgrade, route.target.origin()) {
+            return self.tunnel(origin, request, client_side).await;
+        }
         let response = self.target(route, request, ctx).await?;
         self.on_response(route, response, ctx).await
     }
 
-    /// Refuses what no origin should see, detects loops, and finds the route.
+    /// Refuses what no origin should see, detects loops, normalises the
+    /// path (what routes match and upstreams get), and finds the route.
     fn route<'p>(
         &'p self,
-        request: &Request<Incoming>,
+        request: &mut Request<Incoming>,
         ctx: &mut RequestCtx<'p>,
     ) -> Result<Routed<'p>, RequestError> {
         check_request(request)?;
@@ -214,6 +246,8 @@ impl Proxy {
         if hops >= MAX_LARDER_HOPS {
             return Err(ErrorKind::Loop { hops }.into());
         }
+        normalize_path(request)?;
+        let request = &*request;
         let host = self
             .routes_match_host
             .then(|| router::request_host(request))
@@ -268,8 +302,13 @@ impl Proxy {
         route: &RouteEntry,
         mut request: Request<Incoming>,
         ctx: &mut RequestCtx<'_>,
+        keep_upgrade: bool,
     ) -> Request<Body> {
-        prepare_request_headers(&mut request, ctx.client, false);
+        for name in &route.strip_request_headers {
+            request.headers_mut().remove(name);
+        }
+        let trusted = is_trusted(&self.trusted_proxies, ctx.client.ip());
+        prepare_request_headers(&mut request, ctx.client, keep_upgrade, trusted);
         let (parts, incoming) = request.into_parts();
         let body = if http_body::Body::is_end_stream(&incoming) {
             // Nothing to read: an empty body, which boxes without allocating.
@@ -369,16 +408,24 @@ impl Proxy {
             .map_err(|error| errors::from_plugin(error, upstream.as_ref()))
     }
 
-    /// An Upgrade (WebSocket) request goes to the upstream on a connection
-    /// of its own and becomes a tunnel.
+    /// An allowed Upgrade (WebSocket) that the plugins let through goes to
+    /// the upstream on a connection of its own and becomes a tunnel, capped
+    /// in number and closed when idle.
     async fn tunnel(
         &self,
         origin: &RouteOrigin,
-        mut request: Request<Incoming>,
-        ctx: &mut RequestCtx<'_>,
+        request: Request<Body>,
+        client_side: hyper::upgrade::OnUpgrade,
     ) -> Result<Response<Body>, RequestError> {
-        prepare_request_headers(&mut request, ctx.client, true);
-        Box::pin(upgrade::tunnel(origin.upstream(), request))
+        let Some(permit) = self.tunnels.open(self.max_tunnels) else {
+            return Err(ErrorKind::Unavailable("too many open tunnels").into());
+        };
+        let tunnel = upgrade::Tunnel {
+            client_side,
+            permit,
+            idle_timeout: self.tunnel_idle_timeout,
+        };
+        Box::pin(tunnel.open(origin.upstream(), request))
             .await
             .map_err(errors::from_upstream)
     }
@@ -422,6 +469,50 @@ impl Proxy {
     }
 }
 
+impl Target {
+    fn origin(&self) -> Option<&RouteOrigin> {
+        match self {
+            Self::Upstream { origin, .. } => Some(origin),
+            Self::Source(_) => None,
+        }
+    }
+}
+
+/// Rewrites the request target's path to its normal form (RFC 3986
+/// section 6); 400 for a path that has none.
+fn normalize_path<B>(request: &mut Request<B>) -> Result<(), RequestError> {
+    let normal = match path::normalize(request.uri().path()) {
+        Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
+        Ok(std::borrow::Cow::Owned(normal)) => normal,
+        Err(why) => return Err(RequestError::bad_request(why.to_string())),
+    };
+    let uri = request.uri();
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{normal}?{query}"),
+        None => normal,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(
+        path_and_query
+            .parse()
+            .map_err(|_| RequestError::bad_request("the normalised path is not a valid target"))?,
+    );
+    *request.uri_mut() = http::Uri::from_parts(parts)
+        .map_err(|_| RequestError::bad_request("the normalised path is not a valid target"))?;
+    Ok(())
+}
+
+/// Whether `ip` may vouch for earlier hops in forwarding headers.
+fn is_trusted(trusted: &[IpNet], ip: std::net::IpAddr) -> bool {
+    if trusted.is_empty() {
+        return false;
+    }
+    let canonical = ip.to_canonical();
+    trusted
+        .iter()
+        .any(|net| net.contains(&ip) || net.contains(&canonical))
+}
+
 fn compile_route(
     route: &Route,
     upstreams: &BTreeMap<String, Arc<UpstreamClient>>,
@@ -455,6 +546,8 @@ fn compile_route(
         metrics: RouteMetrics::new(&label),
         target,
         cache: route.cache.clone(),
+        upgrades: route.upgrades.clone(),
+        strip_request_headers: route.strip_request_headers.clone(),
         plugins: chain,
         max_request_body: route.max_request_body.map(|size| size.0),
     })
@@ -531,7 +624,13 @@ fn is_valid_host(value: &[u8]) -> bool {
 
 /// Hop-by-hop out, forwarding headers in, and a Host header that names what
 /// the client asked for (HTTP/2 and absolute-form carry it in the URI).
-fn prepare_request_headers<B>(request: &mut Request<B>, client: SocketAddr, keep_upgrade: bool) {
+/// `trusted`: the client is a proxy whose forwarding headers are kept.
+fn prepare_request_headers<B>(
+    request: &mut Request<B>,
+    client: SocketAddr,
+    keep_upgrade: bool,
+    trusted: bool,
+) {
     let original_host = match request.uri().authority() {
         Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
         None => request.headers().get(header::HOST).cloned(),
@@ -543,6 +642,9 @@ fn prepare_request_headers<B>(request: &mut Request<B>, client: SocketAddr, keep
         && headers.get(header::HOST) != Some(host)
     {
         headers.insert(header::HOST, host.clone());
+    }
+    if !trusted {
+        forwarded::remove_forwarding(headers);
     }
     forwarded::add_forwarded(headers, client.ip(), "http", original_host);
 }
