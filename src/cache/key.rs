@@ -373,4 +373,54 @@ mod tests {
         );
         assert_eq!(normalize_url("/relative"), None);
     }
+
+    mod properties {
+        use super::*;
+        use http::HeaderValue;
+        use proptest::prelude::*;
+
+        fn with(name: &'static str, value: &[u8]) -> Option<HeaderMap> {
+            let mut headers = host("h");
+            headers.insert(name, HeaderValue::from_bytes(value).ok()?);
+            Some(headers)
+        }
+
+        proptest! {
+            /// Different bytes of a keyed header never give the same key,
+            /// and an absent header differs from any present one.
+            #[test]
+            fn keys_tell_header_bytes_apart(a in proptest::collection::vec(any::<u8>(), 0..24),
+                                            b in proptest::collection::vec(any::<u8>(), 0..24)) {
+                let config = CacheKeyConfig {
+                    headers: vec![HeaderName::from_static("x-tenant")],
+                    ..Default::default()
+                };
+                let uri: Uri = "/p".parse().unwrap();
+                if let (Some(ha), Some(hb)) = (with("x-tenant", &a), with("x-tenant", &b)) {
+                    let (ka, kb) = (primary_key(&uri, &ha, &config), primary_key(&uri, &hb, &config));
+                    prop_assert_eq!(ka == kb, a == b);
+                    prop_assert_eq!(url_part(&ka), url_part(&kb));
+                }
+            }
+
+            /// A Vary value with any bytes selects only itself (case folded
+            /// only for case-insensitive fields); absent never matches present.
+            #[test]
+            fn vary_values_keep_their_bytes(a in proptest::collection::vec(any::<u8>(), 1..24)) {
+                let names = vec![HeaderName::from_static("cookie")];
+                if let Some(headers) = with("cookie", &a) {
+                    let values = vary_values(&names, &headers);
+                    prop_assert!(values[0].is_some(), "present never reads as absent");
+                    prop_assert_ne!(&values, &vary_values(&names, &HeaderMap::new()));
+                    let upper: Vec<u8> = a.iter().map(u8::to_ascii_uppercase).collect();
+                    if upper != a && let Some(shouted) = with("cookie", &upper) {
+                        let trimmed = |v: &[u8]| normalize_vary_value(v, false);
+                        if trimmed(&upper) != trimmed(&a) {
+                            prop_assert_ne!(values, vary_values(&names, &shouted));
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -751,4 +751,24 @@ mod tests {
             "{paths:?}"
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any text: no panic; a block parsed from it contains its own
+            /// address and agrees with itself on any other address.
+            #[test]
+            fn cidr_blocks_contain_their_address(text in ".{0,24}", a in any::<[u8; 4]>(), bits in 0u8..=32) {
+                let _ = parse_cidr(&text);
+                let address = std::net::Ipv4Addr::from(a);
+                let block = parse_cidr(&format!("{address}/{bits}")).expect("a valid block");
+                prop_assert!(block.contains(&std::net::IpAddr::V4(address)));
+                let other = std::net::IpAddr::V4(std::net::Ipv4Addr::from(a.map(|x| x ^ 0x80)));
+                let same_net = bits == 0 || (u32::from(address) ^ 0x8080_8080) >> (32 - u32::from(bits)) == u32::from(address) >> (32 - u32::from(bits));
+                prop_assert_eq!(block.contains(&other), same_net);
+            }
+        }
+    }
 }

@@ -429,4 +429,35 @@ mod tests {
         );
         assert!(!is_well_formed(&bytes));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any bytes in any number of lines: no panic, and a line that
+            /// is not visible ASCII never counts as well formed.
+            #[test]
+            fn any_field_lines_parse_without_panic(
+                lines in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..4)
+            ) {
+                let mut headers = HeaderMap::new();
+                for line in &lines {
+                    if let Ok(value) = http::HeaderValue::from_bytes(line) {
+                        headers.append(CACHE_CONTROL, value);
+                    }
+                }
+                let _ = RequestDirectives::parse(&headers);
+                let parsed = ResponseDirectives::parse(&headers);
+                let well_formed = is_well_formed(&headers);
+                if headers.get_all(CACHE_CONTROL).iter().any(|v| v.to_str().is_err()) {
+                    prop_assert!(!well_formed);
+                }
+                if well_formed {
+                    // Parsing is deterministic.
+                    prop_assert_eq!(parsed, ResponseDirectives::parse(&headers));
+                }
+            }
+        }
+    }
 }

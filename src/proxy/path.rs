@@ -189,4 +189,31 @@ mod tests {
         assert_eq!(normal("/a%zz"), Err(PathError::BadEncoding));
         assert_eq!(normal("/a%4"), Err(PathError::BadEncoding));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any bytes: no panic; a result is absolute, has no empty or
+            /// dot segment, no encoded slash or NUL, and is its own normal form.
+            #[test]
+            fn normal_forms_are_normal_and_stable(path in "/[a-zA-Z0-9%./_~\\-]{0,40}") {
+                if let Ok(normal) = normalize(&path) {
+                    prop_assert!(normal.starts_with('/'));
+                    prop_assert!(!normal.contains("//"));
+                    prop_assert!(!normal.split('/').any(|s| s == "." || s == ".."));
+                    prop_assert!(!normal.to_ascii_uppercase().contains("%2F"));
+                    prop_assert!(!normal.contains("%00"));
+                    let again = normalize(&normal).map(Cow::into_owned);
+                    prop_assert_eq!(again.as_deref(), Ok(normal.as_ref()));
+                }
+            }
+
+            #[test]
+            fn arbitrary_strings_never_panic(path in ".{0,64}") {
+                let _ = normalize(&path);
+            }
+        }
+    }
 }

@@ -148,4 +148,22 @@ mod tests {
             .expect("test request");
         assert_eq!(request_host(&request), Some("b.test"));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any host pattern and request: no panic; a route without a
+            /// host rule matches on the path prefix alone.
+            #[test]
+            fn matching_never_panics(pattern in ".{0,20}", host in ".{0,20}", prefix in "/.{0,8}", path in "/.{0,16}") {
+                let with_host = matcher(Some(&pattern), Some(&prefix));
+                let _ = with_host.is_match(Some(&host), &path);
+                let any_host = matcher(None, Some(&prefix));
+                prop_assert_eq!(any_host.is_match(Some(&host), &path), path.starts_with(prefix.as_str()));
+                let _ = strip_port(&host);
+            }
+        }
+    }
 }
