@@ -109,7 +109,10 @@ fn check(path: &Path, config: Config) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let loaded = runtime.block_on(larder::plugins::PluginHost::load(&config.plugins));
+    let loaded = runtime.block_on(larder::plugins::PluginHost::load(
+        &config.plugins,
+        &config.plugin_limits,
+    ));
     if let Err(error) = loaded {
         let at = format!("plugins.{}", error.plugin);
         let error = config::error_at(path, &at, error.reason.to_string());

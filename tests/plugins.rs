@@ -15,12 +15,12 @@ use bytes::Bytes;
 use common::{Origin, get, get_with, respond, start_larder, start_origin};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use larder::config::{PluginConfig, PluginPhase};
+use larder::config::{PluginConfig, PluginPhase, PluginTotals};
 use larder::http::body::{self, Body};
 use larder::http::error::RequestError;
 use larder::plugins::{
-    FetchContext, FetchOutcome, PluginError, PluginHost, PluginLoadError, RequestState,
-    SourceValue, SourceValues,
+    FailureKind, FetchContext, FetchOutcome, PluginError, PluginHost, PluginLoadError,
+    RequestState, SourceValue, SourceValues,
 };
 
 /// A built plugin component; fails (never skips) when it was not built.
@@ -45,7 +45,7 @@ async fn host(plugins: &[(&str, PluginConfig)]) -> Arc<PluginHost> {
         .iter()
         .map(|(name, config)| (name.to_string(), config.clone()))
         .collect();
-    PluginHost::load(&map)
+    PluginHost::load(&map, &PluginTotals::default())
         .await
         .unwrap_or_else(|e| panic!("plugins failed to load: {e}"))
 }
@@ -105,7 +105,12 @@ async fn add_headers_sets_and_removes_headers_on_both_sides() {
     .await;
     let mut parts = request(&[("accept", "text/html")]);
     let answered = host
-        .on_request(&chain(&["hdr"]), &mut parts, &mut RequestState::default())
+        .on_request(
+            &chain(&["hdr"]),
+            &mut parts,
+            &mut RequestState::default(),
+            false,
+        )
         .await;
     assert!(matches!(answered, Ok(None)), "on-request carries on");
     assert_eq!(parts.headers["x-from-plugin"], "yes");
@@ -180,6 +185,7 @@ async fn on_request_can_answer_directly() {
             &chain(&["guard"]),
             &mut without,
             &mut RequestState::default(),
+            false,
         )
         .await
         .expect("plugin runs")
@@ -194,7 +200,12 @@ async fn on_request_can_answer_directly() {
 
     let mut with = request(&[("x-api-key", "k")]);
     let carried_on = host
-        .on_request(&chain(&["guard"]), &mut with, &mut RequestState::default())
+        .on_request(
+            &chain(&["guard"]),
+            &mut with,
+            &mut RequestState::default(),
+            false,
+        )
         .await;
     assert!(matches!(carried_on, Ok(None)));
 }
@@ -204,13 +215,13 @@ async fn on_request_can_add_cache_key_parts() {
     let host = host(&[("device", add_headers("{ cache_key_from: x-device }"))]).await;
     let mut parts = request(&[("x-device", "mobile")]);
     let mut state = RequestState::default();
-    host.on_request(&chain(&["device"]), &mut parts, &mut state)
+    host.on_request(&chain(&["device"]), &mut parts, &mut state, false)
         .await
         .expect("plugin runs");
     assert_eq!(state.cache_key_extra, vec!["mobile".to_string()]);
     let mut plain = request(&[]);
     let mut plain_state = RequestState::default();
-    host.on_request(&chain(&["device"]), &mut plain, &mut plain_state)
+    host.on_request(&chain(&["device"]), &mut plain, &mut plain_state, false)
         .await
         .expect("plugin runs");
     assert!(plain_state.cache_key_extra.is_empty());
@@ -304,7 +315,7 @@ async fn one_request_makes_one_fresh_instance_for_both_hooks() {
         let mut parts = request(&[]);
         let mut state = RequestState::default();
         let answer = host
-            .on_request(&chain(&["stamp"]), &mut parts, &mut state)
+            .on_request(&chain(&["stamp"]), &mut parts, &mut state, false)
             .await
             .expect("plugin runs");
         assert!(answer.is_none());
@@ -334,7 +345,7 @@ async fn a_bad_plugin_config_is_a_load_error_naming_the_plugin() {
         "broken-cors".to_string(),
         add_headers("{ set: 'no colon here' }"),
     )]);
-    match PluginHost::load(&map).await {
+    match PluginHost::load(&map, &PluginTotals::default()).await {
         Err(PluginLoadError { plugin, reason }) => {
             assert_eq!(plugin, "broken-cors");
             let reason = reason.to_string();
@@ -349,7 +360,7 @@ async fn a_bad_plugin_config_is_a_load_error_naming_the_plugin() {
         plugin(&format!("path: {}", garbage.path().display())),
     )]);
     assert!(
-        matches!(PluginHost::load(&map).await, Err(PluginLoadError { plugin, .. }) if plugin == "junk")
+        matches!(PluginHost::load(&map, &PluginTotals::default()).await, Err(PluginLoadError { plugin, .. }) if plugin == "junk")
     );
 }
 
@@ -475,6 +486,7 @@ async fn assert_contained(name: &str, kind: &str, detail: &str) {
             &chain(&["fault-open", "hdr"]),
             &mut parts,
             &mut RequestState::default(),
+            false,
         )
         .await;
     assert!(matches!(skipped, Ok(None)), "{name} under open is skipped");
@@ -489,6 +501,7 @@ async fn assert_contained(name: &str, kind: &str, detail: &str) {
             &chain(&["fault-closed", "hdr"]),
             &mut parts,
             &mut RequestState::default(),
+            false,
         )
         .await
     {
@@ -519,9 +532,14 @@ async fn assert_contained(name: &str, kind: &str, detail: &str) {
     }
     // Other plugins of the same host keep working.
     let mut parts = request(&[]);
-    host.on_request(&chain(&["hdr"]), &mut parts, &mut RequestState::default())
-        .await
-        .expect("healthy plugin runs");
+    host.on_request(
+        &chain(&["hdr"]),
+        &mut parts,
+        &mut RequestState::default(),
+        false,
+    )
+    .await
+    .expect("healthy plugin runs");
     assert_eq!(parts.headers["x-ok"], "1");
 }
 
@@ -565,15 +583,49 @@ async fn a_plugin_that_fails_in_on_response_leaves_the_response_alone_under_open
 #[tokio::test]
 async fn repeated_failures_open_the_circuit() {
     let host = host(&[("p", fault_config("panic", "open"))]).await;
-    for _ in 0..12 {
+    for _ in 0..5 {
         let mut parts = request(&[]);
         let result = host
-            .on_request(&chain(&["p"]), &mut parts, &mut RequestState::default())
+            .on_request(
+                &chain(&["p"]),
+                &mut parts,
+                &mut RequestState::default(),
+                false,
+            )
             .await;
         assert!(
             matches!(result, Ok(None)),
-            "requests keep succeeding under open"
+            "a failure is skipped under open"
         );
+    }
+    for _ in 0..4 {
+        let mut parts = request(&[]);
+        let refused = host
+            .on_request(
+                &chain(&["p"]),
+                &mut parts,
+                &mut RequestState::default(),
+                false,
+            )
+            .await;
+        // The plugin may guard the route: not running it is not "carry on".
+        let Err(error) = refused else {
+            panic!("an open circuit refuses unless the route skips unavailable plugins")
+        };
+        assert_eq!(error.kind, FailureKind::CircuitOpen);
+        assert!(error.retry_after.is_some());
+    }
+    for _ in 0..3 {
+        let mut parts = request(&[]);
+        let skipped = host
+            .on_request(
+                &chain(&["p"]),
+                &mut parts,
+                &mut RequestState::default(),
+                true,
+            )
+            .await;
+        assert!(matches!(skipped, Ok(None)), "the route said skip");
     }
     let stats = host.stats("p").expect("stats");
     assert!(stats.circuit_open, "{stats:?}");
@@ -587,7 +639,8 @@ async fn repeated_failures_open_the_circuit() {
 #[tokio::test]
 async fn bodies_over_the_cap_skip_the_plugin_under_open_and_fail_under_closed() {
     let big = "x".repeat(larder::plugins::MAX_BODY_BYTES + 1);
-    let open = add_headers("{ set: 'x-seen: 1' }");
+    let mut open = add_headers("{ set: 'x-seen: 1' }");
+    open.on_error = larder::config::OnError::Open;
     let mut closed = open.clone();
     closed.on_error = larder::config::OnError::Closed;
     let host = host(&[("open", open), ("closed", closed)]).await;
@@ -686,8 +739,13 @@ async fn a_changed_plugin_file_is_swapped_in_and_a_broken_one_is_refused() {
     let answers_directly = |host: Arc<PluginHost>| async move {
         let mut parts = request(&[]);
         matches!(
-            host.on_request(&chain(&["live"]), &mut parts, &mut RequestState::default())
-                .await,
+            host.on_request(
+                &chain(&["live"]),
+                &mut parts,
+                &mut RequestState::default(),
+                false
+            )
+            .await,
             Ok(Some(_))
         )
     };
@@ -753,16 +811,19 @@ async fn a_reload_applies_plugin_changes_all_or_nothing() {
     };
     let config = |set: &str| BTreeMap::from([("hdr".to_string(), add_headers(set))]);
 
-    host.apply(&config("{ set: 'x-version: 1' }"))
+    host.apply(&config("{ set: 'x-version: 1' }"), &PluginTotals::default())
         .await
         .expect("added");
     assert_eq!(header_after(host.clone()).await.as_deref(), Some("1"));
-    host.apply(&config("{ set: 'x-version: 2' }"))
+    host.apply(&config("{ set: 'x-version: 2' }"), &PluginTotals::default())
         .await
         .expect("changed");
     assert_eq!(header_after(host.clone()).await.as_deref(), Some("2"));
 
-    match host.apply(&config("{ set: 'broken' }")).await {
+    match host
+        .apply(&config("{ set: 'broken' }"), &PluginTotals::default())
+        .await
+    {
         Err(PluginLoadError { plugin, .. }) => assert_eq!(plugin, "hdr"),
         other => panic!("a bad config must be refused, got {other:?}"),
     }
@@ -773,14 +834,20 @@ async fn a_reload_applies_plugin_changes_all_or_nothing() {
     );
     let mut half_good = config("{ set: 'x-version: 3' }");
     half_good.insert("other".to_string(), add_headers("{ remove: 'not a name' }"));
-    assert!(host.apply(&half_good).await.is_err());
+    assert!(
+        host.apply(&half_good, &PluginTotals::default())
+            .await
+            .is_err()
+    );
     assert_eq!(
         header_after(host.clone()).await.as_deref(),
         Some("2"),
         "a reload with one bad plugin changes none"
     );
     assert!(host.stats("other").is_none());
-    host.apply(&BTreeMap::new()).await.expect("removed");
+    host.apply(&BTreeMap::new(), &PluginTotals::default())
+        .await
+        .expect("removed");
     assert!(host.stats("hdr").is_none());
 }
 
@@ -985,7 +1052,7 @@ async fn misbehaving_plugins_are_contained_under_both_on_error_settings() {
 async fn the_circuit_opens_after_repeated_failures_and_requests_carry_on() {
     let origin = start_origin(|_| async { respond(200, &[], "fine") }).await;
     let yaml = format!(
-        "admin:\n  token: {ADMIN_TOKEN}\nupstreams:\n  app: {{ servers: [\"{}\"] }}\nroutes:\n  - upstream: app\n    plugins: [flaky-breaker]\n{}",
+        "admin:\n  token: {ADMIN_TOKEN}\nupstreams:\n  app: {{ servers: [\"{}\"] }}\nroutes:\n  - match: {{ path_prefix: /guarded }}\n    upstream: app\n    plugins: [flaky-breaker]\n  - upstream: app\n    plugins: [flaky-breaker]\n    skip_unavailable_plugins: true\n{}",
         origin.url(),
         plugins_yaml(&[("flaky-breaker", "panic", "on_error: open")])
     );
@@ -993,6 +1060,15 @@ async fn the_circuit_opens_after_repeated_failures_and_requests_carry_on() {
     for _ in 0..12 {
         assert_eq!(get(&larder.url("/x")).await.text(), "fine");
     }
+    // Where the route does not say so, an open circuit is not "let it through".
+    let guarded = get(&larder.url("/guarded/x")).await;
+    assert_eq!(guarded.status, 503, "{}", guarded.text());
+    let retry_after: u64 = guarded
+        .header("retry-after")
+        .and_then(|value| value.parse().ok())
+        .expect("a Retry-After in seconds");
+    assert!((1..=5).contains(&retry_after), "{retry_after}");
+    assert!(guarded.text().contains("flaky-breaker"));
     let labels = [("plugin", "flaky-breaker"), ("hook", "on_request")];
     let calls = metric(&larder, "larder_plugin_invocations_total", &labels).await;
     assert_eq!(calls, 5.0, "not called once the circuit opened");
@@ -1133,6 +1209,7 @@ async fn guest_logs_and_stderr_reach_the_host_log_tagged_with_the_plugin() {
         &chain(&["log-crashy", "log-gate"]),
         &mut parts,
         &mut RequestState::default(),
+        false,
     )
     .await
     .expect("open skips the crash; the gate answers");
@@ -1170,7 +1247,7 @@ async fn concurrent_requests_each_get_their_own_instance() {
                 let device = format!("device-{i}");
                 let mut parts = request(&[("x-device", &device)]);
                 let mut state = RequestState::default();
-                host.on_request(&chain(&["device"]), &mut parts, &mut state)
+                host.on_request(&chain(&["device"]), &mut parts, &mut state, false)
                     .await
                     .map(|_| (device, state.cache_key_extra))
             })
@@ -1307,6 +1384,7 @@ async fn a_plugin_within_its_memory_limit_runs_normally() {
             &chain(&["frugal"]),
             &mut parts,
             &mut RequestState::default(),
+            false,
         )
         .await;
     assert!(

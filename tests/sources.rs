@@ -31,7 +31,7 @@ async fn served(url: &str) -> common::Reply {
 /// Starts only the sources of `yaml` (no listeners), as the server would.
 async fn start_sources(yaml: &str) -> Arc<Sources> {
     let config = larder::config::load_str(yaml, "test.yml").unwrap_or_else(|e| panic!("{e}"));
-    let plugins = PluginHost::load(&config.plugins)
+    let plugins = PluginHost::load(&config.plugins, &config.plugin_limits)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     Sources::start(&config.sources, plugins)

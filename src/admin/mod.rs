@@ -185,6 +185,7 @@ impl Admin {
         serde_json::json!({
             "entries": self.cache.entry_count(),
             "bytes": self.cache.weighted_size(),
+            "fill_bytes": self.cache.fill_bytes(),
             "in_flight": in_flight,
             "stats": self.cache.stats(),
         })

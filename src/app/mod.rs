@@ -113,7 +113,7 @@ pub struct Server {
 /// Starts everything `config` describes; nothing is left running on error.
 pub async fn start(config: Config, options: Options) -> Result<Server, StartError> {
     crate::telemetry::metrics();
-    let plugins = PluginHost::load(&config.plugins).await?;
+    let plugins = PluginHost::load(&config.plugins, &config.plugin_limits).await?;
     let app = App {
         services: Services {
             cache: Cache::new(&config.cache, options.clock),
@@ -220,7 +220,10 @@ impl Server {
         let app = &self.live.app;
         let previous = self.live.proxy.load_full();
         let proxy = app.proxy(&config, Some(&previous))?;
-        app.services.plugins.apply(&config.plugins).await?;
+        app.services
+            .plugins
+            .apply(&config.plugins, &config.plugin_limits)
+            .await?;
         app.services.cache.apply(&config.cache);
         app.services.sources.apply(&config.sources);
         self.live.proxy.store(Arc::new(proxy));

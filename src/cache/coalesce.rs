@@ -61,7 +61,7 @@ impl Cache {
         // The leader reads from the first chunk, whatever happens to the replay buffer.
         let reader = flight.reader();
         self.start_fill(&flight, &forward, origin, registered);
-        match flight.wait_head().await {
+        match self.wait_head(&flight).await {
             Head::Shared {
                 meta,
                 stored,
@@ -118,7 +118,7 @@ impl Cache {
         // Attached before the head arrives, so a response that is streamed
         // without a replay copy still reaches this waiter from its first byte.
         let reader = flight.reader();
-        match flight.wait_head().await {
+        match self.wait_head(&flight).await {
             Head::Shared {
                 meta,
                 stored,
@@ -149,6 +149,17 @@ impl Cache {
         }
     }
 
+    /// The flight's head, or a timeout (504) once `cache.fill_timeout` has
+    /// passed: the fill ends by then too, but a request never waits on
+    /// another's fetch longer than that, whatever the fetch is stuck in.
+    async fn wait_head(&self, flight: &Flight) -> Head {
+        let limit = self.head_wait();
+        match tokio::time::timeout(limit, flight.wait_head()).await {
+            Ok(head) => head,
+            Err(_) => Head::Failed(fill::timed_out(limit)),
+        }
+    }
+
     fn start_fill(
         self: &Arc<Self>,
         flight: &Arc<Flight>,
@@ -166,6 +177,9 @@ impl Cache {
             stale: forward.stale.clone(),
             route_stale_while_revalidate: forward.route.stale_while_revalidate.map(|d| d.0),
             route_stale_if_error: forward.route.stale_if_error.map(|d| d.0),
+            deadline: tokio::time::Instant::now() + self.head_wait(),
+            idle_timeout: self.settings.load().fill_idle_timeout,
+            reserved: std::sync::atomic::AtomicU64::new(0),
         };
         let fetch = fill_request(&forward.parts, forward.stale.as_deref());
         let refetch = forward

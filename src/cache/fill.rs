@@ -7,8 +7,15 @@
 //! Policy when every client has gone: a storable response is read to the end
 //! (bounded by an idle timeout) so the next client gets a hit; anything that
 //! is not being stored is abandoned at once.
+//!
+//! Every wait is bounded: the whole fill by `cache.fill_timeout`, each
+//! frame of the body by `cache.fill_idle_timeout`, the bytes kept for the
+//! store by `cache.fill_memory` (past it the response streams uncached), and
+//! a reader of an unstored response that falls a window behind the others
+//! is cut off rather than holding them all back.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -18,18 +25,17 @@ use http_body_util::BodyExt;
 
 use super::flight::{Flight, Head, SoloResponse};
 use super::freshness;
-use super::origin::{Origin, OriginError};
+use super::origin::{Origin, OriginError, OriginErrorKind};
 use super::policy::{self, NotStorable, Timing};
 use super::store::{Entry, Meta};
 use super::{Cache, key, update_gauges};
 use crate::http::body::{self, Body};
 use crate::http::cache_control::{RequestDirectives, ResponseDirectives};
+use crate::http::error::ErrorKind;
 
-/// A storing fill gives up when the upstream sends nothing for this long.
-const FILL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A response that is not being stored runs at most this far ahead of its
-/// slowest reader.
-const STREAM_WINDOW: usize = 1024 * 1024;
+/// slowest reader; a reader this far behind the fastest one is cut off.
+pub const STREAM_WINDOW: usize = 1024 * 1024;
 
 /// One fill's state: the flight it feeds, the key it stores under, and what
 /// its storability and stale windows are judged on.
@@ -46,11 +52,30 @@ pub struct Fill {
     pub stale: Option<Arc<Entry>>,
     pub route_stale_while_revalidate: Option<Duration>,
     pub route_stale_if_error: Option<Duration>,
+    /// When the whole fill must be done (`cache.fill_timeout` from its start).
+    pub deadline: tokio::time::Instant,
+    /// Longest the upstream body may send nothing (`cache.fill_idle_timeout`).
+    pub idle_timeout: Duration,
+    /// Bytes taken from the cache's fill memory budget, given back on drop.
+    pub reserved: AtomicU64,
+}
+
+/// The error for a fill (or a wait for one) past `cache.fill_timeout`.
+pub fn timed_out(limit: Duration) -> OriginError {
+    OriginError {
+        kind: OriginErrorKind::TimedOut,
+        error: ErrorKind::OriginTimeout {
+            timeout_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+        }
+        .into(),
+    }
 }
 
 impl Drop for Fill {
     /// Whatever ends the fill (even a panic), the key becomes free again.
     fn drop(&mut self) {
+        self.cache
+            .release_fill_bytes(self.reserved.load(Ordering::Relaxed));
         self.unregister();
         // Normally a no-op; after a panic it releases waiters instead of
         // leaving them on a head that never comes.
@@ -124,7 +149,9 @@ impl Fill {
         request: Request<Body>,
     ) -> Result<(Response<Body>, SystemTime, SystemTime), OriginError> {
         let request_time = self.cache.clock.now();
-        let response = origin.fetch(request).await?;
+        let response = tokio::time::timeout_at(self.deadline, origin.fetch(request))
+            .await
+            .map_err(|_| timed_out(self.cache.head_wait()))??;
         Ok((response, request_time, self.cache.clock.now()))
     }
 
@@ -391,6 +418,11 @@ impl Fill {
                         self.stop_storing();
                         tracing::debug!(key = %self.key, max_object, "response outgrew max_object_size; streaming it uncached");
                     }
+                    if teeing == Teeing::Storing && !self.reserve(chunk.len() as u64) {
+                        teeing = Teeing::Streaming;
+                        self.stop_storing();
+                        tracing::warn!(key = %self.key, "cache.fill_memory is spent by fills in progress; streaming this response uncached");
+                    }
                     if teeing == Teeing::Storing && declared_length == Some(total) {
                         // The last byte of a known length: stored before any
                         // reader sees it, so a client holding the whole body
@@ -441,6 +473,18 @@ impl Fill {
         self.flight.stop_keeping();
     }
 
+    /// Counts `bytes` kept for the store against `cache.fill_memory`.
+    fn reserve(&self, bytes: u64) -> bool {
+        let reserved = self.cache.reserve_fill_bytes(bytes);
+        if reserved {
+            self.reserved.fetch_add(bytes, Ordering::Relaxed);
+        }
+        reserved
+    }
+
+    /// The next frame: within the idle timeout, and while storing within
+    /// the fill's deadline; while not storing, only as long as a reader is
+    /// left.
     async fn next_frame(&self, body: &mut Body, storing: bool) -> Step {
         let frame = async {
             match body.frame().await {
@@ -452,14 +496,25 @@ impl Fill {
                 Some(Err(error)) => Step::Failed(error.to_string()),
             }
         };
+        let idle_until = tokio::time::Instant::now() + self.idle_timeout;
         if storing {
-            return tokio::time::timeout(FILL_IDLE_TIMEOUT, frame)
+            let until = idle_until.min(self.deadline);
+            return tokio::time::timeout_at(until, frame)
                 .await
-                .unwrap_or_else(|_| Step::Failed("the upstream body stalled".to_string()));
+                .unwrap_or_else(|_| {
+                    Step::Failed(if until == self.deadline {
+                        "the fill took longer than cache.fill_timeout".to_string()
+                    } else {
+                        "the upstream body stalled (cache.fill_idle_timeout)".to_string()
+                    })
+                });
         }
         tokio::select! {
             step = frame => step,
             () = self.all_readers_gone() => Step::Abandoned,
+            () = tokio::time::sleep_until(idle_until) => {
+                Step::Failed("the upstream body stalled (cache.fill_idle_timeout)".to_string())
+            }
         }
     }
 
@@ -470,7 +525,10 @@ impl Fill {
     }
 
     /// Backpressure for an unstored response: waits until the slowest reader
-    /// is within the window. False when every reader has gone.
+    /// is within the window. A reader a window behind the fastest is cut off
+    /// (its client sees the response abort) instead of holding the others
+    /// back; when all are that slow, they are waited for, but not longer
+    /// than the idle timeout. False when every reader has gone.
     async fn pace(&self) -> bool {
         loop {
             if self.flight.reader_count() == 0 {
@@ -479,7 +537,16 @@ impl Fill {
             if self.flight.unread_bytes() <= STREAM_WINDOW {
                 return true;
             }
-            self.flight.readers_changed().await;
+            let detached = self.flight.detach_laggards(STREAM_WINDOW);
+            if detached > 0 {
+                tracing::debug!(key = %self.key, detached, "readers fell a window behind a shared response; cut off");
+                continue;
+            }
+            let progress = tokio::time::timeout(self.idle_timeout, self.flight.readers_changed());
+            if progress.await.is_err() {
+                tracing::debug!(key = %self.key, "no reader of a shared response read for cache.fill_idle_timeout; cut off");
+                self.flight.detach_all();
+            }
         }
     }
 }

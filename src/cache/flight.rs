@@ -215,6 +215,54 @@ impl Flight {
         self.lock().chunks.iter().map(Bytes::len).sum()
     }
 
+    /// Cuts off the readers more than `window` bytes behind the fastest
+    /// one: their bodies end with an error, and the chunks only they still
+    /// needed go. Returns how many were cut off.
+    pub fn detach_laggards(&self, window: usize) -> usize {
+        let wakers = {
+            let mut buffer = self.lock();
+            // unread[i]: bytes from chunk i (relative) to the end.
+            let mut unread = vec![0usize; buffer.chunks.len() + 1];
+            for (i, chunk) in buffer.chunks.iter().enumerate().rev() {
+                unread[i] = unread[i + 1] + chunk.len();
+            }
+            let base = buffer.base;
+            let behind =
+                |position: usize| unread[position.saturating_sub(base).min(unread.len() - 1)];
+            let Some(fastest) = buffer.readers.values().map(|p| behind(*p)).min() else {
+                return 0;
+            };
+            let laggards: Vec<u64> = buffer
+                .readers
+                .iter()
+                .filter(|(_, position)| behind(**position) - fastest > window)
+                .map(|(id, _)| *id)
+                .collect();
+            if laggards.is_empty() {
+                return 0;
+            }
+            for id in &laggards {
+                buffer.readers.remove(id);
+            }
+            trim(&mut buffer);
+            (laggards.len(), std::mem::take(&mut buffer.wakers))
+        };
+        let (count, wakers) = wakers;
+        wakers.into_iter().for_each(Waker::wake);
+        count
+    }
+
+    /// Cuts off every reader (none has read for too long).
+    pub fn detach_all(&self) {
+        let wakers = {
+            let mut buffer = self.lock();
+            buffer.readers.clear();
+            trim(&mut buffer);
+            std::mem::take(&mut buffer.wakers)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
     /// The whole body so far plus `last`, for the store; only meaningful
     /// while keeping all.
     pub fn collected_with(&self, last: &[u8]) -> Bytes {
@@ -269,7 +317,9 @@ impl http_body::Body for FlightBody {
         let this = self.get_mut();
         let mut buffer = this.flight.lock();
         let Some(position) = buffer.readers.get(&this.id).copied() else {
-            return Poll::Ready(Some(Err("flight reader lost its place".into())));
+            return Poll::Ready(Some(Err(
+                "cut off: this reader fell too far behind a shared response".into(),
+            )));
         };
         let offset = position.saturating_sub(buffer.base);
         if let Some(chunk) = buffer.chunks.get(offset).cloned() {
@@ -337,6 +387,26 @@ mod tests {
         flight.push(Bytes::from_static(b"ab"));
         flight.finish(false);
         assert!(reader.collect().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_reader_a_window_behind_the_fastest_is_cut_off() {
+        let flight = Flight::new();
+        let mut fast = flight.reader().unwrap();
+        let slow = flight.reader().unwrap();
+        flight.stop_keeping();
+        for _ in 0..4 {
+            flight.push(Bytes::from_static(b"0123456789"));
+            fast.frame().await.unwrap().unwrap();
+        }
+        assert_eq!(flight.detach_laggards(40), 0, "exactly a window behind");
+        flight.push(Bytes::from_static(b"x"));
+        fast.frame().await.unwrap().unwrap();
+        assert_eq!(flight.detach_laggards(40), 1);
+        assert_eq!(flight.unread_bytes(), 0, "its chunks went with it");
+        assert!(slow.collect().await.is_err());
+        flight.finish(true);
+        assert!(fast.frame().await.is_none());
     }
 
     #[tokio::test]

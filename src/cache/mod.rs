@@ -56,6 +56,9 @@ struct Settings {
     max_size: u64,
     max_object_size: u64,
     tag_headers: Vec<HeaderName>,
+    fill_timeout: std::time::Duration,
+    fill_idle_timeout: std::time::Duration,
+    fill_memory: u64,
 }
 
 impl Settings {
@@ -64,6 +67,9 @@ impl Settings {
             max_size: config.max_size.0,
             max_object_size: config.max_object_size.0,
             tag_headers: config.tag_headers.clone(),
+            fill_timeout: config.fill_timeout,
+            fill_idle_timeout: config.fill_idle_timeout,
+            fill_memory: config.fill_memory,
         }
     }
 }
@@ -76,6 +82,8 @@ pub struct Cache {
     flights: Mutex<HashMap<String, Arc<Flight>>>,
     clock: Arc<dyn Clock>,
     stats: outcome::CacheStats,
+    /// Bytes the fills in progress hold for the store (`cache.fill_memory`).
+    fill_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// What the cache did with one request: the response (or the error to
@@ -109,7 +117,42 @@ impl Cache {
             flights: Mutex::new(HashMap::new()),
             clock,
             stats: outcome::CacheStats::default(),
+            fill_bytes: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Bytes the fills in progress buffer for the store.
+    pub fn fill_bytes(&self) -> u64 {
+        self.fill_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Takes `bytes` from the fill memory budget; false when it is spent.
+    fn reserve_fill_bytes(&self, bytes: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        let limit = self.settings.load().fill_memory;
+        let reserved = self
+            .fill_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|total| *total <= limit)
+            })
+            .is_ok();
+        if reserved {
+            metrics::gauge!("larder_cache_fill_bytes").increment(bytes as f64);
+        }
+        reserved
+    }
+
+    fn release_fill_bytes(&self, bytes: u64) {
+        if bytes > 0 {
+            self.fill_bytes
+                .fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+            metrics::gauge!("larder_cache_fill_bytes").decrement(bytes as f64);
+        }
+    }
+
+    /// How long a coalesced request waits for its fill's head.
+    fn head_wait(&self) -> std::time::Duration {
+        self.settings.load().fill_timeout
     }
 
     /// Applies changed settings on reload; entries survive. A new `max_size`

@@ -34,6 +34,7 @@ pub struct Config {
     /// First match wins. `None` (no `routes:` key) means cachepump mode.
     pub routes: Option<Vec<Route>>,
     pub plugins: BTreeMap<String, PluginConfig>,
+    pub plugin_limits: PluginTotals,
     pub sources: BTreeMap<String, SourceConfig>,
 }
 
@@ -43,6 +44,13 @@ pub struct CacheConfig {
     pub max_object_size: ByteSize,
     /// Response headers whose values tag an entry for purge.
     pub tag_headers: Vec<HeaderName>,
+    /// Longest a fill may take (head and body), and a coalesced request's
+    /// wait for its head.
+    pub fill_timeout: Duration,
+    /// Longest an upstream body being filled may send nothing.
+    pub fill_idle_timeout: Duration,
+    /// Bytes all fills in progress may buffer together.
+    pub fill_memory: u64,
 }
 
 /// One upstream: where its servers are and how long to wait for them.
@@ -81,6 +89,9 @@ pub struct Route {
     pub upgrades: Vec<String>,
     /// Request headers removed before anything else sees the request.
     pub strip_request_headers: Vec<HeaderName>,
+    /// A plugin that cannot run (open circuit, no capacity) is skipped
+    /// rather than the request refused.
+    pub skip_unavailable_plugins: bool,
 }
 
 /// Where a route sends its requests: exactly one of the two.
@@ -145,6 +156,11 @@ pub struct HttpSource {
     pub header: HeaderMap,
     pub auth: Option<BasicAuth>,
     pub body: String,
+    /// Largest response body accepted.
+    pub max_body: u64,
+    /// Dropped (with Authorization, Cookie and Proxy-Authorization) when a
+    /// redirect leaves the endpoint's origin.
+    pub secret_headers: Vec<HeaderName>,
 }
 
 /// An absolute http(s) URL, with the text it was written as.
@@ -306,9 +322,17 @@ pub struct PluginConfig {
 pub struct PluginLimits {
     #[serde(default = "default_plugin_memory")]
     pub memory: ByteSize,
-    /// Wall-clock CPU budget per call, enforced by epoch deadline.
+    /// CPU time one call may use (checked every 10 ms tick). A call also
+    /// ends at twice this plus one second of wall time, whatever it waits on.
     #[serde(default = "default_plugin_timeout")]
     pub timeout: HumanDuration,
+    /// Calls of this plugin running at once; more wait for a turn.
+    #[serde(default = "default_plugin_concurrency")]
+    pub concurrency: u32,
+    /// Longest a call waits for a turn (or for an instance slot) before it
+    /// fails for want of capacity.
+    #[serde(default = "default_plugin_queue_timeout")]
+    pub queue_timeout: HumanDuration,
 }
 
 impl Default for PluginLimits {
@@ -316,8 +340,39 @@ impl Default for PluginLimits {
         Self {
             memory: default_plugin_memory(),
             timeout: default_plugin_timeout(),
+            concurrency: default_plugin_concurrency(),
+            queue_timeout: default_plugin_queue_timeout(),
         }
     }
+}
+
+fn default_plugin_concurrency() -> u32 {
+    256
+}
+fn default_plugin_queue_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+
+/// Limits every plugin instance of the process shares (`plugin_limits:`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginTotals {
+    /// Linear memory all instances may hold together; past it, new
+    /// instances and growth are refused (a capacity failure, 503).
+    #[serde(default = "default_plugin_total_memory")]
+    pub total_memory: ByteSize,
+}
+
+impl Default for PluginTotals {
+    fn default() -> Self {
+        Self {
+            total_memory: default_plugin_total_memory(),
+        }
+    }
+}
+
+fn default_plugin_total_memory() -> ByteSize {
+    ByteSize(4 * 1024 * 1024 * 1024)
 }
 
 fn default_plugin_memory() -> ByteSize {
@@ -330,10 +385,10 @@ fn default_plugin_timeout() -> HumanDuration {
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum OnError {
-    /// Skip the plugin and log.
-    #[default]
+    /// Skip this plugin when it fails (and log it).
     Open,
-    /// Fail the request with 502.
+    /// Fail the request: 502, or 503 when the plugin could not run at all.
+    #[default]
     Closed,
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::model::{AdminConfig, LogConfig, PluginConfig, RouteMatch};
+use super::model::{AdminConfig, LogConfig, PluginConfig, PluginTotals, RouteMatch};
 use super::model::{BasicAuth, FileSource, PluginSource, StaticSource, default_true};
 use super::units::{ByteSize, HumanDuration, deserialize_listen};
 
@@ -45,6 +45,9 @@ pub struct RawConfig {
     pub routes: Option<Vec<RawRoute>>,
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginConfig>,
+    /// Limits shared by every plugin instance of the process.
+    #[serde(default)]
+    pub plugin_limits: PluginTotals,
     #[serde(default)]
     pub sources: BTreeMap<String, RawSource>,
 }
@@ -127,6 +130,17 @@ pub struct RawCacheConfig {
     /// Response headers whose space-separated values tag an entry for purge.
     #[serde(default = "default_tag_headers")]
     pub tag_headers: Vec<String>,
+    /// Longest a fill may take, head and body; also how long a coalesced
+    /// request waits for the fill's head.
+    #[serde(default = "default_fill_timeout")]
+    pub fill_timeout: HumanDuration,
+    /// A fill (or a body collected for a cache-store plugin) gives up when
+    /// the upstream sends nothing for this long.
+    #[serde(default = "default_fill_idle_timeout")]
+    pub fill_idle_timeout: HumanDuration,
+    /// Bytes all fills in progress may buffer for the store together.
+    #[serde(default = "default_fill_memory")]
+    pub fill_memory: ByteSize,
 }
 
 impl Default for RawCacheConfig {
@@ -135,8 +149,21 @@ impl Default for RawCacheConfig {
             max_size: default_cache_max_size(),
             max_object_size: default_max_object_size(),
             tag_headers: default_tag_headers(),
+            fill_timeout: default_fill_timeout(),
+            fill_idle_timeout: default_fill_idle_timeout(),
+            fill_memory: default_fill_memory(),
         }
     }
+}
+
+fn default_fill_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_fill_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_fill_memory() -> ByteSize {
+    ByteSize(64 * 1024 * 1024)
 }
 
 fn default_cache_max_size() -> ByteSize {
@@ -200,6 +227,10 @@ pub struct RawRoute {
     /// the cache key does not include.
     #[serde(default = "default_strip_request_headers")]
     pub strip_request_headers: Vec<String>,
+    /// When a plugin of this route cannot run (its circuit is open, or no
+    /// capacity is left), skip it instead of refusing the request with 503.
+    #[serde(default)]
+    pub skip_unavailable_plugins: bool,
 }
 
 fn default_upgrades() -> Vec<String> {
@@ -299,4 +330,11 @@ pub struct RawHttpSource {
     pub auth: Option<BasicAuth>,
     #[serde(default)]
     pub body: String,
+    /// Largest response body accepted; default `cache.max_object_size` + 4MiB.
+    #[serde(default)]
+    pub max_body: Option<ByteSize>,
+    /// Headers (besides Authorization, Cookie and Proxy-Authorization) that
+    /// carry secrets: dropped when a redirect leaves the endpoint's origin.
+    #[serde(default)]
+    pub secret_headers: Vec<String>,
 }

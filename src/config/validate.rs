@@ -65,7 +65,12 @@ pub fn validate(
         .sources
         .iter()
         .filter_map(|(name, source)| {
-            let typed = checker.source(&format!("sources.{name}"), source, &raw.plugins)?;
+            let typed = checker.source(
+                &format!("sources.{name}"),
+                source,
+                &raw.plugins,
+                raw.cache.max_object_size.0,
+            )?;
             Some((name.clone(), typed))
         })
         .collect();
@@ -83,6 +88,7 @@ pub fn validate(
         upstreams,
         routes,
         plugins: raw.plugins,
+        plugin_limits: raw.plugin_limits,
         sources,
     })
 }
@@ -185,10 +191,30 @@ impl Checker<'_> {
                 ),
             );
         }
+        if cache.fill_memory < cache.max_object_size {
+            self.fail(
+                "cache.fill_memory",
+                format!(
+                    "fill_memory ({}) is smaller than cache.max_object_size ({}): no response that large could ever be stored",
+                    cache.fill_memory, cache.max_object_size
+                ),
+            );
+        }
+        for (key, value) in [
+            ("cache.fill_timeout", cache.fill_timeout),
+            ("cache.fill_idle_timeout", cache.fill_idle_timeout),
+        ] {
+            if value.0.is_zero() {
+                self.fail(key, "must be above zero");
+            }
+        }
         CacheConfig {
             max_size: cache.max_size,
             max_object_size: cache.max_object_size,
             tag_headers: self.header_names("cache.tag_headers", &cache.tag_headers),
+            fill_timeout: cache.fill_timeout.0,
+            fill_idle_timeout: cache.fill_idle_timeout.0,
+            fill_memory: cache.fill_memory.0,
         }
     }
 
@@ -314,6 +340,7 @@ impl Checker<'_> {
             max_request_body: route.max_request_body,
             upgrades,
             strip_request_headers,
+            skip_unavailable_plugins: route.skip_unavailable_plugins,
         })
     }
 
@@ -392,6 +419,9 @@ impl Checker<'_> {
         if plugin.limits.timeout.get().is_zero() {
             self.fail(&format!("{path}.limits.timeout"), "must be more than 0");
         }
+        if plugin.limits.concurrency == 0 {
+            self.fail(&format!("{path}.limits.concurrency"), "must be more than 0");
+        }
         for (i, origin) in plugin.allow_hosts.iter().enumerate() {
             if !(origin.starts_with("http://") || origin.starts_with("https://")) {
                 self.fail(
@@ -407,6 +437,7 @@ impl Checker<'_> {
         path: &str,
         source: &RawSource,
         plugins: &BTreeMap<String, PluginConfig>,
+        max_object_size: u64,
     ) -> Option<SourceConfig> {
         let rule = Rule::parse_firing(&source.rule, chrono::Utc::now())
             .map_err(|why| self.fail(&format!("{path}.rule"), why))
@@ -414,7 +445,7 @@ impl Checker<'_> {
         let http = source
             .http
             .as_ref()
-            .map(|http| self.http_source(&format!("{path}.http"), http));
+            .map(|http| self.http_source(&format!("{path}.http"), http, max_object_size));
         if let Some(plugin) = &source.plugin {
             self.check_reference(
                 &format!("{path}.plugin.name"),
@@ -467,7 +498,12 @@ impl Checker<'_> {
         })
     }
 
-    fn http_source(&mut self, path: &str, http: &RawHttpSource) -> HttpSource {
+    fn http_source(
+        &mut self,
+        path: &str,
+        http: &RawHttpSource,
+        max_object_size: u64,
+    ) -> HttpSource {
         let endpoint = if http.endpoint.is_empty() {
             None
         } else {
@@ -503,12 +539,21 @@ impl Checker<'_> {
                 }
             }
         }
+        let secret_headers =
+            self.header_names(&format!("{path}.secret_headers"), &http.secret_headers);
+        let max_body = http
+            .max_body
+            .map_or(max_object_size.saturating_add(4 * 1024 * 1024), |size| {
+                size.0
+            });
         HttpSource {
             endpoint,
             method,
             header,
             auth: http.auth.clone(),
             body: http.body.clone(),
+            max_body,
+            secret_headers,
         }
     }
 

@@ -69,6 +69,17 @@ pub enum ErrorKind {
     StaleNotRevalidated,
     #[error("plugin {plugin} failed: {reason}")]
     PluginFailed { plugin: Arc<str>, reason: String },
+    /// A plugin the route needs could not run (its circuit is open, or no
+    /// capacity was free): try again after `retry_after_secs`.
+    #[error("plugin {plugin} is unavailable: {reason}")]
+    PluginUnavailable {
+        plugin: Arc<str>,
+        reason: String,
+        retry_after_secs: u64,
+    },
+    /// The origin did not deliver a complete response for the cache in time.
+    #[error("the origin did not complete the response within {timeout_ms} ms")]
+    OriginTimeout { timeout_ms: u64 },
     /// Larder itself is at a limit (open tunnels, say): try again later.
     #[error("{0}")]
     Unavailable(&'static str),
@@ -94,9 +105,11 @@ impl ErrorKind {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::UpstreamUnavailable { .. } | Self::PluginFailed { .. } => StatusCode::BAD_GATEWAY,
-            Self::UpstreamTimeout { .. } | Self::NotCached | Self::StaleNotRevalidated => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            Self::UpstreamTimeout { .. }
+            | Self::OriginTimeout { .. }
+            | Self::NotCached
+            | Self::StaleNotRevalidated => StatusCode::GATEWAY_TIMEOUT,
+            Self::PluginUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::PlainText { status, .. } => *status,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -118,7 +131,8 @@ impl ErrorKind {
             Self::UpstreamUnavailable { .. }
             | Self::UpstreamTimeout { .. }
             | Self::StaleNotRevalidated => Blame::Upstream,
-            Self::PluginFailed { .. } => Blame::Plugin,
+            Self::PluginFailed { .. } | Self::PluginUnavailable { .. } => Blame::Plugin,
+            Self::OriginTimeout { .. } => Blame::Upstream,
             // A loop is an upstream pointing back at Larder: configuration.
             Self::Loop { .. } | Self::Internal(_) | Self::Unavailable(_) => Blame::Internal,
         }
@@ -162,6 +176,9 @@ impl RequestError {
         match &self.kind {
             ErrorKind::Internal(_) => "an internal error occurred; see the proxy's log".to_string(),
             ErrorKind::PluginFailed { plugin, .. } => format!("plugin {plugin} failed"),
+            ErrorKind::PluginUnavailable { plugin, .. } => {
+                format!("plugin {plugin} is unavailable; try again later")
+            }
             other => other.to_string(),
         }
     }
@@ -197,6 +214,14 @@ impl RequestError {
             }
             ErrorKind::Unauthorized(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ErrorKind::PluginUnavailable {
+                retry_after_secs, ..
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            ErrorKind::Unavailable(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }

@@ -3,6 +3,10 @@
 //! then one trial call is let through (half-open), and its outcome closes
 //! the circuit or opens it again for longer.
 //!
+//! A trial that never reports (its call was cancelled: the client left, an
+//! HTTP/2 stream was reset, a source run timed out) is released, so the next
+//! call becomes the trial: the breaker cannot stay open for good.
+//!
 //! Must not decide what a skipped call means: the caller applies `on_error`.
 
 use std::time::{Duration, Instant};
@@ -17,6 +21,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     Call,
+    /// The one call let through while half-open: its outcome decides. A
+    /// caller that ends without recording one calls [`Breaker::release_trial`].
+    Trial,
     /// The circuit is open: do not call the plugin.
     Skip,
 }
@@ -56,9 +63,35 @@ impl Breaker {
             Some(_) if state.trial_in_flight => Admission::Skip,
             Some(_) => {
                 state.trial_in_flight = true;
-                Admission::Call
+                Admission::Trial
             }
         }
+    }
+
+    /// A trial ended without an outcome (cancelled, or it failed for want
+    /// of capacity rather than by the plugin): the next call tries again.
+    pub fn release_trial(&self) {
+        self.state.lock().trial_in_flight = false;
+    }
+
+    /// Closes the circuit and forgets past failures (a new build of the
+    /// plugin, or a reload that changed it, starts with a clean record).
+    pub fn reset(&self) {
+        let mut state = self.state.lock();
+        state.consecutive_failures = 0;
+        state.open_until = None;
+        state.backoff = FIRST_BACKOFF;
+        state.trial_in_flight = false;
+    }
+
+    /// Whole seconds until the next trial may run (at least 1), for a
+    /// client's `Retry-After`.
+    pub fn retry_after(&self, now: Instant) -> u64 {
+        let state = self.state.lock();
+        let remaining = state
+            .open_until
+            .map_or(Duration::ZERO, |until| until.saturating_duration_since(now));
+        remaining.as_secs().max(1)
     }
 
     pub fn record_success(&self) {
@@ -97,7 +130,7 @@ mod tests {
 
     fn fail(breaker: &Breaker, now: Instant, times: u32) {
         for _ in 0..times {
-            assert_eq!(breaker.admit(now), Admission::Call);
+            assert_ne!(breaker.admit(now), Admission::Skip);
             breaker.record_failure(now);
         }
     }
@@ -120,7 +153,7 @@ mod tests {
         fail(&breaker, now, FAILURE_THRESHOLD);
         assert!(breaker.is_open());
         assert_eq!(breaker.admit(now + Duration::from_secs(4)), Admission::Skip);
-        assert_eq!(breaker.admit(now + FIRST_BACKOFF), Admission::Call);
+        assert_eq!(breaker.admit(now + FIRST_BACKOFF), Admission::Trial);
         // Only one trial at a time while half-open.
         assert_eq!(breaker.admit(now + FIRST_BACKOFF), Admission::Skip);
     }
@@ -131,11 +164,11 @@ mod tests {
         let start = Instant::now();
         fail(&breaker, start, FAILURE_THRESHOLD);
         let trial = start + FIRST_BACKOFF;
-        assert_eq!(breaker.admit(trial), Admission::Call);
+        assert_eq!(breaker.admit(trial), Admission::Trial);
         assert!(breaker.record_failure(trial));
         assert_eq!(breaker.admit(trial + FIRST_BACKOFF), Admission::Skip);
         let second_trial = trial + FIRST_BACKOFF * 2;
-        assert_eq!(breaker.admit(second_trial), Admission::Call);
+        assert_eq!(breaker.admit(second_trial), Admission::Trial);
         breaker.record_success();
         assert!(!breaker.is_open());
         assert_eq!(breaker.admit(second_trial), Admission::Call);
@@ -148,9 +181,34 @@ mod tests {
         fail(&breaker, now, FAILURE_THRESHOLD);
         for _ in 0..10 {
             now += MAX_BACKOFF;
-            assert_eq!(breaker.admit(now), Admission::Call);
+            assert_eq!(breaker.admit(now), Admission::Trial);
             breaker.record_failure(now);
         }
-        assert_eq!(breaker.admit(now + MAX_BACKOFF), Admission::Call);
+        assert_eq!(breaker.admit(now + MAX_BACKOFF), Admission::Trial);
+    }
+
+    #[test]
+    fn a_released_trial_lets_the_next_call_try() {
+        let breaker = Breaker::default();
+        let now = Instant::now();
+        fail(&breaker, now, FAILURE_THRESHOLD);
+        let trial = now + FIRST_BACKOFF;
+        assert_eq!(breaker.admit(trial), Admission::Trial);
+        assert_eq!(breaker.admit(trial), Admission::Skip);
+        breaker.release_trial();
+        assert_eq!(breaker.admit(trial), Admission::Trial);
+    }
+
+    #[test]
+    fn a_reset_closes_the_circuit() {
+        let breaker = Breaker::default();
+        let now = Instant::now();
+        fail(&breaker, now, FAILURE_THRESHOLD);
+        assert_eq!(breaker.retry_after(now), FIRST_BACKOFF.as_secs());
+        breaker.reset();
+        assert!(!breaker.is_open());
+        assert_eq!(breaker.admit(now), Admission::Call);
+        fail(&breaker, now, FAILURE_THRESHOLD - 1);
+        assert!(!breaker.is_open(), "the count started again");
     }
 }

@@ -1,17 +1,23 @@
 //! What can go wrong in one call into a guest, named: a returned error, a
 //! trap (panic, unreachable), the time limit, the memory limit, a body too
-//! large to hand over, an open circuit. Also the load-time `init` probe.
+//! large to hand over, an open circuit, no capacity to run it. Also a
+//! call's turn: the plugin's concurrency permit and the pool slots, both
+//! waited for at most `queue_timeout`.
 //!
 //! Must not keep a store that failed: a trapped instance cannot be entered
 //! again, so every failure drops it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 use wasmtime::Store;
 
 use super::bindings::GuestError;
 use super::engine::PluginEngine;
-use super::store::{CpuBudgetExceeded, StoreState};
+use super::loader::LoadedPlugin;
+use super::store::{CpuBudgetExceeded, Refusal, StoreState};
 
 /// Longest failure detail kept for the log.
 const MAX_DETAIL_BYTES: usize = 4096;
@@ -46,6 +52,12 @@ pub enum FailureKind {
     TooLarge,
     /// The circuit breaker is open; the guest was not called.
     CircuitOpen,
+    /// No turn, pool slot or memory was free in time: the process is at
+    /// capacity. Not the plugin's fault; it does not count toward its breaker.
+    Capacity,
+    /// The guest's answer broke a rule for output (too many or too large
+    /// headers, a body over the cap, a status that is not final).
+    BadOutput,
     /// The response body broke while it was read for the guest: the
     /// upstream's fault, not the plugin's, but the request cannot go on.
     BodyUnreadable,
@@ -60,6 +72,8 @@ impl FailureKind {
             Self::Oom => "oom",
             Self::TooLarge => "too_large",
             Self::CircuitOpen => "circuit_open",
+            Self::Capacity => "capacity",
+            Self::BadOutput => "bad_output",
             Self::BodyUnreadable => "body_unreadable",
         }
     }
@@ -86,7 +100,13 @@ impl Failure {
     pub fn from_wasmtime(error: wasmtime::Error, store: &Store<StoreState>) -> Self {
         let state = store.data();
         state.output.flush();
-        let kind = if state.limits.refused_growth {
+        let kind = if state.limits.refused == Some(Refusal::TotalBudget)
+            || error
+                .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+                .is_some()
+        {
+            FailureKind::Capacity
+        } else if state.limits.refused == Some(Refusal::PluginCap) {
             FailureKind::Oom
         } else if error.downcast_ref::<CpuBudgetExceeded>().is_some() {
             FailureKind::Timeout
@@ -159,11 +179,58 @@ pub fn settle<T>(
     }
 }
 
-/// Waits for a free instance slot (see [`PluginEngine::calls`]).
-pub async fn permit(engine: &PluginEngine) -> Result<tokio::sync::SemaphorePermit<'_>, Failure> {
-    engine
-        .calls
-        .acquire()
-        .await
-        .map_err(|_| Failure::new(FailureKind::Error, "the plugin engine is shutting down"))
+impl FailureKind {
+    /// Whether the plugin could not run at all (rather than ran and failed):
+    /// such a call proves nothing about the plugin's health.
+    pub fn is_unavailable(self) -> bool {
+        matches!(self, Self::CircuitOpen | Self::Capacity)
+    }
+}
+
+/// One call's right to run: a permit of its plugin's `limits.concurrency`,
+/// and the deadline (`limits.queue_timeout` from the start of the wait)
+/// for anything else it must wait for before the guest runs.
+pub struct Turn {
+    _permit: OwnedSemaphorePermit,
+    deadline: Instant,
+}
+
+impl Turn {
+    /// Waits for one of the plugin's turns, at most its `queue_timeout`.
+    pub async fn take(plugin: &LoadedPlugin) -> Result<Self, Failure> {
+        let wait = plugin.config.limits.queue_timeout.0;
+        let deadline = Instant::now() + wait;
+        let permit = tokio::time::timeout_at(deadline, Arc::clone(&plugin.turns).acquire_owned())
+            .await
+            .map_err(|_| queue_timeout("a turn", wait))?
+            .map_err(|_| Failure::new(FailureKind::Capacity, "the plugin is unloading"))?;
+        Ok(Self {
+            _permit: permit,
+            deadline,
+        })
+    }
+
+    /// Waits (until the turn's deadline) for the pool slots one instance of
+    /// `plugin` takes; the permit goes with the instance.
+    pub async fn instance_slots(
+        &self,
+        engine: &PluginEngine,
+        plugin: &LoadedPlugin,
+    ) -> Result<OwnedSemaphorePermit, Failure> {
+        let slots = Arc::clone(&engine.slots).acquire_many_owned(plugin.weight);
+        tokio::time::timeout_at(self.deadline, slots)
+            .await
+            .map_err(|_| queue_timeout("an instance slot", plugin.config.limits.queue_timeout.0))?
+            .map_err(|_| Failure::new(FailureKind::Capacity, "the plugin engine is shutting down"))
+    }
+}
+
+fn queue_timeout(what: &str, wait: Duration) -> Failure {
+    Failure::new(
+        FailureKind::Capacity,
+        format!(
+            "no {what} free within {} ms (queue_timeout)",
+            wait.as_millis()
+        ),
+    )
 }

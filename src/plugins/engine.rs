@@ -1,7 +1,8 @@
 //! The one wasmtime engine of the process: its configuration (component
 //! model, pooling allocator, epoch interruption with a 10 ms ticker), the
-//! linker with the host imports, the permits that bound concurrent calls,
-//! and the on-disk cache of precompiled components. What a single call's
+//! linker with the host imports, the instance slots that keep live
+//! instances within the pool, the memory budget all instances share, and
+//! the on-disk cache of precompiled components. What a single call's
 //! `Store` holds is `store`'s; guest output is `output`'s.
 //!
 //! Must not grant a guest anything: grants are made per store.
@@ -16,33 +17,36 @@ use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAlloc
 
 use super::bindings;
 use super::loader::LoadError;
-use super::store::{EPOCH_TICK, StoreState};
+use super::store::{EPOCH_TICK, MemoryBudget, StoreState};
 
 /// Low bytes of a linear memory reset in place when its slot is reused: a
 /// Rust guest's shadow stack (1 MiB) plus its static data and first heap.
 const RESET_IN_PLACE_BYTES: usize = 2 << 20;
 
-/// Plugin calls running at once; more wait their turn. Below the pool's
-/// [`POOL_INSTANCES`], leaving room for instances parked between a request's
-/// hooks and `reuse: true` idle ones, so a burst queues instead of failing
-/// to instantiate.
-const MAX_CONCURRENT_CALLS: usize = 900;
 /// Instances parked between a request's `on-request` and its `on-response`
 /// at once. Each holds a pool slot while the upstream answers; past the cap,
 /// the request's `on-response` simply gets another fresh instance.
 const MAX_PARKED_INSTANCES: usize = 256;
-/// Live component instances the pool holds: running calls, parked ones and
-/// idle reused ones.
-const POOL_INSTANCES: u32 = 1300;
+/// Instance slots of the pool: one slot holds a component with up to
+/// [`CORE_INSTANCES_PER_SLOT`] core instances, one memory and
+/// [`TABLES_PER_SLOT`] tables; a larger component takes several slots (its
+/// weight, counted at load). Running calls, parked instances and idle
+/// reused ones all hold their slots, so the pool cannot run out under load:
+/// a call waits for a slot (up to its plugin's `queue_timeout`) instead.
+pub const POOL_SLOTS: u32 = 1300;
+pub const CORE_INSTANCES_PER_SLOT: u32 = 4;
+pub const TABLES_PER_SLOT: u32 = 4;
 
 /// The process-wide engine, its linker and the artifact cache directory.
 pub struct PluginEngine {
     pub engine: Engine,
     pub linker: Linker<StoreState>,
-    /// One permit per running plugin call.
-    pub calls: tokio::sync::Semaphore,
+    /// [`POOL_SLOTS`] permits; a live instance holds its plugin's weight.
+    pub slots: Arc<tokio::sync::Semaphore>,
     /// One permit per instance parked between a request's hooks.
     pub parking: Arc<tokio::sync::Semaphore>,
+    /// Linear memory of every live instance together.
+    pub memory: Arc<MemoryBudget>,
     cache_dir: Option<PathBuf>,
 }
 
@@ -78,8 +82,9 @@ impl PluginEngine {
         Ok(Self {
             engine,
             linker,
-            calls: tokio::sync::Semaphore::new(MAX_CONCURRENT_CALLS),
+            slots: Arc::new(tokio::sync::Semaphore::new(POOL_SLOTS as usize)),
             parking: Arc::new(tokio::sync::Semaphore::new(MAX_PARKED_INSTANCES)),
+            memory: MemoryBudget::new(usize::MAX),
             cache_dir: artifact_cache_dir(),
         })
     }
@@ -91,13 +96,22 @@ impl PluginEngine {
             .cache_dir
             .as_ref()
             .map(|dir| dir.join(format!("{}.cwasm", self.artifact_key(wasm))));
-        if let Some(path) = artifact.as_deref().filter(|path| path.is_file()) {
-            // SAFETY: the file is one this host wrote with `precompile_component`
-            // under a name that includes the engine's compatibility hash.
-            match unsafe { Component::deserialize_file(&self.engine, path) } {
-                Ok(component) => return Ok((component, false)),
-                Err(error) => {
-                    tracing::warn!(path = %path.display(), %error, "precompiled plugin artifact unusable; compiling again");
+        if let Some(path) = artifact.as_deref() {
+            match read_trusted_artifact(path) {
+                Ok(Some(bytes)) => {
+                    // SAFETY: the bytes are ones this user wrote with
+                    // `precompile_component` (owner, mode and hash checked)
+                    // under a name that includes the engine's compatibility hash.
+                    match unsafe { Component::deserialize(&self.engine, &bytes) } {
+                        Ok(component) => return Ok((component, false)),
+                        Err(error) => {
+                            tracing::warn!(path = %path.display(), %error, "precompiled plugin artifact unusable; compiling again");
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(why) => {
+                    tracing::warn!(path = %path.display(), %why, "precompiled plugin artifact not trusted; compiling again");
                 }
             }
         }
@@ -146,17 +160,18 @@ fn engine_config(pooling: bool) -> Config {
     config.wasm_component_model(true);
     config.epoch_interruption(true);
     if pooling {
-        // Sized for a proxy box (e.g. 24 GiB): up to POOL_INSTANCES live
+        // Sized for a proxy box (e.g. 24 GiB): up to POOL_SLOTS live
         // instances at once (concurrent requests x plugins). Slots reserve
         // address space, not RAM; memory is committed only as guests touch
         // it, and each store's own limiter enforces the plugin's
-        // `limits.memory`. Fiber stacks are needed only by running calls.
+        // `limits.memory` and the shared budget. Fiber stacks are needed
+        // only by running calls.
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(POOL_INSTANCES)
-            .total_core_instances(2 * POOL_INSTANCES)
-            .total_memories(POOL_INSTANCES)
-            .total_tables(2 * POOL_INSTANCES)
-            .total_stacks(1000)
+        pool.total_component_instances(POOL_SLOTS)
+            .total_core_instances(CORE_INSTANCES_PER_SLOT * POOL_SLOTS)
+            .total_memories(POOL_SLOTS)
+            .total_tables(TABLES_PER_SLOT * POOL_SLOTS)
+            .total_stacks(POOL_SLOTS)
             .max_memory_size(4 << 30)
             .max_unused_warm_slots(100)
             // A fresh instance per request is the default, so resetting a
@@ -219,13 +234,77 @@ fn artifact_cache_dir() -> Option<PathBuf> {
         );
         return None;
     };
-    match std::fs::create_dir_all(&dir).and_then(|()| probe_writable(&dir)) {
+    match make_private_dir(&dir).and_then(|()| probe_writable(&dir)) {
         Ok(()) => Some(dir),
         Err(error) => {
-            tracing::warn!(dir = %dir.display(), %error, "plugin cache directory not writable; plugins are compiled at every start");
+            tracing::warn!(dir = %dir.display(), %error, "plugin cache directory not usable; plugins are compiled at every start");
             None
         }
     }
+}
+
+/// Creates `dir` (mode 0700) or checks the one there: a directory owned by
+/// this user; its mode is narrowed to 0700. Machine code loaded from a
+/// directory someone else can write to would run as Larder.
+fn make_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let metadata = std::fs::symlink_metadata(dir)?;
+    if !metadata.is_dir() {
+        return Err(std::io::Error::other("not a directory (a symbolic link?)"));
+    }
+    if metadata.uid() != current_uid() {
+        return Err(std::io::Error::other(format!(
+            "owned by uid {}, not by this user ({})",
+            metadata.uid(),
+            current_uid()
+        )));
+    }
+    if metadata.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+fn current_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The artifact's bytes if it may be loaded: a regular file owned by this
+/// user, writable by nobody else, whose sha256 matches the one written
+/// beside it. `None` when there is no artifact (yet).
+fn read_trusted_artifact(path: &Path) -> Result<Option<Vec<u8>>, String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let metadata = match std::fs::symlink_metadata(path) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error.to_string()),
+    };
+    if !metadata.is_file() {
+        return Err("not a regular file".to_string());
+    }
+    if metadata.uid() != current_uid() {
+        return Err(format!("owned by uid {}, not by this user", metadata.uid()));
+    }
+    if metadata.mode() & 0o022 != 0 {
+        return Err("writable by others".to_string());
+    }
+    let expected = std::fs::read_to_string(hash_path(path))
+        .map_err(|error| format!("no recorded hash: {error}"))?;
+    let bytes = std::fs::read(path).map_err(|error| error.to_string())?;
+    if hex::encode(Sha256::digest(&bytes)) != expected.trim() {
+        return Err("its sha256 does not match the recorded one".to_string());
+    }
+    Ok(Some(bytes))
+}
+
+/// Where an artifact's sha256 is recorded.
+fn hash_path(artifact: &Path) -> PathBuf {
+    artifact.with_extension("cwasm.sha256")
 }
 
 fn probe_writable(dir: &Path) -> std::io::Result<()> {
@@ -234,13 +313,26 @@ fn probe_writable(dir: &Path) -> std::io::Result<()> {
     std::fs::remove_file(probe)
 }
 
-/// Writes to a temporary name unique to this process and call, then renames:
-/// concurrent writers (two loads, two processes) never mix their bytes.
+/// Writes the artifact and then its hash, each to a temporary name unique
+/// to this process and call and renamed into place: concurrent writers (two
+/// loads, two processes) never mix their bytes, and a reader that finds a
+/// hash finds the artifact it describes (or a newer identical one).
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_file_atomically(path, bytes)?;
+    let hash = hex::encode(Sha256::digest(bytes));
+    write_file_atomically(&hash_path(path), hash.as_bytes())
+}
+
+fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let write = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let temporary = path.with_extension(format!("tmp-{}-{write}", std::process::id()));
-    let mut file = std::fs::File::create(&temporary)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)?;
     file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&temporary, path)

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use super::bindings::fetcher::exports::larder::plugin::fetch::{
     FetchContext as WitContext, FetchResult,
 };
-use super::call::{Failure, FailureKind, permit, settle};
+use super::call::{Failure, FailureKind, Turn, settle};
 use super::engine::PluginEngine;
 use super::loader::{Kind, LoadedPlugin};
 use super::store::new_store;
@@ -40,10 +40,13 @@ pub async fn run(
         scheduled_at: context.scheduled_at,
         previous_etag: context.previous_etag,
     };
-    let _permit = permit(engine).await?;
     let limit = plugin.backstop();
+    let cpu = plugin.cpu_meter();
     let call = async {
-        let mut store = new_store(&engine.engine, plugin.grants(Some(values)));
+        let turn = Turn::take(plugin).await?;
+        let _slots = turn.instance_slots(engine, plugin).await?;
+        let grants = plugin.grants(engine, Some(values));
+        let mut store = new_store(&engine.engine, grants, cpu.clone());
         let bindings = pre
             .instantiate_async(&mut store)
             .await
@@ -54,7 +57,7 @@ pub async fn run(
         let result = guest.call_run(&mut store, &wit_context).await;
         settle(result, &store, "run")
     };
-    let result = tokio::time::timeout(limit, call)
+    let result = tokio::time::timeout(limit, cpu.run(call))
         .await
         .unwrap_or_else(|_| Err(Failure::timed_out(limit)))?;
     Ok(match result {

@@ -85,9 +85,9 @@ impl http_client::Host for StoreState {
         request: http_client::OutgoingRequest,
     ) -> Result<http_client::IncomingResponse, http_client::HttpError> {
         let plugin = self.plugin.clone();
+        // Waiting on the network is not CPU: the meter charges only the
+        // polls, so the host's own work for the call is the guest's.
         let result = self.send_checked(request).await;
-        // Waiting on the network does not count against the CPU budget.
-        self.budget.forgive_next_tick();
         match result {
             Ok(response) => Ok(response),
             Err(error) => {

@@ -14,19 +14,24 @@ use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use wasmtime::Store;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime::component::Component;
+
 use super::bindings::fetcher::FetcherPre;
 use super::bindings::transformer::{Transformer, TransformerPre};
-use super::call::{Failure, settle};
-use super::engine::{EngineError, PluginEngine};
+use super::call::{Failure, Turn, settle};
+use super::engine::{CORE_INSTANCES_PER_SLOT, EngineError, PluginEngine, TABLES_PER_SLOT};
 use super::http_client::{AllowList, HttpGrant, InvalidOrigin};
-use super::store::{Grants, StoreState, new_store};
+use super::store::{CpuMeter, Grants, StoreState, new_store};
 use super::{PluginError, SourceValues};
 use crate::config::PluginConfig;
 
-/// A live transformer instance with its store.
+/// A live transformer instance with its store and the pool slots it holds.
 pub struct TransformerInstance {
     pub store: Store<StoreState>,
     pub bindings: Transformer,
+    /// The plugin's weight in [`PluginEngine::slots`], given back on drop.
+    _slots: OwnedSemaphorePermit,
 }
 
 /// Idle instances kept per plugin with `reuse: true`.
@@ -61,15 +66,23 @@ pub struct LoadedPlugin {
     idle: Mutex<Vec<TransformerInstance>>,
     /// Transformer instances made for calls (the load-time probe excluded).
     instances_created: AtomicU64,
+    /// Pool slots one instance takes (see [`PluginEngine::slots`]).
+    pub weight: u32,
+    /// `limits.concurrency` turns: calls of this build running at once.
+    pub turns: Arc<Semaphore>,
 }
 
 impl LoadedPlugin {
-    pub fn grants(&self, source_values: Option<Arc<dyn SourceValues>>) -> Grants {
+    pub fn grants(
+        &self,
+        engine: &PluginEngine,
+        source_values: Option<Arc<dyn SourceValues>>,
+    ) -> Grants {
         let is_fetcher = matches!(self.kind, Kind::Fetcher(_));
         Grants {
             plugin: self.name.clone(),
             memory_bytes: usize::try_from(self.config.limits.memory.0).unwrap_or(usize::MAX),
-            cpu_budget: self.config.limits.timeout.0,
+            memory_budget: engine.memory.clone(),
             http: is_fetcher.then(|| HttpGrant {
                 allow: self.allow.clone(),
                 requests_made: 0,
@@ -80,6 +93,11 @@ impl LoadedPlugin {
 
     pub fn count_instance(&self) {
         self.instances_created.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A meter for one call, with this plugin's CPU budget.
+    pub fn cpu_meter(&self) -> Arc<CpuMeter> {
+        CpuMeter::new(self.config.limits.timeout.0)
     }
 
     /// The outer deadline around a call: a backstop for time spent outside
@@ -100,6 +118,7 @@ impl LoadedPlugin {
             kind: failure.kind,
             on_error: self.config.on_error,
             detail: failure.describe(),
+            retry_after: None,
         }
     }
 
@@ -174,6 +193,7 @@ pub async fn load_bytes(
 ) -> Result<LoadedPlugin, LoadError> {
     let allow = AllowList::parse(&config.allow_hosts)?;
     let wasm_sha256 = hex::encode(Sha256::digest(&wasm));
+    let core_instances = count_core_instances(&wasm);
     let started = Instant::now();
     let compiling = engine.clone();
     let (component, compiled) =
@@ -193,6 +213,7 @@ pub async fn load_bytes(
             "loaded precompiled plugin"
         );
     }
+    let weight = slot_weight(&component, core_instances);
     let pre = engine
         .linker
         .instantiate_pre(&component)
@@ -211,18 +232,58 @@ pub async fn load_bytes(
         compiled,
         idle: Mutex::new(Vec::new()),
         instances_created: AtomicU64::new(0),
+        weight,
+        turns: Arc::new(Semaphore::new(
+            usize::try_from(config.limits.concurrency).unwrap_or(usize::MAX),
+        )),
     };
     probe_init(engine, &plugin).await?;
     Ok(plugin)
 }
 
-/// A fresh transformer instance with `init` already called.
+/// Core instances a component creates when instantiated (its `core
+/// instance` entries that instantiate a module), at least one.
+fn count_core_instances(wasm: &[u8]) -> u32 {
+    use wasmtime::wasmparser::{Instance, Parser, Payload};
+    let mut count: u32 = 0;
+    for payload in Parser::new(0).parse_all(wasm) {
+        if let Ok(Payload::InstanceSection(instances)) = payload {
+            let instantiated = instances
+                .into_iter()
+                .filter(|instance| matches!(instance, Ok(Instance::Instantiate { .. })))
+                .count();
+            count = count.saturating_add(u32::try_from(instantiated).unwrap_or(u32::MAX));
+        }
+    }
+    count.max(1)
+}
+
+/// Pool slots one instance of `component` takes: by its core instances,
+/// memories and tables, whichever needs the most slots.
+fn slot_weight(component: &Component, core_instances: u32) -> u32 {
+    let (memories, tables) = component
+        .resources_required()
+        .map_or((1, TABLES_PER_SLOT), |needed| {
+            (needed.num_memories, needed.num_tables)
+        });
+    core_instances
+        .div_ceil(CORE_INSTANCES_PER_SLOT)
+        .max(memories)
+        .max(tables.div_ceil(TABLES_PER_SLOT))
+        .max(1)
+}
+
+/// A fresh transformer instance with `init` already called, in pool slots
+/// taken within `turn`'s deadline.
 pub async fn instantiate_transformer(
     engine: &PluginEngine,
     plugin: &LoadedPlugin,
     pre: &TransformerPre<StoreState>,
+    turn: &Turn,
+    cpu: Arc<CpuMeter>,
 ) -> Result<TransformerInstance, Failure> {
-    let mut store = new_store(&engine.engine, plugin.grants(None));
+    let slots = turn.instance_slots(engine, plugin).await?;
+    let mut store = new_store(&engine.engine, plugin.grants(engine, None), cpu);
     let bindings = match pre.instantiate_async(&mut store).await {
         Ok(bindings) => bindings,
         Err(error) => return Err(Failure::from_wasmtime(error, &store)),
@@ -232,20 +293,29 @@ pub async fn instantiate_transformer(
         .call_init(&mut store, &plugin.guest_config)
         .await;
     settle(init, &store, "init")?;
-    Ok(TransformerInstance { store, bindings })
+    Ok(TransformerInstance {
+        store,
+        bindings,
+        _slots: slots,
+    })
 }
 
 /// Calls `init` with the plugin's config on a throwaway instance: a plugin
 /// that refuses its config, traps or hangs here is not loaded.
 async fn probe_init(engine: &PluginEngine, plugin: &LoadedPlugin) -> Result<(), LoadError> {
     let limit = plugin.backstop();
+    let cpu = plugin.cpu_meter();
     let probe = async {
+        let turn = Turn::take(plugin).await?;
         match &plugin.kind {
-            Kind::Transformer(pre) => instantiate_transformer(engine, plugin, pre)
-                .await
-                .map(|_| ()),
+            Kind::Transformer(pre) => {
+                instantiate_transformer(engine, plugin, pre, &turn, cpu.clone())
+                    .await
+                    .map(|_| ())
+            }
             Kind::Fetcher(pre) => {
-                let mut store = new_store(&engine.engine, plugin.grants(None));
+                let _slots = turn.instance_slots(engine, plugin).await?;
+                let mut store = new_store(&engine.engine, plugin.grants(engine, None), cpu.clone());
                 let bindings = pre
                     .instantiate_async(&mut store)
                     .await
@@ -258,7 +328,7 @@ async fn probe_init(engine: &PluginEngine, plugin: &LoadedPlugin) -> Result<(), 
             }
         }
     };
-    match tokio::time::timeout(limit, probe).await {
+    match tokio::time::timeout(limit, cpu.run(probe)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(failure)) => Err(LoadError::Init {
             kind: plugin.kind.as_str(),

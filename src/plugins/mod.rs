@@ -35,11 +35,11 @@ use http::{HeaderValue, Response};
 use http_body_util::{BodyExt, BodyStream, StreamBody};
 use parking_lot::RwLock;
 
-use crate::config::{OnError, PluginConfig, PluginPhase};
+use crate::config::{OnError, PluginConfig, PluginPhase, PluginTotals};
 use crate::http::body::{self, Body, BoxError};
 use crate::http::cache_control;
 
-use breaker::Admission;
+use breaker::{Admission, Breaker};
 pub use call::FailureKind;
 use call::{Failure, Hook};
 use engine::PluginEngine;
@@ -48,7 +48,7 @@ pub use loader::LoadError;
 use loader::{Kind, LoadedPlugin};
 use slot::PluginSlot;
 pub use slot::PluginStats;
-use transformer::RequestEdit;
+use transformer::{RequestEdit, keep_connection_fields};
 
 /// The largest response body handed to a transformer's `on-response`.
 pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
@@ -71,6 +71,8 @@ pub struct PluginError {
     pub on_error: OnError,
     /// What happened, with the guest's stderr; for logs, not for clients.
     pub detail: String,
+    /// For a plugin that could not run: when a client may try again.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 /// What one request's plugins leave for its later phases: instances made
@@ -133,6 +135,7 @@ impl PluginHost {
     /// Compiles every plugin and probes its `init` with its config.
     pub async fn load(
         config: &BTreeMap<String, PluginConfig>,
+        totals: &PluginTotals,
     ) -> Result<Arc<Self>, PluginLoadError> {
         if config.is_empty() {
             // No plugins: do not build the engine (or its address space).
@@ -142,6 +145,7 @@ impl PluginHost {
             }));
         }
         let engine = shared_engine(config.keys().next().map_or("", String::as_str))?;
+        engine.memory.set_limit(memory_limit(totals));
         let mut slots = BTreeMap::new();
         for (name, plugin_config) in config {
             let plugin = loader::load_plugin(&engine, name, plugin_config)
@@ -166,6 +170,7 @@ impl PluginHost {
     pub async fn apply(
         &self,
         config: &BTreeMap<String, PluginConfig>,
+        totals: &PluginTotals,
     ) -> Result<(), PluginLoadError> {
         if config.is_empty() {
             self.replace_slots(BTreeMap::new());
@@ -178,6 +183,7 @@ impl PluginHost {
                 self.engine.get_or_init(|| engine).clone()
             }
         };
+        engine.memory.set_limit(memory_limit(totals));
         let existing = self.slots.read().clone();
         let mut built = Vec::new();
         for (name, plugin_config) in config {
@@ -238,14 +244,23 @@ impl PluginHost {
         self.slot(plugin).map(|slot| slot.stats())
     }
 
+    /// Bytes of linear memory all live plugin instances hold.
+    pub fn memory_in_use(&self) -> usize {
+        self.engine.get().map_or(0, |engine| engine.memory.used())
+    }
+
     /// Runs `on-request` of each plugin in `chain`, in order. `Some(response)`
     /// means a plugin answered directly and the request goes no further.
-    /// Extra cache-key parts and parked instances land in `state`.
+    /// Extra cache-key parts and parked instances land in `state`. A plugin
+    /// that cannot run (open circuit, no capacity) refuses the request
+    /// unless `skip_unavailable` (the route's `skip_unavailable_plugins`):
+    /// it may be the one that guards the route.
     pub async fn on_request(
         &self,
         chain: &[String],
         request: &mut http::request::Parts,
         state: &mut RequestState,
+        skip_unavailable: bool,
     ) -> Result<Option<Response<Body>>, PluginError> {
         let Some(engine) = self.engine.get() else {
             return Ok(None);
@@ -255,7 +270,11 @@ impl PluginHost {
         for (slot, plugin) in self.transformers(chain, PluginPhase::Downstream) {
             let head = transformer::request_head(request);
             let call = transformer::on_request(engine, &plugin, &head, &mut state.parked);
-            let Some(edit) = guarded(&slot, &plugin, Hook::OnRequest, call).await? else {
+            let skip = Skip {
+                failed: plugin.config.on_error == OnError::Open,
+                unavailable: skip_unavailable,
+            };
+            let Some(edit) = guarded(&slot, &plugin, Hook::OnRequest, skip, call).await? else {
                 continue;
             };
             match edit {
@@ -276,7 +295,10 @@ impl PluginHost {
                                 call_error(&plugin, FailureKind::Error, why)
                             })?;
                     }
-                    if let Some(headers) = headers {
+                    if let Some(mut headers) = headers {
+                        // The body and the connection are the client's:
+                        // their fields stay as the client sent them.
+                        keep_connection_fields(&request.headers, &mut headers);
                         request.headers = headers;
                     }
                     state.cache_key_extra.extend(cache_key_extra);
@@ -314,6 +336,7 @@ impl PluginHost {
                     kind: FailureKind::BodyUnreadable,
                     on_error: OnError::Closed,
                     detail: format!("the response body broke: {error}"),
+                    retry_after: None,
                 }
             })?;
         let mut bytes = match collected {
@@ -324,7 +347,7 @@ impl PluginHost {
                         FailureKind::TooLarge,
                         format!("response body over {MAX_BODY_BYTES} bytes"),
                     );
-                    if let Some(error) = fail(slot, plugin, failure) {
+                    if let Some(error) = fail(slot, plugin, &failure) {
                         return Err(error);
                     }
                 }
@@ -346,7 +369,12 @@ impl PluginHost {
                 &bytes,
                 parked,
             );
-            let Some(edit) = guarded(slot, plugin, Hook::OnResponse, call).await? else {
+            let open = plugin.config.on_error == OnError::Open;
+            let skip = Skip {
+                failed: open,
+                unavailable: open,
+            };
+            let Some(edit) = guarded(slot, plugin, Hook::OnResponse, skip, call).await? else {
                 continue;
             };
             // Read from the headers the upstream (or an earlier plugin) gave,
@@ -355,7 +383,10 @@ impl PluginHost {
             let no_transform =
                 edit.body.is_some() && cache_control::forbids_transform(&parts.headers);
             parts.status = edit.status;
-            if let Some(headers) = edit.headers {
+            if let Some(mut headers) = edit.headers {
+                // Framing is recomputed below; connection fields are not
+                // the plugin's to add.
+                keep_connection_fields(&parts.headers, &mut headers);
                 parts.headers = headers;
             }
             match edit.body {
@@ -394,6 +425,7 @@ impl PluginHost {
                 kind: FailureKind::Error,
                 on_error: OnError::Closed,
                 detail: "no such plugin is loaded".to_string(),
+                retry_after: None,
             });
         };
         let loaded = slot.current.load_full();
@@ -456,6 +488,10 @@ fn fix_framing(
     }
 }
 
+fn memory_limit(totals: &PluginTotals) -> usize {
+    usize::try_from(totals.total_memory.0).unwrap_or(usize::MAX)
+}
+
 fn shared_engine(plugin: &str) -> Result<Arc<PluginEngine>, PluginLoadError> {
     engine::shared().map_err(|error| PluginLoadError {
         plugin: plugin.to_string(),
@@ -490,11 +526,31 @@ fn call_error(plugin: &LoadedPlugin, kind: FailureKind, detail: String) -> Plugi
         kind,
         on_error: plugin.config.on_error,
         detail,
+        retry_after: None,
+    }
+}
+
+/// Gives a half-open breaker's trial back unless an outcome was recorded:
+/// dropped with the call's future when a client leaves or a stream is reset.
+struct TrialGuard<'a>(Option<&'a Breaker>);
+
+impl TrialGuard<'_> {
+    fn settled(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for TrialGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(breaker) = self.0 {
+            breaker.release_trial();
+        }
     }
 }
 
 /// Runs one guest call under the breaker, with metrics; the failure (if
-/// any) is logged and counted, not yet judged.
+/// any) is logged and counted, not yet judged. A call that could not run
+/// for want of capacity is not held against the plugin's breaker.
 async fn attempt<T>(
     slot: &PluginSlot,
     plugin: &LoadedPlugin,
@@ -502,13 +558,16 @@ async fn attempt<T>(
     call: impl Future<Output = Result<T, Failure>>,
 ) -> Result<T, Failure> {
     use std::sync::atomic::Ordering::Relaxed;
-    if slot.breaker(hook).admit(Instant::now()) == Admission::Skip {
+    let breaker = slot.breaker(hook);
+    let admission = breaker.admit(Instant::now());
+    if admission == Admission::Skip {
         slot.counters.skipped.fetch_add(1, Relaxed);
         return Err(Failure::new(
             FailureKind::CircuitOpen,
             "circuit open after repeated failures; not called",
         ));
     }
+    let mut trial = TrialGuard((admission == Admission::Trial).then_some(breaker));
     slot.counters.invocations.fetch_add(1, Relaxed);
     slot.metrics.invocations(hook).increment(1);
     let started = Instant::now();
@@ -517,7 +576,23 @@ async fn attempt<T>(
         .duration
         .record(started.elapsed().as_secs_f64());
     match &result {
-        Ok(_) => slot.breaker(hook).record_success(),
+        Ok(_) => {
+            breaker.record_success();
+            trial.settled();
+        }
+        Err(failure) if failure.kind == FailureKind::Capacity => {
+            // The trial guard gives the trial back: the plugin was not tried.
+            slot.counters.capacity.fetch_add(1, Relaxed);
+            metrics::counter!("larder_plugin_failures_total", "plugin" => slot.name.to_string(), "kind" => failure.kind.as_str())
+                .increment(1);
+            tracing::warn!(
+                plugin = &*slot.name,
+                hook = hook.as_str(),
+                kind = failure.kind.as_str(),
+                reason = %failure.describe(),
+                "plugin call could not run"
+            );
+        }
         Err(failure) => {
             slot.counters.failures.fetch_add(1, Relaxed);
             *slot.counters.last_failure.lock() = Some((failure.kind.as_str(), failure.describe()));
@@ -532,9 +607,10 @@ async fn attempt<T>(
                 reason = %failure.describe(),
                 "plugin call failed"
             );
-            if slot.breaker(hook).record_failure(Instant::now()) {
+            if breaker.record_failure(Instant::now()) {
                 tracing::warn!(plugin = %name, "plugin failed repeatedly; circuit open, calls skipped for a while");
             }
+            trial.settled();
         }
     }
     let open = if slot.is_circuit_open() { 1.0 } else { 0.0 };
@@ -542,17 +618,27 @@ async fn attempt<T>(
     result
 }
 
-/// [`attempt`] plus the plugin's `on_error`: `Ok(None)` means skip the
-/// plugin (open), `Err` fails the request (closed).
+/// When a failed call is skipped rather than failing the request.
+#[derive(Debug, Clone, Copy)]
+struct Skip {
+    /// The plugin ran and failed (`on_error: open`).
+    failed: bool,
+    /// The plugin could not run: open circuit or no capacity.
+    unavailable: bool,
+}
+
+/// [`attempt`] plus the skip policy: `Ok(None)` means skip the plugin,
+/// `Err` fails the request.
 async fn guarded<T>(
     slot: &PluginSlot,
     plugin: &LoadedPlugin,
     hook: Hook,
+    skip: Skip,
     call: impl Future<Output = Result<T, Failure>>,
 ) -> Result<Option<T>, PluginError> {
     match attempt(slot, plugin, hook, call).await {
         Ok(value) => Ok(Some(value)),
-        Err(failure) => match judge(plugin, &failure) {
+        Err(failure) => match judge(slot, plugin, hook, skip, &failure) {
             Some(error) => Err(error),
             None => Ok(None),
         },
@@ -560,18 +646,38 @@ async fn guarded<T>(
 }
 
 /// A failure that happened without calling the guest (body too large).
-fn fail(slot: &PluginSlot, plugin: &LoadedPlugin, failure: Failure) -> Option<PluginError> {
+fn fail(slot: &PluginSlot, plugin: &LoadedPlugin, failure: &Failure) -> Option<PluginError> {
     metrics::counter!("larder_plugin_failures_total", "plugin" => slot.name.to_string(), "kind" => failure.kind.as_str())
         .increment(1);
     tracing::warn!(plugin = &*slot.name, kind = failure.kind.as_str(), reason = %failure.detail, "plugin skipped");
-    judge(plugin, &failure)
+    let open = plugin.config.on_error == OnError::Open;
+    let skip = Skip {
+        failed: open,
+        unavailable: open,
+    };
+    judge(slot, plugin, Hook::OnResponse, skip, failure)
 }
 
-fn judge(plugin: &LoadedPlugin, failure: &Failure) -> Option<PluginError> {
-    match plugin.config.on_error {
-        OnError::Open => None,
-        OnError::Closed => Some(plugin.error(failure.clone())),
+fn judge(
+    slot: &PluginSlot,
+    plugin: &LoadedPlugin,
+    hook: Hook,
+    skip: Skip,
+    failure: &Failure,
+) -> Option<PluginError> {
+    let unavailable = failure.kind.is_unavailable();
+    if (unavailable && skip.unavailable) || (!unavailable && skip.failed) {
+        return None;
     }
+    let mut error = plugin.error(failure.clone());
+    error.retry_after = match failure.kind {
+        FailureKind::CircuitOpen => Some(std::time::Duration::from_secs(
+            slot.breaker(hook).retry_after(Instant::now()),
+        )),
+        FailureKind::Capacity => Some(std::time::Duration::from_secs(1)),
+        _ => None,
+    };
+    Some(error)
 }
 
 enum Collected {

@@ -25,6 +25,9 @@ pub struct PluginStats {
     pub failures: u64,
     /// Calls not made because the circuit was open.
     pub skipped: u64,
+    /// Calls that could not run for want of capacity (a turn, a pool slot
+    /// or memory within the total budget); not counted as failures.
+    pub capacity: u64,
     /// Builds compiled from wasm (as opposed to loaded precompiled).
     pub compilations: u64,
     /// Changed plugin files whose new build was refused (the old one kept).
@@ -47,6 +50,7 @@ pub struct Counters {
     pub invocations: AtomicU64,
     pub failures: AtomicU64,
     pub skipped: AtomicU64,
+    pub capacity: AtomicU64,
     pub compilations: AtomicU64,
     pub rejected_builds: AtomicU64,
     /// Kind and description of the latest failure.
@@ -106,9 +110,15 @@ impl PluginSlot {
         slot
     }
 
+    /// Puts a new build in place; its breakers start closed (the failures
+    /// were the old build's, or its old configuration's).
     pub fn swap(&self, plugin: LoadedPlugin) {
         self.count_build(&plugin);
         self.current.store(Arc::new(plugin));
+        for breaker in &self.breakers {
+            breaker.reset();
+        }
+        self.metrics.circuit_open.set(0.0);
     }
 
     fn count_build(&self, plugin: &LoadedPlugin) {
@@ -136,6 +146,7 @@ impl PluginSlot {
             invocations: self.counters.invocations.load(Relaxed),
             failures: self.counters.failures.load(Relaxed),
             skipped: self.counters.skipped.load(Relaxed),
+            capacity: self.counters.capacity.load(Relaxed),
             compilations: self.counters.compilations.load(Relaxed),
             rejected_builds: self.counters.rejected_builds.load(Relaxed),
             compiled: current.compiled,

@@ -1,11 +1,13 @@
 //! One call's sandbox: what a `Store` holds and grants (WASI with nothing
-//! granted, the memory limiter, the CPU budget counted in epoch ticks, the
-//! http-client grant, the fetcher's view of its values), made fresh per
-//! store and reset between calls of a reused one.
+//! granted, the memory limiter under the plugin's cap and the process-wide
+//! budget, the CPU meter, the http-client grant, the fetcher's view of its
+//! values), made fresh per store and reset between calls of a reused one.
 //!
 //! Must not grant a guest files, environment, arguments or sockets.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use wasmtime::component::ResourceTable;
@@ -24,7 +26,8 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 pub struct Grants {
     pub plugin: Arc<str>,
     pub memory_bytes: usize,
-    pub cpu_budget: Duration,
+    /// The process-wide budget every store's memory also counts against.
+    pub memory_budget: Arc<MemoryBudget>,
     pub http: Option<HttpGrant>,
     pub source_values: Option<Arc<dyn SourceValues>>,
 }
@@ -35,7 +38,7 @@ pub struct StoreState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub limits: MemoryLimiter,
-    pub budget: CpuBudget,
+    pub cpu: Arc<CpuMeter>,
     pub output: GuestOutput,
     pub http: Option<HttpGrant>,
     pub source_values: Option<Arc<dyn SourceValues>>,
@@ -51,8 +54,9 @@ impl WasiView for StoreState {
     }
 }
 
-/// A new store: no files, env, args or network; stdout/stderr into the log.
-pub fn new_store(engine: &Engine, grants: Grants) -> Store<StoreState> {
+/// A new store for a call metered by `cpu`: no files, env, args or
+/// network; stdout/stderr into the log.
+pub fn new_store(engine: &Engine, grants: Grants, cpu: Arc<CpuMeter>) -> Store<StoreState> {
     let output = GuestOutput::new(grants.plugin.clone());
     let wasi = WasiCtx::builder()
         .stdout(output.stream(OutputKind::Stdout))
@@ -62,8 +66,8 @@ pub fn new_store(engine: &Engine, grants: Grants) -> Store<StoreState> {
         plugin: grants.plugin,
         wasi,
         table: ResourceTable::new(),
-        limits: MemoryLimiter::new(grants.memory_bytes),
-        budget: CpuBudget::new(grants.cpu_budget),
+        limits: MemoryLimiter::new(grants.memory_bytes, grants.memory_budget),
+        cpu: cpu.clone(),
         output,
         http: grants.http,
         source_values: grants.source_values,
@@ -71,27 +75,27 @@ pub fn new_store(engine: &Engine, grants: Grants) -> Store<StoreState> {
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limits);
-    store.epoch_deadline_callback(|mut context| {
-        if context.data_mut().budget.charge_tick() {
+    store.epoch_deadline_callback(|context| {
+        if context.data().cpu.within_budget() {
             // Hand the thread back to tokio every tick: a busy guest never
-            // holds a runtime worker for its whole budget. The deadline is
-            // set again after the yield, so time spent waiting for the
-            // runtime is not charged.
+            // holds a runtime worker for its whole budget.
             Ok(UpdateDeadline::Yield(1))
         } else {
             Err(CpuBudgetExceeded.into())
         }
     });
-    start_call(&mut store);
+    start_call(&mut store, cpu);
     store
 }
 
-/// Resets the per-call state of a (possibly reused) store.
-pub fn start_call(store: &mut Store<StoreState>) {
-    store.data_mut().budget.restart();
-    store.data_mut().log_lines = 0;
-    store.data_mut().limits.refused_growth = false;
-    store.data_mut().output.reset_tail();
+/// Resets the per-call state of a (possibly reused) store for a call
+/// metered by `cpu`.
+pub fn start_call(store: &mut Store<StoreState>, cpu: Arc<CpuMeter>) {
+    let state = store.data_mut();
+    state.cpu = cpu;
+    state.log_lines = 0;
+    state.limits.refused = None;
+    state.output.reset_tail();
     store.set_epoch_deadline(1);
 }
 
@@ -100,75 +104,191 @@ pub fn start_call(store: &mut Store<StoreState>) {
 #[error("the plugin ran past its time limit")]
 pub struct CpuBudgetExceeded;
 
-/// The CPU a guest may use in one call, counted in epoch ticks observed
-/// while its code runs. Counting ticks rather than wall time keeps the
-/// limit fair on a busy box: time spent preempted, yielded to the runtime
-/// or waiting on an http-client call is not charged.
-pub struct CpuBudget {
-    ticks_allowed: u64,
-    ticks_used: u64,
-    io_returned: bool,
+/// The CPU one call may use, measured as the CPU time of the thread that
+/// polls the call (guest code, instantiation and the host imports it calls
+/// alike), so that neither a busy box (time preempted or queued behind other
+/// tasks is not the guest's) nor a guest that calls into the host in a loop
+/// (the host's work is charged) bends the limit. Checked at every epoch
+/// tick: a guest is stopped within its budget plus one tick. Time spent
+/// waiting on I/O is not CPU and is bounded by the call's outer deadline.
+pub struct CpuMeter {
+    allowed_nanos: u64,
+    /// CPU used by finished polls.
+    used_nanos: AtomicU64,
+    /// The thread CPU clock when the running poll started; 0 between polls.
+    poll_started_nanos: AtomicU64,
 }
 
-impl CpuBudget {
-    fn new(limit: Duration) -> Self {
-        let ticks = limit.as_nanos().div_ceil(EPOCH_TICK.as_nanos()).max(1);
-        Self {
-            ticks_allowed: u64::try_from(ticks).unwrap_or(u64::MAX),
-            ticks_used: 0,
-            io_returned: false,
-        }
+impl CpuMeter {
+    pub fn new(budget: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            allowed_nanos: u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX),
+            used_nanos: AtomicU64::new(0),
+            poll_started_nanos: AtomicU64::new(0),
+        })
     }
 
-    fn restart(&mut self) {
-        self.ticks_used = 0;
-        self.io_returned = false;
+    /// Runs `call`, charging the CPU time of each of its polls.
+    pub async fn run<F: Future>(&self, call: F) -> F::Output {
+        let mut call = std::pin::pin!(call);
+        std::future::poll_fn(|context| {
+            self.poll_started_nanos
+                .store(thread_cpu_nanos(), Ordering::Relaxed);
+            let polled = call.as_mut().poll(context);
+            let started = self.poll_started_nanos.swap(0, Ordering::Relaxed);
+            let spent = thread_cpu_nanos().saturating_sub(started);
+            self.used_nanos.fetch_add(spent, Ordering::Relaxed);
+            polled
+        })
+        .await
     }
 
-    /// Called when a host I/O call returns to the guest: the deadline most
-    /// likely passed while waiting, and that tick is not the guest's.
-    pub fn forgive_next_tick(&mut self) {
-        self.io_returned = true;
+    /// CPU used so far, the running poll included.
+    pub fn used(&self) -> Duration {
+        let started = self.poll_started_nanos.load(Ordering::Relaxed);
+        let running = if started == 0 {
+            0
+        } else {
+            thread_cpu_nanos().saturating_sub(started)
+        };
+        Duration::from_nanos(
+            self.used_nanos
+                .load(Ordering::Relaxed)
+                .saturating_add(running),
+        )
     }
 
-    /// Charges one tick; false once the budget is used up.
-    fn charge_tick(&mut self) -> bool {
-        if std::mem::take(&mut self.io_returned) {
-            return true;
-        }
-        self.ticks_used += 1;
-        self.ticks_used < self.ticks_allowed
+    fn within_budget(&self) -> bool {
+        u64::try_from(self.used().as_nanos()).unwrap_or(u64::MAX) < self.allowed_nanos
     }
 }
 
-/// The plugin's memory cap; remembers a refused growth so a failure can be
-/// reported as out-of-memory rather than as a generic trap.
+/// The calling thread's CPU time in nanoseconds (never 0: 0 means "not
+/// polling" in [`CpuMeter`]).
+fn thread_cpu_nanos() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID
+    // is supported by every Linux and BSD kernel Larder runs on.
+    let status = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    if status != 0 {
+        return 1;
+    }
+    let nanos = u64::try_from(now.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(now.tv_nsec).unwrap_or(0));
+    nanos.max(1)
+}
+
+/// Bytes of linear memory every plugin instance of the process may hold
+/// together (`plugin_limits.total_memory`). Each store reserves its growth
+/// here as well as under its own cap, and gives it back when dropped.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    limit: AtomicUsize,
+    used: AtomicUsize,
+}
+
+impl MemoryBudget {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit: AtomicUsize::new(limit),
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// A reload may change the limit; stores over it keep what they have.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn try_reserve(&self, bytes: usize) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|total| *total <= limit)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// Why a memory growth was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Past the plugin's own `limits.memory`: the plugin's failure.
+    PluginCap,
+    /// Past the process-wide budget: a capacity problem, not the plugin's.
+    TotalBudget,
+}
+
+/// The plugin's memory cap and its share of the process-wide budget;
+/// remembers a refused growth so a failure can be reported as out of
+/// memory (or of capacity) rather than as a generic trap.
 pub struct MemoryLimiter {
     max_bytes: usize,
-    pub refused_growth: bool,
+    budget: Arc<MemoryBudget>,
+    /// Bytes this store reserved in `budget`, given back on drop.
+    reserved: usize,
+    /// The last growth reserved, given back if the growth itself fails.
+    pending: usize,
+    pub refused: Option<Refusal>,
 }
 
 impl MemoryLimiter {
-    fn new(max_bytes: usize) -> Self {
+    fn new(max_bytes: usize, budget: Arc<MemoryBudget>) -> Self {
         Self {
             max_bytes,
-            refused_growth: false,
+            budget,
+            reserved: 0,
+            pending: 0,
+            refused: None,
         }
+    }
+}
+
+impl Drop for MemoryLimiter {
+    fn drop(&mut self) {
+        self.budget.release(self.reserved);
     }
 }
 
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let allowed = desired <= self.max_bytes;
-        if !allowed {
-            self.refused_growth = true;
+        if desired > self.max_bytes {
+            self.refused = Some(Refusal::PluginCap);
+            return Ok(false);
         }
-        Ok(allowed)
+        let growth = desired.saturating_sub(current);
+        if !self.budget.try_reserve(growth) {
+            self.refused = Some(Refusal::TotalBudget);
+            return Ok(false);
+        }
+        self.reserved += growth;
+        self.pending = growth;
+        Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        let pending = std::mem::take(&mut self.pending);
+        self.reserved -= pending;
+        self.budget.release(pending);
+        Ok(())
     }
 
     fn table_growing(
@@ -185,40 +305,53 @@ impl ResourceLimiter for MemoryLimiter {
 mod tests {
     use super::*;
 
-    fn ticks_until_stopped(budget: &mut CpuBudget) -> u64 {
-        (1..=1000).find(|_| !budget.charge_tick()).unwrap_or(0)
+    #[test]
+    fn the_total_budget_refuses_growth_past_it_and_gets_it_back_on_drop() {
+        let budget = MemoryBudget::new(3 << 20);
+        let mut first = MemoryLimiter::new(2 << 20, budget.clone());
+        assert!(first.memory_growing(0, 2 << 20, None).unwrap_or(false));
+        let mut second = MemoryLimiter::new(2 << 20, budget.clone());
+        assert!(!second.memory_growing(0, 2 << 20, None).unwrap_or(true));
+        assert_eq!(second.refused, Some(Refusal::TotalBudget));
+        assert!(!first.memory_growing(2 << 20, 3 << 20, None).unwrap_or(true));
+        assert_eq!(first.refused, Some(Refusal::PluginCap));
+        drop(first);
+        assert_eq!(budget.used(), 0);
+        assert!(second.memory_growing(0, 2 << 20, None).unwrap_or(false));
     }
 
     #[test]
-    fn a_budget_allows_its_limit_in_ticks() {
-        assert_eq!(
-            ticks_until_stopped(&mut CpuBudget::new(Duration::from_millis(50))),
-            5
+    fn a_failed_growth_gives_its_reservation_back() {
+        let budget = MemoryBudget::new(4 << 20);
+        let mut limiter = MemoryLimiter::new(4 << 20, budget.clone());
+        assert!(limiter.memory_growing(0, 1 << 20, None).unwrap_or(false));
+        assert!(
+            limiter
+                .memory_growing(1 << 20, 3 << 20, None)
+                .unwrap_or(false)
         );
-        assert_eq!(
-            ticks_until_stopped(&mut CpuBudget::new(Duration::from_millis(55))),
-            6
-        );
-        assert_eq!(
-            ticks_until_stopped(&mut CpuBudget::new(Duration::from_millis(1))),
-            1
-        );
+        limiter
+            .memory_grow_failed(wasmtime::Error::msg("no memory"))
+            .unwrap_or(());
+        assert_eq!(budget.used(), 1 << 20);
     }
 
-    #[test]
-    fn the_tick_after_host_io_is_not_charged() {
-        let mut budget = CpuBudget::new(Duration::from_millis(20));
-        assert!(budget.charge_tick());
-        budget.forgive_next_tick();
-        assert!(budget.charge_tick(), "the I/O tick is free");
-        assert!(!budget.charge_tick());
-    }
-
-    #[test]
-    fn restarting_a_reused_store_refills_the_budget() {
-        let mut budget = CpuBudget::new(Duration::from_millis(20));
-        ticks_until_stopped(&mut budget);
-        budget.restart();
-        assert!(budget.charge_tick());
+    #[tokio::test]
+    async fn the_meter_charges_cpu_spent_in_polls_and_not_time_asleep() {
+        let meter = CpuMeter::new(Duration::from_millis(20));
+        meter
+            .run(tokio::time::sleep(Duration::from_millis(40)))
+            .await;
+        assert!(meter.within_budget(), "sleeping is not CPU");
+        meter
+            .run(async {
+                let started = std::time::Instant::now();
+                while started.elapsed() < Duration::from_millis(30) {
+                    std::hint::black_box(0u64);
+                }
+            })
+            .await;
+        assert!(meter.used() >= Duration::from_millis(20));
+        assert!(!meter.within_budget());
     }
 }

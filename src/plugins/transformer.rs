@@ -2,8 +2,12 @@
 //! running `on-request` / `on-response` in an instance (fresh per call, or
 //! pooled with `reuse: true`), and checking what the guest handed back.
 //!
-//! Must not let a guest's malformed answer through: invalid methods,
-//! paths, header names or statuses are a plugin failure.
+//! Must not let a guest's malformed or oversized answer through: invalid
+//! methods, paths, header names, statuses that are not final, more than
+//! [`MAX_HEADERS`] headers or [`MAX_HEADER_BYTES`] of them, a body over
+//! [`super::MAX_BODY_BYTES`] are a plugin failure. Framing and
+//! connection-level fields a guest sets are not its to set: the host
+//! restores them (see `keep_connection_fields`).
 
 use std::sync::Arc;
 
@@ -15,15 +19,54 @@ use super::bindings::transformer::exports::larder::plugin::transform::{
     Phase, RequestAction, ResponseOut,
 };
 use super::bindings::transformer::larder::plugin::types::{RequestHead, ResponseHead};
-use super::call::{Failure, FailureKind, permit, settle};
+use super::call::{Failure, FailureKind, Turn, settle};
 use super::engine::PluginEngine;
 use super::instances::ParkedInstances;
 use super::loader::{Kind, LoadedPlugin, TransformerInstance, instantiate_transformer};
-use super::store::start_call;
+use super::store::{CpuMeter, start_call};
 use crate::config::PluginPhase;
 use crate::http::body::{self, Body};
 
 type WitHeaders = Vec<(String, Vec<u8>)>;
+
+/// Most header fields a plugin may hand back (hyper accepts 100 from a
+/// client; responses often carry more).
+pub const MAX_HEADERS: usize = 500;
+/// Most bytes of header names and values a plugin may hand back.
+pub const MAX_HEADER_BYTES: usize = 256 * 1024;
+
+/// Fields that describe the connection or the message's framing rather
+/// than the content: a guest's edits to them are undone (requests) or
+/// dropped (responses), and the host frames the message itself.
+pub const CONNECTION_FIELDS: [http::header::HeaderName; 9] = [
+    http::header::CONNECTION,
+    http::header::CONTENT_LENGTH,
+    http::header::HOST,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+];
+/// Hop-by-hop fields with no constant in `http`.
+const OTHER_CONNECTION_FIELDS: [&str; 2] = ["keep-alive", "proxy-connection"];
+
+/// Puts back `before`'s values of the connection and framing fields into
+/// `after` (a guest's headers), removing any the guest added.
+pub fn keep_connection_fields(before: &HeaderMap, after: &mut HeaderMap) {
+    let names = CONNECTION_FIELDS.iter().cloned().chain(
+        OTHER_CONNECTION_FIELDS
+            .iter()
+            .map(|name| http::header::HeaderName::from_static(name)),
+    );
+    for name in names {
+        after.remove(&name);
+        for value in before.get_all(&name) {
+            after.append(name.clone(), value.clone());
+        }
+    }
+}
 
 /// What `on-request` decided, checked and converted. `None` fields are
 /// unchanged: most plugins hand most of the request back as they got it,
@@ -62,6 +105,21 @@ fn to_wit_headers(headers: &HeaderMap) -> WitHeaders {
 }
 
 fn from_wit_headers(headers: WitHeaders) -> Result<HeaderMap, Failure> {
+    if headers.len() > MAX_HEADERS {
+        return Err(bad_output(format!(
+            "{} headers (at most {MAX_HEADERS})",
+            headers.len()
+        )));
+    }
+    let bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.len() + value.len())
+        .sum();
+    if bytes > MAX_HEADER_BYTES {
+        return Err(bad_output(format!(
+            "{bytes} bytes of headers (at most {MAX_HEADER_BYTES})"
+        )));
+    }
     let mut map = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
         let header = HeaderName::from_bytes(name.as_bytes())
@@ -75,7 +133,28 @@ fn from_wit_headers(headers: WitHeaders) -> Result<HeaderMap, Failure> {
 
 /// A guest's answer that is not a valid request or response.
 fn bad_output(why: String) -> Failure {
-    Failure::new(FailureKind::Error, why)
+    Failure::new(FailureKind::BadOutput, why)
+}
+
+/// A final status (200-599): an informational one (101 above all) would
+/// make the client expect another message or a protocol switch.
+fn final_status(code: u16) -> Result<StatusCode, Failure> {
+    match StatusCode::from_u16(code) {
+        Ok(status) if (200..=599).contains(&code) => Ok(status),
+        _ => Err(bad_output(format!(
+            "status {code} is not a final status (200-599)"
+        ))),
+    }
+}
+
+fn check_body_size(length: usize) -> Result<(), Failure> {
+    if length > super::MAX_BODY_BYTES {
+        return Err(bad_output(format!(
+            "a body of {length} bytes (at most {})",
+            super::MAX_BODY_BYTES
+        )));
+    }
+    Ok(())
 }
 
 pub fn request_head(request: &http::request::Parts) -> RequestHead {
@@ -148,10 +227,10 @@ fn check_request_action(
             })
         }
         RequestAction::Respond(direct) => {
-            let status = StatusCode::from_u16(direct.head.status)
-                .map_err(|_| bad_output(format!("invalid status {}", direct.head.status)))?;
+            let status = final_status(direct.head.status)?;
+            check_body_size(direct.body.len())?;
             let mut headers = from_wit_headers(direct.head.headers)?;
-            headers.remove(http::header::TRANSFER_ENCODING);
+            keep_connection_fields(&HeaderMap::new(), &mut headers);
             headers.insert(
                 http::header::CONTENT_LENGTH,
                 HeaderValue::from(direct.body.len()),
@@ -165,8 +244,10 @@ fn check_request_action(
 }
 
 fn check_response_out(out: ResponseOut, given: &ResponseHead) -> Result<ResponseEdit, Failure> {
-    let status = StatusCode::from_u16(out.head.status)
-        .map_err(|_| bad_output(format!("invalid status {}", out.head.status)))?;
+    let status = final_status(out.head.status)?;
+    if let Some(body) = &out.body {
+        check_body_size(body.len())?;
+    }
     let headers = if out.head.headers == given.headers {
         None
     } else {
@@ -183,6 +264,8 @@ async fn checkout(
     engine: &PluginEngine,
     plugin: &LoadedPlugin,
     parked: Option<&mut ParkedInstances>,
+    turn: &Turn,
+    cpu: Arc<CpuMeter>,
 ) -> Result<TransformerInstance, Failure> {
     let Kind::Transformer(pre) = &plugin.kind else {
         return Err(Failure::new(FailureKind::Error, "not a transformer"));
@@ -191,11 +274,11 @@ async fn checkout(
         .and_then(|parked| parked.take(plugin))
         .or_else(|| plugin.take_idle());
     if let Some(mut instance) = kept {
-        start_call(&mut instance.store);
+        start_call(&mut instance.store, cpu);
         return Ok(instance);
     }
     plugin.count_instance();
-    instantiate_transformer(engine, plugin, pre).await
+    instantiate_transformer(engine, plugin, pre, turn, cpu).await
 }
 
 /// One `on-request` call, for a downstream-phase plugin (the only kind that
@@ -207,10 +290,11 @@ pub async fn on_request(
     head: &RequestHead,
     parked: &mut ParkedInstances,
 ) -> Result<RequestEdit, Failure> {
-    let _permit = permit(engine).await?;
     let limit = plugin.backstop();
+    let cpu = plugin.cpu_meter();
     let call = async {
-        let mut instance = checkout(engine, plugin, None).await?;
+        let turn = Turn::take(plugin).await?;
+        let mut instance = checkout(engine, plugin, None, &turn, cpu.clone()).await?;
         let result = instance
             .bindings
             .larder_plugin_transform()
@@ -224,7 +308,7 @@ pub async fn on_request(
         }
         check_request_action(action, head)
     };
-    tokio::time::timeout(limit, call)
+    tokio::time::timeout(limit, cpu.run(call))
         .await
         .unwrap_or_else(|_| Err(Failure::timed_out(limit)))
 }
@@ -240,10 +324,11 @@ pub async fn on_response(
     body: &[u8],
     parked: Option<&mut ParkedInstances>,
 ) -> Result<ResponseEdit, Failure> {
-    let _permit = permit(engine).await?;
     let limit = plugin.backstop();
+    let cpu = plugin.cpu_meter();
     let call = async {
-        let mut instance = checkout(engine, plugin, parked).await?;
+        let turn = Turn::take(plugin).await?;
+        let mut instance = checkout(engine, plugin, parked, &turn, cpu.clone()).await?;
         let result = instance
             .bindings
             .larder_plugin_transform()
@@ -253,7 +338,7 @@ pub async fn on_response(
         plugin.put_idle(instance);
         check_response_out(out, response)
     };
-    tokio::time::timeout(limit, call)
+    tokio::time::timeout(limit, cpu.run(call))
         .await
         .unwrap_or_else(|_| Err(Failure::timed_out(limit)))
 }

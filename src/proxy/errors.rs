@@ -40,12 +40,21 @@ pub fn from_plugin(error: PluginError, upstream: Option<&Arc<str>>) -> RequestEr
     }
 }
 
-/// A plugin's failure, told to the client as the plugin's (502).
+/// A plugin's failure, told to the client as the plugin's (502), or as
+/// 503 with `Retry-After` when the plugin could not run at all.
 impl From<PluginError> for RequestError {
     fn from(error: PluginError) -> Self {
-        ErrorKind::PluginFailed {
-            plugin: error.plugin,
-            reason: format!("{}: {}", error.kind.as_str(), error.detail),
+        let reason = format!("{}: {}", error.kind.as_str(), error.detail);
+        match error.retry_after {
+            Some(after) if error.kind.is_unavailable() => ErrorKind::PluginUnavailable {
+                plugin: error.plugin,
+                reason,
+                retry_after_secs: after.as_secs().max(1),
+            },
+            _ => ErrorKind::PluginFailed {
+                plugin: error.plugin,
+                reason,
+            },
         }
         .into()
     }

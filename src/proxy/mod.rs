@@ -83,6 +83,7 @@ pub struct RouteEntry {
     upgrades: Vec<String>,
     strip_request_headers: Vec<http::HeaderName>,
     plugins: Arc<[String]>,
+    skip_unavailable_plugins: bool,
     max_request_body: Option<u64>,
 }
 
@@ -162,7 +163,9 @@ impl Proxy {
             Some(routes) => Some(
                 routes
                     .iter()
-                    .map(|route| compile_route(route, &upstreams, &plugins))
+                    .map(|route| {
+                        compile_route(route, &upstreams, &plugins, config.cache.fill_idle_timeout)
+                    })
                     .collect::<Result<Vec<_>, BuildError>>()?,
             ),
         };
@@ -344,6 +347,7 @@ impl Proxy {
             &route.plugins,
             &mut parts,
             &mut ctx.plugins,
+            route.skip_unavailable_plugins,
         ))
         .await
         .map_err(|error| errors::from_plugin(error, ctx.upstream.as_ref()))?;
@@ -517,6 +521,7 @@ fn compile_route(
     route: &Route,
     upstreams: &BTreeMap<String, Arc<UpstreamClient>>,
     plugins: &Arc<PluginHost>,
+    fill_idle_timeout: std::time::Duration,
 ) -> Result<RouteEntry, BuildError> {
     let chain: Arc<[String]> = route.plugins.clone().into();
     let target = match &route.target {
@@ -524,14 +529,13 @@ fn compile_route(
             let upstream = upstreams
                 .get(name)
                 .ok_or_else(|| BuildError::UnknownUpstream(name.clone()))?;
-            let origin = Arc::new(RouteOrigin::new(
-                upstream.clone(),
-                plugins.clone(),
-                chain.clone(),
-            ));
+            let origin = RouteOrigin::new(upstream.clone(), plugins.clone(), chain.clone());
             Target::Upstream {
-                cache_origin: origin.clone(),
-                origin,
+                // The cache reads what it fills as it arrives: a body that
+                // stalls there (or while a cache-store plugin collects it)
+                // fails the fill instead of holding its waiters.
+                cache_origin: Arc::new(origin.with_body_idle_timeout(fill_idle_timeout)),
+                origin: Arc::new(origin),
             }
         }
         RouteTarget::Source(source) => Target::Source(source.clone()),
@@ -549,6 +553,7 @@ fn compile_route(
         upgrades: route.upgrades.clone(),
         strip_request_headers: route.strip_request_headers.clone(),
         plugins: chain,
+        skip_unavailable_plugins: route.skip_unavailable_plugins,
         max_request_body: route.max_request_body.map(|size| size.0),
     })
 }

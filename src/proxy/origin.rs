@@ -13,16 +13,19 @@ use http::{Request, Response};
 use super::errors;
 use crate::cache::{self, OriginError, OriginErrorKind};
 use crate::config::PluginPhase;
-use crate::http::body::Body;
+use crate::http::body::{self, Body};
 use crate::http::error::{ErrorKind, RequestError};
 use crate::http::{copy_head, hop_by_hop};
 use crate::plugins::PluginHost;
 use crate::upstream::UpstreamClient;
 
+#[derive(Clone)]
 pub struct RouteOrigin {
     upstream: Arc<UpstreamClient>,
     plugins: Arc<PluginHost>,
     chain: Arc<[String]>,
+    /// When set, the upstream's body fails once it sends nothing this long.
+    body_idle_timeout: Option<std::time::Duration>,
 }
 
 impl RouteOrigin {
@@ -35,6 +38,15 @@ impl RouteOrigin {
             upstream,
             plugins,
             chain,
+            body_idle_timeout: None,
+        }
+    }
+
+    /// This origin with upstream bodies that fail after `idle` without data.
+    pub fn with_body_idle_timeout(&self, idle: std::time::Duration) -> Self {
+        Self {
+            body_idle_timeout: Some(idle),
+            ..self.clone()
         }
     }
 
@@ -61,6 +73,9 @@ impl RouteOrigin {
             .await
             .map_err(errors::from_upstream)?;
         hop_by_hop::strip(response.headers_mut(), false);
+        if let Some(idle) = self.body_idle_timeout {
+            response = response.map(|body| body::with_idle_timeout(body, idle));
+        }
         Ok(response)
     }
 
@@ -85,11 +100,7 @@ impl cache::Origin for RouteOrigin {
         &self,
         request: Request<Body>,
     ) -> BoxFuture<'static, Result<Response<Body>, OriginError>> {
-        let origin = Self {
-            upstream: self.upstream.clone(),
-            plugins: self.plugins.clone(),
-            chain: self.chain.clone(),
-        };
+        let origin = self.clone();
         Box::pin(async move {
             origin.fetch(request).await.map_err(|error| OriginError {
                 kind: match error.kind {

@@ -1,7 +1,11 @@
 //! The `http` kind: one request per run (cachepump's semantics: `method`
 //! empty means GET, `body` is sent even with GET, `header` replaces the
 //! default headers, basic auth when a user or password is set, redirects
-//! followed up to 10 like Go's client).
+//! followed up to 10 like Go's client). The response body is capped
+//! (`max_body`); a redirect that leaves the endpoint's origin loses the
+//! credentials (Authorization, Cookie, Proxy-Authorization and the
+//! configured `secret_headers`), and one from https to http is refused
+//! while credentials are set.
 //!
 //! Must never log or display the password: the Authorization header is
 //! marked sensitive and `Debug` prints `*****`; endpoints lose any userinfo
@@ -11,9 +15,9 @@ use std::fmt;
 
 use base64::Engine;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -53,6 +57,9 @@ pub struct HttpProvider {
     body: Bytes,
     accept_status: Option<Vec<StatusCode>>,
     auth_user: Option<String>,
+    max_body: u64,
+    /// Fields that go when a redirect leaves the endpoint's origin.
+    credentials: Vec<HeaderName>,
     client: HttpClient,
 }
 
@@ -104,6 +111,12 @@ impl HttpProvider {
                 HeaderValue::from_static(concat!("larder/", env!("CARGO_PKG_VERSION"))),
             );
         }
+        let mut credentials = vec![
+            header::AUTHORIZATION,
+            header::COOKIE,
+            header::PROXY_AUTHORIZATION,
+        ];
+        credentials.extend(config.secret_headers.iter().cloned());
         Self {
             shown_endpoint: redact(endpoint.as_str()),
             endpoint: endpoint.uri.clone(),
@@ -112,6 +125,8 @@ impl HttpProvider {
             body: Bytes::from(config.body.clone()),
             accept_status,
             auth_user,
+            max_body: config.max_body,
+            credentials,
             client,
         }
     }
@@ -141,9 +156,21 @@ impl HttpProvider {
                     body = Bytes::new();
                     headers.remove(header::CONTENT_TYPE);
                 }
-                // Go drops credentials when the redirect leaves the original host.
-                if location.authority() != self.endpoint.authority() {
-                    headers.remove(header::AUTHORIZATION);
+                let carries_credentials = self
+                    .credentials
+                    .iter()
+                    .any(|name| headers.contains_key(name));
+                if carries_credentials && is_downgrade(&uri, &location) {
+                    return Err(SourceError::InsecureRedirect {
+                        endpoint: self.shown_endpoint.clone(),
+                    });
+                }
+                // As Go's client (and curl): credentials stay with the
+                // origin they were configured for.
+                if !same_origin(&location, &self.endpoint) {
+                    for name in &self.credentials {
+                        headers.remove(name);
+                    }
                 }
                 uri = location;
                 continue;
@@ -153,11 +180,20 @@ impl HttpProvider {
                 .get(header::CONTENT_TYPE)
                 .and_then(|value| value.to_str().ok())
                 .map(str::to_string);
-            let bytes = response
-                .into_body()
+            let limit = usize::try_from(self.max_body).unwrap_or(usize::MAX);
+            let bytes = Limited::new(response.into_body(), limit)
                 .collect()
                 .await
-                .map_err(|e| self.request_error(&e))?
+                .map_err(|error| {
+                    if error.is::<http_body_util::LengthLimitError>() {
+                        SourceError::TooLarge {
+                            endpoint: self.shown_endpoint.clone(),
+                            limit: self.max_body,
+                        }
+                    } else {
+                        self.request_error(&*error)
+                    }
+                })?
                 .to_bytes();
             if !self.is_accepted(status) {
                 return Err(SourceError::Status {
@@ -204,6 +240,25 @@ fn build_request(
     request
 }
 
+/// Whether two URLs share an origin: scheme, host and port (default ports
+/// filled in, host case ignored).
+fn same_origin(a: &Uri, b: &Uri) -> bool {
+    let origin = |uri: &Uri| {
+        let scheme = uri.scheme_str().unwrap_or("http").to_ascii_lowercase();
+        let host = uri.host().unwrap_or("").to_ascii_lowercase();
+        let port = uri
+            .port_u16()
+            .unwrap_or(if scheme == "https" { 443 } else { 80 });
+        (scheme, host, port)
+    };
+    origin(a) == origin(b)
+}
+
+/// A redirect from https to plain http.
+fn is_downgrade(from: &Uri, to: &Uri) -> bool {
+    from.scheme_str() == Some("https") && to.scheme_str() != Some("https")
+}
+
 /// The absolute target of a redirect, if `status` is one with a usable Location.
 fn redirect_target(current: &Uri, status: StatusCode, headers: &HeaderMap) -> Option<Uri> {
     if !matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) {
@@ -241,7 +296,38 @@ mod tests {
             header: HeaderMap::new(),
             auth: None,
             body: String::new(),
+            max_body: 1 << 20,
+            secret_headers: Vec::new(),
         }
+    }
+
+    #[test]
+    fn origins_compare_scheme_host_and_port() {
+        let uri = |text: &str| text.parse::<Uri>().unwrap_or_default();
+        assert!(same_origin(
+            &uri("http://A.example/x"),
+            &uri("http://a.example:80/y")
+        ));
+        assert!(!same_origin(
+            &uri("http://a.example/"),
+            &uri("https://a.example/")
+        ));
+        assert!(!same_origin(
+            &uri("http://a.example/"),
+            &uri("http://a.example:8080/")
+        ));
+        assert!(!same_origin(
+            &uri("http://a.example/"),
+            &uri("http://b.example/")
+        ));
+        assert!(is_downgrade(
+            &uri("https://a.example/"),
+            &uri("http://a.example/")
+        ));
+        assert!(!is_downgrade(
+            &uri("http://a.example/"),
+            &uri("https://a.example/")
+        ));
     }
 
     #[tokio::test]

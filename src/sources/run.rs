@@ -45,6 +45,12 @@ pub enum SourceError {
     Status { endpoint: String, status: u16 },
     #[error("request to {endpoint} stopped after 10 redirects")]
     TooManyRedirects { endpoint: String },
+    #[error(
+        "{endpoint} answered with a body over the limit of {limit} bytes (http.max_body); the old value is kept"
+    )]
+    TooLarge { endpoint: String, limit: u64 },
+    #[error("{endpoint} redirected from https to http; credentials are not sent in the clear")]
+    InsecureRedirect { endpoint: String },
     #[error("cannot read {path}: {reason}")]
     File { path: String, reason: String },
     #[error("{0}")]
