@@ -341,7 +341,8 @@ struct RawLog {
 }
 
 /// A raw-TCP origin that parses what reaches it strictly, keeps the exact
-/// bytes, and answers each whole request `200` with `origin saw <line>`.
+/// bytes, and answers each whole request (`200` unless told otherwise) with
+/// `origin saw <line>`.
 struct RawOrigin {
     addr: SocketAddr,
     log: Arc<Mutex<RawLog>>,
@@ -349,13 +350,18 @@ struct RawOrigin {
 
 impl RawOrigin {
     async fn start() -> Self {
+        Self::start_with(|_| 200).await
+    }
+
+    /// An origin answering each request with the status `status(line)`.
+    async fn start_with(status: fn(&str) -> u16) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let log: Arc<Mutex<RawLog>> = Arc::default();
         let shared = log.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve_raw(stream, shared.clone()));
+                tokio::spawn(serve_raw(stream, shared.clone(), status));
             }
         });
         Self { addr, log }
@@ -386,7 +392,7 @@ impl RawOrigin {
     }
 }
 
-async fn serve_raw(mut stream: TcpStream, log: Arc<Mutex<RawLog>>) {
+async fn serve_raw(mut stream: TcpStream, log: Arc<Mutex<RawLog>>, status: fn(&str) -> u16) {
     let mut pending = Vec::new();
     let mut buffer = [0u8; 8192];
     loop {
@@ -409,9 +415,10 @@ async fn serve_raw(mut stream: TcpStream, log: Arc<Mutex<RawLog>>) {
                 Ok(Some((request, used))) => {
                     pending.drain(..used);
                     let body = format!("origin saw {}", request.line);
+                    let status = status(&request.line);
                     log.lock().unwrap().requests.push(request);
                     let answer = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                        "HTTP/1.1 {status} Answer\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
                         body.len()
                     );
                     if stream.write_all(answer.as_bytes()).await.is_err() {
@@ -604,7 +611,85 @@ async fn an_unlisted_upgrade_is_served_as_a_plain_request_through_the_cache() {
     );
     let second = get_with(&larder.url("/page"), &headers).await;
     assert_eq!(second.text(), "body 1, upgrade none", "the cache applies");
+    // Only the first protocol counts: this is not a WebSocket handshake.
+    let websocket_second = get_with(
+        &larder.url("/page"),
+        &[
+            ("connection", "upgrade"),
+            ("upgrade", "foo, websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+    )
+    .await;
+    assert_eq!(websocket_second.status, 200);
+    assert_eq!(websocket_second.text(), "body 1, upgrade none");
     assert_eq!(origin.hits(), 1);
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn an_upgrade_the_origin_declines_leaves_no_raw_tunnel_behind() {
+    // The origin answers the handshake 426 (as a WebSocket server does for a
+    // version it does not speak) and keeps its connection open: a proxy that
+    // took the attempt for a tunnel would pass the client's next bytes to
+    // the origin unrouted, past the plugin guarding /internal.
+    let origin = RawOrigin::start_with(|line| {
+        if line.starts_with("GET /ws ") {
+            426
+        } else {
+            200
+        }
+    })
+    .await;
+    let yaml = format!(
+        "{}upstreams:\n  app: {{ servers: [\"{}\"] }}\nroutes:\n  - match: {{ path_prefix: /internal }}\n    upstream: app\n    plugins: [gate]\n  - upstream: app\n",
+        api_key_gate(),
+        origin.url()
+    );
+    let larder = start_larder(&yaml).await;
+    let handshake =
+        b"GET /ws HTTP/1.1\r\nHost: larder.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+        Sec-WebSocket-Version: 1337\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let mut stream = TcpStream::connect(larder.addr).await.expect("connect");
+    stream.write_all(handshake).await.expect("write");
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let mut read_answers = async |stream: &mut TcpStream, count: usize| {
+        while parse_responses(&received, false).len() < count {
+            let read = tokio::time::timeout(DEADLINE, stream.read(&mut buffer))
+                .await
+                .expect("an answer in time")
+                .expect("read");
+            if read == 0 {
+                break;
+            }
+            received.extend_from_slice(&buffer[..read]);
+        }
+        parse_responses(&received, false)
+            .iter()
+            .map(|response| response.status)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(read_answers(&mut stream, 1).await, vec![426]);
+    stream
+        .write_all(
+            b"GET /internal/secrets HTTP/1.1\r\nHost: larder.test\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .expect("write");
+    assert_eq!(
+        read_answers(&mut stream, 2).await,
+        vec![426, 401],
+        "the next request went through routing and the plugin"
+    );
+    let lines: Vec<String> = origin.requests().into_iter().map(|r| r.line).collect();
+    assert_eq!(
+        lines,
+        vec!["GET /ws HTTP/1.1".to_string()],
+        "{}",
+        origin.report()
+    );
     larder.stop().await;
 }
 
@@ -620,6 +705,19 @@ async fn an_h2c_upgrade_is_refused_with_400() {
     )
     .await;
     assert_eq!(answer.first().status, 400, "{:?}", answer.first());
+    let listed_later = exchange(
+        larder.addr,
+        b"GET / HTTP/1.1\r\nHost: larder.test\r\nConnection: Upgrade\r\n\
+          Upgrade: websocket, h2c\r\n\r\n",
+        1,
+    )
+    .await;
+    assert_eq!(
+        listed_later.first().status,
+        400,
+        "{:?}",
+        listed_later.first()
+    );
     assert_eq!(origin.hits(), 0);
     larder.stop().await;
 }
@@ -1224,6 +1322,46 @@ async fn set_cookie_is_not_replayed_with_a_stale_if_error_answer() {
     front.stop().await;
 }
 
+#[tokio::test]
+async fn set_cookie_is_not_kept_from_a_revalidation() {
+    let origin = start_numbered_origin(|request, n| async move {
+        if request.headers().contains_key("if-none-match") {
+            let cookie = format!("sid=secret-{n}");
+            return respond(
+                304,
+                &[
+                    ("cache-control", "public, max-age=60"),
+                    ("etag", "\"v1\""),
+                    ("set-cookie", &cookie),
+                ],
+                "",
+            );
+        }
+        let mut response = with_cookie("public, max-age=60", STALE, n);
+        response
+            .headers_mut()
+            .insert("etag", HeaderValue::from_static("\"v1\""));
+        response
+    })
+    .await;
+    let front = cached_front(&origin, "", "").await;
+    let first = get(&front.url("/rv")).await;
+    assert_eq!(set_cookie(&first), Some("sid=secret-1"));
+    let revalidated = get(&front.url("/rv")).await;
+    assert_eq!(revalidated.text(), "body 1");
+    assert_eq!(origin.hits(), 2, "the stale entry was revalidated");
+    assert_ne!(
+        set_cookie(&revalidated),
+        Some("sid=secret-1"),
+        "the first client's cookie was replayed"
+    );
+    let hit = get(&front.url("/rv")).await;
+    assert_eq!(hit.text(), "body 1");
+    assert_eq!(origin.hits(), 2);
+    assert_eq!(set_cookie(&hit), None, "{:?}", hit.headers);
+    front.stop().await;
+}
+
 /// An origin numbering its bodies, every response with `headers`.
 async fn numbered(headers: &'static [(&'static str, &'static str)]) -> Origin {
     start_numbered_origin(move |_, n| async move { respond(200, headers, format!("body {n}")) })
@@ -1602,6 +1740,15 @@ fn durations_over_100_years_and_sizes_over_1_pib_are_load_errors_at_their_key() 
         );
     }
     assert!(larder::config::load_str("server:\n  header_timeout: 100y\n", "t.yml").is_ok());
+}
+
+#[test]
+fn h2c_in_a_route_upgrades_list_is_a_load_error_at_its_key() {
+    let yaml = "upstreams:\n  app: { servers: [\"http://127.0.0.1:9000\"] }\n\
+                routes:\n  - upstream: app\n    upgrades: [websocket, H2C]\n";
+    let errors = larder::config::load_str(yaml, "t.yml").expect_err("h2c").0;
+    let paths: Vec<&str> = errors.iter().map(|error| error.path.as_str()).collect();
+    assert_eq!(paths, vec!["routes[0].upgrades[1]"], "{errors:#?}");
 }
 
 #[test]
