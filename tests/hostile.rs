@@ -1262,6 +1262,47 @@ async fn set_cookie_is_not_shared_with_coalesced_waiters() {
 }
 
 #[tokio::test]
+async fn waiters_on_an_unstorable_set_cookie_response_get_their_own() {
+    // Without `public`, a response with Set-Cookie is not stored; the
+    // requests that waited on its fill must each fetch their own.
+    let release = Arc::new(Notify::new());
+    let held = release.clone();
+    let origin = start_numbered_origin(move |_, n| {
+        let held = held.clone();
+        async move {
+            held.notified().await;
+            held.notify_one();
+            with_cookie("max-age=60", 0, n)
+        }
+    })
+    .await;
+    let front = cached_front(&origin, "", "").await;
+    let url = front.url("/own");
+    let mut requests = vec![spawn_get(url.clone())];
+    wait_until("the leader reaches the origin", || origin.hits() == 1).await;
+    for _ in 0..3 {
+        requests.push(spawn_get(url.clone()));
+    }
+    joined(&front, &url, 3).await;
+    release.notify_one();
+    for request in requests {
+        let reply = request.await.expect("request task");
+        let n = reply
+            .text()
+            .strip_prefix("body ")
+            .map(str::to_string)
+            .unwrap_or_default();
+        assert_eq!(
+            set_cookie(&reply),
+            Some(format!("sid=secret-{n}").as_str()),
+            "a cookie with someone else's response"
+        );
+    }
+    assert_eq!(origin.hits(), 4, "each waiter fetched its own");
+    front.stop().await;
+}
+
+#[tokio::test]
 async fn set_cookie_is_not_replayed_with_a_stale_while_revalidate_answer() {
     let origin = start_numbered_origin(|_, n| async move {
         let date = if n == 1 { STALE } else { 0 };
