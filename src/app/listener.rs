@@ -1,9 +1,9 @@
 //! The listeners' accept loop: each connection in its own task (HTTP/1.1
 //! and h2c on the same port), accept errors that never end the loop, the
 //! limits that keep idle or slow clients from holding the listener (a cap on
-//! open connections, a deadline for the first request from the first byte,
-//! an idle timeout, HTTP/2 stream and reset limits), and the graceful drain
-//! on shutdown.
+//! open connections, a deadline for the first request counted from accept,
+//! an idle timeout, a send timeout for peers that stop reading, HTTP/2
+//! stream and reset limits), and the graceful drain on shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -48,6 +48,9 @@ pub struct ConnSettings {
     /// A connection with no request in progress for this long is closed
     /// (gracefully: an HTTP/2 GOAWAY).
     pub idle_timeout: Duration,
+    /// A connection whose peer takes no bytes for this long while Larder
+    /// has some to send is closed.
+    pub send_timeout: Duration,
 }
 
 /// Accepts until told to stop, then drains the open connections for up to
@@ -109,7 +112,10 @@ pub async fn accept_loop<H, F>(
             }
         });
         let connection = builder(settings)
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(
+                TokioIo::new(SendTimeout::new(stream, settings.send_timeout)),
+                service,
+            )
             .into_owned();
         let stopping = stopped.clone();
         connections.spawn(async move {
@@ -290,5 +296,110 @@ impl Drop for InProgress {
             .store(millis.saturating_add(1), Ordering::Release);
         activity.in_progress.fetch_sub(1, Ordering::AcqRel);
         activity.changed.notify_one();
+    }
+}
+
+/// A connection whose writes fail once the peer has accepted no bytes for
+/// `limit` (its receive window stayed full): a client that stops reading
+/// cannot hold a connection, a place under `max_connections` and a
+/// response's buffers for as long as it likes.
+struct SendTimeout<S> {
+    inner: S,
+    stalled: std::pin::Pin<Box<tokio::time::Sleep>>,
+    limit: Duration,
+    /// Whether `stalled` runs: from the first write that could not proceed.
+    waiting: bool,
+}
+
+impl<S> SendTimeout<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        Self {
+            inner,
+            stalled: Box::pin(tokio::time::sleep(limit)),
+            limit,
+            waiting: false,
+        }
+    }
+
+    /// Passes a write's result on, starting the stall timer on the first
+    /// `Pending` and failing the write when it runs out.
+    fn watch<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        polled: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        match polled {
+            Poll::Ready(result) => {
+                self.waiting = false;
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                if !self.waiting {
+                    self.waiting = true;
+                    self.stalled.as_mut().reset(Instant::now() + self.limit);
+                }
+                if self.stalled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client took no data for the send timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for SendTimeout<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for SendTimeout<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_flush(cx);
+        this.watch(cx, polled)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

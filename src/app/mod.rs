@@ -316,6 +316,7 @@ fn conn_settings(config: &Config) -> ConnSettings {
     ConnSettings {
         header_timeout: config.server.header_timeout.get(),
         idle_timeout: config.server.idle_timeout.get(),
+        send_timeout: config.server.send_timeout.get(),
     }
 }
 

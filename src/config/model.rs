@@ -231,6 +231,8 @@ pub struct ServerConfig {
     pub header_timeout: HumanDuration,
     /// An HTTP/2 connection with no request in progress for this long is closed.
     pub idle_timeout: HumanDuration,
+    /// A client that takes no response bytes for this long is cut off.
+    pub send_timeout: HumanDuration,
     /// Open client connections on the proxy listener; `None`: sized from the
     /// process's file-descriptor limit at start.
     pub max_connections: Option<usize>,
@@ -250,6 +252,7 @@ impl Default for ServerConfig {
             drain_timeout: HumanDuration(Duration::from_secs(30)),
             header_timeout: HumanDuration(Duration::from_secs(10)),
             idle_timeout: HumanDuration(Duration::from_secs(60)),
+            send_timeout: HumanDuration(Duration::from_secs(60)),
             max_connections: None,
             trusted_proxies: Vec::new(),
             max_tunnels: 1024,

@@ -72,6 +72,10 @@ pub struct RawServer {
     /// HTTP/2 connections with no request in progress close after this.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: HumanDuration,
+    /// A client that accepts no response bytes for this long is cut off
+    /// (nginx's `send_timeout`).
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: HumanDuration,
     /// Open client connections; absent: sized from the file-descriptor limit.
     #[serde(default)]
     pub max_connections: Option<usize>,
@@ -93,6 +97,7 @@ impl Default for RawServer {
             drain_timeout: default_drain_timeout(),
             header_timeout: default_header_timeout(),
             idle_timeout: default_idle_timeout(),
+            send_timeout: default_send_timeout(),
             max_connections: None,
             trusted_proxies: Vec::new(),
             max_tunnels: default_max_tunnels(),
@@ -109,6 +114,9 @@ fn default_header_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
 fn default_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_send_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(60))
 }
 fn default_max_tunnels() -> usize {
@@ -238,9 +246,17 @@ fn default_upgrades() -> Vec<String> {
 }
 
 fn default_strip_request_headers() -> Vec<String> {
-    ["x-original-url", "x-rewrite-url", "x-http-method-override"]
-        .map(str::to_string)
-        .to_vec()
+    [
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-host",
+        "x-original-host",
+    ]
+    .map(str::to_string)
+    .to_vec()
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

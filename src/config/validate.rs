@@ -134,6 +134,19 @@ impl Checker<'_> {
                     "the token is empty (if it comes from ${VAR}, the variable is set but empty); set one or remove the key",
                 );
             }
+            for (i, host) in admin.hosts.iter().enumerate() {
+                let name = host.trim();
+                let is_name = !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+                if !is_name {
+                    self.fail(
+                        &format!("admin.hosts[{i}]"),
+                        format!("{host:?} is not a host name: give the name alone, without a port or scheme (e.g. admin.internal)"),
+                    );
+                }
+            }
             if admin.listen == config.listen && admin.listen.port() != 0 {
                 self.fail(
                     "admin.listen",
@@ -150,6 +163,7 @@ impl Checker<'_> {
         for (key, duration) in [
             ("header_timeout", server.header_timeout),
             ("idle_timeout", server.idle_timeout),
+            ("send_timeout", server.send_timeout),
             ("tunnel_idle_timeout", server.tunnel_idle_timeout),
         ] {
             if duration.get().is_zero() {
@@ -174,6 +188,7 @@ impl Checker<'_> {
             drain_timeout: server.drain_timeout,
             header_timeout: server.header_timeout,
             idle_timeout: server.idle_timeout,
+            send_timeout: server.send_timeout,
             max_connections: server.max_connections,
             trusted_proxies,
             max_tunnels: server.max_tunnels,

@@ -55,9 +55,9 @@ impl<'p> RequestCtx<'p> {
     }
 
     /// An upstream failure caused by the client's body being cut off is the
-    /// client's fault: 413 or 400, not 502.
+    /// client's fault: 413 or 400, not 502 (and the guard knows which).
     pub fn blame_body_faults(&self, error: RequestError) -> RequestError {
-        if error.blame != Blame::Upstream {
+        if !matches!(error.blame, Blame::Upstream | Blame::Client) {
             return error;
         }
         match self.body_guard.as_ref().and_then(BodyGuard::fault) {

@@ -21,6 +21,10 @@ pub fn from_upstream(error: UpstreamError) -> RequestError {
             upstream: error.upstream,
             reason: "connection closed before a complete response head".to_string(),
         },
+        upstream::FailureKind::RequestBody => ErrorKind::BadRequest(
+            "the request body could not be read (malformed chunked encoding, or cut short)"
+                .to_string(),
+        ),
     };
     let mut mapped = RequestError::from(kind);
     mapped.retry = error.retry;

@@ -14,13 +14,15 @@ const VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 larder");
 
 /// The forwarding headers a client may forge to make an origin believe
 /// something about the original request (its address, scheme, host, prefix).
-const FORWARDING: [HeaderName; 7] = [
+const FORWARDING: [HeaderName; 9] = [
     header::FORWARDED,
     X_FORWARDED_FOR,
     X_FORWARDED_PROTO,
     X_FORWARDED_HOST,
     HeaderName::from_static("x-forwarded-port"),
     HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-forwarded-scheme"),
     HeaderName::from_static("x-real-ip"),
 ];
 

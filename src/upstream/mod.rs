@@ -83,6 +83,10 @@ pub enum FailureKind {
     Timeout,
     /// The connection closed before a complete response head.
     Reset,
+    /// The client's request body broke while it was sent (a malformed
+    /// chunk, the client gone mid-upload): the client's fault, not counted
+    /// as the upstream's.
+    RequestBody,
 }
 
 impl FailureKind {
@@ -91,6 +95,7 @@ impl FailureKind {
             Self::Connect => "connect",
             Self::Timeout => "timeout",
             Self::Reset => "reset",
+            Self::RequestBody => "request_body",
         }
     }
 }
@@ -386,6 +391,13 @@ impl UpstreamClient {
                 Retry::NothingSent,
                 error_chain(&*error),
             )),
+            Ok(Err(Attempt::Send(error))) if error.is_user() => Err(UpstreamError {
+                upstream: self.name.clone(),
+                kind: FailureKind::RequestBody,
+                waited: timeout,
+                retry: Retry::No,
+                cause: error_chain(&error),
+            }),
             Ok(Err(Attempt::Send(error))) => Err(self.failure(
                 classify(&error, FailureKind::Reset),
                 timeout,
