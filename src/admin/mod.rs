@@ -26,6 +26,7 @@ use crate::config::AdminConfig;
 use crate::http::body::{self, Body};
 use crate::http::error::{ErrorKind, RequestError};
 use crate::http::{health, json};
+use crate::plugins::PluginHost;
 use crate::sources::Sources;
 
 /// Purge requests are a line of JSON; anything bigger is a mistake.
@@ -40,6 +41,7 @@ pub struct Admin {
     hosts: Vec<String>,
     cache: Arc<Cache>,
     sources: Arc<Sources>,
+    plugins: Arc<PluginHost>,
 }
 
 /// `POST /purge` body: exactly one of the four.
@@ -54,7 +56,12 @@ struct PurgeRequest {
 }
 
 impl Admin {
-    pub fn new(config: Option<&AdminConfig>, cache: Arc<Cache>, sources: Arc<Sources>) -> Self {
+    pub fn new(
+        config: Option<&AdminConfig>,
+        cache: Arc<Cache>,
+        sources: Arc<Sources>,
+        plugins: Arc<PluginHost>,
+    ) -> Self {
         Self {
             token_digest: config
                 .and_then(|admin| admin.token.as_deref())
@@ -72,6 +79,7 @@ impl Admin {
                 .unwrap_or_default(),
             cache,
             sources,
+            plugins,
         }
     }
 
@@ -106,13 +114,18 @@ impl Admin {
                 Ok(json(StatusCode::OK, self.sources.status().to_string()))
             }
             (&Method::GET, "/cache") => Ok(json(StatusCode::OK, self.cache_status().to_string())),
+            (&Method::GET, "/plugins") => {
+                Ok(json(StatusCode::OK, self.plugins.status().to_string()))
+            }
             (&Method::GET | &Method::HEAD, "/") => self.sources.serve_by_key(&request),
             (&Method::POST, "/purge") => self.purge(request).await,
-            (_, "/metrics" | "/sources" | "/cache" | "/") => Err(ErrorKind::MethodNotAllowed {
-                allow: "GET",
-                reason: "method not allowed here",
+            (_, "/metrics" | "/sources" | "/cache" | "/plugins" | "/") => {
+                Err(ErrorKind::MethodNotAllowed {
+                    allow: "GET",
+                    reason: "method not allowed here",
+                }
+                .into())
             }
-            .into()),
             (_, "/purge") => Err(ErrorKind::MethodNotAllowed {
                 allow: "POST",
                 reason: "method not allowed here",

@@ -66,6 +66,7 @@ impl App {
             config.admin.as_ref(),
             self.services.cache.clone(),
             self.services.sources.clone(),
+            self.services.plugins.clone(),
         )
     }
 }

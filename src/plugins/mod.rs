@@ -249,6 +249,21 @@ impl PluginHost {
         self.engine.get().map_or(0, |engine| engine.memory.used())
     }
 
+    /// Every plugin's counters and the memory all instances hold, as the
+    /// admin API's `GET /plugins` shows them.
+    pub fn status(&self) -> serde_json::Value {
+        let plugins: serde_json::Map<String, serde_json::Value> = self
+            .slots
+            .read()
+            .iter()
+            .map(|(name, slot)| (name.clone(), slot.stats().to_json()))
+            .collect();
+        serde_json::json!({
+            "memory_in_use": self.memory_in_use(),
+            "plugins": plugins,
+        })
+    }
+
     /// Runs `on-request` of each plugin in `chain`, in order. `Some(response)`
     /// means a plugin answered directly and the request goes no further.
     /// Extra cache-key parts and parked instances land in `state`. A plugin

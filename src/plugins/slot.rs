@@ -96,6 +96,26 @@ impl SlotMetrics {
     }
 }
 
+impl PluginStats {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "kind": self.kind,
+            "invocations": self.invocations,
+            "failures": self.failures,
+            "skipped": self.skipped,
+            "capacity": self.capacity,
+            "circuit_open": self.circuit_open,
+            "last_failure_kind": self.last_failure_kind,
+            "last_failure": self.last_failure,
+            "instances_created": self.instances_created,
+            "compilations": self.compilations,
+            "rejected_builds": self.rejected_builds,
+            "compiled": self.compiled,
+            "wasm_sha256": self.wasm_sha256,
+        })
+    }
+}
+
 impl PluginSlot {
     pub fn new(plugin: LoadedPlugin) -> Arc<Self> {
         let slot = Arc::new(Self {
