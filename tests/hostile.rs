@@ -1035,6 +1035,65 @@ async fn an_idle_http1_connection_is_closed_after_the_idle_timeout() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
+    // 64 MiB: far more than the socket buffers on both sides hold.
+    let big = Bytes::from(vec![b'x'; 64 << 20]);
+    let origin = start_origin(move |_| {
+        let big = big.clone();
+        async move { respond(200, &[], big) }
+    })
+    .await;
+    let larder = start_larder(&one_route(
+        &origin.url(),
+        "",
+        "server:\n  send_timeout: 1s\n  idle_timeout: 60s\n",
+    ))
+    .await;
+    let mut stalled = TcpStream::connect(larder.addr).await.expect("connect");
+    stalled
+        .write_all(b"GET /big HTTP/1.1\r\nHost: larder.test\r\n\r\n")
+        .await
+        .expect("write");
+    // Read the start of the answer, then stop reading.
+    let mut first = [0u8; 1024];
+    let read = tokio::time::timeout(DEADLINE, stalled.read(&mut first))
+        .await
+        .expect("an answer starts")
+        .expect("read");
+    assert!(shown(&first[..read]).starts_with("HTTP/1.1 200"));
+    let stopped_reading = Instant::now();
+    // Meanwhile another client gets the whole body.
+    let other = get(&larder.url("/big")).await;
+    assert_eq!(other.status, 200);
+    assert_eq!(other.body.len(), 64 << 20);
+    // Real time: this client takes nothing for 2 s (the attack); the 1 s
+    // send timeout must end its connection meanwhile.
+    tokio::time::sleep_until((stopped_reading + Duration::from_secs(2)).into()).await;
+    // Reading
+    // now drains what was buffered, then finds the connection closed short
+    // of the 64 MiB.
+    let mut received = read;
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        match tokio::time::timeout(DEADLINE, stalled.read(&mut buffer)).await {
+            Err(_) => panic!("the stalled connection is still open after {DEADLINE:?}"),
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => {
+                received += n;
+                if received >= 64 << 20 {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(
+        received < 64 << 20,
+        "the stalled client still got the whole body ({received} bytes)"
+    );
+    larder.stop().await;
+}
+
+#[tokio::test]
 async fn an_http2_connection_that_never_sends_a_request_is_closed_after_the_header_timeout() {
     let (origin, larder) = with_server_settings("  header_timeout: 1s\n").await;
     let started = Instant::now();
@@ -1552,13 +1611,25 @@ async fn url_rewriting_and_method_override_headers_never_reach_the_origin() {
             ("x-original-url", "/admin"),
             ("x-rewrite-url", "/admin"),
             ("x-http-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-method-override", "DELETE"),
+            ("x-host", "evil.example"),
+            ("x-original-host", "evil.example"),
             ("x-custom", "kept"),
         ],
     )
     .await;
     assert_eq!(reply.status, 200);
     let seen = origin.last_request();
-    for stripped in ["x-original-url", "x-rewrite-url", "x-http-method-override"] {
+    for stripped in [
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-host",
+        "x-original-host",
+    ] {
         assert_eq!(
             seen.header(stripped),
             None,
@@ -1572,13 +1643,15 @@ async fn url_rewriting_and_method_override_headers_never_reach_the_origin() {
     larder.stop().await;
 }
 
-const FORGED: [(&str, &str); 7] = [
+const FORGED: [(&str, &str); 9] = [
     ("forwarded", "for=10.1.2.3;proto=https;host=evil.example"),
     ("x-forwarded-for", "10.1.2.3"),
     ("x-forwarded-proto", "https"),
     ("x-forwarded-host", "evil.example"),
     ("x-forwarded-port", "443"),
     ("x-forwarded-prefix", "/evil"),
+    ("x-forwarded-server", "evil.example"),
+    ("x-forwarded-scheme", "https"),
     ("x-real-ip", "10.1.2.3"),
 ];
 
@@ -1605,6 +1678,8 @@ async fn forwarding_headers_from_an_untrusted_client_are_replaced() {
         "forwarded",
         "x-forwarded-port",
         "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-forwarded-scheme",
         "x-real-ip",
     ] {
         assert_eq!(seen.header(dropped), None, "{dropped}: {:?}", seen.headers);
@@ -1790,6 +1865,17 @@ fn h2c_in_a_route_upgrades_list_is_a_load_error_at_its_key() {
     let errors = larder::config::load_str(yaml, "t.yml").expect_err("h2c").0;
     let paths: Vec<&str> = errors.iter().map(|error| error.path.as_str()).collect();
     assert_eq!(paths, vec!["routes[0].upgrades[1]"], "{errors:#?}");
+}
+
+#[test]
+fn an_admin_host_with_a_port_is_a_config_error() {
+    let yaml =
+        "admin:\n  token: t\n  hosts: [admin.internal, \"admin.internal:9901\"]\nroutes: []\n";
+    let errors = larder::config::load_str(yaml, "t.yml")
+        .expect_err("a host with a port never matches")
+        .0;
+    let paths: Vec<&str> = errors.iter().map(|error| error.path.as_str()).collect();
+    assert_eq!(paths, vec!["admin.hosts[1]"], "{errors:#?}");
 }
 
 #[test]

@@ -375,7 +375,7 @@ impl Default for PluginTotals {
 }
 
 fn default_plugin_total_memory() -> ByteSize {
-    ByteSize(4 * 1024 * 1024 * 1024)
+    ByteSize(2 * 1024 * 1024 * 1024)
 }
 
 fn default_plugin_memory() -> ByteSize {
