@@ -1068,7 +1068,7 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
     assert_eq!(other.body.len(), 64 << 20);
     // Real time: this client takes nothing for 2 s (the attack); the 1 s
     // send timeout must end its connection meanwhile.
-    tokio::time::sleep_until((stopped_reading + Duration::from_secs(2)).into()).await;
+    tokio::time::sleep_until(stopped_reading + Duration::from_secs(2)).await;
     // Reading
     // now drains what was buffered, then finds the connection closed short
     // of the 64 MiB.
