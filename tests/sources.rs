@@ -859,6 +859,93 @@ async fn redirects_are_followed_and_303_turns_a_post_into_a_get() {
 }
 
 #[tokio::test]
+async fn credentials_stay_with_their_origin_across_redirects() {
+    let (elsewhere, elsewhere_log) = recording_origin(200, "from elsewhere").await;
+    let (home, home_log) = {
+        let log: Log = Arc::default();
+        let seen = log.clone();
+        let away = format!("{}/final", elsewhere.url());
+        let origin = start_origin(move |request: Request<hyper::body::Incoming>| {
+            seen.lock().unwrap().push(Seen {
+                method: request.method().to_string(),
+                path: request.uri().to_string(),
+                headers: request.headers().clone(),
+                body: Bytes::new(),
+            });
+            // First a redirect within the origin, then one to another origin.
+            let location = if request.uri().path() == "/start" {
+                "/same".to_string()
+            } else {
+                away.clone()
+            };
+            async move {
+                Response::builder()
+                    .status(302)
+                    .header("location", location)
+                    .body(body::empty())
+                    .unwrap()
+            }
+        })
+        .await;
+        (origin, log)
+    };
+    let sources = start_sources(&format!(
+        "sources:\n  r:\n    rule: '0 0 0 1 1 *'\n    http:\n      endpoint: '{}/start'\n      auth: {{ user: u, password: secret }}\n      header: {{ x-api-key: [k3y], cookie: [session=1], x-trace: [t] }}\n      secret_headers: [x-api-key]\n",
+        home.url()
+    ))
+    .await;
+    assert_eq!(value_of(&sources, "r").await, "from elsewhere");
+    let home_seen = home_log.lock().unwrap().clone();
+    assert_eq!(home_seen.len(), 2);
+    let same = &home_seen[1];
+    assert_eq!(same.path, "/same");
+    assert!(
+        same.headers.contains_key("authorization"),
+        "same origin keeps them"
+    );
+    assert_eq!(same.headers["x-api-key"], "k3y");
+    let away = elsewhere_log.lock().unwrap()[0].clone();
+    for secret in [
+        "authorization",
+        "cookie",
+        "x-api-key",
+        "proxy-authorization",
+    ] {
+        assert!(
+            !away.headers.contains_key(secret),
+            "{secret} followed the redirect to another origin: {:?}",
+            away.headers
+        );
+    }
+    assert_eq!(away.headers["x-trace"], "t", "other headers still go");
+}
+
+#[tokio::test]
+async fn a_body_over_max_body_fails_the_run_and_keeps_the_value() {
+    let (origin, answer) = switchable_origin((200, "small")).await;
+    let sources = start_sources(&format!(
+        "sources:\n  s:\n    rule: '@every 1s'\n    http: {{ endpoint: '{}', max_body: 1KiB }}\n",
+        origin.url()
+    ))
+    .await;
+    assert_eq!(value_of(&sources, "s").await, "small");
+    *answer.lock().unwrap() = (200, "x".repeat(1025));
+    let error = eventually("the run over max_body", || async {
+        status(&sources, "s")["last_error"]
+            .as_str()
+            .map(str::to_string)
+    })
+    .await;
+    assert!(error.contains("over the limit of 1024 bytes"), "{error}");
+    assert_eq!(key(&sources, "s").await.text(), "small");
+    *answer.lock().unwrap() = (200, "x".repeat(1024));
+    eventually("a body at the limit replaces it", || async {
+        (key(&sources, "s").await.text().len() == 1024).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn endless_redirects_stop_after_ten() {
     let looping = start_origin(|_request| async {
         Response::builder()
