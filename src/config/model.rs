@@ -349,8 +349,12 @@ impl Default for PluginLimits {
     }
 }
 
+/// Four calls per CPU core: a transformer has no I/O to wait on, so more
+/// at once only share the same cores, and a plugin that loops or allocates
+/// does so that many times at most before its breaker opens.
 fn default_plugin_concurrency() -> u32 {
-    256
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    u32::try_from(cores.saturating_mul(4)).unwrap_or(u32::MAX)
 }
 fn default_plugin_queue_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(1))

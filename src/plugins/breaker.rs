@@ -68,6 +68,15 @@ impl Breaker {
         }
     }
 
+    /// Whether a call now would be skipped, without taking the trial.
+    pub fn is_skipping(&self, now: Instant) -> bool {
+        let state = self.state.lock();
+        match state.open_until {
+            None => false,
+            Some(until) => now < until || state.trial_in_flight,
+        }
+    }
+
     /// A trial ended without an outcome (cancelled, or it failed for want
     /// of capacity rather than by the plugin): the next call tries again.
     pub fn release_trial(&self) {

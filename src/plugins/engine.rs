@@ -1,5 +1,5 @@
 //! The one wasmtime engine of the process: its configuration (component
-//! model, pooling allocator, epoch interruption with a 10 ms ticker), the
+//! model, pooling allocator, epoch interruption with a 1 ms ticker), the
 //! linker with the host imports, the instance slots that keep live
 //! instances within the pool, the memory budget all instances share, and
 //! the on-disk cache of precompiled components. What a single call's

@@ -25,6 +25,7 @@ pub async fn run(
     plugin: &LoadedPlugin,
     values: Arc<dyn SourceValues>,
     context: FetchContext,
+    turn: Turn,
 ) -> Result<FetchOutcome, Failure> {
     let Kind::Fetcher(pre) = &plugin.kind else {
         return Err(Failure::new(
@@ -43,7 +44,6 @@ pub async fn run(
     let limit = plugin.backstop();
     let cpu = plugin.cpu_meter();
     let call = async {
-        let turn = Turn::take(plugin).await?;
         let _slots = turn.instance_slots(engine, plugin).await?;
         let grants = plugin.grants(engine, Some(values));
         let mut store = new_store(&engine.engine, grants, cpu.clone());

@@ -41,7 +41,7 @@ use crate::http::cache_control;
 
 use breaker::{Admission, Breaker};
 pub use call::FailureKind;
-use call::{Failure, Hook};
+use call::{Failure, Hook, Turn};
 use engine::PluginEngine;
 use instances::ParkedInstances;
 pub use loader::LoadError;
@@ -284,7 +284,13 @@ impl PluginHost {
         // on-request too would cost a fresh instance on every hit.
         for (slot, plugin) in self.transformers(chain, PluginPhase::Downstream) {
             let head = transformer::request_head(request);
-            let call = transformer::on_request(engine, &plugin, &head, &mut state.parked);
+            let (engine, parked, called, given): (&PluginEngine, _, _, _) =
+                (engine, &mut state.parked, &plugin, &head);
+            // `identity` moves the borrow in: a reborrow could not outlive the closure.
+            let call = move |turn| {
+                let parked = std::convert::identity(parked);
+                transformer::on_request(engine, called, given, parked, turn)
+            };
             let skip = Skip {
                 failed: plugin.config.on_error == OnError::Open,
                 unavailable: skip_unavailable,
@@ -375,15 +381,18 @@ impl PluginHost {
         for (slot, plugin) in &selected {
             let head = transformer::response_head(&parts);
             let parked = state.as_deref_mut().map(|state| &mut state.parked);
-            let call = transformer::on_response(
-                engine,
-                plugin,
-                transformer::wit_phase(phase),
-                &request_head,
-                &head,
-                &bytes,
-                parked,
-            );
+            let call = |turn| {
+                transformer::on_response(
+                    engine,
+                    plugin,
+                    transformer::wit_phase(phase),
+                    &request_head,
+                    &head,
+                    &bytes,
+                    parked,
+                    turn,
+                )
+            };
             let open = plugin.config.on_error == OnError::Open;
             let skip = Skip {
                 failed: open,
@@ -444,7 +453,7 @@ impl PluginHost {
             });
         };
         let loaded = slot.current.load_full();
-        let call = fetcher::run(engine, &loaded, values, context);
+        let call = |turn| fetcher::run(engine, &loaded, values, context, turn);
         attempt(&slot, &loaded, Hook::Run, call)
             .await
             .map_err(|failure| loaded.error(failure))
@@ -564,32 +573,53 @@ impl Drop for TrialGuard<'_> {
 }
 
 /// Runs one guest call under the breaker, with metrics; the failure (if
-/// any) is logged and counted, not yet judged. A call that could not run
-/// for want of capacity is not held against the plugin's breaker.
-async fn attempt<T>(
+/// any) is logged and counted, not yet judged. The call waits for one of
+/// the plugin's turns first, and the breaker is asked once it has one: calls
+/// queued while the plugin failed do not run it again once the circuit is
+/// open. A call that could not run for want of capacity is not held
+/// against the plugin's breaker.
+async fn attempt<T, F, Fut>(
     slot: &PluginSlot,
     plugin: &LoadedPlugin,
     hook: Hook,
-    call: impl Future<Output = Result<T, Failure>>,
-) -> Result<T, Failure> {
+    call: F,
+) -> Result<T, Failure>
+where
+    F: FnOnce(Turn) -> Fut,
+    Fut: Future<Output = Result<T, Failure>>,
+{
     use std::sync::atomic::Ordering::Relaxed;
     let breaker = slot.breaker(hook);
-    let admission = breaker.admit(Instant::now());
-    if admission == Admission::Skip {
+    let circuit_open = || {
         slot.counters.skipped.fetch_add(1, Relaxed);
-        return Err(Failure::new(
+        Err(Failure::new(
             FailureKind::CircuitOpen,
             "circuit open after repeated failures; not called",
-        ));
+        ))
+    };
+    // An open circuit answers at once, without queueing for a turn.
+    if breaker.is_skipping(Instant::now()) {
+        return circuit_open();
     }
-    let mut trial = TrialGuard((admission == Admission::Trial).then_some(breaker));
-    slot.counters.invocations.fetch_add(1, Relaxed);
-    slot.metrics.invocations(hook).increment(1);
-    let started = Instant::now();
-    let result = call.await;
-    slot.metrics
-        .duration
-        .record(started.elapsed().as_secs_f64());
+    let mut trial = TrialGuard(None);
+    let result = match Turn::take(plugin).await {
+        Err(failure) => Err(failure),
+        Ok(turn) => {
+            let admission = breaker.admit(Instant::now());
+            if admission == Admission::Skip {
+                return circuit_open();
+            }
+            trial = TrialGuard((admission == Admission::Trial).then_some(breaker));
+            slot.counters.invocations.fetch_add(1, Relaxed);
+            slot.metrics.invocations(hook).increment(1);
+            let started = Instant::now();
+            let result = call(turn).await;
+            slot.metrics
+                .duration
+                .record(started.elapsed().as_secs_f64());
+            result
+        }
+    };
     match &result {
         Ok(_) => {
             breaker.record_success();
@@ -644,13 +674,17 @@ struct Skip {
 
 /// [`attempt`] plus the skip policy: `Ok(None)` means skip the plugin,
 /// `Err` fails the request.
-async fn guarded<T>(
+async fn guarded<T, F, Fut>(
     slot: &PluginSlot,
     plugin: &LoadedPlugin,
     hook: Hook,
     skip: Skip,
-    call: impl Future<Output = Result<T, Failure>>,
-) -> Result<Option<T>, PluginError> {
+    call: F,
+) -> Result<Option<T>, PluginError>
+where
+    F: FnOnce(Turn) -> Fut,
+    Fut: Future<Output = Result<T, Failure>>,
+{
     match attempt(slot, plugin, hook, call).await {
         Ok(value) => Ok(Some(value)),
         Err(failure) => match judge(slot, plugin, hook, skip, &failure) {

@@ -18,9 +18,10 @@ use super::SourceValues;
 use super::http_client::HttpGrant;
 use super::output::{GuestOutput, OutputKind};
 
-/// How often the engine's epoch advances: the granularity of every CPU
-/// limit (the engine's ticker thread moves it).
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// How often the engine's epoch advances (the engine's ticker thread moves
+/// it): the granularity of every CPU limit, and the longest a running guest
+/// keeps a runtime thread from other requests before it yields.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// What one store grants its guest, fixed before the guest runs.
 pub struct Grants {

@@ -281,19 +281,19 @@ async fn checkout(
     instantiate_transformer(engine, plugin, pre, turn, cpu).await
 }
 
-/// One `on-request` call, for a downstream-phase plugin (the only kind that
-/// has one). A fresh instance is parked afterwards for the
-/// same request's `on-response`.
+/// One `on-request` call in `turn`, for a downstream-phase plugin (the only
+/// kind that has one). A fresh instance is parked afterwards for the same
+/// request's `on-response`.
 pub async fn on_request(
     engine: &PluginEngine,
     plugin: &Arc<LoadedPlugin>,
     head: &RequestHead,
     parked: &mut ParkedInstances,
+    turn: Turn,
 ) -> Result<RequestEdit, Failure> {
     let limit = plugin.backstop();
     let cpu = plugin.cpu_meter();
     let call = async {
-        let turn = Turn::take(plugin).await?;
         let mut instance = checkout(engine, plugin, None, &turn, cpu.clone()).await?;
         let result = instance
             .bindings
@@ -313,8 +313,9 @@ pub async fn on_request(
         .unwrap_or_else(|_| Err(Failure::timed_out(limit)))
 }
 
-/// One `on-response` call with the whole body, on the instance the
-/// request's `on-request` parked if there is one.
+/// One `on-response` call in `turn` with the whole body, on the instance
+/// the request's `on-request` parked if there is one.
+#[allow(clippy::too_many_arguments)]
 pub async fn on_response(
     engine: &PluginEngine,
     plugin: &LoadedPlugin,
@@ -323,11 +324,11 @@ pub async fn on_response(
     response: &ResponseHead,
     body: &[u8],
     parked: Option<&mut ParkedInstances>,
+    turn: Turn,
 ) -> Result<ResponseEdit, Failure> {
     let limit = plugin.backstop();
     let cpu = plugin.cpu_meter();
     let call = async {
-        let turn = Turn::take(plugin).await?;
         let mut instance = checkout(engine, plugin, parked, &turn, cpu.clone()).await?;
         let result = instance
             .bindings
