@@ -337,3 +337,75 @@ fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     file.sync_all()?;
     std::fs::rename(&temporary, path)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).map_or(0, |m| m.permissions().mode() & 0o777)
+    }
+
+    #[test]
+    fn the_cache_directory_is_made_private() {
+        let base = tempfile::tempdir().expect("temp dir");
+        let created = base.path().join("larder").join("plugins");
+        make_private_dir(&created).expect("created");
+        assert_eq!(mode(&created), 0o700);
+        let loose = base.path().join("loose");
+        std::fs::create_dir(&loose).expect("dir");
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        make_private_dir(&loose).expect("ours, narrowed");
+        assert_eq!(mode(&loose), 0o700);
+    }
+
+    #[test]
+    fn an_artifact_loads_only_with_its_recorded_hash_and_private_mode() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let artifact = dir.path().join("x.cwasm");
+        assert_eq!(read_trusted_artifact(&artifact), Ok(None), "none yet");
+        write_atomically(&artifact, b"machine code").expect("written");
+        assert_eq!(mode(&artifact), 0o600);
+        assert_eq!(
+            read_trusted_artifact(&artifact),
+            Ok(Some(b"machine code".to_vec()))
+        );
+        // Swapped bytes (a truncated write, another writer): not loaded.
+        std::fs::write(&artifact, b"other code").expect("overwrite");
+        assert!(read_trusted_artifact(&artifact).is_err());
+        write_atomically(&artifact, b"machine code").expect("written");
+        std::fs::set_permissions(&artifact, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        assert_eq!(
+            read_trusted_artifact(&artifact),
+            Err("writable by others".to_string())
+        );
+        std::fs::set_permissions(&artifact, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        std::fs::remove_file(hash_path(&artifact)).expect("remove hash");
+        assert!(
+            read_trusted_artifact(&artifact).is_err(),
+            "no recorded hash"
+        );
+    }
+
+    #[test]
+    fn an_artifact_or_directory_of_another_user_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let artifact = dir.path().join("x.cwasm");
+        write_atomically(&artifact, b"machine code").expect("written");
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir(&theirs).expect("dir");
+        // Giving files away needs root (CI runs as root); as anyone else
+        // this check cannot be staged, and the test says so.
+        let nobody = 65534;
+        if std::os::unix::fs::chown(&artifact, Some(nobody), None).is_err() {
+            eprintln!("not root: cannot stage another user's files; skipped");
+            return;
+        }
+        std::os::unix::fs::chown(&theirs, Some(nobody), None).expect("chown");
+        let refused = read_trusted_artifact(&artifact).expect_err("not ours");
+        assert!(refused.contains("owned by uid 65534"), "{refused}");
+        assert!(make_private_dir(&theirs).is_err());
+    }
+}
