@@ -196,7 +196,17 @@ where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    serve_origin(true, move |request, _| handler(request)).await
+    serve_origin(LOOPBACK_ANY_PORT, true, move |request, _| handler(request)).await
+}
+
+/// As [`start_origin`], listening on `addr`: to bring an origin back on the
+/// port Larder was told about after [`Origin::stop`].
+pub async fn start_origin_at<F, Fut>(addr: SocketAddr, handler: F) -> Origin
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    serve_origin(&addr.to_string(), true, move |request, _| handler(request)).await
 }
 
 /// As [`start_origin`], the handler also getting the request's number (the
@@ -206,7 +216,7 @@ where
     F: Fn(Request<Incoming>, usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    serve_origin(true, handler).await
+    serve_origin(LOOPBACK_ANY_PORT, true, handler).await
 }
 
 /// As [`start_numbered_origin`], without the `Date` hyper adds to every
@@ -216,17 +226,17 @@ where
     F: Fn(Request<Incoming>, usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    serve_origin(false, handler).await
+    serve_origin(LOOPBACK_ANY_PORT, false, handler).await
 }
 
-async fn serve_origin<F, Fut>(auto_date: bool, handler: F) -> Origin
+async fn serve_origin<F, Fut>(bind: &str, auto_date: bool, handler: F) -> Origin
 where
     F: Fn(Request<Incoming>, usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    let listener = TcpListener::bind(LOOPBACK_ANY_PORT)
+    let listener = TcpListener::bind(bind)
         .await
-        .expect("bind a test origin");
+        .unwrap_or_else(|e| panic!("bind a test origin on {bind}: {e}"));
     let addr = listener.local_addr().expect("origin address");
     let hits = Arc::new(AtomicUsize::new(0));
     let connections = Arc::new(AtomicUsize::new(0));
