@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
-    ADMIN_BLOCK, BodySender, Larder, Reply, assert_problem, eventually, get, respond, start_larder,
-    start_origin, streamed, wait_until,
+    ADMIN_BLOCK, BodySender, Larder, Reply, assert_problem, eventually, get, get_with, respond,
+    start_larder, start_origin, start_origin_at, streamed, wait_until,
 };
 use http::{Request, Uri};
 use http_body_util::{BodyExt, Empty};
@@ -43,6 +43,7 @@ static HEAVY: RwLock<()> = RwLock::const_new(());
 /// Every config here names the same process-wide plugin memory budget: the
 /// plugin engine, and so its budget, is shared by every Larder of the
 /// process, and the last config loaded sets it.
+const TOTAL_PLUGIN_MEMORY: u64 = 1 << 30;
 const PLUGIN_LIMITS: &str = "plugin_limits: { total_memory: 1GiB }\n";
 
 /// A built plugin component; fails (never skips) when it was not built.
@@ -155,6 +156,13 @@ fn assert_unavailable(reply: &Reply, plugin: &str) -> u64 {
         .unwrap_or_else(|| panic!("no Retry-After in seconds: {:?}", reply.headers))
 }
 
+/// The test process's open file descriptors (Larder runs in it).
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .count()
+}
+
 /// What one request of a load got: a whole reply or why not, and how long
 /// it took.
 struct Outcome {
@@ -209,6 +217,70 @@ async fn fetch_once(url: &str) -> Result<Reply, String> {
     })
 }
 
+/// `count` HTTP/2 connections (prior knowledge, as h2c) to `addr`, each
+/// driven in the background; a request on one is a stream of its own, so
+/// a few carry a thousand requests at once without a thousand handshakes.
+async fn h2_connections(
+    addr: SocketAddr,
+    count: usize,
+) -> Vec<hyper::client::conn::http2::SendRequest<Empty<Bytes>>> {
+    let mut senders = Vec::with_capacity(count);
+    for _ in 0..count {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await
+        .expect("HTTP/2 handshake");
+        tokio::spawn(connection);
+        senders.push(sender);
+    }
+    senders
+}
+
+/// GETs `url` as a stream on `sender`; like [`try_get`], a failure (a
+/// reset stream, a broken body, no answer within `bound`) is an outcome.
+async fn try_get_h2(
+    mut sender: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    url: String,
+    bound: Duration,
+) -> Outcome {
+    let started = Instant::now();
+    let exchange = async {
+        let request = Request::get(url.as_str())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| format!("connection: {e}"))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        let (parts, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    };
+    let result = tokio::time::timeout(bound, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("no whole answer within {bound:?}")));
+    Outcome {
+        url,
+        result,
+        elapsed: started.elapsed(),
+    }
+}
+
 /// Starts one GET per URL at once, each on its own connection and task.
 fn load(urls: Vec<String>, bound: Duration) -> Vec<JoinHandle<Outcome>> {
     urls.into_iter()
@@ -222,6 +294,17 @@ async fn outcomes(tasks: Vec<JoinHandle<Outcome>>) -> Vec<Outcome> {
         all.push(task.await.expect("a load task panicked"));
     }
     all
+}
+
+/// The `q` quantile of the elapsed times (0.99: p99).
+fn quantile(outcomes: &[&Outcome], q: f64) -> Duration {
+    let mut times: Vec<Duration> = outcomes.iter().map(|o| o.elapsed).collect();
+    times.sort();
+    let rank = ((times.len() as f64) * q).ceil() as usize;
+    times
+        .get(rank.saturating_sub(1))
+        .copied()
+        .unwrap_or_default()
 }
 
 // ------------------------------------------------- raw HTTP/1.1 on the wire
@@ -295,6 +378,11 @@ fn parse_reply(bytes: &[u8]) -> Option<(RawReply, usize)> {
 async fn raw_exchange(addr: SocketAddr, request: &[u8], count: usize) -> Vec<RawReply> {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     stream.write_all(request).await.expect("write the request");
+    read_replies(&mut stream, count).await
+}
+
+/// Reads `count` whole responses off `stream` (and nothing more).
+async fn read_replies(stream: &mut TcpStream, count: usize) -> Vec<RawReply> {
     let mut received = Vec::new();
     let mut replies = Vec::new();
     let deadline = Instant::now() + common::DEADLINE;
@@ -318,6 +406,25 @@ async fn raw_exchange(addr: SocketAddr, request: &[u8], count: usize) -> Vec<Raw
     }
     assert!(received.is_empty(), "bytes after the last response");
     replies
+}
+
+/// Sends `GET path` on a new connection and waits up to `wait` for the
+/// answer: the reply, or the connection with the request still unanswered.
+async fn ask(addr: SocketAddr, path: &str, wait: Duration) -> Result<RawReply, TcpStream> {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(raw_get(addr, path).as_bytes())
+        .await
+        .expect("write the request");
+    let answered = tokio::time::timeout(wait, async {
+        let mut buffer = [0u8; 1];
+        stream.peek(&mut buffer).await
+    })
+    .await;
+    match answered {
+        Ok(_) => Ok(read_replies(&mut stream, 1).await.remove(0)),
+        Err(_) => Err(stream),
+    }
 }
 
 /// `GET path` as raw bytes for `addr`.
@@ -1027,5 +1134,570 @@ async fn a_lone_client_that_stops_reading_a_shared_stream_is_cut_off_after_the_i
     assert_cut_off(&mut slow, HUGE).await;
     assert_eq!(origin.hits(), 1);
     assert!(in_flight(&larder).await.is_empty());
+    larder.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "fails: calls refused for capacity are counted as invocations (GET /plugins \
+            invocations and larder_plugin_invocations_total), documented as calls that \
+            reached the guest: 4 requests, 1 served (2 hook calls), 3 refused -> invocations 5"]
+async fn calls_refused_for_capacity_are_not_counted_as_invocations() {
+    let _shared = HEAVY.read().await;
+    let origin = plain_origin().await;
+    let larder = start_larder(&config(
+        &origin.url(),
+        "",
+        &[route("", "plugins: [cap-counted]")],
+        &plugins_yaml(&[(
+            "cap-counted",
+            "misbehave",
+            "config: { do: sleep, ms: '300' }\nlimits: { timeout: 1s, concurrency: 1, queue_timeout: 100ms }",
+        )]),
+    ))
+    .await;
+    let all = outcomes(load(vec![larder.url("/page"); 4], Duration::from_secs(10))).await;
+    let served = all
+        .iter()
+        .filter(|o| o.result.as_ref().is_ok_and(|reply| reply.status == 200))
+        .count();
+    let stats = plugin_stats(&larder, "cap-counted").await;
+    let refused = counter(&stats, "capacity");
+    assert_eq!(served as u64 + refused, 4, "{stats}");
+    // A served request calls on-request and on-response; a refused one
+    // never reached the guest.
+    assert_eq!(
+        counter(&stats, "invocations"),
+        2 * served as u64,
+        "{refused} refused for capacity: {stats}"
+    );
+    larder.stop().await;
+}
+
+// ---------------------------------------------------------------- the circuit breaker
+
+#[tokio::test]
+#[ignore = "fails: calls admitted while the circuit was closed but still waiting for a turn \
+            when it opens run the plugin anyway: of 10 requests at once to a plugin with 5 \
+            turns, all 10 fail as 502 (the last 5 after ~2.4 s) and failures is 10, not 5"]
+async fn calls_waiting_for_a_turn_when_the_circuit_opens_do_not_run_the_plugin() {
+    let _shared = HEAVY.read().await;
+    let origin = plain_origin().await;
+    // Each call sleeps past its backstop (2 x 100 ms + 1 s = 1.2 s) and
+    // fails; five run at once, five more wait for their turns.
+    let larder = start_larder(&config(
+        &origin.url(),
+        "",
+        &[route("", "plugins: [queued-sleeper]")],
+        &plugins_yaml(&[(
+            "queued-sleeper",
+            "misbehave",
+            "config: { do: sleep, ms: '10000' }\nlimits: { timeout: 100ms, concurrency: 5, queue_timeout: 5s }",
+        )]),
+    ))
+    .await;
+    let all = outcomes(load(vec![larder.url("/page"); 10], Duration::from_secs(10))).await;
+    let mut statuses: Vec<u16> = all
+        .iter()
+        .map(|o| o.result.as_ref().map_or(0, |reply| reply.status.as_u16()))
+        .collect();
+    statuses.sort();
+    let stats = plugin_stats(&larder, "queued-sleeper").await;
+    // The first five failures open the circuit; the five waiting then are
+    // refused (503) instead of being run into the same failure.
+    assert_eq!(
+        counter(&stats, "failures"),
+        5,
+        "statuses {statuses:?}, {stats}"
+    );
+    assert_eq!(statuses, [502, 502, 502, 502, 502, 503, 503, 503, 503, 503]);
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn a_breaker_trial_cancelled_by_the_client_leaving_lets_the_next_request_try() {
+    let _shared = HEAVY.read().await;
+    let origin = plain_origin().await;
+    // Every call sleeps 10 s of wall time (no CPU), and the backstop ends
+    // it at twice the 200 ms budget plus 1 s: each call is a failure (a
+    // timeout) that stays in flight for 1.4 s.
+    let larder = start_larder(&config(
+        &origin.url(),
+        "",
+        &[route("", "plugins: [trial-sleeper]")],
+        &plugins_yaml(&[(
+            "trial-sleeper",
+            "misbehave",
+            "config: { do: sleep, ms: '10000' }\nlimits: { timeout: 200ms }",
+        )]),
+    ))
+    .await;
+    let url = larder.url("/page");
+    for outcome in outcomes(load(vec![url.clone(); 5], Duration::from_secs(10))).await {
+        let reply = outcome.result.unwrap_or_else(|e| panic!("{e}"));
+        assert_problem(&reply, 502);
+    }
+    let stats = plugin_stats(&larder, "trial-sleeper").await;
+    assert_eq!(stats["circuit_open"], true, "{stats}");
+    assert_eq!(counter(&stats, "failures"), 5, "{stats}");
+    let retry_after = assert_unavailable(&get(&url).await, "trial-sleeper");
+    assert!((1..=5).contains(&retry_after), "Retry-After: {retry_after}");
+
+    // Requests get 503 at once while the circuit is open; once the 5 s
+    // backoff has passed one is let through as the trial, and hangs in the
+    // plugin.
+    let unanswered = async || match ask(larder.addr, "/page", Duration::from_millis(300)).await {
+        Ok(reply) => {
+            assert_eq!(
+                reply.status,
+                503,
+                "{:?}",
+                String::from_utf8_lossy(&reply.body)
+            );
+            None
+        }
+        Err(stream) => Some(stream),
+    };
+    let trial = eventually("the trial after the backoff", unanswered).await;
+    assert_eq!(
+        counter(&plugin_stats(&larder, "trial-sleeper").await, "invocations"),
+        6,
+        "the unanswered request is the trial, in the plugin"
+    );
+    // Its client leaves while the trial sleeps.
+    drop(trial);
+
+    // The next request is the trial again, not a 503. A trial kept by its
+    // cancelled call would make every request 503 from now on; one left to
+    // run to its backstop would reopen the circuit for 10 s at 1.4 s.
+    let mut next = eventually("the next request to be the trial", unanswered).await;
+    let stats = plugin_stats(&larder, "trial-sleeper").await;
+    assert_eq!(counter(&stats, "invocations"), 7, "{stats}");
+    assert_eq!(
+        counter(&stats, "failures"),
+        5,
+        "the cancelled trial is not a failure: {stats}"
+    );
+    // This trial's client waits: the plugin fails it at the backstop.
+    let reply = read_replies(&mut next, 1).await.remove(0);
+    assert_eq!(reply.status, 502);
+    assert!(String::from_utf8_lossy(&reply.body).contains("trial-sleeper"));
+    let stats = plugin_stats(&larder, "trial-sleeper").await;
+    assert_eq!(counter(&stats, "failures"), 6, "{stats}");
+    assert_eq!(stats["circuit_open"], true, "a failed trial reopens it");
+    assert_eq!(origin.hits(), 0);
+    larder.stop().await;
+}
+
+// ---------------------------------------------------------------- an origin that dies
+
+/// The origin of the restart test: `/cached/*` is revalidated on every use
+/// (`max-age=0` with an ETag, answered 304 when it matches), anything else
+/// is `live` and not cached.
+async fn revalidated_or_live(
+    request: Request<hyper::body::Incoming>,
+) -> http::Response<larder::http::body::Body> {
+    let path = request.uri().path().to_string();
+    if !path.starts_with("/cached/") {
+        return respond(200, &[], format!("live {path}"));
+    }
+    let etag = format!("\"{}\"", path.len());
+    let headers = [("cache-control", "max-age=0"), ("etag", etag.as_str())];
+    let matches = request
+        .headers()
+        .get("if-none-match")
+        .is_some_and(|value| value.as_bytes() == etag.as_bytes());
+    if matches {
+        respond(304, &headers, "")
+    } else {
+        respond(200, &headers, format!("cached {path}"))
+    }
+}
+
+/// One round of the restart test: `AT_ONCE` requests at once, every other
+/// one to a cached URL.
+const AT_ONCE: usize = 300;
+const CACHED_KEYS: usize = 10;
+
+fn round_urls(larder: &Larder, round: usize) -> Vec<String> {
+    (0..AT_ONCE)
+        .map(|i| {
+            if i % 2 == 0 {
+                larder.url(&format!("/cached/{}", (i / 2) % CACHED_KEYS))
+            } else {
+                larder.url(&format!("/live/{round}-{i}"))
+            }
+        })
+        .collect()
+}
+
+/// What a round's replies were allowed to be: every request answered
+/// within the bound; cached URLs always 200 with their body; live ones 200
+/// only if `live_up` allows, else a 502/504 problem.
+fn judge_round(round: &str, outcomes: &[Outcome], live_up: Option<bool>) -> (usize, usize) {
+    let (mut live_ok, mut live_failed) = (0, 0);
+    for outcome in outcomes {
+        let reply = outcome.result.as_ref().unwrap_or_else(|e| {
+            panic!(
+                "{round}: {} got no whole answer after {:?}: {e}",
+                outcome.url, outcome.elapsed
+            )
+        });
+        let path = outcome
+            .url
+            .splitn(4, '/')
+            .nth(3)
+            .map(|p| format!("/{p}"))
+            .unwrap_or_default();
+        if path.starts_with("/cached/") {
+            assert_eq!(reply.status, 200, "{round}: {path}: {}", reply.text());
+            assert_eq!(reply.text(), format!("cached {path}"), "{round}");
+        } else if reply.status == 200 {
+            assert_ne!(
+                live_up,
+                Some(false),
+                "{round}: {path} answered with the origin down"
+            );
+            assert_eq!(reply.text(), format!("live {path}"), "{round}");
+            live_ok += 1;
+        } else {
+            assert_ne!(
+                live_up,
+                Some(true),
+                "{round}: {path}: {} {}",
+                reply.status,
+                reply.text()
+            );
+            assert_problem_in(reply, &[502, 504], &format!("{round}: {path}"));
+            live_failed += 1;
+        }
+    }
+    (live_ok, live_failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_killed_and_restarted_under_load_costs_no_cached_request_and_leaks_nothing() {
+    let _exclusive = HEAVY.write().await;
+    let fds_before = open_fds();
+    let origin = start_origin(revalidated_or_live).await;
+    let addr = origin.addr;
+    let larder = start_larder(&config(
+        &origin.url(),
+        "",
+        &[
+            route("cached", "cache: { enabled: true, stale_if_error: 30s }"),
+            route("live", ""),
+        ],
+        "",
+    ))
+    .await;
+    for key in 0..CACHED_KEYS {
+        let warm = get(&larder.url(&format!("/cached/{key}"))).await;
+        assert_eq!(warm.status, 200, "{}", warm.text());
+    }
+    let bound = Duration::from_secs(10);
+
+    for round in 0..2 {
+        let all = outcomes(load(round_urls(&larder, round), bound)).await;
+        judge_round(&format!("round {round}, origin up"), &all, Some(true));
+    }
+
+    // The origin dies while a round is in flight.
+    let hits = origin.hits();
+    let tasks = load(round_urls(&larder, 2), bound);
+    wait_until("the round to reach the origin", || {
+        origin.hits() >= hits + 20
+    })
+    .await;
+    origin.stop().await;
+    let all = outcomes(tasks).await;
+    judge_round("round 2, origin stopped mid-round", &all, None);
+
+    for round in 3..5 {
+        let all = outcomes(load(round_urls(&larder, round), bound)).await;
+        let (_, failed) = judge_round(&format!("round {round}, origin down"), &all, Some(false));
+        assert_eq!(failed, AT_ONCE / 2);
+        for outcome in all.iter().filter(|o| o.url.contains("/cached/")) {
+            let reply = outcome.result.as_ref().expect("judged above");
+            assert!(
+                reply.cache_status().contains("fwd=stale"),
+                "{}",
+                reply.cache_status()
+            );
+        }
+    }
+
+    // The origin comes back on the same port; Larder uses it at once.
+    let origin = start_origin_at(addr, revalidated_or_live).await;
+    let restarted = Instant::now();
+    eventually("a live request to succeed again", async || {
+        get(&larder.url("/live/again")).await.status == 200
+    })
+    .await;
+    assert!(
+        restarted.elapsed() < Duration::from_secs(5),
+        "service came back only after {:?}",
+        restarted.elapsed()
+    );
+    for round in 5..7 {
+        let all = outcomes(load(round_urls(&larder, round), bound)).await;
+        judge_round(&format!("round {round}, origin back"), &all, Some(true));
+    }
+    assert!(origin.hits() > 0);
+    let revalidated = get_with(&larder.url("/cached/0"), &[]).await;
+    assert!(
+        revalidated.cache_status().contains("fwd-status=304"),
+        "revalidated with the new origin: {}",
+        revalidated.cache_status()
+    );
+
+    eventually("no fill in flight", async || {
+        in_flight(&larder).await.is_empty()
+    })
+    .await;
+    larder.stop().await;
+    origin.stop().await;
+    // Connections and their file descriptors go with them (slack for the
+    // runtime's own and other tests' descriptors).
+    let fds = wait_until("the file descriptors to come back down", || {
+        let now = open_fds();
+        (now <= fds_before + 32).then_some(now)
+    })
+    .await;
+    eprintln!("open file descriptors: {fds_before} before, {fds} after");
+}
+
+// ---------------------------------------------------------------- fault plugins under load
+
+/// The faulty plugins of the load test: (name, fixture, settings while
+/// faulty, settings once fixed); limits are [`LOAD_LIMITS`] unless the
+/// settings give their own.
+const LOAD_FAULTS: [(&str, &str, &str, &str); 7] = [
+    ("load-spin", "spin_forever", "", "config: { when: never }"),
+    (
+        "load-host-loop",
+        "misbehave",
+        "config: { do: http-loop }",
+        "config: { do: ok }",
+    ),
+    (
+        "load-hog",
+        "eat_memory",
+        "config: { mib: '64' }\nlimits: { memory: 16MiB, timeout: 20ms, concurrency: 4, queue_timeout: 100ms }",
+        "config: { when: never }\nlimits: { memory: 16MiB, timeout: 20ms, concurrency: 4, queue_timeout: 100ms }",
+    ),
+    ("load-panic", "panic", "", "config: { when: never }"),
+    (
+        // Sleeps past its backstop (2 x 20 ms + 1 s): fails as a timeout;
+        // enough turns for the 5 failures that open its circuit.
+        "load-nap",
+        "misbehave",
+        "config: { do: sleep, ms: '5000' }\nlimits: { timeout: 20ms, concurrency: 8, queue_timeout: 100ms }",
+        "config: { do: ok }\nlimits: { timeout: 20ms, concurrency: 8, queue_timeout: 100ms }",
+    ),
+    (
+        "load-bomb",
+        "misbehave",
+        "config: { do: header-bomb }",
+        "config: { do: ok }",
+    ),
+    (
+        "load-status",
+        "misbehave",
+        "config: { do: bad-status }",
+        "config: { do: ok }",
+    ),
+];
+
+/// Limits of the load test's plugins unless they say otherwise: small
+/// budgets, few turns and short queues, so the plugins that burn CPU can
+/// burn little of it.
+const LOAD_LIMITS: &str = "limits: { timeout: 20ms, concurrency: 4, queue_timeout: 100ms }";
+
+/// The load test's config: `/plain` without plugins, `/NAME` with the
+/// plugin NAME, set up as `fixed` says.
+fn load_config(origin: &str, fixed: bool) -> String {
+    let mut routes = vec![route("plain", "")];
+    let mut entries = Vec::new();
+    for (name, file, faulty, healthy) in LOAD_FAULTS {
+        routes.push(route(name, &format!("plugins: [{name}]")));
+        let settings = if fixed { healthy } else { faulty };
+        let settings = if settings.contains("limits:") {
+            settings.to_string()
+        } else {
+            format!("{settings}\n{LOAD_LIMITS}")
+        };
+        entries.push((name, file, settings));
+    }
+    let entries: Vec<(&str, &str, &str)> = entries
+        .iter()
+        .map(|(name, file, settings)| (*name, *file, settings.as_str()))
+        .collect();
+    config(origin, "", &routes, &plugins_yaml(&entries))
+}
+
+/// Samples `memory_in_use` of `GET /plugins` until `stop`; the largest seen.
+fn sample_plugin_memory(admin_url: String, stop: Arc<AtomicBool>) -> JoinHandle<(u64, usize)> {
+    tokio::spawn(async move {
+        let auth = format!("Bearer {}", common::ADMIN_TOKEN);
+        let (mut largest, mut samples) = (0, 0);
+        while !stop.load(Ordering::SeqCst) {
+            let reply = get_with(&admin_url, &[("authorization", &auth)]).await;
+            let used = reply.json()["memory_in_use"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no memory_in_use: {}", reply.text()));
+            largest = largest.max(used);
+            samples += 1;
+            // A sampling interval, not a wait for anything.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (largest, samples)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_requests_on_faulty_plugins_leave_the_plugin_free_route_serving() {
+    let _exclusive = HEAVY.write().await;
+    let origin = plain_origin().await;
+    let larder = start_larder(&load_config(&origin.url(), false)).await;
+    const REQUESTS: usize = 1000;
+    let routes = LOAD_FAULTS.len() + 1;
+    let urls: Vec<String> = (0..REQUESTS)
+        .map(|i| match i % routes {
+            0 => larder.url("/plain"),
+            n => larder.url(&format!("/{}", LOAD_FAULTS[n - 1].0)),
+        })
+        .collect();
+    // Five HTTP/2 connections carry the thousand requests (200 streams
+    // each, under Larder's 256): a thousand new connections at once would
+    // measure the listen backlog instead (see the test after this one).
+    let connections = h2_connections(larder.addr, 5).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = sample_plugin_memory(larder.admin_url("/plugins"), stop.clone());
+    let started = Instant::now();
+    let tasks: Vec<JoinHandle<Outcome>> = urls
+        .into_iter()
+        .enumerate()
+        .map(|(i, url)| {
+            let sender = connections[i % connections.len()].clone();
+            tokio::spawn(try_get_h2(sender, url, Duration::from_secs(15)))
+        })
+        .collect();
+    let all = outcomes(tasks).await;
+    let took = started.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let (largest_memory, samples) = sampler.await.expect("the memory sampler");
+
+    let mut plain = Vec::new();
+    for outcome in &all {
+        let reply = outcome.result.as_ref().unwrap_or_else(|e| {
+            panic!(
+                "{} got no whole answer after {:?}: {e}",
+                outcome.url, outcome.elapsed
+            )
+        });
+        if outcome.url.ends_with("/plain") {
+            assert_eq!(reply.status, 200, "the plugin-free route: {}", reply.text());
+            assert_eq!(reply.text(), "from origin");
+            plain.push(outcome);
+            continue;
+        }
+        let plugin = outcome.url.rsplit('/').next().unwrap_or_default();
+        assert_problem_in(reply, &[502, 503], &format!("/{plugin}"));
+        assert!(reply.text().contains(plugin), "{}", reply.text());
+        if reply.status == 503 {
+            assert_unavailable(reply, plugin);
+        }
+    }
+    let p99 = quantile(&plain, 0.99);
+    eprintln!(
+        "{REQUESTS} requests in {took:?}; plugin-free p99 {p99:?}; largest memory_in_use {largest_memory} bytes in {samples} samples"
+    );
+    assert!(p99 < Duration::from_secs(3), "plugin-free p99 {p99:?}");
+    assert_eq!(
+        origin.hits(),
+        plain.len(),
+        "no faulty request reached the origin"
+    );
+    assert!(samples > 0);
+    assert!(
+        largest_memory < TOTAL_PLUGIN_MEMORY,
+        "plugin memory {largest_memory} over plugin_limits.total_memory"
+    );
+
+    // Larder is still up, and every faulty plugin's circuit opened.
+    assert_eq!(get(&larder.url("/plain")).await.status, 200);
+    let status = plugins_status(&larder).await;
+    for (name, ..) in LOAD_FAULTS {
+        let stats = &status["plugins"][name];
+        assert!(counter(stats, "failures") >= 5, "{name}: {stats}");
+        assert_eq!(stats["circuit_open"], true, "{name}: {stats}");
+    }
+
+    // Fixed plugins (a reload that changes a plugin gives it closed
+    // breakers) serve again.
+    larder
+        .reload(&load_config(&origin.url(), true))
+        .await
+        .expect("reload with the fixed plugins");
+    for (name, ..) in LOAD_FAULTS {
+        let reply = get(&larder.url(&format!("/{name}"))).await;
+        assert_eq!(reply.status, 200, "{name}: {}", reply.text());
+        assert_eq!(reply.text(), "from origin");
+    }
+    let status = plugins_status(&larder).await;
+    for (name, ..) in LOAD_FAULTS {
+        assert_eq!(
+            status["plugins"][name]["circuit_open"], false,
+            "{name}: {status}"
+        );
+    }
+    larder.stop().await;
+}
+
+/// `TcpExt: ListenOverflows` of /proc/net/netstat: connections the kernel
+/// dropped because a listener's accept queue was full (for the whole
+/// network namespace).
+fn listen_overflows() -> u64 {
+    let netstat = std::fs::read_to_string("/proc/net/netstat").expect("/proc/net/netstat");
+    let mut tcp_ext = netstat.lines().filter(|line| line.starts_with("TcpExt:"));
+    let (names, values) = (tcp_ext.next(), tcp_ext.next());
+    let (Some(names), Some(values)) = (names, values) else {
+        panic!("no TcpExt lines in /proc/net/netstat");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "ListenOverflows")
+        .and_then(|(_, value)| value.parse().ok())
+        .expect("a ListenOverflows counter")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails: 1000 clients connecting at once overflow the proxy listener's accept \
+            queue (~800 ListenOverflows per run; the plain route's p99 is then over 1 s, \
+            the SYN retry): it listens with tokio's default backlog of 128"]
+async fn a_thousand_clients_connecting_at_once_fit_the_listen_backlog() {
+    let _exclusive = HEAVY.write().await;
+    // Answered from a static source: no origin, whose own listener would
+    // overflow too.
+    let larder = start_larder(&format!(
+        "{ADMIN_BLOCK}routes:\n  - source: s\nsources:\n  s:\n    rule: '0 0 0 1 1 *'\n    static: {{ value: 'plain' }}\n"
+    ))
+    .await;
+    let url = larder.url("/plain");
+    eventually("the source's value", async || get(&url).await.status == 200).await;
+    let overflows_before = listen_overflows();
+    let all = outcomes(load(vec![url; 1000], Duration::from_secs(15))).await;
+    let overflows = listen_overflows() - overflows_before;
+    let answered: Vec<&Outcome> = all
+        .iter()
+        .filter(|o| o.result.as_ref().is_ok_and(|reply| reply.status == 200))
+        .collect();
+    assert_eq!(answered.len(), all.len(), "every request answered 200");
+    let p99 = quantile(&answered, 0.99);
+    assert_eq!(
+        overflows, 0,
+        "connections dropped from a full accept queue (plain p99 {p99:?})"
+    );
     larder.stop().await;
 }
