@@ -193,10 +193,27 @@ pub async fn start(config: Config, options: Options) -> Result<Server, StartErro
     })
 }
 
+/// The accept queue a listener asks the kernel for (which caps it at
+/// `net.core.somaxconn`, 4096 by default). Tokio's `bind` asks for 128,
+/// which a burst of a thousand new connections overflows: the kernel drops
+/// their SYNs and the clients retry a second later. nginx asks for 511,
+/// HAProxy and Envoy for more.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As tokio's own bind does: a restart can take the port over from
+        // connections still in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| StartError::Bind { addr, source })
 }
 
 fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {

@@ -34,8 +34,15 @@ use crate::http::cache_control::{RequestDirectives, ResponseDirectives};
 use crate::http::error::ErrorKind;
 
 /// A response that is not being stored runs at most this far ahead of its
-/// slowest reader; a reader this far behind the fastest one is cut off.
+/// slowest reader.
 pub const STREAM_WINDOW: usize = 1024 * 1024;
+
+/// How long a reader that holds the window may go without reading while
+/// other readers of the same response read, before it is cut off. Long
+/// enough for a reader that is merely slower (a busy client, a congested
+/// link) to take its next chunk; short enough that one client that stopped
+/// reading holds the others up for no more than this.
+pub const STALL_GRACE: Duration = Duration::from_secs(1);
 
 /// One fill's state: the flight it feeds, the key it stores under, and what
 /// its storability and stale windows are judged on.
@@ -525,11 +532,14 @@ impl Fill {
     }
 
     /// Backpressure for an unstored response: waits until the slowest reader
-    /// is within the window. A reader a window behind the fastest is cut off
-    /// (its client sees the response abort) instead of holding the others
-    /// back; when all are that slow, they are waited for, but not longer
-    /// than the idle timeout. False when every reader has gone.
+    /// is within the window. A reader that holds the window and has read
+    /// nothing for [`STALL_GRACE`] while others read is cut off (its client
+    /// sees the response abort) instead of holding them back; a reader that
+    /// keeps reading is waited for, however slow. When no reader reads for
+    /// the idle timeout, all are cut off. False when every reader has gone.
     async fn pace(&self) -> bool {
+        let grace = STALL_GRACE.min(self.idle_timeout);
+        let mut progress_at = tokio::time::Instant::now();
         loop {
             if self.flight.reader_count() == 0 {
                 return false;
@@ -537,15 +547,24 @@ impl Fill {
             if self.flight.unread_bytes() <= STREAM_WINDOW {
                 return true;
             }
-            let detached = self.flight.detach_laggards(STREAM_WINDOW);
+            let now = tokio::time::Instant::now();
+            let stalled_since = now.checked_sub(grace).unwrap_or(now);
+            let detached = self.flight.detach_stalled(STREAM_WINDOW, stalled_since);
             if detached > 0 {
-                tracing::debug!(key = %self.key, detached, "readers fell a window behind a shared response; cut off");
+                tracing::debug!(key = %self.key, detached, "readers stopped reading a shared response; cut off");
                 continue;
             }
-            let progress = tokio::time::timeout(self.idle_timeout, self.flight.readers_changed());
-            if progress.await.is_err() {
+            if now >= progress_at + self.idle_timeout {
                 tracing::debug!(key = %self.key, "no reader of a shared response read for cache.fill_idle_timeout; cut off");
                 self.flight.detach_all();
+                continue;
+            }
+            let until = (now + grace).min(progress_at + self.idle_timeout);
+            if tokio::time::timeout_at(until, self.flight.readers_changed())
+                .await
+                .is_ok()
+            {
+                progress_at = tokio::time::Instant::now();
             }
         }
     }

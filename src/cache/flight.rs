@@ -18,6 +18,7 @@ use http::Response;
 use http_body::Frame;
 use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 
 use super::origin::OriginError;
 use super::store::Meta;
@@ -66,13 +67,22 @@ enum End {
     Aborted,
 }
 
+/// Where one reader is: the absolute index of the next chunk it reads, and
+/// when it last took one (or, if it had read everything, when the next
+/// chunk arrived).
+#[derive(Clone, Copy)]
+struct ReaderAt {
+    next: usize,
+    last_read: Instant,
+}
+
 struct Buffer {
     chunks: VecDeque<Bytes>,
     /// Absolute index of `chunks[0]`; above zero once chunks are trimmed.
     base: usize,
     end: Option<End>,
-    /// Reader id to the absolute index of the next chunk it reads.
-    readers: HashMap<u64, usize>,
+    /// Reader id to where it is.
+    readers: HashMap<u64, ReaderAt>,
     /// While set, every chunk is kept (for the store and late joiners).
     keep_all: bool,
     wakers: Vec<Waker>,
@@ -153,8 +163,14 @@ impl Flight {
         if !buffer.keep_all && buffer.base > 0 {
             return None;
         }
-        let start = buffer.base;
-        buffer.readers.insert(id, start);
+        let next = buffer.base;
+        buffer.readers.insert(
+            id,
+            ReaderAt {
+                next,
+                last_read: Instant::now(),
+            },
+        );
         Some(FlightBody {
             flight: Arc::clone(self),
             id,
@@ -168,6 +184,15 @@ impl Flight {
     pub fn push(&self, chunk: Bytes) {
         let wakers = {
             let mut buffer = self.lock();
+            // A reader that had read everything was waiting, not stalled:
+            // its time to take the new chunk starts now.
+            let end = buffer.base + buffer.chunks.len();
+            let now = Instant::now();
+            for reader in buffer.readers.values_mut() {
+                if reader.next >= end {
+                    reader.last_read = now;
+                }
+            }
             buffer.chunks.push_back(chunk);
             std::mem::take(&mut buffer.wakers)
         };
@@ -215,11 +240,14 @@ impl Flight {
         self.lock().chunks.iter().map(Bytes::len).sum()
     }
 
-    /// Cuts off the readers more than `window` bytes behind the fastest
-    /// one: their bodies end with an error, and the chunks only they still
-    /// needed go. Returns how many were cut off.
-    pub fn detach_laggards(&self, window: usize) -> usize {
-        let wakers = {
+    /// Cuts off the readers that hold more than `window` bytes in the
+    /// buffer and have not read since `stalled_since`, while another reader
+    /// has or waits for more: their bodies end with an error, and the chunks only they still
+    /// needed go. A reader that keeps reading is never cut off, however far
+    /// behind; when no reader has read since then, none is cut here (the
+    /// caller's idle timeout decides). Returns how many were cut off.
+    pub fn detach_stalled(&self, window: usize, stalled_since: Instant) -> usize {
+        let (count, wakers) = {
             let mut buffer = self.lock();
             // unread[i]: bytes from chunk i (relative) to the end.
             let mut unread = vec![0usize; buffer.chunks.len() + 1];
@@ -227,27 +255,33 @@ impl Flight {
                 unread[i] = unread[i + 1] + chunk.len();
             }
             let base = buffer.base;
-            let behind =
-                |position: usize| unread[position.saturating_sub(base).min(unread.len() - 1)];
-            let Some(fastest) = buffer.readers.values().map(|p| behind(*p)).min() else {
-                return 0;
-            };
-            let laggards: Vec<u64> = buffer
+            let holds = |next: usize| unread[next.saturating_sub(base).min(unread.len() - 1)];
+            // Someone keeps up: it read lately, or has read everything and
+            // waits for more.
+            let someone_keeps_up = buffer
                 .readers
-                .iter()
-                .filter(|(_, position)| behind(**position) - fastest > window)
-                .map(|(id, _)| *id)
-                .collect();
-            if laggards.is_empty() {
+                .values()
+                .any(|reader| reader.last_read >= stalled_since || holds(reader.next) == 0);
+            if !someone_keeps_up {
                 return 0;
             }
-            for id in &laggards {
+            let stalled: Vec<u64> = buffer
+                .readers
+                .iter()
+                .filter(|(_, reader)| {
+                    holds(reader.next) > window && reader.last_read < stalled_since
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            if stalled.is_empty() {
+                return 0;
+            }
+            for id in &stalled {
                 buffer.readers.remove(id);
             }
             trim(&mut buffer);
-            (laggards.len(), std::mem::take(&mut buffer.wakers))
+            (stalled.len(), std::mem::take(&mut buffer.wakers))
         };
-        let (count, wakers) = wakers;
         wakers.into_iter().for_each(Waker::wake);
         count
     }
@@ -291,7 +325,7 @@ fn trim(buffer: &mut Buffer) {
     let slowest = buffer
         .readers
         .values()
-        .copied()
+        .map(|reader| reader.next)
         .min()
         .unwrap_or(buffer.base + buffer.chunks.len());
     while buffer.base < slowest && !buffer.chunks.is_empty() {
@@ -316,14 +350,20 @@ impl http_body::Body for FlightBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let mut buffer = this.flight.lock();
-        let Some(position) = buffer.readers.get(&this.id).copied() else {
+        let Some(position) = buffer.readers.get(&this.id).map(|reader| reader.next) else {
             return Poll::Ready(Some(Err(
-                "cut off: this reader fell too far behind a shared response".into(),
+                "cut off: this reader stopped reading a shared response".into(),
             )));
         };
         let offset = position.saturating_sub(buffer.base);
         if let Some(chunk) = buffer.chunks.get(offset).cloned() {
-            buffer.readers.insert(this.id, position + 1);
+            buffer.readers.insert(
+                this.id,
+                ReaderAt {
+                    next: position + 1,
+                    last_read: Instant::now(),
+                },
+            );
             trim(&mut buffer);
             drop(buffer);
             this.flight.readers_changed.notify_one();
@@ -357,6 +397,7 @@ impl Drop for FlightBody {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn late_reader_replays_from_the_start() {
@@ -389,24 +430,54 @@ mod tests {
         assert!(reader.collect().await.is_err());
     }
 
-    #[tokio::test]
-    async fn a_reader_a_window_behind_the_fastest_is_cut_off() {
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_stopped_reading_while_another_reads_is_cut_off() {
         let flight = Flight::new();
         let mut fast = flight.reader().unwrap();
         let slow = flight.reader().unwrap();
         flight.stop_keeping();
         for _ in 0..4 {
             flight.push(Bytes::from_static(b"0123456789"));
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let a_second_ago = Instant::now() - Duration::from_secs(1);
+        assert_eq!(
+            flight.detach_stalled(30, a_second_ago),
+            0,
+            "neither read for a second: the idle timeout decides"
+        );
+        for _ in 0..4 {
             fast.frame().await.unwrap().unwrap();
         }
-        assert_eq!(flight.detach_laggards(40), 0, "exactly a window behind");
+        assert_eq!(
+            flight.detach_stalled(40, a_second_ago),
+            0,
+            "exactly a window behind"
+        );
         flight.push(Bytes::from_static(b"x"));
         fast.frame().await.unwrap().unwrap();
-        assert_eq!(flight.detach_laggards(40), 1);
+        assert_eq!(flight.detach_stalled(40, a_second_ago), 1);
         assert_eq!(flight.unread_bytes(), 0, "its chunks went with it");
         assert!(slow.collect().await.is_err());
         flight.finish(true);
         assert!(fast.frame().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_far_behind_that_keeps_reading_is_not_cut_off() {
+        let flight = Flight::new();
+        let mut fast = flight.reader().unwrap();
+        let mut behind = flight.reader().unwrap();
+        flight.stop_keeping();
+        for _ in 0..8 {
+            flight.push(Bytes::from_static(b"0123456789"));
+            fast.frame().await.unwrap().unwrap();
+        }
+        behind.frame().await.unwrap().unwrap();
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let a_second_ago = Instant::now() - Duration::from_secs(1);
+        assert_eq!(flight.detach_stalled(10, a_second_ago), 0);
+        assert_eq!(flight.unread_bytes(), 70);
     }
 
     #[tokio::test]

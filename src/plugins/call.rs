@@ -191,7 +191,7 @@ impl FailureKind {
 /// and the deadline (`limits.queue_timeout` from the start of the wait)
 /// for anything else it must wait for before the guest runs.
 pub struct Turn {
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
     deadline: Instant,
 }
 
@@ -205,9 +205,16 @@ impl Turn {
             .map_err(|_| queue_timeout("a turn", wait))?
             .map_err(|_| Failure::new(FailureKind::Capacity, "the plugin is unloading"))?;
         Ok(Self {
-            _permit: permit,
+            permit: Some(permit),
             deadline,
         })
+    }
+
+    /// Takes the concurrency permit out, for a caller that must hold it
+    /// past the call: the breaker records a call's outcome before the next
+    /// queued call gets its turn and asks the breaker.
+    pub fn take_permit(&mut self) -> Option<OwnedSemaphorePermit> {
+        self.permit.take()
     }
 
     /// Waits (until the turn's deadline) for the pool slots one instance of

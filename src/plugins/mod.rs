@@ -602,21 +602,31 @@ where
         return circuit_open();
     }
     let mut trial = TrialGuard(None);
+    // Held until the outcome is recorded below, so the next queued call asks
+    // a breaker that already knows how this one went.
+    let mut permit = None;
     let result = match Turn::take(plugin).await {
         Err(failure) => Err(failure),
-        Ok(turn) => {
+        Ok(mut turn) => {
             let admission = breaker.admit(Instant::now());
             if admission == Admission::Skip {
                 return circuit_open();
             }
             trial = TrialGuard((admission == Admission::Trial).then_some(breaker));
+            permit = turn.take_permit();
             slot.counters.invocations.fetch_add(1, Relaxed);
-            slot.metrics.invocations(hook).increment(1);
             let started = Instant::now();
             let result = call(turn).await;
-            slot.metrics
-                .duration
-                .record(started.elapsed().as_secs_f64());
+            // A call refused for capacity (no instance slot, over the memory
+            // budget) never reached the guest: not an invocation after all.
+            if matches!(&result, Err(failure) if failure.kind == FailureKind::Capacity) {
+                slot.counters.invocations.fetch_sub(1, Relaxed);
+            } else {
+                slot.metrics.invocations(hook).increment(1);
+                slot.metrics
+                    .duration
+                    .record(started.elapsed().as_secs_f64());
+            }
             result
         }
     };
@@ -660,6 +670,7 @@ where
     }
     let open = if slot.is_circuit_open() { 1.0 } else { 0.0 };
     slot.metrics.circuit_open.set(open);
+    drop(permit);
     result
 }
 

@@ -20,7 +20,7 @@ use crate::watch::FileWatch;
 /// One plugin's counters, as the admin side and tests read them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PluginStats {
-    /// Calls that reached the guest.
+    /// Calls that reached the guest, including those running now.
     pub invocations: u64,
     pub failures: u64,
     /// Calls not made because the circuit was open.
