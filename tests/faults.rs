@@ -1615,13 +1615,24 @@ async fn a_thousand_requests_on_faulty_plugins_leave_the_plugin_free_route_servi
         "plugin memory {largest_memory} over plugin_limits.total_memory"
     );
 
-    // Larder is still up, and every faulty plugin's circuit opened.
+    // Larder is still up. Every faulty plugin failed, and one that failed
+    // five times (none of its calls succeeded) has an open circuit; how
+    // many calls each got to run before the others timed out in its queue
+    // depends on how the cores were shared.
     assert_eq!(get(&larder.url("/plain")).await.status, 200);
     let status = plugins_status(&larder).await;
     for (name, ..) in LOAD_FAULTS {
         let stats = &status["plugins"][name];
-        assert!(counter(stats, "failures") >= 5, "{name}: {stats}");
-        assert_eq!(stats["circuit_open"], true, "{name}: {stats}");
+        let failures = counter(stats, "failures");
+        assert!(failures >= 1, "{name}: {stats}");
+        assert_eq!(stats["circuit_open"], failures >= 5, "{name}: {stats}");
+        assert!(
+            !stats["last_failure"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("Stack backtrace"),
+            "{name}: the host's stack trace in a plugin failure: {stats}"
+        );
     }
 
     // Fixed plugins (a reload that changes a plugin gives it closed

@@ -115,7 +115,9 @@ impl Failure {
         } else {
             FailureKind::Error
         };
-        let mut detail = format!("{error:?}");
+        // The error and its causes (the wasm backtrace among them), without
+        // the host's own stack trace that `{:?}` adds under RUST_BACKTRACE.
+        let mut detail = format!("{error:#}");
         truncate(&mut detail);
         Self {
             kind,
