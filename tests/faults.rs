@@ -878,6 +878,111 @@ async fn a_fetcher_looping_on_http_calls_is_stopped_by_its_cpu_budget_and_the_ol
     larder.stop().await;
 }
 
+/// The host's caps on a fetcher's `http-client` (per run: 16 calls, 8 MiB
+/// per response body).
+const HTTP_CALLS_PER_RUN: usize = 16;
+const HTTP_BODY_CAP: usize = 8 << 20;
+
+#[tokio::test]
+async fn http_client_calls_and_response_sizes_within_the_caps_work_and_past_them_fail_the_run() {
+    let _shared = HEAVY.read().await;
+    let api = start_origin(|request: Request<hyper::body::Incoming>| async move {
+        let size = match request.uri().path() {
+            "/exact" => HTTP_BODY_CAP,
+            "/over" => HTTP_BODY_CAP + 1,
+            _ => 3,
+        };
+        respond(200, &[], vec![b'a'; size])
+    })
+    .await;
+    let source = |name: &str, settings: &str| {
+        format!(
+            "  {name}:\n    rule: '0 0 0 1 1 *'\n    plugin: {{ name: fetch-http, config: {{ do: http-n, {settings} }} }}\n"
+        )
+    };
+    let url = |path: &str| format!("{}{path}", api.url());
+    let sources = [
+        (
+            "calls-at-cap",
+            format!("count: '{HTTP_CALLS_PER_RUN}', url: '{}'", url("/small")),
+        ),
+        (
+            "calls-over-cap",
+            format!(
+                "count: '{}', url: '{}'",
+                HTTP_CALLS_PER_RUN + 1,
+                url("/small")
+            ),
+        ),
+        ("body-at-cap", format!("url: '{}'", url("/exact"))),
+        ("body-over-cap", format!("url: '{}'", url("/over"))),
+    ];
+    let mut yaml = format!("{ADMIN_BLOCK}{PLUGIN_LIMITS}routes:\n");
+    for (name, _) in &sources {
+        yaml.push_str(&format!(
+            "  - match: {{ path_prefix: /{name} }}\n    source: {name}\n"
+        ));
+    }
+    yaml.push_str("sources:\n");
+    for (name, settings) in &sources {
+        yaml.push_str(&source(name, settings));
+    }
+    yaml.push_str(&plugins_yaml(&[(
+        "fetch-http",
+        "misfetch",
+        &format!(
+            "limits: {{ timeout: 2s, memory: 64MiB }}\nallow_hosts: ['{}']",
+            api.url()
+        ),
+    )]));
+    let larder = start_larder(&yaml).await;
+
+    // Within the caps: the value is what the calls brought.
+    for (name, expected) in [
+        (
+            "calls-at-cap",
+            format!("{HTTP_CALLS_PER_RUN} calls, last body 3 bytes"),
+        ),
+        (
+            "body-at-cap",
+            format!("1 calls, last body {HTTP_BODY_CAP} bytes"),
+        ),
+    ] {
+        let url = larder.url(&format!("/{name}"));
+        let reply = eventually(format!("a value at /{name}"), async || {
+            let reply = get(&url).await;
+            (reply.status == 200).then_some(reply)
+        })
+        .await;
+        assert_eq!(reply.text(), expected, "/{name}");
+    }
+    // Past them: the run fails with the host's error, and no value appears.
+    for (name, error) in [
+        (
+            "calls-over-cap",
+            format!("call {}: too-many-requests", HTTP_CALLS_PER_RUN + 1),
+        ),
+        ("body-over-cap", "call 1: too-large".to_string()),
+    ] {
+        let failed = eventually(format!("a failed run of {name}"), async || {
+            let sources = larder.admin("GET", "/sources", "").await.json();
+            sources["sources"]
+                .as_array()
+                .and_then(|all| all.iter().find(|s| s["name"] == name))
+                .filter(|source| source["last_error"].is_string())
+                .cloned()
+        })
+        .await;
+        let last_error = failed["last_error"].as_str().unwrap_or_default();
+        assert!(last_error.contains(&error), "{name}: {failed}");
+        let reply = get(&larder.url(&format!("/{name}"))).await;
+        assert_ne!(reply.status, 200, "{name}: {}", reply.text());
+    }
+    // Over the call cap, the 17th call never went out.
+    assert_eq!(api.hits(), 2 * HTTP_CALLS_PER_RUN + 2);
+    larder.stop().await;
+}
+
 // ---------------------------------------------------------------- stalled and slow bodies
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

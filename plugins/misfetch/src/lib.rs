@@ -8,11 +8,16 @@
 //!     ignoring every result and error. The host caps the calls per run, so
 //!     after a few each fails with `too-many-requests` at once: a guest
 //!     burning CPU through host calls. Never returns;
+//!   - `http-n`: calls `http-client.send` (GET `url`) `count` times; the
+//!     first error fails the run with `upstream` naming the call and the
+//!     error (`too-many-requests`, `too-large`, ...), else the value is
+//!     `<count> calls, last body <n> bytes`;
 //!   - `spin`: loops forever on pure computation (a `black_box` counter);
 //!   - `sleep`: sleeps `ms` milliseconds (`std::thread::sleep`: wall time
 //!     rather than CPU), then returns like `ok`.
 //! - `url` (default `http://127.0.0.1:9/`): the URL `http-loop` sends to.
 //! - `ms` (default 5000): how long `sleep` sleeps.
+//! - `count` (default 1): how many calls `http-n` makes.
 
 use std::cell::RefCell;
 use std::hint::black_box;
@@ -21,13 +26,14 @@ use std::time::Duration;
 wit_bindgen::generate!({ world: "fetcher", path: "../../wit" });
 
 use exports::larder::plugin::fetch::{FetchContext, FetchResult, Guest};
-use larder::plugin::http_client::{OutgoingRequest, send};
+use larder::plugin::http_client::{HttpError, OutgoingRequest, send};
 use larder::plugin::types::{Config, PluginError};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Do {
     Ok,
     HttpLoop,
+    HttpN,
     Spin,
     Sleep,
 }
@@ -36,6 +42,7 @@ struct Settings {
     action: Do,
     url: String,
     ms: u64,
+    count: u32,
 }
 
 impl Default for Settings {
@@ -44,6 +51,7 @@ impl Default for Settings {
             action: Do::Ok,
             url: "http://127.0.0.1:9/".to_string(),
             ms: 5000,
+            count: 1,
         }
     }
 }
@@ -63,6 +71,17 @@ fn ok() -> Result<FetchResult, PluginError> {
     )))
 }
 
+fn describe(error: &HttpError) -> String {
+    match error {
+        HttpError::Denied(why) => format!("denied: {why}"),
+        HttpError::Timeout => "timeout".to_string(),
+        HttpError::TooLarge => "too-large".to_string(),
+        HttpError::Connection(why) => format!("connection: {why}"),
+        HttpError::InvalidRequest(why) => format!("invalid-request: {why}"),
+        HttpError::TooManyRequests => "too-many-requests".to_string(),
+    }
+}
+
 struct Misfetch;
 
 impl Guest for Misfetch {
@@ -74,11 +93,12 @@ impl Guest for Misfetch {
                     s.action = match value.trim() {
                         "ok" => Do::Ok,
                         "http-loop" => Do::HttpLoop,
+                        "http-n" => Do::HttpN,
                         "spin" => Do::Spin,
                         "sleep" => Do::Sleep,
                         other => {
                             return Err(invalid(format!(
-                                "do: `{other}` (expected ok, http-loop, spin, sleep)"
+                                "do: `{other}` (expected ok, http-loop, http-n, spin, sleep)"
                             )));
                         }
                     }
@@ -90,9 +110,15 @@ impl Guest for Misfetch {
                         .parse()
                         .map_err(|_| invalid(format!("ms: `{value}` is not a valid number")))?
                 }
+                "count" => {
+                    s.count = value
+                        .trim()
+                        .parse()
+                        .map_err(|_| invalid(format!("count: `{value}` is not a valid number")))?
+                }
                 other => {
                     return Err(invalid(format!(
-                        "unknown key `{other}` (expected do, url, ms)"
+                        "unknown key `{other}` (expected do, url, ms, count)"
                     )));
                 }
             }
@@ -102,20 +128,33 @@ impl Guest for Misfetch {
     }
 
     fn run(_ctx: FetchContext) -> Result<FetchResult, PluginError> {
-        let (action, url, ms) = SETTINGS.with(|cell| {
+        let (action, url, ms, count) = SETTINGS.with(|cell| {
             let s = cell.borrow();
-            (s.action, s.url.clone(), s.ms)
+            (s.action, s.url.clone(), s.ms, s.count)
         });
+        let request = OutgoingRequest {
+            method: "GET".to_string(),
+            url,
+            headers: Vec::new(),
+            body: None,
+            timeout_ms: None,
+        };
         match action {
             Do::Ok => ok(),
+            Do::HttpN => {
+                let mut last_body = 0;
+                for call in 1..=count {
+                    let response = send(&request).map_err(|error| {
+                        PluginError::Upstream(format!("call {call}: {}", describe(&error)))
+                    })?;
+                    last_body = response.body.len();
+                }
+                Ok(FetchResult::Updated((
+                    vec![("content-type".to_string(), b"text/plain".to_vec())],
+                    format!("{count} calls, last body {last_body} bytes").into_bytes(),
+                )))
+            }
             Do::HttpLoop => {
-                let request = OutgoingRequest {
-                    method: "GET".to_string(),
-                    url,
-                    headers: Vec::new(),
-                    body: None,
-                    timeout_ms: None,
-                };
                 loop {
                     let _ = black_box(send(&request));
                 }
