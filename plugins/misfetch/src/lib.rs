@@ -154,11 +154,9 @@ impl Guest for Misfetch {
                     format!("{count} calls, last body {last_body} bytes").into_bytes(),
                 )))
             }
-            Do::HttpLoop => {
-                loop {
-                    let _ = black_box(send(&request));
-                }
-            }
+            Do::HttpLoop => loop {
+                let _ = black_box(send(&request));
+            },
             Do::Spin => {
                 let mut counter: u64 = 0;
                 loop {
