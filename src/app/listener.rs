@@ -19,7 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::http::body::Body;
@@ -174,8 +174,12 @@ async fn serve<C, E>(
     if closing {
         connection.as_mut().shut_down();
     }
+    // One timer for the connection's life, looked at only when it fires:
+    // requests coming and going touch two atomics, not the timer wheel.
+    let first = activity.deadline(settings).unwrap_or_else(|| Instant::now() + settings.idle_timeout);
+    let timer = tokio::time::sleep_until(first);
+    tokio::pin!(timer);
     loop {
-        let deadline = activity.deadline(settings);
         tokio::select! {
             outcome = connection.as_mut() => {
                 if let Err(error) = outcome {
@@ -183,31 +187,29 @@ async fn serve<C, E>(
                 }
                 return;
             }
-            () = sleep_until(deadline), if !closing => {
-                if activity.in_progress() > 0 {
-                    continue;
+            () = &mut timer, if !closing => {
+                let now = Instant::now();
+                match activity.deadline(settings) {
+                    // A request in progress: look again later.
+                    None => timer.as_mut().reset(now + settings.idle_timeout),
+                    // A request ended since the timer was set.
+                    Some(deadline) if deadline > now => timer.as_mut().reset(deadline),
+                    Some(_) if !activity.has_served() => {
+                        tracing::debug!(%peer, "no complete request within the header timeout; closed");
+                        return;
+                    }
+                    Some(_) => {
+                        tracing::debug!(%peer, "connection idle; closing it");
+                        connection.as_mut().shut_down();
+                        closing = true;
+                    }
                 }
-                if !activity.has_served() {
-                    tracing::debug!(%peer, "no complete request within the header timeout; closed");
-                    return;
-                }
-                tracing::debug!(%peer, "connection idle; closing it");
-                connection.as_mut().shut_down();
-                closing = true;
             }
-            () = activity.changed() => {}
             _ = stopped.changed(), if !closing => {
                 connection.as_mut().shut_down();
                 closing = true;
             }
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -237,7 +239,6 @@ struct Activity {
     /// (0: no request has ended yet).
     last_end: AtomicU64,
     served: AtomicUsize,
-    changed: Notify,
 }
 
 impl Activity {
@@ -247,14 +248,12 @@ impl Activity {
             in_progress: AtomicUsize::new(0),
             last_end: AtomicU64::new(0),
             served: AtomicUsize::new(0),
-            changed: Notify::new(),
         }
     }
 
     fn begin(self: &Arc<Self>) -> InProgress {
         self.served.fetch_add(1, Ordering::Relaxed);
         self.in_progress.fetch_add(1, Ordering::AcqRel);
-        self.changed.notify_one();
         InProgress(Arc::clone(self))
     }
 
@@ -264,10 +263,6 @@ impl Activity {
 
     fn has_served(&self) -> bool {
         self.served.load(Ordering::Relaxed) > 0
-    }
-
-    async fn changed(&self) {
-        self.changed.notified().await;
     }
 
     /// When the connection is due to close if nothing happens: none while
@@ -295,7 +290,6 @@ impl Drop for InProgress {
             .last_end
             .store(millis.saturating_add(1), Ordering::Release);
         activity.in_progress.fetch_sub(1, Ordering::AcqRel);
-        activity.changed.notify_one();
     }
 }
 

@@ -31,6 +31,22 @@ pub fn copy_head(head: &Parts) -> Parts {
 }
 
 /// The declared `Content-Length`, if it is one valid number.
+/// Removes every field named in `names` from `headers`. Walks the fields
+/// the message has (a handful) and compares names, rather than hashing
+/// every name of the list: most requests carry none of them, and then
+/// nothing is hashed at all.
+pub fn remove_all_named(headers: &mut HeaderMap, names: &[http::HeaderName]) {
+    let mut found: smallvec::SmallVec<[http::HeaderName; 4]> = smallvec::SmallVec::new();
+    for name in headers.keys() {
+        if names.iter().any(|listed| listed == name) {
+            found.push(name.clone());
+        }
+    }
+    for name in found {
+        headers.remove(name);
+    }
+}
+
 pub fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)

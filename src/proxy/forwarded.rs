@@ -14,7 +14,7 @@ const VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 larder");
 
 /// The forwarding headers a client may forge to make an origin believe
 /// something about the original request (its address, scheme, host, prefix).
-const FORWARDING: [HeaderName; 9] = [
+static FORWARDING: [HeaderName; 9] = [
     header::FORWARDED,
     X_FORWARDED_FOR,
     X_FORWARDED_PROTO,
@@ -29,11 +29,7 @@ const FORWARDING: [HeaderName; 9] = [
 /// Removes the forwarding headers a client sent: only a trusted proxy's
 /// are kept (`server.trusted_proxies`).
 pub fn remove_forwarding(headers: &mut HeaderMap) {
-    for name in &FORWARDING {
-        if headers.contains_key(name) {
-            headers.remove(name);
-        }
-    }
+    crate::http::remove_all_named(headers, &FORWARDING);
 }
 
 /// Adds `X-Forwarded-For` (appended to any earlier hops), `X-Forwarded-Proto`

@@ -307,9 +307,7 @@ impl Proxy {
         ctx: &mut RequestCtx<'_>,
         keep_upgrade: bool,
     ) -> Request<Body> {
-        for name in &route.strip_request_headers {
-            request.headers_mut().remove(name);
-        }
+        crate::http::remove_all_named(request.headers_mut(), &route.strip_request_headers);
         let trusted = is_trusted(&self.trusted_proxies, ctx.client.ip());
         prepare_request_headers(&mut request, ctx.client, keep_upgrade, trusted);
         let (parts, incoming) = request.into_parts();
