@@ -175,9 +175,11 @@ async fn serve<C, E>(
         connection.as_mut().shut_down();
     }
     // One timer for the connection's life, looked at only when it fires:
-    // requests coming and going touch two atomics, not the timer wheel.
-    let first = activity.deadline(settings).unwrap_or_else(|| Instant::now() + settings.idle_timeout);
-    let timer = tokio::time::sleep_until(first);
+    // requests coming and going touch two atomics, not the timer wheel. It
+    // fires no later than either timeout could run out, and is then moved
+    // to the exact deadline.
+    let check_every = settings.header_timeout.min(settings.idle_timeout);
+    let timer = tokio::time::sleep_until(Instant::now() + check_every);
     tokio::pin!(timer);
     loop {
         tokio::select! {
@@ -191,7 +193,7 @@ async fn serve<C, E>(
                 let now = Instant::now();
                 match activity.deadline(settings) {
                     // A request in progress: look again later.
-                    None => timer.as_mut().reset(now + settings.idle_timeout),
+                    None => timer.as_mut().reset(now + check_every),
                     // A request ended since the timer was set.
                     Some(deadline) if deadline > now => timer.as_mut().reset(deadline),
                     Some(_) if !activity.has_served() => {
