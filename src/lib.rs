@@ -5,7 +5,8 @@
 //! (route, prepare, on-request plugins, target, on-response plugins,
 //! respond), asking `plugins` to transform it, `cache` to answer it (with an
 //! origin the proxy hands over) or `sources` for a dataset, and `upstream`
-//! to forward it. `admin` is the operator's side door. Below them all,
+//! to forward it; `shared` is the Redis behind the cache when several
+//! instances share one. `admin` is the operator's side door. Below them all,
 //! `config` turns the YAML file into typed settings, `schedule` reads cron
 //! rules, `http` holds the body type, the client-facing error and header
 //! rules, and `watch` watches files. docs/architecture.md draws the whole.
@@ -18,6 +19,7 @@ pub mod http;
 pub mod plugins;
 pub mod proxy;
 pub mod schedule;
+pub mod shared;
 pub mod sources;
 pub mod telemetry;
 pub mod upstream;

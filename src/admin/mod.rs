@@ -199,6 +199,7 @@ impl Admin {
             "entries": self.cache.entry_count(),
             "bytes": self.cache.weighted_size(),
             "fill_bytes": self.cache.fill_bytes(),
+            "shared": self.cache.tier_status(),
             "in_flight": in_flight,
             "stats": self.cache.stats(),
         })
@@ -229,13 +230,15 @@ impl Admin {
             }
         };
         let purged = self.cache.purge(&purge);
-        tracing::info!(?purge, purged, "purge done");
-        Ok(json(
-            StatusCode::OK,
-            serde_json::json!({ "purged": purged }).to_string(),
-        ))
+        let shared = self.cache.purge_reach(PURGE_REACH_WAIT).await;
+        tracing::info!(?purge, purged, shared = shared.as_str(), "purge done");
+        Ok(json(StatusCode::OK, shared.answer(purged).to_string()))
     }
 }
+
+/// How long a purge's answer waits for the purge to reach the shared tier
+/// before saying it is queued.
+const PURGE_REACH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn metrics() -> Response<Body> {
     let mut response = Response::new(body::full(crate::telemetry::render_metrics()));

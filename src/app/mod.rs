@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
+
+use crate::shared::RedisTier;
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
@@ -40,6 +42,8 @@ pub enum StartError {
     },
     #[error("invalid configuration: {0}")]
     Config(#[from] BuildError),
+    #[error("shared.url: {0}")]
+    Shared(#[from] redis::RedisError),
 }
 
 /// Why a reload changed nothing.
@@ -49,6 +53,8 @@ pub enum ReloadError {
     Proxy(#[from] BuildError),
     #[error(transparent)]
     Plugins(#[from] PluginLoadError),
+    #[error("shared.url: {0}")]
+    Shared(#[from] redis::RedisError),
 }
 
 /// The parts that outlive reloads.
@@ -123,6 +129,7 @@ pub async fn start(config: Config, options: Options) -> Result<Server, StartErro
             tunnels: Arc::default(),
         },
     };
+    connect_shared(&app.services.cache, config.shared.as_ref())?;
     let proxy = app.proxy(&config, None)?;
     let admin = app.admin(&config);
 
@@ -193,6 +200,24 @@ pub async fn start(config: Config, options: Options) -> Result<Server, StartErro
     })
 }
 
+/// Puts the shared tier `shared` describes behind the cache, or takes it
+/// away. Connecting is lazy: Larder starts and serves without Redis.
+fn connect_shared(
+    cache: &Cache,
+    shared: Option<&crate::config::SharedConfig>,
+) -> Result<(), redis::RedisError> {
+    let tier = match shared {
+        Some(config) => {
+            let tier: Arc<dyn crate::cache::SecondTier> = RedisTier::start(config)?;
+            tracing::info!(namespace = %config.namespace, "shared tier on Redis");
+            Some((tier, config.max_object_size))
+        }
+        None => None,
+    };
+    cache.set_tier(tier);
+    Ok(())
+}
+
 /// The accept queue a listener asks the kernel for (which caps it at
 /// `net.core.somaxconn`, 4096 by default). Tokio's `bind` asks for 128,
 /// which a burst of a thousand new connections overflows: the kernel drops
@@ -242,6 +267,9 @@ impl Server {
             .plugins
             .apply(&config.plugins, &config.plugin_limits)
             .await?;
+        if config.shared != running.shared {
+            connect_shared(&app.services.cache, config.shared.as_ref())?;
+        }
         app.services.cache.apply(&config.cache);
         app.services.sources.apply(&config.sources);
         self.live.proxy.store(Arc::new(proxy));

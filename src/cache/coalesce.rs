@@ -18,6 +18,7 @@ use super::flight::{Flight, Head};
 use super::outcome::{CacheOutcome, Fwd};
 use super::serve::Forward;
 use super::store::{Entry, Meta};
+use super::tier_fill::TierFill;
 use super::{Cache, Origin, Served, key, policy, respond};
 use crate::config::RouteCache;
 use crate::http::body::{self, Body};
@@ -67,17 +68,25 @@ impl Cache {
                 stored,
                 upstream_status,
                 leader_headers,
+                tier_hit,
             } => {
-                let outcome = CacheOutcome::Forwarded {
-                    fwd: forward.fwd,
-                    upstream_status,
-                    stored,
-                    collapsed: false,
+                let now = self.clock.now();
+                let outcome = if tier_hit {
+                    CacheOutcome::TierHit {
+                        ttl: super::freshness::ttl_seconds(&meta, now),
+                        collapsed: false,
+                    }
+                } else {
+                    CacheOutcome::Forwarded {
+                        fwd: forward.fwd,
+                        upstream_status,
+                        stored,
+                        collapsed: false,
+                    }
                 };
                 // The request that brought the response gets all of it,
                 // including fields kept from other clients.
                 let headers = leader_headers.as_deref().unwrap_or(&meta.headers);
-                let now = self.clock.now();
                 let response = respond::from_flight(reader, &meta, headers, &forward.parts, now);
                 Served::ok(response, outcome)
             }
@@ -123,16 +132,24 @@ impl Cache {
                 meta,
                 stored,
                 upstream_status,
+                tier_hit,
                 ..
             } if may_share(&meta, &forward.parts.headers) => match reader {
                 Some(reader) => {
-                    let outcome = CacheOutcome::Forwarded {
-                        fwd: forward.fwd,
-                        upstream_status,
-                        stored,
-                        collapsed: true,
-                    };
                     let now = self.clock.now();
+                    let outcome = if tier_hit {
+                        CacheOutcome::TierHit {
+                            ttl: super::freshness::ttl_seconds(&meta, now),
+                            collapsed: true,
+                        }
+                    } else {
+                        CacheOutcome::Forwarded {
+                            fwd: forward.fwd,
+                            upstream_status,
+                            stored,
+                            collapsed: true,
+                        }
+                    };
                     let response = respond::from_flight(
                         Some(reader),
                         &meta,
@@ -180,6 +197,7 @@ impl Cache {
             deadline: tokio::time::Instant::now() + self.head_wait(),
             idle_timeout: self.settings.load().fill_idle_timeout,
             reserved: std::sync::atomic::AtomicU64::new(0),
+            tier: self.tier_for(forward),
         };
         let fetch = fill_request(&forward.parts, forward.stale.as_deref());
         let refetch = forward
@@ -187,6 +205,25 @@ impl Cache {
             .as_ref()
             .map(|_| fill_request(&forward.parts, None));
         tokio::spawn(fill::run(fill, fetch, refetch, Arc::clone(origin)));
+    }
+
+    /// The second tier for a fill, when the route uses it and the fill is a
+    /// plain miss: revalidations go to the origin, and a request with
+    /// `Authorization` is not answered from what other users' requests left.
+    fn tier_for(&self, forward: &Forward<'_>) -> Option<TierFill> {
+        if !forward.route.shared
+            || forward.stale.is_some()
+            || forward.parts.headers.contains_key(header::AUTHORIZATION)
+        {
+            return None;
+        }
+        let handle = self.tier.handle.load_full()?;
+        Some(TierFill {
+            tier: Arc::clone(&handle.tier),
+            max_object_size: handle.max_object_size,
+            generation: None,
+            hit: false,
+        })
     }
 
     /// Starts one background revalidation for the key unless one is running.

@@ -28,6 +28,7 @@ use super::freshness;
 use super::origin::{Origin, OriginError, OriginErrorKind};
 use super::policy::{self, NotStorable, Timing};
 use super::store::{Entry, Meta};
+use super::tier_fill::{Lookup, TierFill};
 use super::{Cache, key, update_gauges};
 use crate::http::body::{self, Body};
 use crate::http::cache_control::{RequestDirectives, ResponseDirectives};
@@ -65,6 +66,8 @@ pub struct Fill {
     pub idle_timeout: Duration,
     /// Bytes taken from the cache's fill memory budget, given back on drop.
     pub reserved: AtomicU64,
+    /// The second tier, when this fill may use it.
+    pub tier: Option<TierFill>,
 }
 
 /// The error for a fill (or a wait for one) past `cache.fill_timeout`.
@@ -112,11 +115,16 @@ enum Step {
 /// Runs the fetch (`refetch`, without validators, follows a 304 that names
 /// another representation) and hands its result to the flight.
 pub async fn run(
-    fill: Fill,
+    mut fill: Fill,
     fetch: Request<Body>,
     refetch: Option<Request<Body>>,
     origin: Arc<dyn Origin>,
 ) {
+    // The second tier first: a usable record answers as the origin would.
+    if let Lookup::Hit(response) = fill.look_up_tier().await {
+        let now = fill.cache.clock.now();
+        return fill.stream(response, now, now).await;
+    }
     let (response, request_time, response_time) = match fill.fetch_timed(&*origin, fetch).await {
         Ok(fetched) => fetched,
         Err(error) => return fill.fail(error),
@@ -207,7 +215,7 @@ impl Fill {
         )
     }
 
-    fn meta(&self, status: StatusCode, headers: HeaderMap, timing: Timing) -> Meta {
+    pub(super) fn meta(&self, status: StatusCode, headers: HeaderMap, timing: Timing) -> Meta {
         let directives = ResponseDirectives::parse(&headers);
         let lifetime = policy::freshness_lifetime(status, &headers, &directives, timing.date);
         let vary_names = key::vary_names(&headers);
@@ -282,6 +290,7 @@ impl Fill {
             store.remove_entry(&self.key, &entry);
             return;
         }
+        self.write_behind(&entry.meta, &entry.body);
         self.cache.stats.stored();
         update_gauges(&store);
     }
@@ -332,6 +341,7 @@ impl Fill {
             stored: true,
             upstream_status: StatusCode::NOT_MODIFIED,
             leader_headers,
+            tier_hit: false,
         });
     }
 
@@ -400,6 +410,7 @@ impl Fill {
             stored: teeing == Teeing::Storing,
             upstream_status: head.status,
             leader_headers,
+            tier_hit: self.tier.as_ref().is_some_and(|tier| tier.hit),
         });
         Some((meta, teeing))
     }

@@ -38,6 +38,8 @@ pub enum Head {
         /// The leader's own header fields when they differ from `meta`'s:
         /// fields a qualified `no-cache` / `private` keeps from other clients.
         leader_headers: Option<Arc<http::HeaderMap>>,
+        /// The response came from the second tier, not the origin.
+        tier_hit: bool,
     },
     /// Not shareable: the leader takes the response from the slot (empty
     /// when the fill ended without one); everyone else fetches on their own.

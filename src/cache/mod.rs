@@ -30,6 +30,8 @@ mod purge;
 mod respond;
 mod serve;
 mod store;
+mod tier;
+mod tier_fill;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -50,6 +52,8 @@ pub use origin::{Origin, OriginError, OriginErrorKind};
 pub use outcome::{CacheOutcome, Fwd, StaleReason};
 pub use purge::Purge;
 pub use respond::append_cache_status;
+pub use tier::{GENERATION, SecondTier, TierError, TierFuture};
+pub use tier_fill::PurgeReach;
 
 /// Settings that may change on reload without touching the entries.
 struct Settings {
@@ -84,6 +88,8 @@ pub struct Cache {
     stats: outcome::CacheStats,
     /// Bytes the fills in progress hold for the store (`cache.fill_memory`).
     fill_bytes: std::sync::atomic::AtomicU64,
+    /// The second tier (`shared:`) and the purges on their way to it.
+    tier: Arc<tier_fill::TierState>,
 }
 
 /// What the cache did with one request: the response (or the error to
@@ -118,7 +124,37 @@ impl Cache {
             clock,
             stats: outcome::CacheStats::default(),
             fill_bytes: std::sync::atomic::AtomicU64::new(0),
+            tier: Arc::default(),
         })
+    }
+
+    /// The second tier's state for the admin API: `null` without one.
+    pub fn tier_status(&self) -> serde_json::Value {
+        match self.tier.handle.load().as_ref() {
+            None => serde_json::Value::Null,
+            Some(handle) => serde_json::json!({
+                "state": if handle.tier.degraded() { "degraded" } else { "ok" },
+                "purge_pending": self.tier.purge_pending(),
+            }),
+        }
+    }
+
+    /// Waits (up to `limit`) for the purges applied so far to reach the
+    /// second tier; says whether they did.
+    pub async fn purge_reach(&self, limit: std::time::Duration) -> PurgeReach {
+        self.tier.reach(limit).await
+    }
+
+    /// Puts a second tier behind the store (or takes it away): responses
+    /// of up to `max_object_size` bytes stored here are written there too,
+    /// and a local miss looks there before the origin.
+    pub fn set_tier(&self, tier: Option<(Arc<dyn SecondTier>, u64)>) {
+        self.tier.handle.store(tier.map(|(tier, max_object_size)| {
+            Arc::new(tier_fill::TierHandle {
+                tier,
+                max_object_size,
+            })
+        }));
     }
 
     /// Bytes the fills in progress buffer for the store.

@@ -134,6 +134,9 @@ pub enum CacheOutcome {
     },
     /// Forwarded, and the origin failed with nothing stale to answer.
     Failed { fwd: Fwd, collapsed: bool },
+    /// Not stored here, but fresh in the second tier (`shared:`): copied
+    /// into this cache and served, without the origin.
+    TierHit { ttl: i64, collapsed: bool },
     /// `only-if-cached` and nothing usable stored.
     NotCached,
 }
@@ -141,7 +144,7 @@ pub enum CacheOutcome {
 impl CacheOutcome {
     pub fn label(&self) -> Label {
         match self {
-            Self::Hit { .. } => Label::Hit,
+            Self::Hit { .. } | Self::TierHit { .. } => Label::Hit,
             Self::Stale { .. } => Label::Stale,
             Self::Forwarded { fwd, .. } => fwd.label(),
             Self::Failed { .. } => Label::Error,
@@ -215,6 +218,12 @@ impl CacheOutcome {
             }
             Self::Failed { fwd, collapsed } => {
                 push(&mut member, format_args!("; fwd={}", fwd.as_str()));
+                if *collapsed {
+                    member.push_str("; collapsed");
+                }
+            }
+            Self::TierHit { ttl, collapsed } => {
+                push(&mut member, format_args!("; hit; ttl={ttl}; detail=shared"));
                 if *collapsed {
                     member.push_str("; collapsed");
                 }

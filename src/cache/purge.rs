@@ -63,6 +63,7 @@ impl Cache {
             }
         };
         update_gauges(&store);
+        self.tier.raise_generation();
         purged
     }
 

@@ -36,6 +36,21 @@ pub struct Config {
     pub plugins: BTreeMap<String, PluginConfig>,
     pub plugin_limits: PluginTotals,
     pub sources: BTreeMap<String, SourceConfig>,
+    /// The shared tier on Redis; `None`: this instance keeps to itself.
+    pub shared: Option<SharedConfig>,
+}
+
+/// `shared:`, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedConfig {
+    /// As redis-rs takes it: `redis://…` or `redis+unix://…`.
+    pub url: String,
+    pub namespace: String,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_object_size: u64,
+    pub write_queue: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -113,6 +128,8 @@ pub struct RouteCache {
     /// Requests with `Cookie` or `Authorization` go to the origin and are
     /// neither answered from nor stored in the cache.
     pub bypass_with_credentials: bool,
+    /// Uses the shared tier (when one is configured).
+    pub shared: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]

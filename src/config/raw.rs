@@ -50,6 +50,50 @@ pub struct RawConfig {
     pub plugin_limits: PluginTotals,
     #[serde(default)]
     pub sources: BTreeMap<String, RawSource>,
+    /// The shared tier on Redis. Absent: this instance keeps its cache to itself.
+    #[serde(default)]
+    pub shared: Option<RawShared>,
+}
+
+/// `shared:`: the Redis every instance of a namespace shares.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawShared {
+    /// `redis://host:port/db` or `redis+unix:///path/to/redis.sock`.
+    pub url: String,
+    /// Instances with the same namespace share state; required.
+    pub namespace: String,
+    /// Longest a lookup waits for Redis before the request goes on without it.
+    #[serde(default = "default_shared_read_timeout")]
+    pub read_timeout: HumanDuration,
+    /// Longest a write or a purge's generation bump waits.
+    #[serde(default = "default_shared_write_timeout")]
+    pub write_timeout: HumanDuration,
+    /// Longest a connection attempt waits.
+    #[serde(default = "default_shared_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// Larger responses stay in the local cache only.
+    #[serde(default = "default_shared_max_object_size")]
+    pub max_object_size: ByteSize,
+    /// Writes waiting to go to Redis; more are dropped (and counted).
+    #[serde(default = "default_shared_write_queue")]
+    pub write_queue: usize,
+}
+
+fn default_shared_read_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_millis(50))
+}
+fn default_shared_write_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_millis(500))
+}
+fn default_shared_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_millis(500))
+}
+fn default_shared_max_object_size() -> ByteSize {
+    ByteSize(1024 * 1024)
+}
+fn default_shared_write_queue() -> usize {
+    1024
 }
 
 pub fn default_listen() -> SocketAddr {
@@ -277,6 +321,9 @@ pub struct RawRouteCache {
     /// Requests with `Cookie` or `Authorization` skip the cache (Varnish's habit).
     #[serde(default)]
     pub bypass_with_credentials: bool,
+    /// Whether this route uses the shared tier when `shared:` is set.
+    #[serde(default = "default_true")]
+    pub shared: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

@@ -20,12 +20,12 @@ use ipnet::IpNet;
 use super::ConfigError;
 use super::model::{
     CacheConfig, CacheKeyConfig, Config, Endpoint, HttpSource, PluginConfig, PurgeConfig, Route,
-    RouteCache, RouteTarget, ServerAddr, ServerConfig, SourceConfig, Upstream,
+    RouteCache, RouteTarget, ServerAddr, ServerConfig, SharedConfig, SourceConfig, Upstream,
 };
 use super::positions::PositionIndex;
 use super::raw::{
-    RawCacheConfig, RawConfig, RawHttpSource, RawRoute, RawRouteCache, RawServer, RawSource,
-    RawUpstream,
+    RawCacheConfig, RawConfig, RawHttpSource, RawRoute, RawRouteCache, RawServer, RawShared,
+    RawSource, RawUpstream,
 };
 use crate::schedule::Rule;
 
@@ -74,6 +74,10 @@ pub fn validate(
             Some((name.clone(), typed))
         })
         .collect();
+    let shared = raw
+        .shared
+        .as_ref()
+        .and_then(|shared| checker.shared(shared));
     let mut errors = checker.errors;
     if !errors.is_empty() {
         errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column.unwrap_or(0)));
@@ -90,6 +94,7 @@ pub fn validate(
         plugins: raw.plugins,
         plugin_limits: raw.plugin_limits,
         sources,
+        shared,
     })
 }
 
@@ -231,6 +236,58 @@ impl Checker<'_> {
             fill_idle_timeout: cache.fill_idle_timeout.0,
             fill_memory: cache.fill_memory.0,
         }
+    }
+
+    fn shared(&mut self, shared: &RawShared) -> Option<SharedConfig> {
+        let before = self.errors.len();
+        let known_scheme = ["redis://", "redis+unix://", "unix://"]
+            .iter()
+            .any(|scheme| shared.url.starts_with(scheme));
+        if !known_scheme {
+            self.fail(
+                "shared.url",
+                format!(
+                    "{:?} is not a Redis URL (use redis://host:port/db or redis+unix:///path/to/redis.sock)",
+                    shared.url
+                ),
+            );
+        }
+        let namespace_ok = !shared.namespace.is_empty()
+            && shared.namespace.len() <= 64
+            && shared
+                .namespace
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !namespace_ok {
+            self.fail(
+                "shared.namespace",
+                format!(
+                    "{:?}: use 1 to 64 letters, digits, '-', '_' or '.'",
+                    shared.namespace
+                ),
+            );
+        }
+        for (key, value) in [
+            ("shared.read_timeout", shared.read_timeout),
+            ("shared.write_timeout", shared.write_timeout),
+            ("shared.connect_timeout", shared.connect_timeout),
+        ] {
+            if value.0.is_zero() {
+                self.fail(key, "must be above zero");
+            }
+        }
+        if shared.write_queue == 0 {
+            self.fail("shared.write_queue", "must be at least 1");
+        }
+        (self.errors.len() == before).then(|| SharedConfig {
+            url: shared.url.clone(),
+            namespace: shared.namespace.clone(),
+            read_timeout: shared.read_timeout.0,
+            write_timeout: shared.write_timeout.0,
+            connect_timeout: shared.connect_timeout.0,
+            max_object_size: shared.max_object_size.0,
+            write_queue: shared.write_queue,
+        })
     }
 
     fn upstream(&mut self, path: &str, upstream: &RawUpstream) -> Upstream {
@@ -415,6 +472,7 @@ impl Checker<'_> {
             },
             purge,
             bypass_with_credentials: cache.bypass_with_credentials,
+            shared: cache.shared,
         }
     }
 

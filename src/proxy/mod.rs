@@ -367,7 +367,7 @@ impl Proxy {
             Target::Source(name) => self.sources.serve_source(name, &request),
             Target::Upstream { .. } if route.cache.enabled && request.method() == "PURGE" => {
                 let (parts, _) = request.into_parts();
-                purge::answer(&self.cache, &route.cache, &parts, ctx.client)
+                purge::answer(&self.cache, &route.cache, &parts, ctx.client).await
             }
             Target::Upstream { cache_origin, .. } if route.cache.enabled => {
                 let key_extra = &ctx.plugins.cache_key_extra;

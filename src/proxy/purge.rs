@@ -17,7 +17,7 @@ use crate::http::error::{ErrorKind, RequestError};
 /// The methods a cached route answers, for the `Allow` of a refused PURGE.
 const ALLOW: &str = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS";
 
-pub fn answer(
+pub async fn answer(
     cache: &Cache,
     route: &RouteCache,
     request: &Parts,
@@ -36,12 +36,17 @@ pub fn answer(
     }
     let purge = Purge::of_request(route, request);
     let purged = cache.purge(&purge);
-    tracing::info!(?purge, purged, "PURGE");
+    let shared = cache.purge_reach(PURGE_REACH_WAIT).await;
+    tracing::info!(?purge, purged, shared = shared.as_str(), "PURGE");
     Ok(crate::http::json(
         StatusCode::OK,
-        serde_json::json!({ "purged": purged }).to_string(),
+        shared.answer(purged).to_string(),
     ))
 }
+
+/// How long a PURGE's answer waits for the purge to reach the shared tier
+/// before saying it is queued.
+const PURGE_REACH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Whether `ip` is in one of the blocks; an IPv4-mapped IPv6 address
 /// (`::ffff:10.0.0.1`, a dual-stack listener's view of an IPv4 client)

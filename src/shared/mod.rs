@@ -1,0 +1,260 @@
+//! The shared tier on Redis: the second cache tier several instances of one
+//! `shared.namespace` use ([`crate::cache::SecondTier`]).
+//!
+//! Owns the Redis connection (connected lazily and reconnected by redis-rs's
+//! `ConnectionManager`, so Larder starts and serves without Redis), a
+//! timeout on every call, a circuit breaker that stops calling a Redis that
+//! keeps failing, and a bounded write-behind queue drained by one task.
+//! Every name is prefixed `larder:<namespace>:`. Must not decide what is
+//! cached or for how long (the cache does), and never turns a Redis failure
+//! into a request error: a failed call is a miss, a full queue a dropped
+//! write, each counted.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::cache::{SecondTier, TierError, TierFuture};
+use crate::config::SharedConfig;
+
+/// Consecutive failed calls that open the circuit.
+const FAILURES_TO_OPEN: u32 = 3;
+/// How long an open circuit skips Redis before one call tries again.
+const OPEN_FOR: Duration = Duration::from_secs(1);
+
+enum Write {
+    Put {
+        name: String,
+        value: Bytes,
+        ttl: Duration,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+/// The Redis side of the shared tier.
+pub struct RedisTier {
+    connection: ConnectionManager,
+    prefix: String,
+    read_timeout: Duration,
+    write_timeout: Duration,
+    writes: mpsc::Sender<Write>,
+    breaker: Breaker,
+}
+
+impl RedisTier {
+    /// Sets up the tier; connects on first use. Fails only on a URL redis-rs
+    /// cannot use (config checked its form already).
+    pub fn start(config: &SharedConfig) -> Result<Arc<Self>, redis::RedisError> {
+        let client = redis::Client::open(config.url.as_str())?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.write_timeout.max(config.read_timeout)))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        let (writes, queue) = mpsc::channel(config.write_queue.max(1));
+        let tier = Arc::new(Self {
+            connection,
+            prefix: format!("larder:{}:", config.namespace),
+            read_timeout: config.read_timeout,
+            write_timeout: config.write_timeout,
+            writes,
+            breaker: Breaker::default(),
+        });
+        tokio::spawn(drain_writes(Arc::downgrade(&tier), queue));
+        metrics::gauge!("larder_shared_circuit_open").set(0.0);
+        Ok(tier)
+    }
+
+    fn name(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// Runs one command under the breaker and `limit`.
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        command: redis::Cmd,
+        limit: Duration,
+        what: &'static str,
+    ) -> Result<T, TierError> {
+        if !self.breaker.admit() {
+            count(what, "skipped");
+            return Err(TierError::Unavailable);
+        }
+        let mut connection = self.connection.clone();
+        let outcome = tokio::time::timeout(limit, command.query_async::<T>(&mut connection)).await;
+        let result = match outcome {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, what, "shared tier call failed");
+                Err(TierError::Failed)
+            }
+            Err(_) => Err(TierError::Timeout),
+        };
+        match &result {
+            Ok(_) => {
+                count(what, "ok");
+                self.breaker.succeeded();
+            }
+            Err(error) => {
+                count(
+                    what,
+                    if *error == TierError::Timeout {
+                        "timeout"
+                    } else {
+                        "error"
+                    },
+                );
+                if self.breaker.failed() {
+                    tracing::warn!(what, error = %error, "shared tier failing; circuit open, requests go on without it");
+                }
+            }
+        }
+        result
+    }
+}
+
+impl SecondTier for RedisTier {
+    fn get_many(
+        &self,
+        names: Vec<String>,
+    ) -> TierFuture<'_, Result<Vec<Option<Bytes>>, TierError>> {
+        Box::pin(async move {
+            let mut command = redis::cmd("MGET");
+            for name in &names {
+                command.arg(self.name(name));
+            }
+            let values: Vec<Option<Vec<u8>>> = self.call(command, self.read_timeout, "get").await?;
+            if values.len() != names.len() {
+                return Err(TierError::Failed);
+            }
+            Ok(values
+                .into_iter()
+                .map(|value| value.map(Bytes::from))
+                .collect())
+        })
+    }
+
+    fn put(&self, name: String, value: Bytes, ttl: Duration) {
+        self.enqueue(Write::Put { name, value, ttl });
+    }
+
+    fn delete(&self, name: String) {
+        self.enqueue(Write::Delete { name });
+    }
+
+    fn degraded(&self) -> bool {
+        self.breaker.is_open()
+    }
+
+    fn bump_generation(&self) -> TierFuture<'_, Result<u64, TierError>> {
+        Box::pin(async move {
+            let mut command = redis::cmd("INCR");
+            command.arg(self.name(crate::cache::GENERATION));
+            self.call(command, self.write_timeout, "purge").await
+        })
+    }
+}
+
+impl RedisTier {
+    fn enqueue(&self, write: Write) {
+        match self.writes.try_send(write) {
+            Ok(()) => metrics::gauge!("larder_shared_write_queue").increment(1.0),
+            Err(_) => {
+                metrics::counter!("larder_shared_writes_total", "result" => "dropped").increment(1)
+            }
+        }
+    }
+}
+
+/// The write-behind task: one write at a time, each under the write timeout;
+/// ends when the tier goes.
+async fn drain_writes(tier: std::sync::Weak<RedisTier>, mut queue: mpsc::Receiver<Write>) {
+    while let Some(write) = queue.recv().await {
+        metrics::gauge!("larder_shared_write_queue").decrement(1.0);
+        let Some(tier) = tier.upgrade() else { return };
+        let result: Result<(), TierError> = match write {
+            Write::Put { name, value, ttl } => {
+                let mut command = redis::cmd("SET");
+                let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+                command
+                    .arg(tier.name(&name))
+                    .arg(value.as_ref())
+                    .arg("PX")
+                    .arg(millis);
+                tier.call(command, tier.write_timeout, "put").await
+            }
+            Write::Delete { name } => {
+                let mut command = redis::cmd("DEL");
+                command.arg(tier.name(&name));
+                tier.call::<()>(command, tier.write_timeout, "delete").await
+            }
+        };
+        let label = if result.is_ok() { "ok" } else { "failed" };
+        metrics::counter!("larder_shared_writes_total", "result" => label).increment(1);
+    }
+}
+
+fn count(what: &'static str, result: &'static str) {
+    metrics::counter!("larder_shared_calls_total", "call" => what, "result" => result).increment(1);
+}
+
+/// Stops calling a Redis that keeps failing: after [`FAILURES_TO_OPEN`]
+/// failures in a row, calls are skipped for [`OPEN_FOR`]; then one call at
+/// a time tries, and a success closes it.
+#[derive(Default)]
+struct Breaker {
+    failures: AtomicU32,
+    open_until: Mutex<Option<Instant>>,
+    trying: AtomicBool,
+}
+
+impl Breaker {
+    fn admit(&self) -> bool {
+        let open_until = *self.open_until.lock();
+        match open_until {
+            None => true,
+            Some(until) if Instant::now() < until => false,
+            // Past the pause: one call tries.
+            Some(_) => !self.trying.swap(true, Ordering::AcqRel),
+        }
+    }
+
+    fn succeeded(&self) {
+        self.failures.store(0, Ordering::Release);
+        self.trying.store(false, Ordering::Release);
+        if self.open_until.lock().take().is_some() {
+            metrics::gauge!("larder_shared_circuit_open").set(0.0);
+            tracing::info!("shared tier answering again; circuit closed");
+        }
+    }
+
+    /// Counts a failure; true when it opened the circuit.
+    fn failed(&self) -> bool {
+        let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        self.trying.store(false, Ordering::Release);
+        let mut open_until = self.open_until.lock();
+        if failures >= FAILURES_TO_OPEN {
+            let opened = open_until.is_none();
+            *open_until = Some(Instant::now() + OPEN_FOR);
+            if opened {
+                metrics::gauge!("larder_shared_circuit_open").set(1.0);
+            }
+            return opened;
+        }
+        false
+    }
+
+    fn is_open(&self) -> bool {
+        self.open_until.lock().is_some()
+    }
+}

@@ -1,0 +1,539 @@
+//! The shared tier on Redis, through real Larders and a real `redis-server`
+//! (started by each test on a Unix socket in a temporary directory, stopped
+//! by PID): a miss on one instance is a hit on another, local hits make no
+//! Redis calls, Vary variants, namespaces, size caps, corrupt records,
+//! purges, and Redis going away.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::{
+    ADMIN_BLOCK, Larder, eventually, get_with, respond, start_larder, start_numbered_origin,
+    start_origin,
+};
+use http::Request;
+
+/// A `redis-server` of this test's own, on a Unix socket.
+struct Redis {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let socket = dir.path().join("redis.sock");
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--save", "", "--appendonly", "no"])
+            .arg("--unixsocket")
+            .arg(&socket)
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (apt-get install redis-server)");
+        let redis = Self {
+            child,
+            socket,
+            _dir: dir,
+        };
+        eventually("redis-server to answer PING", async || {
+            redis.try_command(&["PING"]).await.is_ok()
+        })
+        .await;
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis+unix://{}", self.socket.display())
+    }
+
+    async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
+    async fn try_command(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        let mut connection = self.connection().await?;
+        let mut command = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            command.arg(*arg);
+        }
+        command.query_async(&mut connection).await
+    }
+
+    async fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut connection = self.connection().await.expect("connect to redis");
+        redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut connection)
+            .await
+            .expect("KEYS")
+    }
+
+    async fn set_raw(&self, key: &str, value: &[u8]) {
+        let mut connection = self.connection().await.expect("connect to redis");
+        let () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async(&mut connection)
+            .await
+            .expect("SET");
+    }
+
+    /// Commands the server has run, from `INFO commandstats`, by name.
+    async fn command_calls(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut connection = self.connection().await.expect("connect to redis");
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut connection)
+            .await
+            .expect("INFO");
+        info.lines()
+            .filter_map(|line| {
+                let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = rest
+                    .strip_prefix("calls=")?
+                    .split(',')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                Some((name.to_string(), calls))
+            })
+            .collect()
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
+    fn freeze(&self, frozen: bool) {
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        assert!(self.signal(signal), "signal redis-server");
+    }
+
+    fn signal(&self, signal: libc::c_int) -> bool {
+        let Ok(pid) = libc::pid_t::try_from(self.child.id()) else {
+            return false;
+        };
+        // SAFETY: signals our own child process by its PID.
+        unsafe { libc::kill(pid, signal) == 0 }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        // A frozen server is woken first, so SIGKILL's reaping goes through.
+        self.signal(libc::SIGCONT);
+        self.kill();
+    }
+}
+
+/// A Larder with the shared tier on `redis` in `namespace`; `extra` adds
+/// lines under `shared:`.
+fn config(origin: &str, redis_url: &str, namespace: &str, extra: &str) -> String {
+    format!(
+        "{ADMIN_BLOCK}shared:\n  url: '{redis_url}'\n  namespace: {namespace}\n{extra}upstreams:\n  app:\n    servers: [\"{origin}\"]\nroutes:\n  - match: {{ path_prefix: / }}\n    upstream: app\n    cache: {{ enabled: true }}\n"
+    )
+}
+
+/// An origin whose answers are cacheable for a minute; `/vary/*` varies on
+/// Accept-Language, `/big/*` is 4 KiB.
+async fn cacheable_origin() -> common::Origin {
+    start_origin(|request: Request<hyper::body::Incoming>| async move {
+        let path = request.uri().path().to_string();
+        if path.starts_with("/vary/") {
+            let language = request
+                .headers()
+                .get("accept-language")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+                .to_string();
+            return respond(
+                200,
+                &[("cache-control", "max-age=60"), ("vary", "accept-language")],
+                format!("{path} in {language}"),
+            );
+        }
+        if path.starts_with("/big/") {
+            return respond(200, &[("cache-control", "max-age=60")], vec![b'b'; 4096]);
+        }
+        respond(
+            200,
+            &[("cache-control", "max-age=60")],
+            format!("body of {path}"),
+        )
+    })
+    .await
+}
+
+/// Waits until the tier holds `count` records under `namespace`.
+async fn records_written(redis: &Redis, namespace: &str, count: usize) -> Vec<String> {
+    let pattern = format!("larder:{namespace}:obj:*");
+    eventually(format!("{count} record(s) in redis"), async || {
+        let keys = redis.keys(&pattern).await;
+        (keys.len() >= count).then_some(keys)
+    })
+    .await
+}
+
+/// The host every instance is asked for, as behind one load balancer (the
+/// cache key includes it; each test Larder listens on a port of its own).
+const SITE: &str = "shop.example";
+
+/// GETs `path` from `larder` as a request for [`SITE`].
+async fn fetch(larder: &Larder, path: &str) -> common::Reply {
+    get_with(&larder.url(path), &[("host", SITE)]).await
+}
+
+async fn fetch_with(larder: &Larder, path: &str, header: (&str, &str)) -> common::Reply {
+    get_with(&larder.url(path), &[("host", SITE), header]).await
+}
+
+fn assert_tier_hit(reply: &common::Reply, body: &str) {
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.text(), body);
+    assert!(
+        reply.cache_status().contains("hit") && reply.cache_status().contains("detail=shared"),
+        "{}",
+        reply.cache_status()
+    );
+}
+
+/// Purges through `larder`'s admin API; what its answer says of the shared tier.
+async fn purge(larder: &Larder, json: serde_json::Value) -> String {
+    let reply = larder.admin("POST", "/purge", json.to_string()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json()["shared"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_miss_on_one_instance_is_a_hit_on_another_and_local_hits_call_no_redis() {
+    let redis = Redis::start().await;
+    let origin = cacheable_origin().await;
+    let yaml = config(&origin.url(), &redis.url(), "shop", "");
+    let (a, b) = (start_larder(&yaml).await, start_larder(&yaml).await);
+
+    let first = fetch(&a, "/page").await;
+    assert_eq!(first.text(), "body of /page");
+    assert!(
+        first.cache_status().contains("fwd=uri-miss"),
+        "{}",
+        first.cache_status()
+    );
+    records_written(&redis, "shop", 1).await;
+
+    let shared = fetch(&b, "/page").await;
+    assert_tier_hit(&shared, "body of /page");
+    assert_eq!(origin.hits(), 1, "one origin request for both instances");
+
+    // B keeps its copy: from now on its hits are local, with no Redis call.
+    let before = redis.command_calls().await;
+    for _ in 0..20 {
+        let local = fetch(&b, "/page").await;
+        assert_eq!(local.text(), "body of /page");
+        assert!(
+            !local.cache_status().contains("detail=shared"),
+            "{}",
+            local.cache_status()
+        );
+        let local = fetch(&a, "/page").await;
+        assert_eq!(local.text(), "body of /page");
+    }
+    let after = redis.command_calls().await;
+    let mut calls: Vec<(String, u64)> = after
+        .iter()
+        .map(|(name, calls)| (name.clone(), calls - before.get(name).copied().unwrap_or(0)))
+        .filter(|(name, calls)| *calls > 0 && name != "info")
+        .collect();
+    calls.sort();
+    assert!(
+        calls.is_empty(),
+        "Redis commands during local hits: {calls:?}"
+    );
+    assert_eq!(origin.hits(), 1);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn vary_variants_are_shared_each_under_its_own_values() {
+    let redis = Redis::start().await;
+    let origin = cacheable_origin().await;
+    let yaml = config(&origin.url(), &redis.url(), "vary", "");
+    let (a, b) = (start_larder(&yaml).await, start_larder(&yaml).await);
+    for language in ["en", "fr"] {
+        let reply = fetch_with(&a, "/vary/x", ("accept-language", language)).await;
+        assert_eq!(reply.text(), format!("/vary/x in {language}"));
+    }
+    records_written(&redis, "vary", 2).await;
+    for language in ["fr", "en"] {
+        let reply = fetch_with(&b, "/vary/x", ("accept-language", language)).await;
+        assert_tier_hit(&reply, &format!("/vary/x in {language}"));
+    }
+    assert_eq!(origin.hits(), 2);
+    // A language nobody asked for yet is the origin's.
+    let german = fetch_with(&b, "/vary/x", ("accept-language", "de")).await;
+    assert_eq!(german.text(), "/vary/x in de");
+    assert!(!german.cache_status().contains("detail=shared"));
+    assert_eq!(origin.hits(), 3);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn namespaces_on_one_redis_do_not_share_and_big_objects_stay_local() {
+    let redis = Redis::start().await;
+    let origin = cacheable_origin().await;
+    let a = start_larder(&config(
+        &origin.url(),
+        &redis.url(),
+        "one",
+        "  max_object_size: 1KiB\n",
+    ))
+    .await;
+    let other = start_larder(&config(&origin.url(), &redis.url(), "two", "")).await;
+    let b = start_larder(&config(
+        &origin.url(),
+        &redis.url(),
+        "one",
+        "  max_object_size: 1KiB\n",
+    ))
+    .await;
+
+    assert_eq!(fetch(&a, "/small").await.status, 200);
+    assert_eq!(fetch(&a, "/big/1").await.status, 200);
+    records_written(&redis, "one", 1).await;
+    let in_other = fetch(&other, "/small").await;
+    assert!(
+        !in_other.cache_status().contains("detail=shared"),
+        "{}",
+        in_other.cache_status()
+    );
+    assert_eq!(origin.hits(), 3, "another namespace fetches for itself");
+
+    assert_tier_hit(&fetch(&b, "/small").await, "body of /small");
+    let big = fetch(&b, "/big/1").await;
+    assert_eq!(big.body.len(), 4096);
+    assert!(
+        !big.cache_status().contains("detail=shared"),
+        "over shared.max_object_size: {}",
+        big.cache_status()
+    );
+    assert_eq!(origin.hits(), 4);
+    assert_eq!(
+        redis.keys("larder:one:obj:*").await.len(),
+        1,
+        "the big object was not written"
+    );
+    for larder in [a, other, b] {
+        larder.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_record_is_a_miss_and_is_replaced() {
+    let redis = Redis::start().await;
+    let origin = cacheable_origin().await;
+    let yaml = config(&origin.url(), &redis.url(), "junk", "");
+    let (a, b) = (start_larder(&yaml).await, start_larder(&yaml).await);
+    assert_eq!(fetch(&a, "/page").await.status, 200);
+    let keys = records_written(&redis, "junk", 1).await;
+    redis.set_raw(&keys[0], b"LDR1 not really").await;
+
+    let reply = fetch(&b, "/page").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "body of /page");
+    assert!(
+        !reply.cache_status().contains("detail=shared"),
+        "{}",
+        reply.cache_status()
+    );
+    assert_eq!(origin.hits(), 2, "the corrupt record was a miss");
+    // B wrote a good record in its place: a third instance hits it.
+    let c = start_larder(&yaml).await;
+    eventually("a good record again", async || {
+        fetch(&c, "/page")
+            .await
+            .cache_status()
+            .contains("detail=shared")
+    })
+    .await;
+    for larder in [a, b, c] {
+        larder.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn after_a_purge_no_instance_gets_the_purged_response_from_redis() {
+    let redis = Redis::start().await;
+    // Each fetch is a new version: "v1", "v2", ...
+    let origin = start_numbered_origin(|_, n| async move {
+        respond(200, &[("cache-control", "max-age=60")], format!("v{n}"))
+    })
+    .await;
+    let yaml = config(&origin.url(), &redis.url(), "purge", "");
+    let a = start_larder(&yaml).await;
+    assert_eq!(fetch(&a, "/page").await.text(), "v1");
+    records_written(&redis, "purge", 1).await;
+
+    let reach = purge(
+        &a,
+        serde_json::json!({ "url": format!("http://{SITE}/page") }),
+    )
+    .await;
+    assert_eq!(reach, "published");
+    let again = fetch(&a, "/page").await;
+    assert_eq!(
+        again.text(),
+        "v2",
+        "the purged copy came back from redis: {}",
+        again.cache_status()
+    );
+    // Nor does an instance that never had it get it from Redis, where it
+    // still is (the purge raised the generation rather than find records).
+    let b = start_larder(&yaml).await;
+    assert_ne!(fetch(&b, "/page").await.text(), "v1");
+    for kind in [
+        serde_json::json!({ "prefix": format!("http://{SITE}/") }),
+        serde_json::json!({ "tag": "none" }),
+        serde_json::json!({ "all": true }),
+    ] {
+        let c = start_larder(&yaml).await;
+        let before = fetch(&c, "/page").await.text();
+        assert_eq!(purge(&a, kind.clone()).await, "published");
+        let d = start_larder(&yaml).await;
+        assert_ne!(fetch(&d, "/page").await.text(), before, "after {kind}");
+        c.stop().await;
+        d.stop().await;
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn without_redis_larder_starts_and_serves_and_a_redis_that_dies_costs_no_request() {
+    let origin = cacheable_origin().await;
+    // Nothing listens on this socket.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let absent = format!(
+        "redis+unix://{}",
+        Path::new(dir.path()).join("none.sock").display()
+    );
+    let lonely = start_larder(&config(&origin.url(), &absent, "alone", "")).await;
+    for i in 0..10 {
+        let reply = fetch(&lonely, &format!("/p/{i}")).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(fetch(&lonely, &format!("/p/{i}")).await.status, 200);
+    }
+    assert_eq!(origin.hits(), 10, "cached locally all the same");
+    assert_eq!(lonely.admin("GET", "/health", "").await.status, 200);
+    lonely.stop().await;
+
+    let mut redis = Redis::start().await;
+    let yaml = config(&origin.url(), &redis.url(), "dies", "");
+    let a = start_larder(&yaml).await;
+    assert_eq!(fetch(&a, "/before").await.status, 200);
+    records_written(&redis, "dies", 1).await;
+    redis.kill();
+    let hits = origin.hits();
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let url = a.url(&format!("/after/{}", i % 10));
+            tokio::spawn(async move { get_with(&url, &[("host", SITE)]).await })
+        })
+        .collect();
+    for task in tasks {
+        let reply = task.await.expect("a request task");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    assert!(origin.hits() >= hits + 10);
+    assert_eq!(fetch(&a, "/before").await.status, 200);
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_costs_no_request_and_a_purge_meanwhile_reaches_it_when_it_answers() {
+    let redis = Redis::start().await;
+    let origin = start_numbered_origin(|_, n| async move {
+        respond(200, &[("cache-control", "max-age=60")], format!("v{n}"))
+    })
+    .await;
+    let yaml = config(&origin.url(), &redis.url(), "hung", "");
+    let a = start_larder(&yaml).await;
+    assert_eq!(fetch(&a, "/page").await.text(), "v1");
+    records_written(&redis, "hung", 1).await;
+
+    redis.freeze(true);
+    // Misses go to the origin after at most the read timeout; none fails.
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let url = a.url(&format!("/other/{}", i % 8));
+            tokio::spawn(async move { get_with(&url, &[("host", SITE)]).await })
+        })
+        .collect();
+    for task in tasks {
+        let reply = task.await.expect("a request task");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let state = a.admin("GET", "/cache", "").await.json();
+    assert_eq!(state["shared"]["state"], "degraded", "{state}");
+    // A purge cannot reach Redis now: it is queued, and applied here.
+    let reach = purge(
+        &a,
+        serde_json::json!({ "url": format!("http://{SITE}/page") }),
+    )
+    .await;
+    assert_eq!(reach, "queued");
+    let after = fetch(&a, "/page").await;
+    assert_ne!(after.text(), "v1", "purged here at once");
+
+    // Redis answers again: the queued purge goes out, so an instance that
+    // never had /page does not get v1 from Redis, where it still is.
+    redis.freeze(false);
+    let b = start_larder(&yaml).await;
+    eventually("the queued purge to reach redis", async || {
+        let mut connection = redis.connection().await.ok()?;
+        let generation: Option<u64> = redis::cmd("GET")
+            .arg("larder:hung:gen")
+            .query_async(&mut connection)
+            .await
+            .ok()?;
+        generation.filter(|g| *g >= 1)
+    })
+    .await;
+    assert_ne!(fetch(&b, "/page").await.text(), "v1");
+    eventually("the shared tier to be ok again", async || {
+        a.admin("GET", "/cache", "").await.json()["shared"]["state"] == "ok"
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[test]
+fn the_shared_block_is_checked() {
+    let errors = larder::config::load_str(
+        "shared:\n  url: 'http://127.0.0.1:6379'\n  namespace: 'a b'\n  read_timeout: 0s\n",
+        "bad.yml",
+    )
+    .expect_err("a bad shared block");
+    let text = errors.to_string();
+    for key in ["shared.url", "shared.namespace", "shared.read_timeout"] {
+        assert!(text.contains(key), "{key} missing from:\n{text}");
+    }
+    assert!(text.contains("bad.yml:2"), "{text}");
+    let missing = larder::config::load_str("shared:\n  url: 'redis://127.0.0.1'\n", "m.yml")
+        .expect_err("no namespace");
+    assert!(missing.to_string().contains("namespace"), "{missing}");
+}
