@@ -18,7 +18,7 @@ use super::flight::{Flight, Head};
 use super::outcome::{CacheOutcome, Fwd};
 use super::serve::Forward;
 use super::store::{Entry, Meta};
-use super::tier_fill::TierFill;
+use super::tier::TierFill;
 use super::{Cache, Origin, Served, key, policy, respond};
 use crate::config::RouteCache;
 use crate::http::body::{self, Body};

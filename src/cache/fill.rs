@@ -28,7 +28,7 @@ use super::freshness;
 use super::origin::{Origin, OriginError, OriginErrorKind};
 use super::policy::{self, NotStorable, Timing};
 use super::store::{Entry, Meta};
-use super::tier_fill::{Lookup, TierFill};
+use super::tier::{Lookup, TierFill};
 use super::{Cache, key, update_gauges};
 use crate::http::body::{self, Body};
 use crate::http::cache_control::{RequestDirectives, ResponseDirectives};

@@ -12,12 +12,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 use super::key;
+use crate::http::body::Body;
 
 pub type TierFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -47,6 +49,24 @@ pub trait SecondTier: Send + Sync + 'static {
     fn bump_generation(&self) -> TierFuture<'_, Result<u64, TierError>>;
     /// Whether the tier is failing (its calls are being skipped).
     fn degraded(&self) -> bool;
+}
+
+/// The tier as a fill uses it.
+pub struct TierFill {
+    pub tier: Arc<dyn SecondTier>,
+    pub max_object_size: u64,
+    /// The namespace's purge generation when the lookup ran; `None` when
+    /// the lookup did not answer (then nothing is written behind).
+    pub generation: Option<u64>,
+    /// The fill's response came from the tier (nothing to write back).
+    pub hit: bool,
+}
+
+/// What the tier had for a fill.
+pub enum Lookup {
+    /// A usable record, as a response the fill stores and serves.
+    Hit(Response<Body>),
+    Miss,
 }
 
 /// The generation's name in the tier.

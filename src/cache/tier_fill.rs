@@ -21,28 +21,10 @@ use super::freshness::{self, Use};
 use super::policy::Timing;
 use super::store::Meta;
 use super::tier::{
-    self, GENERATION, Record, SecondTier, decode_generation, decode_vary, record_name, variant_id,
-    vary_name,
+    self, GENERATION, Lookup, Record, SecondTier, decode_generation, decode_vary, record_name,
+    variant_id, vary_name,
 };
 use crate::http::body::{self, Body};
-
-/// The tier as a fill uses it.
-pub struct TierFill {
-    pub tier: Arc<dyn SecondTier>,
-    pub max_object_size: u64,
-    /// The namespace's purge generation when the lookup ran; `None` when
-    /// the lookup did not answer (then nothing is written behind).
-    pub generation: Option<u64>,
-    /// The fill's response came from the tier (nothing to write back).
-    pub hit: bool,
-}
-
-/// What the tier had for a fill.
-pub enum Lookup {
-    /// A usable record, as a response the fill stores and serves.
-    Hit(Response<Body>),
-    Miss,
-}
 
 impl Fill {
     /// Looks the key up in the tier: the generation, the record of a
