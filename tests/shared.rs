@@ -462,6 +462,104 @@ async fn without_redis_larder_starts_and_serves_and_a_redis_that_dies_costs_no_r
     a.stop().await;
 }
 
+/// An origin whose every fetch is a new version ("v1", "v2", ...), tagged
+/// `t1` for tag purges.
+async fn versioned_origin() -> common::Origin {
+    start_numbered_origin(|_, n| async move {
+        respond(
+            200,
+            &[("cache-control", "max-age=60"), ("surrogate-key", "t1")],
+            format!("v{n}"),
+        )
+    })
+    .await
+}
+
+/// Makes `larder` hold `/page` in its own memory; the version it holds.
+async fn held_locally(larder: &Larder) -> String {
+    let first = fetch(larder, "/page").await.text();
+    let again = fetch(larder, "/page").await;
+    assert_eq!(again.text(), first);
+    assert!(
+        again.cache_status().contains("hit") && !again.cache_status().contains("detail=shared"),
+        "{}",
+        again.cache_status()
+    );
+    first
+}
+
+#[tokio::test]
+async fn a_purge_on_one_instance_reaches_the_memory_of_the_others() {
+    let redis = Redis::start().await;
+    let origin = versioned_origin().await;
+    let yaml = config(&origin.url(), &redis.url(), "reach", "");
+    let (a, b) = (start_larder(&yaml).await, start_larder(&yaml).await);
+    for kind in [
+        serde_json::json!({ "url": format!("http://{SITE}/page") }),
+        serde_json::json!({ "prefix": format!("http://{SITE}/") }),
+        serde_json::json!({ "tag": "t1" }),
+        serde_json::json!({ "all": true }),
+    ] {
+        let held = held_locally(&b).await;
+        assert_eq!(purge(&a, kind.clone()).await, "published");
+        eventually(format!("B to drop {held} after {kind}"), async || {
+            fetch(&b, "/page").await.text() != held
+        })
+        .await;
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_purge_whose_message_was_lost_still_reaches_the_others() {
+    let redis = Redis::start().await;
+    let origin = versioned_origin().await;
+    let yaml = config(&origin.url(), &redis.url(), "lost", "");
+    let (a, b) = (start_larder(&yaml).await, start_larder(&yaml).await);
+    let held = held_locally(&b).await;
+    // Every subscriber's connection goes: a message published now reaches
+    // nobody; the instances find the purge in the log when they look.
+    let killed = redis
+        .try_command(&["CLIENT", "KILL", "TYPE", "pubsub"])
+        .await
+        .expect("CLIENT KILL");
+    assert_ne!(killed, redis::Value::Int(0), "no subscriber to kill");
+    assert_eq!(
+        purge(
+            &a,
+            serde_json::json!({ "url": format!("http://{SITE}/page") })
+        )
+        .await,
+        "published"
+    );
+    eventually("B to drop the purged copy", async || {
+        fetch(&b, "/page").await.text() != held
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_redis_that_lost_its_data_flushes_every_instance() {
+    let redis = Redis::start().await;
+    let origin = versioned_origin().await;
+    let yaml = config(&origin.url(), &redis.url(), "flushed", "");
+    let b = start_larder(&yaml).await;
+    let held = held_locally(&b).await;
+    eventually("B to have looked at redis", async || {
+        !redis.keys("larder:flushed:epoch").await.is_empty()
+    })
+    .await;
+    redis.try_command(&["FLUSHALL"]).await.expect("FLUSHALL");
+    eventually("B to flush its memory", async || {
+        fetch(&b, "/page").await.text() != held
+    })
+    .await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_redis_costs_no_request_and_a_purge_meanwhile_reaches_it_when_it_answers() {
     let redis = Redis::start().await;

@@ -203,7 +203,7 @@ pub async fn start(config: Config, options: Options) -> Result<Server, StartErro
 /// Puts the shared tier `shared` describes behind the cache, or takes it
 /// away. Connecting is lazy: Larder starts and serves without Redis.
 fn connect_shared(
-    cache: &Cache,
+    cache: &Arc<Cache>,
     shared: Option<&crate::config::SharedConfig>,
 ) -> Result<(), redis::RedisError> {
     let tier = match shared {

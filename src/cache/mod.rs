@@ -52,7 +52,7 @@ pub use origin::{Origin, OriginError, OriginErrorKind};
 pub use outcome::{CacheOutcome, Fwd, StaleReason};
 pub use purge::Purge;
 pub use respond::append_cache_status;
-pub use tier::{GENERATION, SecondTier, TierError, TierFuture};
+pub use tier::{GENERATION, PurgeLog, SecondTier, TierError, TierFuture};
 pub use tier_fill::PurgeReach;
 
 /// Settings that may change on reload without touching the entries.
@@ -148,13 +148,19 @@ impl Cache {
     /// Puts a second tier behind the store (or takes it away): responses
     /// of up to `max_object_size` bytes stored here are written there too,
     /// and a local miss looks there before the origin.
-    pub fn set_tier(&self, tier: Option<(Arc<dyn SecondTier>, u64)>) {
-        self.tier.handle.store(tier.map(|(tier, max_object_size)| {
+    pub fn set_tier(self: &Arc<Self>, tier: Option<(Arc<dyn SecondTier>, u64)>) {
+        let handle = tier.map(|(tier, max_object_size)| {
             Arc::new(tier_fill::TierHandle {
                 tier,
                 max_object_size,
             })
-        }));
+        });
+        self.tier.handle.store(handle.clone());
+        if let Some(handle) = handle
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(Self::follow_purges(Arc::downgrade(self), handle));
+        }
     }
 
     /// Bytes the fills in progress buffer for the store.

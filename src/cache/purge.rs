@@ -34,8 +34,16 @@ impl Purge {
 }
 
 impl Cache {
-    /// Applies `purge`; returns how many stored variants went.
+    /// Applies `purge` here and publishes it to the other instances (when
+    /// there is a shared tier); returns how many stored variants went here.
     pub fn purge(&self, purge: &Purge) -> usize {
+        let purged = self.purge_local(purge);
+        self.tier.publish(purge);
+        purged
+    }
+
+    /// Applies `purge` to this instance's memory only.
+    pub(super) fn purge_local(&self, purge: &Purge) -> usize {
         let store = self.store.load();
         let purged = match purge {
             Purge::Url(url) => {
@@ -63,7 +71,6 @@ impl Cache {
             }
         };
         update_gauges(&store);
-        self.tier.raise_generation();
         purged
     }
 

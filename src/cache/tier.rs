@@ -45,8 +45,19 @@ pub trait SecondTier: Send + Sync + 'static {
     fn put(&self, name: String, value: Bytes, ttl: Duration);
     /// Queues the removal of `name` (a record that failed to decode).
     fn delete(&self, name: String);
-    /// Raises the purge generation; the new value.
-    fn bump_generation(&self) -> TierFuture<'_, Result<u64, TierError>>;
+    /// Records a purge (`payload`, opaque to the tier) under the next purge
+    /// generation and tells every instance; the new generation.
+    fn publish_purge(&self, payload: Bytes) -> TierFuture<'_, Result<u64, TierError>>;
+    /// The current purge generation, the purges recorded after generation
+    /// `after`, and the tier's epoch (set to `fresh_epoch` if it has none).
+    fn purges_since(
+        &self,
+        after: u64,
+        fresh_epoch: String,
+    ) -> TierFuture<'_, Result<PurgeLog, TierError>>;
+    /// Notified whenever another instance may have published a purge (the
+    /// fast path; the caller also looks now and then, as messages can be lost).
+    fn purge_signal(&self) -> Arc<tokio::sync::Notify>;
     /// Whether the tier is failing (its calls are being skipped).
     fn degraded(&self) -> bool;
 }
@@ -127,6 +138,44 @@ pub fn decode_generation(bytes: Option<&Bytes>) -> Option<u64> {
         None => Some(0),
         Some(bytes) => std::str::from_utf8(bytes).ok()?.trim().parse().ok(),
     }
+}
+
+/// What [`SecondTier::purges_since`] found.
+pub struct PurgeLog {
+    pub generation: u64,
+    /// Oldest first, each with its generation.
+    pub purges: Vec<(u64, Bytes)>,
+    /// A random value the tier keeps while it keeps its data: a new one
+    /// means it lost everything (a restart without persistence, FLUSHALL).
+    pub epoch: Bytes,
+}
+
+/// A purge as instances tell each other: who purged, and what.
+pub fn encode_purge(instance: u64, purge: &super::Purge) -> Bytes {
+    let (kind, value) = match purge {
+        super::Purge::Url(url) => ("url", url.as_str()),
+        super::Purge::Prefix(prefix) => ("prefix", prefix.as_str()),
+        super::Purge::Tag(tag) => ("tag", tag.as_str()),
+        super::Purge::All => ("all", ""),
+    };
+    Bytes::from(format!("{instance:x}|{kind}|{value}"))
+}
+
+/// The instance and the purge, or `None` for a payload of another shape.
+pub fn decode_purge(bytes: &[u8]) -> Option<(u64, super::Purge)> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut parts = text.splitn(3, '|');
+    let instance = u64::from_str_radix(parts.next()?, 16).ok()?;
+    let kind = parts.next()?;
+    let value = parts.next()?.to_string();
+    let purge = match kind {
+        "url" => super::Purge::Url(value),
+        "prefix" => super::Purge::Prefix(value),
+        "tag" => super::Purge::Tag(value),
+        "all" => super::Purge::All,
+        _ => return None,
+    };
+    Some((instance, purge))
 }
 
 const MAGIC: &[u8; 4] = b"LDR1";

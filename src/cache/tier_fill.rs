@@ -16,13 +16,14 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{HeaderValue, Response, header};
 
+use super::Cache;
 use super::fill::Fill;
 use super::freshness::{self, Use};
 use super::policy::Timing;
 use super::store::Meta;
 use super::tier::{
-    self, GENERATION, Lookup, Record, SecondTier, decode_generation, decode_vary, record_name,
-    variant_id, vary_name,
+    self, GENERATION, Lookup, PurgeLog, Record, SecondTier, decode_generation, decode_vary,
+    record_name, variant_id, vary_name,
 };
 use crate::http::body::{self, Body};
 
@@ -171,17 +172,36 @@ impl Fill {
 }
 
 /// The tier a cache has, and the purges on their way to it.
-#[derive(Default)]
 pub struct TierState {
     pub handle: ArcSwapOption<TierHandle>,
+    /// This instance, as its purges name it (so it skips its own).
+    instance: u64,
     /// The highest purge generation this instance raised the tier to.
     generation: AtomicU64,
-    /// A purge is on its way to the tier; the tier is not read meanwhile.
-    bumping: AtomicBool,
-    /// A purge came after the running generation bump started.
-    bump_wanted: AtomicBool,
-    /// Told when the purges so far have reached the tier.
+    /// Purges applied here and not yet published, oldest first; the tier
+    /// is not read while there are any.
+    outbox: parking_lot::Mutex<std::collections::VecDeque<Bytes>>,
+    /// A task is publishing the outbox.
+    publishing: AtomicBool,
+    /// Told when the outbox has emptied.
     published: tokio::sync::Notify,
+}
+
+impl Default for TierState {
+    fn default() -> Self {
+        use std::hash::{BuildHasher as _, Hasher as _};
+        // A random id per process start: RandomState is seeded randomly.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        Self {
+            handle: ArcSwapOption::empty(),
+            instance: hasher.finish(),
+            generation: AtomicU64::new(0),
+            outbox: parking_lot::Mutex::default(),
+            publishing: AtomicBool::new(false),
+            published: tokio::sync::Notify::new(),
+        }
+    }
 }
 
 /// Whether a purge reached the other instances' view of the tier.
@@ -219,24 +239,27 @@ impl TierState {
     /// Whether a purge has not reached the tier yet: until it has, the tier
     /// may still hold what it removed, so it is not read.
     pub fn purge_pending(&self) -> bool {
-        self.bumping.load(Ordering::Acquire)
+        self.publishing.load(Ordering::Acquire)
     }
 
-    /// After a local purge: raises the tier's generation, retrying until it
-    /// answers (one task for all purges that come meanwhile).
-    pub fn raise_generation(self: &Arc<Self>) {
+    /// After a local purge: publishes it (the tier raises its generation and
+    /// tells the other instances), retrying until the tier answers; one task
+    /// publishes every purge that comes meanwhile, in order.
+    pub fn publish(self: &Arc<Self>, purge: &super::Purge) {
         if self.handle.load().is_none() {
             return;
         }
-        self.bump_wanted.store(true, Ordering::Release);
-        if self.bumping.swap(true, Ordering::AcqRel) {
+        self.outbox
+            .lock()
+            .push_back(tier::encode_purge(self.instance, purge));
+        if self.publishing.swap(true, Ordering::AcqRel) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.bumping.store(false, Ordering::Release);
+            self.publishing.store(false, Ordering::Release);
             return;
         };
-        runtime.spawn(Arc::clone(self).bump_until_done());
+        runtime.spawn(Arc::clone(self).publish_until_done());
     }
 
     /// Waits (up to `limit`) for the purges so far to reach the tier.
@@ -259,34 +282,33 @@ impl TierState {
         }
     }
 
-    async fn bump_until_done(self: Arc<Self>) {
+    async fn publish_until_done(self: Arc<Self>) {
         loop {
             let Some(handle) = self.handle.load_full() else {
-                self.bumping.store(false, Ordering::Release);
+                self.outbox.lock().clear();
+                self.publishing.store(false, Ordering::Release);
+                self.published.notify_waiters();
                 return;
             };
-            self.bump_wanted.store(false, Ordering::Release);
-            match handle.tier.bump_generation().await {
+            let next = self.outbox.lock().front().cloned();
+            let Some(payload) = next else {
+                self.publishing.store(false, Ordering::Release);
+                // A purge queued between the look and the store started no
+                // task of its own: look once more.
+                if !self.outbox.lock().is_empty() && !self.publishing.swap(true, Ordering::AcqRel) {
+                    continue;
+                }
+                self.published.notify_waiters();
+                return;
+            };
+            match handle.tier.publish_purge(payload).await {
                 Ok(generation) => {
                     self.generation.fetch_max(generation, Ordering::AcqRel);
+                    self.outbox.lock().pop_front();
                     metrics::counter!("larder_shared_purges_total", "result" => "published")
                         .increment(1);
-                    if self.bump_wanted.load(Ordering::Acquire) {
-                        continue;
-                    }
-                    self.bumping.store(false, Ordering::Release);
-                    // A purge between the check and the store started no
-                    // task of its own: look once more.
-                    if self.bump_wanted.load(Ordering::Acquire)
-                        && !self.bumping.swap(true, Ordering::AcqRel)
-                    {
-                        continue;
-                    }
-                    self.published.notify_waiters();
-                    return;
                 }
                 Err(error) => {
-                    self.bump_wanted.store(true, Ordering::Release);
                     metrics::counter!("larder_shared_purges_total", "result" => "retrying")
                         .increment(1);
                     tracing::debug!(%error, "a purge could not reach the shared tier yet; retrying");
@@ -296,6 +318,83 @@ impl TierState {
         }
     }
 }
+
+impl Cache {
+    /// Applies the purges other instances publish, for as long as `handle`
+    /// is this cache's tier: on each signal from the tier and at least every
+    /// [`PURGE_POLL`], it asks for the purges after the last generation seen.
+    /// A generation that went down (Redis lost its data) or purges missing
+    /// from the tier's log flush this instance's memory.
+    pub(super) async fn follow_purges(cache: std::sync::Weak<Cache>, handle: Arc<TierHandle>) {
+        let signal = handle.tier.purge_signal();
+        let mut seen: Option<(u64, Bytes)> = None;
+        let mut looks: u64 = 0;
+        loop {
+            let Some(this) = cache.upgrade() else { return };
+            let current = this.tier.handle.load();
+            if !current.as_ref().is_some_and(|h| Arc::ptr_eq(h, &handle)) {
+                return;
+            }
+            drop(current);
+            let after = seen
+                .as_ref()
+                .map_or(u64::MAX, |(generation, _)| *generation);
+            looks += 1;
+            let fresh_epoch = format!("{:x}-{looks:x}", this.tier.instance);
+            if let Ok(log) = handle.tier.purges_since(after, fresh_epoch).await {
+                seen = Some(this.catch_up(seen, log));
+            }
+            drop(this);
+            tokio::select! {
+                () = signal.notified() => {}
+                () = tokio::time::sleep(PURGE_POLL) => {}
+            }
+        }
+    }
+
+    /// Applies the purges after the generation `seen` and returns what is
+    /// seen now.
+    fn catch_up(&self, seen: Option<(u64, Bytes)>, log: PurgeLog) -> (u64, Bytes) {
+        let PurgeLog {
+            generation,
+            purges,
+            epoch,
+        } = log;
+        let Some((last, last_epoch)) = seen else {
+            // The first look: start from here, nothing to replay.
+            return (generation, epoch);
+        };
+        let reset = epoch != last_epoch || generation < last;
+        let missing = !reset
+            && generation > last
+            && purges.first().is_none_or(|(first, _)| *first > last + 1);
+        if reset || missing {
+            let reason = if reset { "reset" } else { "gap" };
+            tracing::warn!(
+                reason,
+                "shared tier purges could not be followed one by one; this instance's cache is flushed"
+            );
+            metrics::counter!("larder_shared_resyncs_total", "reason" => reason).increment(1);
+            self.purge_local(&super::Purge::All);
+            return (generation, epoch);
+        }
+        for (_, payload) in purges {
+            match tier::decode_purge(&payload) {
+                Some((instance, _)) if instance == self.tier.instance => {}
+                Some((_, purge)) => {
+                    self.purge_local(&purge);
+                    metrics::counter!("larder_shared_purges_total", "result" => "received")
+                        .increment(1);
+                }
+                None => tracing::warn!("a shared tier purge of an unknown form; ignored"),
+            }
+        }
+        (generation, epoch)
+    }
+}
+
+/// How often an instance looks for purges it may have missed.
+pub const PURGE_POLL: Duration = Duration::from_secs(1);
 
 /// How often a purge retries reaching a tier that did not answer.
 const RETRY_BUMP: Duration = Duration::from_millis(500);

@@ -17,10 +17,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
-use crate::cache::{SecondTier, TierError, TierFuture};
+use crate::cache::{PurgeLog, SecondTier, TierError, TierFuture};
 use crate::config::SharedConfig;
 
 /// Consecutive failed calls that open the circuit.
@@ -47,6 +47,7 @@ pub struct RedisTier {
     write_timeout: Duration,
     writes: mpsc::Sender<Write>,
     breaker: Breaker,
+    purge_signal: Arc<Notify>,
 }
 
 impl RedisTier {
@@ -54,6 +55,7 @@ impl RedisTier {
     /// cannot use (config checked its form already).
     pub fn start(config: &SharedConfig) -> Result<Arc<Self>, redis::RedisError> {
         let client = redis::Client::open(config.url.as_str())?;
+        let listener = client.clone();
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.write_timeout.max(config.read_timeout)))
@@ -69,8 +71,11 @@ impl RedisTier {
             write_timeout: config.write_timeout,
             writes,
             breaker: Breaker::default(),
+            purge_signal: Arc::new(Notify::new()),
         });
         tokio::spawn(drain_writes(Arc::downgrade(&tier), queue));
+        let channel = tier.name(PURGE_CHANNEL);
+        tokio::spawn(listen_for_purges(Arc::downgrade(&tier), listener, channel));
         metrics::gauge!("larder_shared_circuit_open").set(0.0);
         Ok(tier)
     }
@@ -156,12 +161,129 @@ impl SecondTier for RedisTier {
         self.breaker.is_open()
     }
 
-    fn bump_generation(&self) -> TierFuture<'_, Result<u64, TierError>> {
+    fn publish_purge(&self, payload: Bytes) -> TierFuture<'_, Result<u64, TierError>> {
         Box::pin(async move {
-            let mut command = redis::cmd("INCR");
-            command.arg(self.name(crate::cache::GENERATION));
+            let mut command = redis::cmd("EVAL");
+            command
+                .arg(PUBLISH_PURGE)
+                .arg(3)
+                .arg(self.name(crate::cache::GENERATION))
+                .arg(self.name(PURGE_LOG))
+                .arg(self.name(PURGE_CHANNEL))
+                .arg(payload.as_ref())
+                .arg(PURGE_LOG_LENGTH);
             self.call(command, self.write_timeout, "purge").await
         })
+    }
+
+    fn purges_since(
+        &self,
+        after: u64,
+        fresh_epoch: String,
+    ) -> TierFuture<'_, Result<PurgeLog, TierError>> {
+        Box::pin(async move {
+            let mut command = redis::cmd("EVAL");
+            command
+                .arg(PURGES_SINCE)
+                .arg(3)
+                .arg(self.name(crate::cache::GENERATION))
+                .arg(self.name(PURGE_LOG))
+                .arg(self.name(EPOCH))
+                .arg(after)
+                .arg(fresh_epoch);
+            let (generation, entries, epoch): (u64, Vec<Vec<u8>>, Vec<u8>) = self
+                .call(
+                    command,
+                    self.read_timeout.max(Duration::from_millis(250)),
+                    "purges",
+                )
+                .await?;
+            let purges = entries
+                .into_iter()
+                .filter_map(|entry| {
+                    let split = entry.iter().position(|b| *b == b'|')?;
+                    let generation = std::str::from_utf8(&entry[..split]).ok()?.parse().ok()?;
+                    Some((generation, Bytes::copy_from_slice(&entry[split + 1..])))
+                })
+                .collect();
+            Ok(PurgeLog {
+                generation,
+                purges,
+                epoch: Bytes::from(epoch),
+            })
+        })
+    }
+
+    fn purge_signal(&self) -> Arc<Notify> {
+        Arc::clone(&self.purge_signal)
+    }
+}
+
+/// The sorted set of recent purges (score: generation) and the channel that
+/// announces each.
+const PURGE_LOG: &str = "purges";
+const EPOCH: &str = "epoch";
+const PURGE_CHANNEL: &str = "purge-events";
+/// Purges kept for instances that missed a message; one further behind
+/// than this resyncs by flushing its memory.
+const PURGE_LOG_LENGTH: u64 = 10_000;
+
+/// Raises the generation, logs the purge under it, trims the log and
+/// announces it: one round trip, atomic.
+const PUBLISH_PURGE: &str = r"
+local g = redis.call('INCR', KEYS[1])
+redis.call('ZADD', KEYS[2], g, g .. '|' .. ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[2]) + 1))
+redis.call('PUBLISH', KEYS[3], g)
+return g
+";
+
+/// The generation, the purges logged after ARGV[1], and the epoch (set to
+/// ARGV[2] when there is none: a Redis that lost its data gets a new one).
+const PURGES_SINCE: &str = r"
+local e = redis.call('GET', KEYS[3])
+if not e then
+  redis.call('SET', KEYS[3], ARGV[2])
+  e = ARGV[2]
+end
+local g = tonumber(redis.call('GET', KEYS[1]) or '0')
+local entries = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf')
+return {g, entries, e}
+";
+
+/// Listens on the purge channel and signals each message; reconnects (and
+/// signals, so a resync follows) after losing the connection. Ends when
+/// the tier goes.
+async fn listen_for_purges(
+    tier: std::sync::Weak<RedisTier>,
+    client: redis::Client,
+    channel: String,
+) {
+    use futures_util::StreamExt as _;
+    loop {
+        let Some(signal) = tier.upgrade().map(|tier| Arc::clone(&tier.purge_signal)) else {
+            return;
+        };
+        let connected = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        })
+        .await;
+        if let Ok(Ok(pubsub)) = connected {
+            // Whatever was published while not subscribed is in the log.
+            signal.notify_one();
+            let mut messages = pubsub.into_on_message();
+            while messages.next().await.is_some() {
+                signal.notify_one();
+                if tier.strong_count() == 0 {
+                    return;
+                }
+            }
+            tracing::debug!("shared tier purge subscription lost; reconnecting");
+        }
+        drop(signal);
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
