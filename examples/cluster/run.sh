@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Two Larder instances sharing one cache through Redis, on loopback:
-# a miss on one becomes a hit on the other, and a purge on one keeps the
-# purged response from coming back from Redis on either.
+# a miss on one becomes a hit on the other, and a purge on one reaches both.
 #
 #   cargo build --release && examples/cluster/run.sh
 #
@@ -43,6 +42,8 @@ echo "purge on the first instance:"
 curl -s -H 'Authorization: Bearer example-token' -X POST \
     -d '{"url": "http://example.test/run.sh"}' http://127.0.0.1:18411/purge; echo
 echo "first instance after the purge (from the origin again):";       status 18401
+sleep 0.2   # the purge reaches the second instance by pub/sub
+echo "second instance after the purge (its copy is gone too):";         status 18402
 echo
 echo "Instances on :18401 and :18402 (admin :18411, :18412, token example-token)."
 echo "Logs in $dir. Press Enter to stop."
