@@ -43,7 +43,7 @@ curl -s -H 'Authorization: Bearer example-token' -X POST \
     -d '{"url": "http://example.test/run.sh"}' http://127.0.0.1:18411/purge; echo
 echo "first instance after the purge (from the origin again):";       status 18401
 sleep 0.2   # the purge reaches the second instance by pub/sub
-echo "second instance after the purge (its copy is gone too):";         status 18402
+echo "second instance after the purge (its own copy is gone: it takes the first instance's new one from Redis):"; status 18402
 echo
 echo "Instances on :18401 and :18402 (admin :18411, :18412, token example-token)."
 echo "Logs in $dir. Press Enter to stop."
