@@ -13,7 +13,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -21,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{
     ADMIN_BLOCK, BodySender, Larder, Reply, assert_problem, eventually, get, get_with, respond,
-    start_larder, start_origin, start_origin_at, streamed, wait_until,
+    start_larder, start_origin, start_origin_at, streamed, wait_until, wasm,
 };
 use http::{Request, Uri};
 use http_body_util::{BodyExt, Empty};
@@ -45,19 +44,6 @@ static HEAVY: RwLock<()> = RwLock::const_new(());
 /// process, and the last config loaded sets it.
 const TOTAL_PLUGIN_MEMORY: u64 = 1 << 30;
 const PLUGIN_LIMITS: &str = "plugin_limits: { total_memory: 1GiB }\n";
-
-/// A built plugin component; fails (never skips) when it was not built.
-fn wasm(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("plugins/target/wasm32-wasip2/release")
-        .join(format!("{name}.wasm"));
-    assert!(
-        path.is_file(),
-        "{} is missing: build the plugins first with `cd plugins && cargo build --release`",
-        path.display()
-    );
-    path
-}
 
 /// A `plugins:` block: (name, fixture file, more lines under the plugin).
 fn plugins_yaml(entries: &[(&str, &str, &str)]) -> String {

@@ -13,7 +13,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +20,7 @@ use bytes::Bytes;
 use common::{
     ADMIN_BLOCK, ADMIN_TOKEN, DEADLINE, Larder, Origin, Reply, assert_problem, eventually, get,
     get_with, http_date, respond, start_larder, start_numbered_origin, start_origin, wait_until,
+    wasm,
 };
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, Request, Response};
@@ -43,15 +43,6 @@ fn one_route(origin: &str, route: &str, global: &str) -> String {
     format!(
         "{global}upstreams:\n  app:\n    servers: [\"{origin}\"]\n    timeout: 30s\nroutes:\n  - upstream: app\n{route}"
     )
-}
-
-/// A built plugin component (prebuilt under `plugins/target`).
-fn wasm(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("plugins/target/wasm32-wasip2/release")
-        .join(format!("{name}.wasm"));
-    assert!(path.is_file(), "{} is missing", path.display());
-    path
 }
 
 /// A `plugins:` block with `answer_direct` as `gate`, answering 401 to

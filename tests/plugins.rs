@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Origin, get, get_with, respond, start_larder, start_origin};
+use common::{Origin, get, get_with, respond, start_larder, start_origin, wasm};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use larder::config::{PluginConfig, PluginPhase, PluginTotals};
@@ -22,19 +22,6 @@ use larder::plugins::{
     FailureKind, FetchContext, FetchOutcome, PluginError, PluginHost, PluginLoadError,
     RequestState, SourceValue, SourceValues,
 };
-
-/// A built plugin component; fails (never skips) when it was not built.
-fn wasm(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("plugins/target/wasm32-wasip2/release")
-        .join(format!("{name}.wasm"));
-    assert!(
-        path.is_file(),
-        "{} is missing: build the plugins first with `cd plugins && cargo build --release`",
-        path.display()
-    );
-    path
-}
 
 fn plugin(yaml: &str) -> PluginConfig {
     serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("bad test plugin config: {e}\n{yaml}"))

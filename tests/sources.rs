@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Origin, eventually, get, get_with, send, start_larder, start_origin};
+use common::{Origin, eventually, get, get_with, send, start_larder, start_origin, wasm};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use larder::http::body::{self, Body};
@@ -1066,19 +1066,6 @@ async fn a_route_serves_its_source_and_refuses_writes() {
     assert_eq!(post.header("allow"), Some("GET, HEAD"));
     let missing = read(sources.serve_source("nope", &request("GET", "/", &[]))).await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
-}
-
-/// A built plugin component; fails (never skips) when it was not built.
-fn wasm(name: &str) -> std::path::PathBuf {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("plugins/target/wasm32-wasip2/release")
-        .join(format!("{name}.wasm"));
-    assert!(
-        path.is_file(),
-        "{} is missing: build the plugins first with `cd plugins && cargo build --release`",
-        path.display()
-    );
-    path
 }
 
 #[tokio::test]

@@ -612,3 +612,17 @@ impl tracing::field::Visit for Fields {
         self.push(field.name(), format_args!("{value:?}"));
     }
 }
+
+/// A plugin component built from `plugins/`; fails (never skips) when it
+/// was not built.
+pub fn wasm(name: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("plugins/target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: build the plugins first with `cd plugins && cargo build --release --target wasm32-wasip2`",
+        path.display()
+    );
+    path
+}
