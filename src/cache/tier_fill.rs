@@ -80,13 +80,13 @@ impl Fill {
                 tracing::warn!(key = %self.key, why, "a shared-tier record did not decode; deleted");
                 tier_count("corrupt");
                 tier.delete(name);
-                return self.tier_miss();
+                return Lookup::Miss;
             }
         };
         if record.generation < generation {
             // Filled before a purge that has run since.
             tier_count("purged");
-            return self.tier_miss();
+            return Lookup::Miss;
         }
         let now = self.cache.clock.now();
         match self.usable(record, now) {
