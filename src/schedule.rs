@@ -44,8 +44,9 @@ enum RuleKind {
     /// Fires when any of the schedules fires (two when day-of-month and
     /// day-of-week are both restricted: robfig ORs them, the crate ANDs).
     Cron(Vec<cron::Schedule>),
-    /// `@every`: whole seconds, at least one, counted from the last firing.
-    Every(Duration),
+    /// `@every`: whole seconds, at least one, counted from the last firing
+    /// (robfig), or from the Unix epoch when `aligned` (see [`Rule::aligned`]).
+    Every { period: Duration, aligned: bool },
 }
 
 /// Two rules are the same when they are written the same.
@@ -107,11 +108,61 @@ impl Rule {
                 .iter()
                 .filter_map(|schedule| schedule.after(&after).next())
                 .min(),
-            RuleKind::Every(every) => {
+            RuleKind::Every {
+                period,
+                aligned: false,
+            } => {
                 // robfig: the delay counts from the firing time truncated to the second.
                 let start = after.duration_trunc(TimeDelta::seconds(1)).unwrap_or(after);
-                let every = TimeDelta::from_std(*every).ok()?;
+                let every = TimeDelta::from_std(*period).ok()?;
                 start.checked_add_signed(every)
+            }
+            RuleKind::Every {
+                period,
+                aligned: true,
+            } => {
+                let period = i64::try_from(period.as_secs()).ok()?.max(1);
+                let next = (after.timestamp().div_euclid(period) + 1).checked_mul(period)?;
+                DateTime::from_timestamp(next, 0)
+            }
+        }
+    }
+
+    /// The same rule with `@every` counted from the Unix epoch rather than
+    /// from the last firing, so that instances started at different times
+    /// fire at the same instants (sources shared by several instances use
+    /// it: the firing time is their common name for a run). Cron rules
+    /// are aligned already.
+    pub fn aligned(&self) -> Rule {
+        let kind = match &self.kind {
+            RuleKind::Every { period, .. } => RuleKind::Every {
+                period: *period,
+                aligned: true,
+            },
+            cron => cron.clone(),
+        };
+        Rule {
+            text: self.text.clone(),
+            kind,
+        }
+    }
+
+    /// The latest firing at or before `now`, by the aligned reading of the
+    /// rule (an unaligned `@every` has no firings of its own in the past).
+    pub fn last_at_or_before(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match &self.kind {
+            RuleKind::Cron(schedules) => {
+                // `after(t).next_back()` is the last firing strictly before `t`.
+                let just_after = now.checked_add_signed(TimeDelta::milliseconds(1))?;
+                schedules
+                    .iter()
+                    .filter_map(|schedule| schedule.after(&just_after).next_back())
+                    .max()
+            }
+            RuleKind::Every { period, .. } => {
+                let period = i64::try_from(period.as_secs()).ok()?.max(1);
+                let last = now.timestamp().div_euclid(period).checked_mul(period)?;
+                DateTime::from_timestamp(last, 0)
             }
         }
     }
@@ -167,7 +218,10 @@ fn parse_every(text: &str) -> Result<RuleKind, String> {
     }
     // robfig rounds down to whole seconds, with one second at least.
     let seconds = duration.as_secs().max(1);
-    Ok(RuleKind::Every(Duration::from_secs(seconds)))
+    Ok(RuleKind::Every {
+        period: Duration::from_secs(seconds),
+        aligned: false,
+    })
 }
 
 fn parse_fields(rule: &str) -> Result<Vec<cron::Schedule>, String> {
@@ -550,5 +604,39 @@ mod tests {
             "leap days exist"
         );
         assert!(Rule::parse_firing("", now).is_ok());
+    }
+
+    #[test]
+    fn aligned_rules_fire_at_the_same_instants_whenever_an_instance_starts() {
+        let every = Rule::parse("@every 10s").unwrap().aligned();
+        let t = at(2026, 12, 3, 10, 0, 3) + TimeDelta::milliseconds(400);
+        assert_eq!(every.next_after(t), Some(at(2026, 12, 3, 10, 0, 10)));
+        assert_eq!(
+            every.next_after(at(2026, 12, 3, 10, 0, 10)),
+            Some(at(2026, 12, 3, 10, 0, 20))
+        );
+        assert_eq!(every.last_at_or_before(t), Some(at(2026, 12, 3, 10, 0, 0)));
+        assert_eq!(
+            every.last_at_or_before(at(2026, 12, 3, 10, 0, 10)),
+            Some(at(2026, 12, 3, 10, 0, 10))
+        );
+
+        let hourly = Rule::parse("0 0 * * * *").unwrap().aligned();
+        assert_eq!(hourly.last_at_or_before(t), Some(at(2026, 12, 3, 10, 0, 0)));
+        assert_eq!(
+            hourly.last_at_or_before(at(2026, 12, 3, 9, 59, 59)),
+            Some(at(2026, 12, 3, 9, 0, 0))
+        );
+        let seconds = Rule::parse("* * * * * *").unwrap();
+        assert_eq!(
+            seconds.last_at_or_before(t),
+            Some(at(2026, 12, 3, 10, 0, 3))
+        );
+        // Day-of-month OR day-of-week: the later of the two schedules.
+        let either = Rule::parse("0 0 0 1 * MON").unwrap();
+        assert_eq!(
+            either.last_at_or_before(at(2026, 12, 3, 10, 0, 0)),
+            Some(at(2026, 12, 1, 0, 0, 0))
+        );
     }
 }

@@ -619,6 +619,173 @@ async fn a_hung_redis_costs_no_request_and_a_purge_meanwhile_reaches_it_when_it_
     b.stop().await;
 }
 
+/// A config of `sources` only, shared in `namespace` on `redis`.
+fn sources_config(redis_url: &str, namespace: &str, sources: &str) -> String {
+    let sources = if sources.is_empty() { " {}\n" } else { sources };
+    format!(
+        "{ADMIN_BLOCK}shared:\n  url: '{redis_url}'\n  namespace: {namespace}\nsources:\n{sources}"
+    )
+}
+
+/// An HTTP source named `clock` on `origin`, fired by `rule`.
+fn clock_source(origin: &common::Origin, rule: &str) -> String {
+    format!(
+        "  clock:\n    rule: '{rule}'\n    http:\n      endpoint: '{}/clock'\n",
+        origin.url()
+    )
+}
+
+/// What `/sources` on `larder` says of its source `name`, once it has a value.
+async fn source_status(larder: &Larder, name: &str) -> serde_json::Value {
+    eventually(format!("source {name} to have a value"), async || {
+        let status = larder.admin("GET", "/sources", "").await.json();
+        status["sources"]
+            .as_array()?
+            .iter()
+            .find(|source| source["name"] == name && !source["etag"].is_null())
+            .cloned()
+    })
+    .await
+}
+
+async fn instance_of(larder: &Larder) -> String {
+    let status = larder.admin("GET", "/sources", "").await.json();
+    status["instance"].as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_fetch_a_source_once_per_tick_and_hold_the_same_value() {
+    let redis = Redis::start().await;
+    let origin =
+        start_numbered_origin(|_, n| async move { respond(200, &[], format!("v{n}")) }).await;
+    let yaml = sources_config(&redis.url(), "ticks", &clock_source(&origin, "* * * * * *"));
+    let larders = [
+        start_larder(&yaml).await,
+        start_larder(&yaml).await,
+        start_larder(&yaml).await,
+    ];
+    for larder in &larders {
+        source_status(larder, "clock").await;
+    }
+    // Ten seconds of ticks, measured: one fetch per tick for the three,
+    // where each fetching for itself would make thirty.
+    let before = origin.hits();
+    let window = std::time::Instant::now();
+    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+    let fetched = origin.hits() - before;
+    let ticks = window.elapsed().as_secs() as usize;
+    assert!(
+        (ticks - 2..=ticks + 1).contains(&fetched),
+        "{fetched} origin requests in {ticks} ticks of three instances"
+    );
+
+    let mut instances = Vec::new();
+    for larder in &larders {
+        instances.push(instance_of(larder).await);
+    }
+    assert_eq!(
+        instances
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        3,
+        "{instances:?}"
+    );
+    let values = eventually("the three instances to hold the same value", async || {
+        let mut values = Vec::new();
+        for larder in &larders {
+            let status = source_status(larder, "clock").await;
+            values.push((status["etag"].clone(), status["fetched_by"].clone()));
+        }
+        values
+            .iter()
+            .all(|value| *value == values[0])
+            .then_some(values)
+    })
+    .await;
+    let fetched_by = values[0].1.as_str().unwrap_or_default().to_string();
+    assert!(
+        instances.contains(&fetched_by),
+        "{fetched_by} is not one of {instances:?}"
+    );
+    for larder in larders {
+        larder.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_cluster_that_starts_together_fetches_each_source_once() {
+    let redis = Redis::start().await;
+    let origin =
+        start_numbered_origin(|_, n| async move { respond(200, &[], format!("v{n}")) }).await;
+    let yaml = sources_config(&redis.url(), "start", &clock_source(&origin, "0 0 0 1 1 *"));
+    let (a, b, c) = tokio::join!(
+        start_larder(&yaml),
+        start_larder(&yaml),
+        start_larder(&yaml)
+    );
+    let etags = [
+        source_status(&a, "clock").await["etag"].clone(),
+        source_status(&b, "clock").await["etag"].clone(),
+        source_status(&c, "clock").await["etag"].clone(),
+    ];
+    assert_eq!(origin.hits(), 1, "one fetch for the cluster");
+    assert!(etags.iter().all(|etag| *etag == etags[0]), "{etags:?}");
+    // One that starts later installs the stored value, and fetches nothing.
+    let late = start_larder(&yaml).await;
+    assert_eq!(source_status(&late, "clock").await["etag"], etags[0]);
+    assert_eq!(origin.hits(), 1);
+    for larder in [a, b, c, late] {
+        larder.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn without_redis_every_instance_fetches_its_sources_itself() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let absent = format!("redis+unix://{}", dir.path().join("none.sock").display());
+    let origin =
+        start_numbered_origin(|_, n| async move { respond(200, &[], format!("v{n}")) }).await;
+    let opted_out =
+        "  own:\n    rule: '0 0 0 1 1 *'\n    shared: false\n    static:\n      value: mine\n";
+    let yaml = sources_config(
+        &absent,
+        "alone",
+        &(clock_source(&origin, "0 0 0 1 1 *") + opted_out),
+    );
+    let (a, b) = (start_larder(&yaml).await, start_larder(&yaml).await);
+    for larder in [&a, &b] {
+        assert!(source_status(larder, "clock").await["fetched_by"].is_string());
+        assert!(source_status(larder, "own").await["fetched_by"].is_null());
+    }
+    assert_eq!(origin.hits(), 2, "each instance fetched for itself");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_value_of_an_older_tick_never_replaces_a_newer_one() {
+    use larder::sources::SharedSources as _;
+    let redis = Redis::start().await;
+    let yaml = sources_config(&redis.url(), "fence", "");
+    let config = larder::config::load_str(&yaml, "fence.yml").expect("a valid config");
+    let shared = config.shared.expect("a shared block");
+    let tier = larder::shared::RedisTier::start(&shared).expect("a tier");
+    let hold = std::time::Duration::from_secs(5);
+    assert_eq!(tier.claim("s", 2_000, hold).await, Ok(true));
+    assert_eq!(
+        tier.claim("s", 2_000, hold).await,
+        Ok(false),
+        "claimed once"
+    );
+    assert_eq!(tier.publish("s", 2_000, "new".into()).await, Ok(true));
+    // An instance that was slow with tick 1000 publishes after 2000's value.
+    assert_eq!(tier.publish("s", 1_000, "old".into()).await, Ok(false));
+    assert_eq!(tier.publish("s", 2_000, "again".into()).await, Ok(false));
+    assert_eq!(tier.read("s").await, Ok(Some((2_000, "new".into()))));
+    assert_eq!(tier.read("t").await, Ok(None));
+}
+
 #[test]
 fn the_shared_block_is_checked() {
     let errors = larder::config::load_str(

@@ -34,7 +34,7 @@ async fn start_sources(yaml: &str) -> Arc<Sources> {
     let plugins = PluginHost::load(&config.plugins, &config.plugin_limits)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    Sources::start(&config.sources, plugins)
+    Sources::start(&config.sources, plugins, None)
 }
 
 struct Answer {

@@ -121,15 +121,17 @@ pub struct Server {
 pub async fn start(config: Config, options: Options) -> Result<Server, StartError> {
     crate::telemetry::metrics();
     let plugins = PluginHost::load(&config.plugins, &config.plugin_limits).await?;
+    let shared = connect_shared(config.shared.as_ref())?;
+    let cache = Cache::new(&config.cache, options.clock);
+    cache.set_tier(cache_tier(&shared, config.shared.as_ref()));
     let app = App {
         services: Services {
-            cache: Cache::new(&config.cache, options.clock),
-            sources: Sources::start(&config.sources, plugins.clone()),
+            cache,
+            sources: Sources::start(&config.sources, plugins.clone(), source_tier(&shared)),
             plugins,
             tunnels: Arc::default(),
         },
     };
-    connect_shared(&app.services.cache, config.shared.as_ref())?;
     let proxy = app.proxy(&config, None)?;
     let admin = app.admin(&config);
 
@@ -200,22 +202,33 @@ pub async fn start(config: Config, options: Options) -> Result<Server, StartErro
     })
 }
 
-/// Puts the shared tier `shared` describes behind the cache, or takes it
-/// away. Connecting is lazy: Larder starts and serves without Redis.
+/// The shared tier `shared` describes, if any. Connecting is lazy: Larder
+/// starts and serves without Redis.
 fn connect_shared(
-    cache: &Arc<Cache>,
     shared: Option<&crate::config::SharedConfig>,
-) -> Result<(), redis::RedisError> {
-    let tier = match shared {
-        Some(config) => {
-            let tier: Arc<dyn crate::cache::SecondTier> = RedisTier::start(config)?;
-            tracing::info!(namespace = %config.namespace, "shared tier on Redis");
-            Some((tier, config.max_object_size))
-        }
-        None => None,
+) -> Result<Option<Arc<RedisTier>>, redis::RedisError> {
+    let Some(config) = shared else {
+        return Ok(None);
     };
-    cache.set_tier(tier);
-    Ok(())
+    let tier = RedisTier::start(config)?;
+    tracing::info!(namespace = %config.namespace, "shared tier on Redis");
+    Ok(Some(tier))
+}
+
+/// The shared tier as the cache's second tier, with its size cap.
+fn cache_tier(
+    tier: &Option<Arc<RedisTier>>,
+    shared: Option<&crate::config::SharedConfig>,
+) -> Option<(Arc<dyn crate::cache::SecondTier>, u64)> {
+    let tier = tier.clone()?;
+    let max_object_size = shared?.max_object_size;
+    Some((tier, max_object_size))
+}
+
+/// The shared tier as where the sources of the namespace meet.
+fn source_tier(tier: &Option<Arc<RedisTier>>) -> Option<Arc<dyn crate::sources::SharedSources>> {
+    tier.clone()
+        .map(|tier| tier as Arc<dyn crate::sources::SharedSources>)
 }
 
 /// The accept queue a listener asks the kernel for (which caps it at
@@ -268,7 +281,11 @@ impl Server {
             .apply(&config.plugins, &config.plugin_limits)
             .await?;
         if config.shared != running.shared {
-            connect_shared(&app.services.cache, config.shared.as_ref())?;
+            let shared = connect_shared(config.shared.as_ref())?;
+            app.services
+                .cache
+                .set_tier(cache_tier(&shared, config.shared.as_ref()));
+            app.services.sources.set_shared(source_tier(&shared));
         }
         app.services.cache.apply(&config.cache);
         app.services.sources.apply(&config.sources);

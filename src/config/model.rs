@@ -162,6 +162,9 @@ pub struct SourceConfig {
     /// Statuses that replace the value; `None` means 2xx.
     pub accept_status: Option<Vec<StatusCode>>,
     pub run_on_start: bool,
+    /// Fetched once per tick across the instances of `shared.namespace`
+    /// (when `shared:` is set); false: every instance fetches it.
+    pub shared: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

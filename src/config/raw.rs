@@ -373,6 +373,10 @@ pub struct RawSource {
     pub accept_status: Option<Vec<u16>>,
     #[serde(default = "default_true")]
     pub run_on_start: bool,
+    /// With `shared:` set: one instance of the namespace fetches each tick
+    /// and the others install its value. False: every instance fetches.
+    #[serde(default = "default_true")]
+    pub shared: bool,
 }
 
 fn default_source_timeout() -> HumanDuration {

@@ -568,6 +568,7 @@ impl Checker<'_> {
             timeout: source.timeout,
             accept_status,
             run_on_start: source.run_on_start,
+            shared: source.shared,
         })
     }
 

@@ -5,11 +5,13 @@
 //! `ConnectionManager`, so Larder starts and serves without Redis), a
 //! timeout on every call, a circuit breaker that stops calling a Redis that
 //! keeps failing, and a bounded write-behind queue drained by one task.
+//! It is also where sources meet (`sources`): claims, values, messages.
 //! Every name is prefixed `larder:<namespace>:`. Must not decide what is
 //! cached or for how long (the cache does), and never turns a Redis failure
 //! into a request error: a failed call is a miss, a full queue a dropped
 //! write, each counted.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
@@ -22,6 +24,8 @@ use tokio::time::Instant;
 
 use crate::cache::{PurgeLog, SecondTier, TierError, TierFuture};
 use crate::config::SharedConfig;
+
+mod sources;
 
 /// Consecutive failed calls that open the circuit.
 const FAILURES_TO_OPEN: u32 = 3;
@@ -41,13 +45,20 @@ enum Write {
 
 /// The Redis side of the shared tier.
 pub struct RedisTier {
+    /// This instance's name in claims and in `/sources`.
+    instance: String,
     connection: ConnectionManager,
+    /// The sources' own connection, so their traffic (on their own
+    /// thread) never queues ahead of a request's lookup.
+    source_connection: ConnectionManager,
     prefix: String,
     read_timeout: Duration,
     write_timeout: Duration,
     writes: mpsc::Sender<Write>,
     breaker: Breaker,
     purge_signal: Arc<Notify>,
+    /// Who waits for which source's value.
+    source_signals: Mutex<HashMap<String, Arc<Notify>>>,
 }
 
 impl RedisTier {
@@ -62,20 +73,24 @@ impl RedisTier {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        let connection =
+            ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())?;
+        let source_connection = ConnectionManager::new_lazy_with_config(client, manager_config)?;
         let (writes, queue) = mpsc::channel(config.write_queue.max(1));
         let tier = Arc::new(Self {
+            instance: instance_name(),
             connection,
+            source_connection,
             prefix: format!("larder:{}:", config.namespace),
             read_timeout: config.read_timeout,
             write_timeout: config.write_timeout,
             writes,
             breaker: Breaker::default(),
             purge_signal: Arc::new(Notify::new()),
+            source_signals: Mutex::default(),
         });
         tokio::spawn(drain_writes(Arc::downgrade(&tier), queue));
-        let channel = tier.name(PURGE_CHANNEL);
-        tokio::spawn(listen_for_purges(Arc::downgrade(&tier), listener, channel));
+        tokio::spawn(listen(Arc::downgrade(&tier), listener));
         metrics::gauge!("larder_shared_circuit_open").set(0.0);
         Ok(tier)
     }
@@ -84,9 +99,20 @@ impl RedisTier {
         format!("{}{name}", self.prefix)
     }
 
-    /// Runs one command under the breaker and `limit`.
+    /// Runs one command of the cache under the breaker and `limit`.
     async fn call<T: redis::FromRedisValue>(
         &self,
+        command: redis::Cmd,
+        limit: Duration,
+        what: &'static str,
+    ) -> Result<T, TierError> {
+        self.call_on(&self.connection, command, limit, what).await
+    }
+
+    /// Runs one command on `connection` under the breaker and `limit`.
+    async fn call_on<T: redis::FromRedisValue>(
+        &self,
+        connection: &ConnectionManager,
         command: redis::Cmd,
         limit: Duration,
         what: &'static str,
@@ -95,7 +121,7 @@ impl RedisTier {
             count(what, "skipped");
             return Err(TierError::Unavailable);
         }
-        let mut connection = self.connection.clone();
+        let mut connection = connection.clone();
         let outcome = tokio::time::timeout(limit, command.query_async::<T>(&mut connection)).await;
         let result = match outcome {
             Ok(Ok(value)) => Ok(value),
@@ -251,40 +277,60 @@ local entries = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf')
 return {g, entries, e}
 ";
 
-/// Listens on the purge channel and signals each message; reconnects (and
-/// signals, so a resync follows) after losing the connection. Ends when
-/// the tier goes.
-async fn listen_for_purges(
-    tier: std::sync::Weak<RedisTier>,
-    client: redis::Client,
-    channel: String,
-) {
+/// Listens on the purge and source channels and signals each message;
+/// reconnects (and signals everyone, so a resync follows) after losing the
+/// connection. Ends when the tier goes.
+async fn listen(tier: std::sync::Weak<RedisTier>, client: redis::Client) {
     use futures_util::StreamExt as _;
     loop {
-        let Some(signal) = tier.upgrade().map(|tier| Arc::clone(&tier.purge_signal)) else {
+        let Some((purges, sources)) = tier
+            .upgrade()
+            .map(|tier| (tier.name(PURGE_CHANNEL), tier.name(sources::SOURCE_CHANNEL)))
+        else {
             return;
         };
         let connected = tokio::time::timeout(Duration::from_secs(2), async {
             let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
+            pubsub.subscribe(&[&purges, &sources]).await?;
             Ok::<_, redis::RedisError>(pubsub)
         })
         .await;
         if let Ok(Ok(pubsub)) = connected {
-            // Whatever was published while not subscribed is in the log.
-            signal.notify_one();
+            let Some(live) = tier.upgrade() else { return };
+            // Whatever was published while not subscribed is in the log
+            // and in the stored values.
+            live.purge_signal.notify_one();
+            live.every_source_may_be_published();
+            drop(live);
             let mut messages = pubsub.into_on_message();
-            while messages.next().await.is_some() {
-                signal.notify_one();
-                if tier.strong_count() == 0 {
-                    return;
+            while let Some(message) = messages.next().await {
+                let Some(live) = tier.upgrade() else { return };
+                if message.get_channel_name() == sources {
+                    live.source_published(message.get_payload_bytes());
+                } else {
+                    live.purge_signal.notify_one();
                 }
             }
-            tracing::debug!("shared tier purge subscription lost; reconnecting");
+            tracing::debug!("shared tier subscription lost; reconnecting");
         }
-        drop(signal);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// `<host>-<pid>-<random>`: readable in `/sources`, unique per start.
+fn instance_name() -> String {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "larder".to_string());
+    // RandomState is seeded randomly per process and per call.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!("{host}-{}-{:04x}", std::process::id(), random & 0xffff)
 }
 
 impl RedisTier {

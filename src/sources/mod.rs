@@ -32,15 +32,19 @@ mod plugin;
 mod provider;
 mod run;
 mod runner;
+mod shared;
 mod r#static;
 mod value;
 
 pub use run::SourceError;
+pub use shared::{SharedFuture, SharedSources, SharedUnavailable};
 pub use value::sniff;
 
 use self::http::{HttpClient, build_client};
+use arc_swap::ArcSwapOption;
 use provider::Provider;
 use runner::{Runner, Settings, Slot};
+use shared::SharedHandle;
 use value::seconds_until;
 
 /// Every source's slot by name; replaced whole on reload, never locked.
@@ -61,6 +65,8 @@ pub struct Sources {
     slots: Arc<Slots>,
     /// The schedules, by source; only `apply` and `shutdown` touch it.
     running: Mutex<HashMap<String, Running>>,
+    /// The store shared with other instances (`shared:`), if any.
+    shared: ArcSwapOption<SharedHandle>,
 }
 
 struct Running {
@@ -78,17 +84,40 @@ impl Running {
 
 impl Sources {
     /// Starts the scheduler for `config` (fetching at start where configured).
+    /// With `shared`, each tick of a source is fetched by one instance of
+    /// the namespace and installed by the others.
     /// Must be called inside a tokio runtime.
-    pub fn start(config: &BTreeMap<String, SourceConfig>, plugins: Arc<PluginHost>) -> Arc<Self> {
+    pub fn start(
+        config: &BTreeMap<String, SourceConfig>,
+        plugins: Arc<PluginHost>,
+        shared: Option<Arc<dyn SharedSources>>,
+    ) -> Arc<Self> {
         let sources = Arc::new(Self {
             background: background::Background::start(),
             plugins,
             client: build_client(),
             slots: Arc::new(ArcSwap::from_pointee(HashMap::new())),
             running: Mutex::new(HashMap::new()),
+            shared: ArcSwapOption::new(shared.map(|store| Arc::new(SharedHandle { store }))),
         });
         sources.apply(config);
         sources
+    }
+
+    /// Replaces the shared store (a reload that changed `shared:`) and
+    /// restarts every schedule with it; values are kept.
+    pub fn set_shared(&self, shared: Option<Arc<dyn SharedSources>>) {
+        self.shared
+            .store(shared.map(|store| Arc::new(SharedHandle { store })));
+        let slots = self.slots.load();
+        let mut running = self.lock_running();
+        for (name, schedule) in running.iter_mut() {
+            let Some(slot) = slots.get(name) else {
+                continue;
+            };
+            schedule.stop();
+            schedule.task = Some(self.spawn_runner(slot, &schedule.config));
+        }
     }
 
     /// Applies a reloaded `sources:` map: adds new sources, removes gone ones
@@ -143,15 +172,21 @@ impl Sources {
     fn spawn_runner(&self, slot: &Arc<Slot>, source: &SourceConfig) -> JoinHandle<()> {
         let provider = Provider::from_config(source, &self.client);
         let generation = slot.begin_generation(settings_of(source, provider.kind()));
+        let shared = self.shared.load_full().filter(|_| source.shared);
+        let rule = match shared {
+            Some(_) => source.rule.aligned(),
+            None => source.rule.clone(),
+        };
         let runner = Runner {
             slot: slot.clone(),
-            rule: source.rule.clone(),
+            rule,
             provider: Arc::new(provider),
             plugins: self.plugins.clone(),
             slots: self.slots.clone(),
             timeout: source.timeout.get(),
             run_on_start: source.run_on_start,
             generation,
+            shared,
         };
         runner.spawn(self.background.handle())
     }
@@ -202,7 +237,13 @@ impl Sources {
             .filter_map(|name| slots.get(name))
             .map(|slot| status_of(slot))
             .collect();
-        serde_json::json!({ "sources": sources })
+        match self.shared.load().as_ref() {
+            Some(shared) => serde_json::json!({
+                "instance": shared.store.instance(),
+                "sources": sources,
+            }),
+            None => serde_json::json!({ "sources": sources }),
+        }
     }
 
     /// Stops every schedule; in-flight runs are abandoned. Values stay readable.
@@ -314,5 +355,7 @@ fn status_of(slot: &Slot) -> serde_json::Value {
         "failures": record.failures,
         "skipped": record.skipped,
         "not_modified": record.not_modified,
+        "installed": record.installed,
+        "fetched_by": value.and_then(|v| v.fetched_by.as_deref()),
     })
 }

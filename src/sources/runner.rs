@@ -1,6 +1,8 @@
 //! One source's schedule: a tokio task that waits for each tick of the rule
 //! and starts a run, never two at once; a run fetches, retries with backoff
 //! until shortly before the next tick, and swaps a new value in on success.
+//! With a shared store (`shared`), a run first claims its tick: the winner
+//! fetches and publishes, the others wait for its value and install it.
 //!
 //! Owns the `Slot` (value + run record) a source's readers see. Must not
 //! block readers: the value is an `ArcSwapOption`, the record a short
@@ -17,6 +19,7 @@ use tokio::task::JoinHandle;
 
 use super::provider::Provider;
 use super::run::{Fetched, RunInput, SourceError};
+use super::shared::{SharedHandle, SharedValue};
 use super::value::StoredValue;
 use super::{FetcherView, Slots};
 use crate::plugins::PluginHost;
@@ -28,6 +31,12 @@ const FIRST_RETRY: Duration = Duration::from_secs(1);
 const RETRY_MARGIN: Duration = Duration::from_millis(500);
 /// The value-age gauge is refreshed at least this often while waiting.
 const GAUGE_REFRESH: Duration = Duration::from_secs(15);
+/// A claim outlives its tick's period by this much, so an instance whose
+/// clock is a little behind cannot claim the same tick again.
+const CLAIM_SKEW: Duration = Duration::from_secs(10);
+/// An instance waiting for another's value looks this often even without
+/// a message (messages can be lost).
+const FOLLOW_POLL: Duration = Duration::from_millis(500);
 
 /// What a source shows to readers; shared by the scheduler, its runs and
 /// `Sources`. Survives edits of the source (a reload keeps the value).
@@ -39,6 +48,9 @@ pub struct Slot {
     next_run_ms: AtomicI64,
     /// Bumped on every edit, so a run of the old settings cannot commit.
     generation: AtomicU64,
+    /// The tick (Unix ms) of the shared value this one is, `i64::MIN` when
+    /// none: an older one is never installed over it.
+    shared_tick: AtomicI64,
     record: Mutex<RunRecord>,
 }
 
@@ -61,6 +73,8 @@ pub struct RunRecord {
     pub failures: u64,
     pub skipped: u64,
     pub not_modified: u64,
+    /// Values another instance fetched and this one installed.
+    pub installed: u64,
 }
 
 impl Slot {
@@ -71,6 +85,7 @@ impl Slot {
             settings: ArcSwap::from_pointee(settings),
             next_run_ms: AtomicI64::new(i64::MIN),
             generation: AtomicU64::new(0),
+            shared_tick: AtomicI64::new(i64::MIN),
             record: Mutex::new(RunRecord::default()),
         })
     }
@@ -134,6 +149,20 @@ pub struct Runner {
     pub timeout: Duration,
     pub run_on_start: bool,
     pub generation: u64,
+    /// The store shared with other instances, when there is one and this
+    /// source uses it (then `rule` is aligned: every instance names a run
+    /// by the same tick).
+    pub shared: Option<Arc<SharedHandle>>,
+}
+
+/// How a run in shared mode begins.
+enum Claim {
+    /// This instance fetches the tick and publishes the value.
+    Won(Arc<SharedHandle>),
+    /// Another instance fetches it.
+    Lost(Arc<SharedHandle>),
+    /// The store did not answer: fetch here, publish if it is back by then.
+    Unanswered(Arc<SharedHandle>),
 }
 
 /// Aborts the run it holds when dropped, so stopping the schedule stops its run.
@@ -154,9 +183,14 @@ impl Runner {
     async fn schedule(self) {
         let runner = Arc::new(self);
         let mut current: Option<RunHandle> = None;
-        if runner.run_on_start {
+        if let Some(shared) = &runner.shared {
+            // What the cluster fetched already: a cluster that starts
+            // together fetches each source once, not once per instance.
+            runner.install_stored(shared).await;
+        }
+        if let Some(tick) = runner.start_tick() {
             current = Some(RunHandle(tokio::spawn(
-                runner.clone().run_with_retries(Utc::now()),
+                runner.clone().run_with_retries(tick),
             )));
         }
         let mut after = Utc::now();
@@ -185,6 +219,21 @@ impl Runner {
         }
     }
 
+    /// The tick of the run at start, if one is due. Alone: now. Shared: the
+    /// rule's last firing, unless the stored value is of that tick already.
+    fn start_tick(&self) -> Option<DateTime<Utc>> {
+        if !self.run_on_start {
+            return None;
+        }
+        let now = Utc::now();
+        if self.shared.is_none() {
+            return Some(now);
+        }
+        let tick = self.rule.last_at_or_before(now).unwrap_or(now);
+        let installed = self.slot.shared_tick.load(Ordering::Acquire);
+        (installed < tick.timestamp_millis()).then_some(tick)
+    }
+
     /// Sleeps until the wall clock reaches `tick`, refreshing the age gauge.
     async fn wait_until(&self, tick: DateTime<Utc>) {
         loop {
@@ -199,10 +248,26 @@ impl Runner {
 
     /// One run: attempts with exponential backoff while the next tick is far enough.
     async fn run_with_retries(self: Arc<Self>, tick: DateTime<Utc>) {
+        let publish_to = match self.claim(tick).await {
+            None => None,
+            Some(Claim::Won(shared) | Claim::Unanswered(shared)) => Some(shared),
+            Some(Claim::Lost(shared)) => {
+                if self.follow(&shared, tick).await {
+                    return;
+                }
+                // The store went away while waiting: fetch here.
+                Some(shared)
+            }
+        };
         let mut delay = FIRST_RETRY;
         loop {
             let error = match self.attempt(tick).await {
-                Ok(()) => return,
+                Ok(()) => {
+                    if let Some(shared) = &publish_to {
+                        self.publish(shared, tick).await;
+                    }
+                    return;
+                }
                 Err(error) => error,
             };
             if !error.is_retryable() {
@@ -210,17 +275,156 @@ impl Runner {
             }
             let now = Utc::now();
             let retry_at = now + TimeDelta::from_std(delay + RETRY_MARGIN).unwrap_or_default();
-            // The scheduler's next tick when it has been set, else the rule's.
-            let next_tick = self
-                .slot
-                .next_run()
-                .filter(|tick| *tick > now)
-                .or_else(|| self.rule.next_after(now));
-            if next_tick.is_some_and(|next| retry_at >= next) {
+            if self.next_tick(now).is_some_and(|next| retry_at >= next) {
                 return;
             }
             tokio::time::sleep(delay).await;
             delay = delay.saturating_mul(2);
+        }
+    }
+
+    /// The scheduler's next tick when it has been set, else the rule's.
+    fn next_tick(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.slot
+            .next_run()
+            .filter(|tick| *tick > now)
+            .or_else(|| self.rule.next_after(now))
+    }
+
+    /// Claims `tick` in the shared store; `None` when this source is not shared.
+    async fn claim(&self, tick: DateTime<Utc>) -> Option<Claim> {
+        let shared = self.shared.clone()?;
+        let next = self.rule.next_after(tick).unwrap_or(tick);
+        let hold = (next - tick).to_std().unwrap_or_default() + CLAIM_SKEW;
+        let claimed = shared
+            .store
+            .claim(&self.slot.name, tick.timestamp_millis(), hold)
+            .await;
+        let (claim, label) = match claimed {
+            Ok(true) => (Claim::Won(shared), "won"),
+            Ok(false) => (Claim::Lost(shared), "lost"),
+            Err(_) => (Claim::Unanswered(shared), "unavailable"),
+        };
+        metrics::counter!("larder_shared_source_claims_total", "source" => self.slot.name.clone(), "result" => label)
+            .increment(1);
+        Some(claim)
+    }
+
+    /// Waits for the value another instance fetches for `tick` and installs
+    /// it; gives up shortly before the next tick (keeping the value it has).
+    /// False when the store stopped answering, so this instance fetches.
+    async fn follow(&self, shared: &SharedHandle, tick: DateTime<Utc>) -> bool {
+        let name = &self.slot.name;
+        let deadline = match self.next_tick(tick) {
+            Some(next) => next - TimeDelta::from_std(RETRY_MARGIN).unwrap_or_default(),
+            None => tick + TimeDelta::from_std(self.timeout + CLAIM_SKEW).unwrap_or_default(),
+        };
+        let published = shared.store.published(name);
+        loop {
+            let message = published.notified();
+            tokio::pin!(message);
+            message.as_mut().enable();
+            match shared.store.read(name).await {
+                Ok(Some((stored, record))) if stored >= tick.timestamp_millis() => {
+                    self.install(stored, record);
+                    return true;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    tracing::debug!(source = %name, "shared store unavailable while waiting for another instance's value; fetching here");
+                    return false;
+                }
+            }
+            let left = (deadline - Utc::now()).to_std().unwrap_or_default();
+            if left.is_zero() {
+                tracing::debug!(source = %name, tick = %tick, "the instance that claimed this tick published no value; the last one is kept");
+                return true;
+            }
+            tokio::select! {
+                () = &mut message => {}
+                () = tokio::time::sleep(left.min(FOLLOW_POLL)) => {}
+            }
+        }
+    }
+
+    /// Installs the stored value at start (before any run).
+    async fn install_stored(&self, shared: &SharedHandle) {
+        if let Ok(Some((tick, record))) = shared.store.read(&self.slot.name).await {
+            self.install(tick, record);
+        }
+    }
+
+    /// Installs another instance's value for `tick`, unless this one holds
+    /// the value of that tick or a later one.
+    fn install(&self, tick: i64, record: bytes::Bytes) {
+        let name = &self.slot.name;
+        let Some(shared) = SharedValue::decode(record) else {
+            tracing::warn!(source = %name, "the shared value of this source is not a record this version reads; ignored");
+            return;
+        };
+        if !self.slot.is_current(self.generation) {
+            return;
+        }
+        if self.slot.shared_tick.fetch_max(tick, Ordering::AcqRel) >= tick {
+            return;
+        }
+        let previous = self.slot.value.load_full();
+        let settings = self.slot.settings.load();
+        let content_type = settings
+            .content_type
+            .as_deref()
+            .or(shared.content_type.as_deref());
+        let (mut value, changed) = StoredValue::next(
+            previous.as_deref(),
+            shared.body,
+            content_type,
+            shared.changed_at,
+        );
+        value.fetcher_headers = shared.fetcher_headers;
+        value.fetched_by = Some(Arc::from(shared.fetched_by.as_str()));
+        self.slot.value.store(Some(Arc::new(value)));
+        metrics::counter!("larder_shared_source_installs_total", "source" => name.clone())
+            .increment(1);
+        {
+            let mut record = self.slot.lock_record();
+            record.installed += 1;
+            record.last_success = Some(Utc::now());
+            record.last_error = None;
+        }
+        self.slot.update_age_gauge();
+        if changed {
+            tracing::info!(source = %name, fetched_by = %shared.fetched_by, "source updated from another instance");
+        }
+    }
+
+    /// Publishes this instance's value for `tick`; if a later tick's value
+    /// is stored already, installs that one instead.
+    async fn publish(&self, shared: &SharedHandle, tick: DateTime<Utc>) {
+        let Some(value) = self.slot.value.load_full() else {
+            return;
+        };
+        let record = SharedValue {
+            fetched_by: shared.store.instance().to_string(),
+            changed_at: value.changed_at,
+            content_type: Some(value.content_type().to_string()),
+            fetcher_headers: value.fetcher_headers.clone(),
+            body: value.body.clone(),
+        };
+        let tick = tick.timestamp_millis();
+        let name = &self.slot.name;
+        match shared.store.publish(name, tick, record.encode()).await {
+            Ok(true) => {
+                self.slot.shared_tick.fetch_max(tick, Ordering::AcqRel);
+            }
+            Ok(false) => {
+                tracing::debug!(source = %name, "a later tick's value is stored; installing it instead of this one");
+                if let Ok(Some((stored, record))) = shared.store.read(name).await {
+                    self.install(stored, record);
+                }
+            }
+            Err(_) => {
+                tracing::debug!(source = %name, "shared store unavailable; the value stays on this instance");
+            }
         }
     }
 
@@ -259,6 +463,10 @@ impl Runner {
                 let (mut value, changed) =
                     StoredValue::next(previous.as_deref(), body, content_type, Utc::now());
                 value.fetcher_headers = headers;
+                value.fetched_by = self
+                    .shared
+                    .as_ref()
+                    .map(|shared| Arc::from(shared.store.instance()));
                 self.slot.value.store(Some(Arc::new(value)));
                 self.record_outcome("ok", None);
                 self.slot.update_age_gauge();

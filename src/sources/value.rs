@@ -26,6 +26,8 @@ pub struct StoredValue {
     /// The headers a fetcher plugin returned with the value (empty for
     /// other kinds): what its `cache` view shows it next time.
     pub fetcher_headers: Vec<(String, Vec<u8>)>,
+    /// The instance that fetched it, when sources are shared.
+    pub fetched_by: Option<std::sync::Arc<str>>,
     etag: HeaderValue,
     last_modified: HeaderValue,
     content_type: HeaderValue,
@@ -49,6 +51,7 @@ impl StoredValue {
             changed_at,
             fetched_at: Instant::now(),
             fetcher_headers: Vec::new(),
+            fetched_by: None,
             etag,
             last_modified,
             content_type,
@@ -73,6 +76,7 @@ impl StoredValue {
                     changed_at: old.changed_at,
                     fetched_at: Instant::now(),
                     fetcher_headers: Vec::new(),
+                    fetched_by: None,
                     etag: old.etag.clone(),
                     last_modified: old.last_modified.clone(),
                     content_length: old.content_length.clone(),
