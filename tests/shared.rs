@@ -619,6 +619,64 @@ async fn a_hung_redis_costs_no_request_and_a_purge_meanwhile_reaches_it_when_it_
     b.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_shared_entry_is_revalidated_by_one_instance_while_the_others_serve_it() {
+    let redis = Redis::start().await;
+    // The revalidation takes a while, so the instances' refreshes overlap.
+    // No Date: the instances' clock is moved, the origin's would not be.
+    let origin = common::start_dateless_origin(|_, n| async move {
+        if n > 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+        respond(
+            200,
+            &[("cache-control", "max-age=10, stale-while-revalidate=60")],
+            format!("v{n}"),
+        )
+    })
+    .await;
+    let clock = std::sync::Arc::new(larder::cache::ManualClock::default());
+    let yaml = config(&origin.url(), &redis.url(), "reval", "");
+    let start = async || {
+        let options = larder::app::Options {
+            clock: clock.clone(),
+            ..Default::default()
+        };
+        common::start_larder_with(&yaml, options).await
+    };
+    let (a, b, c) = (start().await, start().await, start().await);
+    assert_eq!(fetch(&a, "/page").await.text(), "v1");
+    records_written(&redis, "reval", 1).await;
+    assert_tier_hit(&fetch(&b, "/page").await, "v1");
+
+    clock.advance(std::time::Duration::from_secs(20));
+    // C has no copy of its own: the stale record is served as a stale hit.
+    let from_tier = fetch(&c, "/page").await;
+    assert_eq!(from_tier.text(), "v1");
+    assert!(
+        from_tier.cache_status().contains("ttl=-")
+            && from_tier.cache_status().contains("detail=shared"),
+        "{}",
+        from_tier.cache_status()
+    );
+    // All three serve their stale copy at once and refresh it behind.
+    let (ra, rb, rc) = tokio::join!(fetch(&a, "/page"), fetch(&b, "/page"), fetch(&c, "/page"));
+    for reply in [ra, rb, rc] {
+        assert_eq!(reply.text(), "v1", "{}", reply.cache_status());
+    }
+    for larder in [&a, &b, &c] {
+        eventually(
+            "every instance to hold the revalidated response",
+            async || fetch(larder, "/page").await.text() == "v2",
+        )
+        .await;
+    }
+    assert_eq!(origin.hits(), 2, "one revalidation for the three instances");
+    for larder in [a, b, c] {
+        larder.stop().await;
+    }
+}
+
 /// A config of `sources` only, shared in `namespace` on `redis`.
 fn sources_config(redis_url: &str, namespace: &str, sources: &str) -> String {
     let sources = if sources.is_empty() { " {}\n" } else { sources };

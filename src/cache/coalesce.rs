@@ -61,7 +61,7 @@ impl Cache {
     ) -> Served {
         // The leader reads from the first chunk, whatever happens to the replay buffer.
         let reader = flight.reader();
-        self.start_fill(&flight, &forward, origin, registered);
+        self.start_fill(&flight, &forward, origin, registered, false);
         match self.wait_head(&flight).await {
             Head::Shared {
                 meta,
@@ -183,6 +183,7 @@ impl Cache {
         forward: &Forward<'_>,
         origin: &Arc<dyn Origin>,
         registered: bool,
+        background: bool,
     ) {
         let fill = Fill {
             cache: Arc::clone(self),
@@ -197,7 +198,7 @@ impl Cache {
             deadline: tokio::time::Instant::now() + self.head_wait(),
             idle_timeout: self.settings.load().fill_idle_timeout,
             reserved: std::sync::atomic::AtomicU64::new(0),
-            tier: self.tier_for(forward),
+            tier: self.tier_for(forward, background),
         };
         let fetch = fill_request(&forward.parts, forward.stale.as_deref());
         let refetch = forward
@@ -207,14 +208,12 @@ impl Cache {
         tokio::spawn(fill::run(fill, fetch, refetch, Arc::clone(origin)));
     }
 
-    /// The second tier for a fill, when the route uses it and the fill is a
-    /// plain miss: revalidations go to the origin, and a request with
-    /// `Authorization` is not answered from what other users' requests left.
-    fn tier_for(&self, forward: &Forward<'_>) -> Option<TierFill> {
-        if !forward.route.shared
-            || forward.stale.is_some()
-            || forward.parts.headers.contains_key(header::AUTHORIZATION)
-        {
+    /// The second tier for a fill, when the route uses it: a request with
+    /// `Authorization` is not answered from what other users' requests
+    /// left. A `background` revalidation claims the key first, so that one
+    /// instance of the namespace revalidates it.
+    fn tier_for(&self, forward: &Forward<'_>, background: bool) -> Option<TierFill> {
+        if !forward.route.shared || forward.parts.headers.contains_key(header::AUTHORIZATION) {
             return None;
         }
         let handle = self.tier.handle.load_full()?;
@@ -223,6 +222,7 @@ impl Cache {
             max_object_size: handle.max_object_size,
             generation: None,
             hit: false,
+            revalidation: background,
         })
     }
 
@@ -253,7 +253,7 @@ impl Cache {
             fwd: Fwd::Stale,
         };
         // Nobody waits for this fill: its head is read by nobody but joiners.
-        self.start_fill(&flight, &forward, origin, true);
+        self.start_fill(&flight, &forward, origin, true, true);
     }
 }
 

@@ -125,6 +125,11 @@ pub async fn run(
         let now = fill.cache.clock.now();
         return fill.stream(response, now, now).await;
     }
+    // One instance of the namespace revalidates; the others take its result.
+    if let Some(response) = fill.revalidated_elsewhere().await {
+        let now = fill.cache.clock.now();
+        return fill.stream(response, now, now).await;
+    }
     let (response, request_time, response_time) = match fill.fetch_timed(&*origin, fetch).await {
         Ok(fetched) => fetched,
         Err(error) => return fill.fail(error),

@@ -60,6 +60,9 @@ pub trait SecondTier: Send + Sync + 'static {
     fn purge_signal(&self) -> Arc<tokio::sync::Notify>;
     /// Whether the tier is failing (its calls are being skipped).
     fn degraded(&self) -> bool;
+    /// Takes `name` for `hold` unless another instance holds it; true when
+    /// this instance got it (one instance revalidates a shared entry).
+    fn try_claim(&self, name: String, hold: Duration) -> TierFuture<'_, Result<bool, TierError>>;
 }
 
 /// The tier as a fill uses it.
@@ -71,6 +74,9 @@ pub struct TierFill {
     pub generation: Option<u64>,
     /// The fill's response came from the tier (nothing to write back).
     pub hit: bool,
+    /// A background revalidation: only one instance of the namespace goes
+    /// to the origin for the key; the others take its result from the tier.
+    pub revalidation: bool,
 }
 
 /// What the tier had for a fill.
@@ -82,6 +88,11 @@ pub enum Lookup {
 
 /// The generation's name in the tier.
 pub const GENERATION: &str = "gen";
+
+/// The name an instance claims to revalidate a primary key.
+pub fn revalidation_name(primary: &str) -> String {
+    format!("reval:{primary}")
+}
 
 /// The name of the Vary field names stored for a primary key.
 pub fn vary_name(primary: &str) -> String {

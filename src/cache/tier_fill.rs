@@ -23,7 +23,7 @@ use super::policy::Timing;
 use super::store::Meta;
 use super::tier::{
     self, GENERATION, Lookup, PurgeLog, Record, SecondTier, decode_generation, decode_vary,
-    record_name, variant_id, vary_name,
+    record_name, revalidation_name, variant_id, vary_name,
 };
 use crate::http::body::{self, Body};
 
@@ -90,8 +90,8 @@ impl Fill {
         }
         let now = self.cache.clock.now();
         match self.usable(record, now) {
-            Some(response) => {
-                tier_count("hit");
+            Some((response, stale)) => {
+                tier_count(if stale { "stale_hit" } else { "hit" });
                 if let Some(shared) = &mut self.tier {
                     shared.hit = true;
                 }
@@ -109,9 +109,13 @@ impl Fill {
         Lookup::Miss
     }
 
-    /// The record as a response, if it may answer this request fresh: the
-    /// Vary values match, and the request's own directives allow it.
-    fn usable(&self, record: Record, now: SystemTime) -> Option<Response<Body>> {
+    /// The record as a response, if it may answer this request: the Vary
+    /// values match, and it is fresh, or (for a plain miss) stale within its
+    /// stale-while-revalidate window or the request's `max-stale`: then it
+    /// is served as a local stale entry would be, and the next request's
+    /// background revalidation refreshes it (one instance for all). The
+    /// flag says it is stale.
+    fn usable(&self, record: Record, now: SystemTime) -> Option<(Response<Body>, bool)> {
         let age = record.age_at(now);
         let mut headers = record.headers;
         headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
@@ -123,13 +127,44 @@ impl Fill {
         )) {
             return None;
         }
-        if freshness::decide(&meta, &self.request_directives, now) != Use::Fresh {
-            return None;
-        }
+        let stale = match freshness::decide(&meta, &self.request_directives, now) {
+            Use::Fresh => false,
+            Use::StaleWhileRevalidate | Use::StaleAccepted if self.stale.is_none() => true,
+            _ => return None,
+        };
         let mut response = Response::new(body::full(record.body));
         *response.status_mut() = record.status;
         *response.headers_mut() = headers;
-        Some(response)
+        Some((response, stale))
+    }
+
+    /// For a background revalidation: claims the key, so that one instance
+    /// of the namespace goes to the origin. When another holds the claim,
+    /// waits for its result to reach the tier and returns it; `None` means
+    /// this instance revalidates (it won, the tier did not answer, or the
+    /// other's result did not come within [`REVALIDATION_HOLD`]).
+    pub(super) async fn revalidated_elsewhere(&mut self) -> Option<Response<Body>> {
+        let shared = self.tier.as_ref().filter(|shared| shared.revalidation)?;
+        let tier = Arc::clone(&shared.tier);
+        let claimed = tier
+            .try_claim(revalidation_name(&self.key), REVALIDATION_HOLD)
+            .await;
+        if claimed != Ok(false) {
+            revalidation_count(if claimed.is_ok() { "won" } else { "unclaimed" });
+            return None;
+        }
+        let until = tokio::time::Instant::now() + REVALIDATION_HOLD;
+        let mut pause = Duration::from_millis(25);
+        while tokio::time::Instant::now() + pause < until {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+            if let Lookup::Hit(response) = self.look_up_tier().await {
+                revalidation_count("elsewhere");
+                return Some(response);
+            }
+        }
+        revalidation_count("waited_out");
+        None
     }
 
     /// Writes a response this fill stored locally to the tier, behind the
@@ -398,6 +433,15 @@ pub const PURGE_POLL: Duration = Duration::from_secs(1);
 
 /// How often a purge retries reaching a tier that did not answer.
 const RETRY_BUMP: Duration = Duration::from_millis(500);
+
+/// How long a background revalidation holds its claim on a key, and the
+/// longest the other instances wait for its result before revalidating
+/// themselves (an origin slower than this is revalidated again).
+const REVALIDATION_HOLD: Duration = Duration::from_secs(5);
+
+fn revalidation_count(result: &'static str) {
+    metrics::counter!("larder_shared_revalidations_total", "result" => result).increment(1);
+}
 
 fn tier_count(result: &'static str) {
     metrics::counter!("larder_shared_lookups_total", "result" => result).increment(1);

@@ -243,6 +243,21 @@ impl SecondTier for RedisTier {
     fn purge_signal(&self) -> Arc<Notify> {
         Arc::clone(&self.purge_signal)
     }
+
+    fn try_claim(&self, name: String, hold: Duration) -> TierFuture<'_, Result<bool, TierError>> {
+        Box::pin(async move {
+            let mut command = redis::cmd("SET");
+            let millis = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1);
+            command
+                .arg(self.name(&name))
+                .arg(&self.instance)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis);
+            let answer: Option<String> = self.call(command, self.write_timeout, "claim").await?;
+            Ok(answer.is_some())
+        })
+    }
 }
 
 /// The sorted set of recent purges (score: generation) and the channel that

@@ -55,7 +55,7 @@ impl SharedSources for RedisTier {
                     &self.source_connection,
                     command,
                     self.write_timeout,
-                    "claim",
+                    "source_claim",
                 )
                 .await
                 .map_err(|_| SharedUnavailable)?;
