@@ -86,6 +86,15 @@ impl Redis {
             .expect("SET");
     }
 
+    async fn get_raw(&self, key: &str) -> Option<Vec<u8>> {
+        let mut connection = self.connection().await.expect("connect to redis");
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .expect("GET")
+    }
+
     /// Commands the server has run, from `INFO commandstats`, by name.
     async fn command_calls(&self) -> std::collections::BTreeMap<String, u64> {
         let mut connection = self.connection().await.expect("connect to redis");
@@ -349,7 +358,8 @@ async fn a_corrupt_record_is_a_miss_and_is_replaced() {
     let (a, b) = (start_larder(&yaml).await, start_larder(&yaml).await);
     assert_eq!(fetch(&a, "/page").await.status, 200);
     let keys = records_written(&redis, "junk", 1).await;
-    redis.set_raw(&keys[0], b"LDR1 not really").await;
+    let junk: &[u8] = b"LDR1 not really";
+    redis.set_raw(&keys[0], junk).await;
 
     let reply = fetch(&b, "/page").await;
     assert_eq!(reply.status, 200);
@@ -360,15 +370,26 @@ async fn a_corrupt_record_is_a_miss_and_is_replaced() {
         reply.cache_status()
     );
     assert_eq!(origin.hits(), 2, "the corrupt record was a miss");
-    // B wrote a good record in its place: a third instance hits it.
-    let c = start_larder(&yaml).await;
-    eventually("a good record again", async || {
-        fetch(&c, "/page")
-            .await
-            .cache_status()
-            .contains("detail=shared")
+    // B wrote a good record in its place (behind its response, so wait for
+    // it): a third instance hits it.
+    eventually("B's record in place of the junk", async || {
+        for key in redis.keys("larder:junk:obj:*").await {
+            if redis.get_raw(&key).await.is_some_and(|raw| raw != junk) {
+                return true;
+            }
+        }
+        false
     })
     .await;
+    let c = start_larder(&yaml).await;
+    let reply = fetch(&c, "/page").await;
+    assert_eq!(reply.text(), "body of /page");
+    assert!(
+        reply.cache_status().contains("detail=shared"),
+        "{}",
+        reply.cache_status()
+    );
+    assert_eq!(origin.hits(), 2);
     for larder in [a, b, c] {
         larder.stop().await;
     }
