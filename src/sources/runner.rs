@@ -400,6 +400,10 @@ impl Runner {
     /// Publishes this instance's value for `tick`; if a later tick's value
     /// is stored already, installs that one instead.
     async fn publish(&self, shared: &SharedHandle, tick: DateTime<Utc>) {
+        if !self.slot.is_current(self.generation) {
+            // The settings changed during the run: the value is not this run's.
+            return;
+        }
         let Some(value) = self.slot.value.load_full() else {
             return;
         };
