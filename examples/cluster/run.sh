@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Two Larder instances sharing one cache through Redis, on loopback:
-# a miss on one becomes a hit on the other, and a purge on one reaches both.
+# a miss on one becomes a hit on the other, a purge on one reaches both,
+# and a source is fetched once per tick for both.
 #
 #   cargo build --release && examples/cluster/run.sh
 #
@@ -44,6 +45,14 @@ curl -s -H 'Authorization: Bearer example-token' -X POST \
 echo "first instance after the purge (from the origin again):";       status 18401
 sleep 0.2   # the purge reaches the second instance by pub/sub
 echo "second instance after the purge (its own copy is gone: it takes the first instance's new one from Redis):"; status 18402
+echo
+echo "a source on '*/5 * * * * *', after 12 s: who fetched it, and how often the origin was asked"
+sleep 12
+for admin in 18411 18412; do
+    curl -s -H 'Authorization: Bearer example-token' "http://127.0.0.1:$admin/sources" |
+        python3 -c 'import json,sys; s=json.load(sys.stdin); r=s["sources"][0]; print("  instance", s["instance"] + ": value fetched by", r["fetched_by"] + ", etag", r["etag"])'
+done
+echo "  origin requests for it: $(grep -c 'GET /larder.yml.in' "$dir/origin.log") (one per tick for both instances)"
 echo
 echo "Instances on :18401 and :18402 (admin :18411, :18412, token example-token)."
 echo "Logs in $dir. Press Enter to stop."
