@@ -6,6 +6,8 @@
 //! Each test file uses a different part of this module.
 #![allow(dead_code)]
 
+pub mod redis_server;
+
 use std::fmt::Display;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -338,6 +340,15 @@ pub fn assert_problem(reply: &Reply, status: u16) {
         problem["detail"].as_str().is_some_and(|d| !d.is_empty()),
         "problem without detail: {problem}"
     );
+}
+
+/// Waits until `GET url` answers 200 and returns that reply.
+pub async fn served(url: &str) -> Reply {
+    eventually(&format!("200 from {url}"), || async {
+        let reply = get(url).await;
+        (reply.status == StatusCode::OK).then_some(reply)
+    })
+    .await
 }
 
 pub async fn get(url: &str) -> Reply {
