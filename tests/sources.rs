@@ -11,22 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Origin, eventually, get, get_with, send, start_larder, start_origin, wasm};
+use common::{Origin, eventually, get, get_with, send, served, start_larder, start_origin, wasm};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use larder::http::body::{self, Body};
+use larder::http::body;
 use larder::http::error::RequestError;
 use larder::plugins::PluginHost;
-use larder::sources::Sources;
-
-/// Waits until Larder answers `GET path` with 200 and returns that reply.
-async fn served(url: &str) -> common::Reply {
-    eventually(&format!("200 from {url}"), || async {
-        let reply = get(url).await;
-        (reply.status == StatusCode::OK).then_some(reply)
-    })
-    .await
-}
+use larder::sources::{SourceRead, Sources};
 
 /// Starts only the sources of `yaml` (no listeners), as the server would.
 async fn start_sources(yaml: &str) -> Arc<Sources> {
@@ -53,7 +44,11 @@ impl Answer {
 }
 
 /// What a client gets for a source's answer or refusal.
-async fn read(answer: Result<Response<Body>, RequestError>) -> Answer {
+async fn read(answer: Result<SourceRead, RequestError>) -> Answer {
+    let answer = match answer {
+        Ok(read) => read.response().await,
+        Err(error) => Err(error),
+    };
     let response = answer.unwrap_or_else(RequestError::into_response);
     let (parts, body) = response.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
@@ -1057,14 +1052,19 @@ async fn a_route_serves_its_source_and_refuses_writes() {
         start_sources("sources:\n  s:\n    rule: '@every 1s'\n    static: { value: 'routed' }\n")
             .await;
     value_of(&sources, "s").await;
-    let answer =
-        read(sources.serve_source("s", &request("GET", "/reports/today?key=other", &[]))).await;
+    let answer = read(sources.serve_source(
+        "s",
+        "/reports",
+        &request("GET", "/reports/today?key=other", &[]),
+    ))
+    .await;
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.text(), "routed");
-    let post = read(sources.serve_source("s", &request("POST", "/reports/today", &[]))).await;
+    let post =
+        read(sources.serve_source("s", "/reports", &request("POST", "/reports/today", &[]))).await;
     assert_eq!(post.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(post.header("allow"), Some("GET, HEAD"));
-    let missing = read(sources.serve_source("nope", &request("GET", "/", &[]))).await;
+    let missing = read(sources.serve_source("nope", "/", &request("GET", "/", &[]))).await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
 }
 

@@ -103,7 +103,7 @@ impl Admin {
             "/" if self.public_key_api
                 && matches!(*request.method(), Method::GET | Method::HEAD) =>
             {
-                return self.sources.serve_by_key(&request);
+                return self.sources.serve_by_key(&request)?.response().await;
             }
             _ => {}
         }
@@ -117,7 +117,9 @@ impl Admin {
             (&Method::GET, "/plugins") => {
                 Ok(json(StatusCode::OK, self.plugins.status().to_string()))
             }
-            (&Method::GET | &Method::HEAD, "/") => self.sources.serve_by_key(&request),
+            (&Method::GET | &Method::HEAD, "/") => {
+                self.sources.serve_by_key(&request)?.response().await
+            }
             (&Method::POST, "/purge") => self.purge(request).await,
             (_, "/metrics" | "/sources" | "/cache" | "/plugins" | "/") => {
                 Err(ErrorKind::MethodNotAllowed {

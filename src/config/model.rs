@@ -156,6 +156,11 @@ pub struct SourceConfig {
     pub http: Option<HttpSource>,
     pub file: Option<FileSource>,
     pub plugin: Option<PluginSource>,
+    /// A mirror of an etcd prefix, kept current by watching (no schedule).
+    pub etcd: Option<EtcdSource>,
+    /// A mirror of a Redis string or hash, kept current by pub/sub and
+    /// periodic re-reads; its `url` is resolved (from `shared.url` when unset).
+    pub redis: Option<RedisSource>,
     /// Served as Content-Type; sniffed when absent.
     pub content_type: Option<HeaderValue>,
     pub timeout: HumanDuration,
@@ -458,6 +463,84 @@ impl std::fmt::Debug for BasicAuth {
 pub struct FileSource {
     #[serde(default)]
     pub path: PathBuf,
+    /// Also read the file whenever it changes (inotify, debounced; safe for
+    /// editors' and Kubernetes' atomic renames), besides the rule's ticks.
+    #[serde(default)]
+    pub watch: bool,
+}
+
+/// `sources.NAME.etcd`: a full copy of the keys below `prefix`, loaded at
+/// one revision and kept current by a watch.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSource {
+    /// `host:port` or `http://host:port`; tried in turn.
+    pub endpoints: Vec<String>,
+    /// Keys below it become the value's members, with the prefix removed.
+    /// Empty: every key.
+    #[serde(default)]
+    pub prefix: String,
+    /// How each stored value appears in the JSON object.
+    #[serde(default)]
+    pub decode: MemberDecode,
+    /// etcd's user and password authentication.
+    #[serde(default)]
+    pub auth: Option<BasicAuth>,
+    /// Keys per request of the initial load (it reads one revision, in pages).
+    #[serde(default = "default_etcd_page_size")]
+    pub page_size: u32,
+    /// How long connecting to an endpoint may take.
+    #[serde(default = "default_etcd_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+}
+
+/// `sources.NAME.redis`: a copy of one Redis key (a string, or a hash whose
+/// fields become members), read again when a message says it changed and
+/// every `reread` besides (pub/sub loses what is sent while disconnected).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSource {
+    pub key: String,
+    /// `redis://host:port/db` or `redis+unix:///path`; default `shared.url`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// A channel the writer publishes on after each change.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// Also listen to the key's keyspace notifications (the server needs
+    /// `notify-keyspace-events` with `K` and the matching types).
+    #[serde(default)]
+    pub keyspace_events: bool,
+    /// How often the key is read again whatever the messages say.
+    #[serde(default = "default_redis_reread")]
+    pub reread: HumanDuration,
+    /// How a hash's fields appear in the JSON object.
+    #[serde(default)]
+    pub decode: MemberDecode,
+}
+
+fn default_redis_reread() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+/// How a mirrored value (an etcd key's, a Redis hash field's) appears in
+/// the mirror's JSON object.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberDecode {
+    /// As a JSON string (bytes that are not UTF-8 are replaced).
+    #[default]
+    String,
+    /// Parsed as JSON; a value that is not JSON appears as a string.
+    Json,
+}
+
+fn default_etcd_page_size() -> u32 {
+    1000
+}
+
+fn default_etcd_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

@@ -15,7 +15,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::model::{AdminConfig, LogConfig, PluginConfig, PluginTotals, RouteMatch};
-use super::model::{BasicAuth, FileSource, PluginSource, StaticSource, default_true};
+use super::model::{
+    BasicAuth, EtcdSource, FileSource, PluginSource, RedisSource, StaticSource, default_true,
+};
 use super::units::{ByteSize, HumanDuration, deserialize_listen};
 
 /// The whole file.
@@ -363,6 +365,12 @@ pub struct RawSource {
     pub file: Option<FileSource>,
     #[serde(default)]
     pub plugin: Option<PluginSource>,
+    /// A mirror of an etcd prefix (Larder's own kind, not cachepump's).
+    #[serde(default)]
+    pub etcd: Option<EtcdSource>,
+    /// A mirror of a Redis string or hash (Larder's own kind).
+    #[serde(default)]
+    pub redis: Option<RedisSource>,
     /// Served as Content-Type; sniffed when absent.
     #[serde(default)]
     pub content_type: Option<String>,

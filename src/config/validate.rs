@@ -19,8 +19,9 @@ use ipnet::IpNet;
 
 use super::ConfigError;
 use super::model::{
-    CacheConfig, CacheKeyConfig, Config, Endpoint, HttpSource, PluginConfig, PurgeConfig, Route,
-    RouteCache, RouteTarget, ServerAddr, ServerConfig, SharedConfig, SourceConfig, Upstream,
+    CacheConfig, CacheKeyConfig, Config, Endpoint, EtcdSource, HttpSource, PluginConfig,
+    PurgeConfig, RedisSource, Route, RouteCache, RouteTarget, ServerAddr, ServerConfig,
+    SharedConfig, SourceConfig, Upstream,
 };
 use super::positions::PositionIndex;
 use super::raw::{
@@ -70,6 +71,7 @@ pub fn validate(
                 source,
                 &raw.plugins,
                 raw.cache.max_object_size.0,
+                raw.shared.as_ref().map(|shared| shared.url.as_str()),
             )?;
             Some((name.clone(), typed))
         })
@@ -511,6 +513,7 @@ impl Checker<'_> {
         source: &RawSource,
         plugins: &BTreeMap<String, PluginConfig>,
         max_object_size: u64,
+        shared_url: Option<&str>,
     ) -> Option<SourceConfig> {
         let rule = Rule::parse_firing(&source.rule, chrono::Utc::now())
             .map_err(|why| self.fail(&format!("{path}.rule"), why))
@@ -558,18 +561,106 @@ impl Checker<'_> {
         if source.timeout.get().is_zero() {
             self.fail(&format!("{path}.timeout"), "must be more than 0");
         }
+        if let Some(etcd) = &source.etcd {
+            self.etcd_source(&format!("{path}.etcd"), etcd);
+        }
+        let redis = source
+            .redis
+            .as_ref()
+            .map(|redis| self.redis_source(&format!("{path}.redis"), redis, shared_url));
+        let set = |kinds: &[(&'static str, bool)]| -> Vec<&'static str> {
+            kinds
+                .iter()
+                .filter(|(_, set)| *set)
+                .map(|(kind, _)| *kind)
+                .collect()
+        };
+        let mirrors = set(&[
+            ("etcd", source.etcd.is_some()),
+            ("redis", source.redis.is_some()),
+        ]);
+        let scheduled = set(&[
+            ("static", source.static_.is_some()),
+            ("http", source.http.is_some()),
+            ("file", source.file.is_some()),
+            ("plugin", source.plugin.is_some()),
+        ]);
+        if let (Some(mirror), Some(other)) = (mirrors.first(), mirrors.get(1).or(scheduled.first()))
+        {
+            self.fail(
+                &format!("{path}.{mirror}"),
+                format!("a source is a {mirror} mirror or a {other} source, not both"),
+            );
+        }
         Some(SourceConfig {
             rule: rule?,
             static_: source.static_.clone(),
             http,
             file: source.file.clone(),
             plugin: source.plugin.clone(),
+            etcd: source.etcd.clone(),
+            redis,
             content_type,
             timeout: source.timeout,
             accept_status,
             run_on_start: source.run_on_start,
             shared: source.shared,
         })
+    }
+
+    /// Checks a Redis mirror and resolves its URL (its own, else `shared.url`).
+    fn redis_source(
+        &mut self,
+        path: &str,
+        redis: &RedisSource,
+        shared_url: Option<&str>,
+    ) -> RedisSource {
+        let mut resolved = redis.clone();
+        if redis.key.is_empty() {
+            self.fail(&format!("{path}.key"), "must name a Redis key");
+        }
+        match redis.url.as_deref().or(shared_url) {
+            Some(url) => {
+                if let Err(error) = redis::Client::open(url) {
+                    self.fail(
+                        &format!("{path}.url"),
+                        format!("{url:?} is not a Redis URL ({error})"),
+                    );
+                }
+                resolved.url = Some(url.to_string());
+            }
+            None => self.fail(
+                &format!("{path}.url"),
+                "needs a Redis URL here or in a top-level shared: block",
+            ),
+        }
+        if redis.reread.get().is_zero() {
+            self.fail(&format!("{path}.reread"), "must be more than 0");
+        }
+        if redis.channel.as_deref() == Some("") {
+            self.fail(&format!("{path}.channel"), "must not be empty");
+        }
+        resolved
+    }
+
+    fn etcd_source(&mut self, path: &str, etcd: &EtcdSource) {
+        if etcd.endpoints.is_empty() {
+            self.fail(
+                &format!("{path}.endpoints"),
+                "needs at least one endpoint, e.g. 127.0.0.1:2379",
+            );
+        }
+        for (i, endpoint) in etcd.endpoints.iter().enumerate() {
+            if let Err(why) = check_etcd_endpoint(endpoint) {
+                self.fail(&format!("{path}.endpoints[{i}]"), why);
+            }
+        }
+        if etcd.page_size == 0 {
+            self.fail(&format!("{path}.page_size"), "must be more than 0");
+        }
+        if etcd.connect_timeout.get().is_zero() {
+            self.fail(&format!("{path}.connect_timeout"), "must be more than 0");
+        }
     }
 
     fn http_source(
@@ -770,6 +861,24 @@ fn check_ca_file(path: &Path) -> Result<(), String> {
 }
 
 /// A source's `http.endpoint`: any http(s) URL with a host.
+/// An etcd endpoint as the client takes it: `host:port` or `http://host:port`.
+fn check_etcd_endpoint(endpoint: &str) -> Result<(), String> {
+    if endpoint.starts_with("https://") {
+        return Err(format!(
+            "{endpoint:?}: TLS to etcd is not supported yet; use http:// on a trusted network"
+        ));
+    }
+    let rest = endpoint.strip_prefix("http://").unwrap_or(endpoint);
+    let authority: Authority = rest
+        .trim_end_matches('/')
+        .parse()
+        .map_err(|_| format!("{endpoint:?} is not host:port or http://host:port"))?;
+    if authority.port_u16().is_none() {
+        return Err(format!("{endpoint:?} needs a port, e.g. 127.0.0.1:2379"));
+    }
+    Ok(())
+}
+
 fn parse_endpoint(endpoint: &str) -> Result<Endpoint, String> {
     let url = url::Url::parse(endpoint).map_err(|e| format!("{endpoint:?} is not a URL ({e})"))?;
     if !matches!(url.scheme(), "http" | "https") {
@@ -868,6 +977,42 @@ mod tests {
         assert!(
             paths.contains(&"sources.s.http.header.bad name"),
             "{paths:?}"
+        );
+    }
+
+    #[test]
+    fn mirror_sources_are_checked_and_stand_alone() {
+        let refused = |text: &str| -> Vec<(String, String)> {
+            crate::config::load_str(text, "config.yml")
+                .expect_err("refused")
+                .0
+                .into_iter()
+                .map(|e| (e.path, e.message))
+                .collect()
+        };
+        let errors = refused(
+            "sources:\n  e:\n    etcd: { endpoints: ['https://127.0.0.1:2379', 'nohost'], page_size: 0 }\n    static: { value: x }\n",
+        );
+        let paths: Vec<&str> = errors.iter().map(|(path, _)| path.as_str()).collect();
+        assert!(paths.contains(&"sources.e.etcd.endpoints[0]"), "{errors:?}");
+        assert!(paths.contains(&"sources.e.etcd.endpoints[1]"), "{errors:?}");
+        assert!(paths.contains(&"sources.e.etcd.page_size"), "{errors:?}");
+        assert!(
+            errors
+                .iter()
+                .any(|(path, why)| path == "sources.e.etcd" && why.contains("not both")),
+            "{errors:?}"
+        );
+        let errors = refused("sources:\n  r:\n    redis: { key: flags }\n");
+        assert_eq!(errors[0].0, "sources.r.redis.url", "{errors:?}");
+
+        let text = "shared: { url: 'redis://127.0.0.1:6379/2', namespace: n }\nsources:\n  r:\n    redis: { key: flags }\n  e:\n    etcd: { endpoints: ['127.0.0.1:2379'] }\n";
+        let config = crate::config::load_str(text, "config.yml").expect("valid");
+        let redis = config.sources["r"].redis.as_ref().expect("a redis mirror");
+        assert_eq!(redis.url.as_deref(), Some("redis://127.0.0.1:6379/2"));
+        assert_eq!(
+            config.sources["e"].etcd.as_ref().map(|e| e.page_size),
+            Some(1000)
         );
     }
 

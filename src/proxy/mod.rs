@@ -70,7 +70,11 @@ enum Target {
         /// The same origin, as the cache calls it.
         cache_origin: Arc<dyn cache::Origin>,
     },
-    Source(String),
+    Source {
+        name: String,
+        /// The route's path prefix: what follows it names a mirror's key.
+        route_prefix: String,
+    },
 }
 
 /// One compiled `routes:` entry.
@@ -90,8 +94,10 @@ pub struct RouteEntry {
 /// What routing found for a request.
 enum Routed<'p> {
     Route(&'p RouteEntry),
-    /// Answered without a route: `/health`, or cachepump's `/?key=`.
+    /// Answered without a route: `/health`.
     Answer(Response<Body>),
+    /// cachepump's `/?key=`, which may wait for the source's next change.
+    Source(crate::sources::SourceRead),
 }
 
 /// What the `on-request` plugins decided.
@@ -220,6 +226,7 @@ impl Proxy {
         let route = match self.route(&mut request, ctx)? {
             Routed::Route(route) => route,
             Routed::Answer(response) => return Ok(response),
+            Routed::Source(read) => return read.response().await,
         };
         self.check_body_limit(route, &request)?;
         let upgrade = upgrade::accept(&route.upgrades, route.target.origin(), &mut request)?;
@@ -260,7 +267,7 @@ impl Proxy {
             if path == "/health" {
                 return Ok(Routed::Answer(crate::http::health()));
             }
-            return self.sources.serve_by_key(request).map(Routed::Answer);
+            return self.sources.serve_by_key(request).map(Routed::Source);
         };
         let Some(route) = routes
             .iter()
@@ -364,7 +371,12 @@ impl Proxy {
         ctx: &mut RequestCtx<'_>,
     ) -> Result<Response<Body>, RequestError> {
         match &route.target {
-            Target::Source(name) => self.sources.serve_source(name, &request),
+            Target::Source { name, route_prefix } => {
+                let read = self.sources.serve_source(name, route_prefix, &request)?;
+                // A read may wait minutes for a change: keep only what it needs.
+                drop(request);
+                read.response().await
+            }
             Target::Upstream { .. } if route.cache.enabled && request.method() == "PURGE" => {
                 let (parts, _) = request.into_parts();
                 purge::answer(&self.cache, &route.cache, &parts, ctx.client).await
@@ -475,7 +487,7 @@ impl Target {
     fn origin(&self) -> Option<&RouteOrigin> {
         match self {
             Self::Upstream { origin, .. } => Some(origin),
-            Self::Source(_) => None,
+            Self::Source { .. } => None,
         }
     }
 }
@@ -536,7 +548,10 @@ fn compile_route(
                 origin: Arc::new(origin),
             }
         }
-        RouteTarget::Source(source) => Target::Source(source.clone()),
+        RouteTarget::Source(source) => Target::Source {
+            name: source.clone(),
+            route_prefix: route.matcher.path_prefix.clone().unwrap_or_default(),
+        },
     };
     let label = format!(
         "{}{}",

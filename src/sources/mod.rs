@@ -1,6 +1,8 @@
 //! Scheduled sources (cachepump's idea): named datasets fetched on cron
 //! schedules from static values, HTTP endpoints, files or fetcher plugins,
-//! kept in memory as their last good value and served by key.
+//! or mirrored from etcd by watching; kept in memory as their last good
+//! value and served by key, whole or (for mirrors) one key at a time, to
+//! clients that may wait for the next change (see `wait`).
 //!
 //! `Sources` owns the set of running schedules (one tokio task per source,
 //! see `runner`, all on the sources' own thread, see `background`) and a
@@ -26,15 +28,20 @@ use crate::http::error::{ErrorKind, RequestError};
 use crate::plugins::{self, PluginHost};
 
 mod background;
+mod etcd;
 mod file;
 mod http;
+mod members;
+mod mirror;
 mod plugin;
 mod provider;
+mod redis_key;
 mod run;
 mod runner;
 mod shared;
 mod r#static;
 mod value;
+mod wait;
 
 pub use run::SourceError;
 pub use shared::{SharedFuture, SharedSources, SharedUnavailable};
@@ -45,7 +52,7 @@ use arc_swap::ArcSwapOption;
 use provider::Provider;
 use runner::{Runner, Settings, Slot};
 use shared::SharedHandle;
-use value::seconds_until;
+use value::{Freshness, StoredValue, seconds_until};
 
 /// Every source's slot by name; replaced whole on reload, never locked.
 type Slots = ArcSwap<HashMap<String, Arc<Slot>>>;
@@ -170,9 +177,38 @@ impl Sources {
     }
 
     fn spawn_runner(&self, slot: &Arc<Slot>, source: &SourceConfig) -> JoinHandle<()> {
+        if let Some(etcd) = &source.etcd {
+            let generation = slot.begin_generation(settings_of(source, "etcd"));
+            let content_type = slot.settings.load().content_type.clone();
+            return etcd::Mirror::new(etcd.clone(), slot.clone(), generation, content_type)
+                .spawn(self.background.handle());
+        }
+        if let Some(redis) = &source.redis {
+            let generation = slot.begin_generation(settings_of(source, "redis"));
+            let content_type = slot.settings.load().content_type.clone();
+            return redis_key::RedisMirror::new(
+                redis.clone(),
+                slot.clone(),
+                generation,
+                content_type,
+            )
+            .spawn(self.background.handle());
+        }
         let provider = Provider::from_config(source, &self.client);
         let generation = slot.begin_generation(settings_of(source, provider.kind()));
-        let shared = self.shared.load_full().filter(|_| source.shared);
+        // A watched file is this instance's own: each instance reads it.
+        let watch = match &provider {
+            Provider::File(_) => source
+                .file
+                .as_ref()
+                .filter(|file| file.watch)
+                .map(|file| file.path.clone()),
+            _ => None,
+        };
+        let shared = self
+            .shared
+            .load_full()
+            .filter(|_| source.shared && watch.is_none());
         let rule = match shared {
             Some(_) => source.rule.aligned(),
             None => source.rule.clone(),
@@ -187,32 +223,41 @@ impl Sources {
             run_on_start: source.run_on_start,
             generation,
             shared,
+            watch,
         };
         runner.spawn(self.background.handle())
     }
 
     /// cachepump's API: `GET /?key=NAME` (HEAD too, without the body);
-    /// its refusals are cachepump's plain-text answers.
-    pub fn serve_by_key<B>(&self, request: &Request<B>) -> Result<Response<Body>, RequestError> {
+    /// its refusals are cachepump's plain-text answers. A read may wait
+    /// for the next change (see `wait`).
+    pub fn serve_by_key<B>(&self, request: &Request<B>) -> Result<SourceRead, RequestError> {
         if !is_read(request.method()) {
             return Err(plain(StatusCode::BAD_REQUEST, BAD_METHOD));
         }
         let Some(key) = key_of(request) else {
             return Err(plain(StatusCode::BAD_REQUEST, MISSING_KEY));
         };
-        let slots = self.slots.load();
-        slots
+        let wait = wait::requested(request.uri(), request.headers())?;
+        let slot = self
+            .slots
+            .load()
             .get(&key)
-            .and_then(|slot| answer(slot, request))
-            .ok_or_else(|| plain(StatusCode::NOT_FOUND, UNKNOWN_KEY))
+            .filter(|slot| slot.value.load().is_some())
+            .cloned()
+            .ok_or_else(|| plain(StatusCode::NOT_FOUND, UNKNOWN_KEY))?;
+        read(slot, None, request, wait)
     }
 
-    /// A route with `source: NAME`: the same answer, whatever the query says.
+    /// A route with `source: NAME`: the value, whatever the query says; for
+    /// a mirror, `<route prefix>/<key>` is that key's value alone. A read
+    /// may wait for the next change (see `wait`).
     pub fn serve_source<B>(
         &self,
         name: &str,
+        route_prefix: &str,
         request: &Request<B>,
-    ) -> Result<Response<Body>, RequestError> {
+    ) -> Result<SourceRead, RequestError> {
         if !is_read(request.method()) {
             return Err(ErrorKind::MethodNotAllowed {
                 allow: "GET, HEAD",
@@ -220,11 +265,16 @@ impl Sources {
             }
             .into());
         }
-        let slots = self.slots.load();
-        slots
+        let wait = wait::requested(request.uri(), request.headers())?;
+        let slot = self
+            .slots
+            .load()
             .get(name)
-            .and_then(|slot| answer(slot, request))
-            .ok_or_else(|| ErrorKind::NotFound(format!("source {name} has no value yet")).into())
+            .filter(|slot| slot.value.load().is_some())
+            .cloned()
+            .ok_or_else(|| ErrorKind::NotFound(format!("source {name} has no value yet")))?;
+        let member = member_of(request.uri().path(), route_prefix);
+        read(slot, member, request, wait)
     }
 
     /// `GET /sources` on the admin listener: every source, sorted by name.
@@ -278,6 +328,8 @@ fn settings_of(source: &SourceConfig, kind: &'static str) -> Settings {
         fetcher: (kind == "plugin")
             .then(|| source.plugin.as_ref().map(|plugin| plugin.name.clone()))
             .flatten(),
+        live: matches!(kind, "etcd" | "redis")
+            || (kind == "file" && source.file.as_ref().is_some_and(|file| file.watch)),
     }
 }
 
@@ -317,11 +369,143 @@ fn key_of<B>(request: &Request<B>) -> Option<String> {
         .filter(|key| !key.is_empty())
 }
 
-fn answer<B>(slot: &Slot, request: &Request<B>) -> Option<Response<Body>> {
-    let value = slot.value.load();
-    let value = value.as_ref()?;
-    let max_age = seconds_until(slot.next_run(), SystemTime::now());
-    Some(value.respond(request, max_age))
+/// The key a read below a mirror route names: the path after the route's
+/// prefix, percent-decoded; `None` for the route's own path.
+fn member_of(path: &str, route_prefix: &str) -> Option<String> {
+    let rest = path.strip_prefix(route_prefix)?.trim_start_matches('/');
+    if rest.is_empty() {
+        return None;
+    }
+    Some(
+        url::form_urlencoded::parse(format!("k={}", rest.replace('+', "%2B")).as_bytes())
+            .next()
+            .map_or_else(|| rest.to_string(), |(_, key)| key.into_owned()),
+    )
+}
+
+/// What a read is answered from: the whole value, or one of a mirror's keys.
+fn target(
+    value: &Arc<StoredValue>,
+    member: Option<&str>,
+) -> Result<Arc<StoredValue>, RequestError> {
+    match (member, &value.members) {
+        (Some(key), Some(members)) => members
+            .get(key)
+            .cloned()
+            .ok_or_else(|| ErrorKind::NotFound(format!("no key {key:?} in this source")).into()),
+        // A source that is one document answers every path under its route with it.
+        _ => Ok(value.clone()),
+    }
+}
+
+/// A read of a source: answered now, or once the value changes or the
+/// client's wait runs out.
+pub enum SourceRead {
+    Ready(Response<Body>),
+    Waiting(WaitingRead),
+}
+
+impl SourceRead {
+    pub async fn response(self) -> Result<Response<Body>, RequestError> {
+        match self {
+            Self::Ready(response) => Ok(response),
+            Self::Waiting(waiting) => waiting.response().await,
+        }
+    }
+}
+
+/// A read that waits while the client has the current version; it holds
+/// what it needs of the request, so the request is not kept across the wait.
+pub struct WaitingRead {
+    slot: Arc<Slot>,
+    member: Option<String>,
+    method: Method,
+    headers: ::http::HeaderMap,
+    wait: wait::Wait,
+}
+
+impl WaitingRead {
+    async fn response(self) -> Result<Response<Body>, RequestError> {
+        let Self {
+            slot,
+            member,
+            method,
+            headers,
+            wait,
+        } = self;
+        let deadline = tokio::time::Instant::now() + wait.duration;
+        let _waiting = Waiting::begin(&slot.name);
+        loop {
+            let change = slot.next_change();
+            tokio::pin!(change);
+            change.as_mut().enable();
+            let value = current(&slot, member.as_deref())?;
+            if !wait.is_known(|tag| value.has_etag(tag)) {
+                return Ok(value.respond_to(&method, &headers, freshness(&slot), false));
+            }
+            tokio::select! {
+                () = &mut change => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    return Ok(value.respond_to(&method, &headers, freshness(&slot), true));
+                }
+            }
+        }
+    }
+}
+
+/// A read of `slot` (one key of it when `member`): the answer now, or a
+/// wait when the client asked for one and has the current version.
+fn read<B>(
+    slot: Arc<Slot>,
+    member: Option<String>,
+    request: &Request<B>,
+    wait: Option<wait::Wait>,
+) -> Result<SourceRead, RequestError> {
+    let value = current(&slot, member.as_deref())?;
+    match wait {
+        Some(wait) if wait.is_known(|tag| value.has_etag(tag)) => {
+            Ok(SourceRead::Waiting(WaitingRead {
+                slot,
+                member,
+                method: request.method().clone(),
+                headers: request.headers().clone(),
+                wait,
+            }))
+        }
+        _ => Ok(SourceRead::Ready(value.respond(request, freshness(&slot)))),
+    }
+}
+
+fn current(slot: &Slot, member: Option<&str>) -> Result<Arc<StoredValue>, RequestError> {
+    let value = slot.value.load_full().ok_or_else(|| {
+        RequestError::from(ErrorKind::NotFound("the source has no value yet".into()))
+    })?;
+    target(&value, member)
+}
+
+fn freshness(slot: &Slot) -> Freshness {
+    if slot.settings.load().live {
+        Freshness::Live
+    } else {
+        Freshness::MaxAge(seconds_until(slot.next_run(), SystemTime::now()))
+    }
+}
+
+/// A client waiting for a change, counted in `larder_source_waiting_clients`.
+struct Waiting(String);
+
+impl Waiting {
+    fn begin(source: &str) -> Self {
+        metrics::gauge!("larder_source_waiting_clients", "source" => source.to_string())
+            .increment(1.0);
+        Self(source.to_string())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        metrics::gauge!("larder_source_waiting_clients", "source" => self.0.clone()).decrement(1.0);
+    }
 }
 
 /// One of cachepump's plain-text refusals.
@@ -357,5 +541,8 @@ fn status_of(slot: &Slot) -> serde_json::Value {
         "not_modified": record.not_modified,
         "installed": record.installed,
         "fetched_by": value.and_then(|v| v.fetched_by.as_deref()),
+        "file_changes": record.file_changes,
+        "mirror": matches!(settings.kind, "etcd" | "redis")
+            .then(|| record.mirror.clone().unwrap_or_default().status(Utc::now())),
     })
 }

@@ -52,6 +52,8 @@ pub struct Slot {
     /// none: an older one is never installed over it.
     shared_tick: AtomicI64,
     record: Mutex<RunRecord>,
+    /// Woken when the value changes: what waiting readers park on.
+    changed: tokio::sync::Notify,
 }
 
 /// The parts of a source's settings that readers need.
@@ -62,6 +64,8 @@ pub struct Settings {
     pub content_type: Option<String>,
     /// The fetcher plugin that feeds this source, for kind `plugin`.
     pub fetcher: Option<String>,
+    /// Watched or mirrored: the value changes at any moment, not on ticks.
+    pub live: bool,
 }
 
 /// Counters and last results for `GET /sources`.
@@ -75,6 +79,10 @@ pub struct RunRecord {
     pub not_modified: u64,
     /// Values another instance fetched and this one installed.
     pub installed: u64,
+    /// Reloads of a watched file.
+    pub file_changes: u64,
+    /// A mirror's connection and progress (kind `etcd`).
+    pub mirror: Option<super::mirror::MirrorRecord>,
 }
 
 impl Slot {
@@ -87,7 +95,23 @@ impl Slot {
             generation: AtomicU64::new(0),
             shared_tick: AtomicI64::new(i64::MIN),
             record: Mutex::new(RunRecord::default()),
+            changed: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Swaps `value` in; readers waiting for a change are woken when its
+    /// bytes differ from the last value's.
+    pub fn set_value(&self, value: StoredValue, changed: bool) {
+        self.value.store(Some(Arc::new(value)));
+        if changed {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Resolves at the next change of the value. Enable it (or poll it
+    /// once) before looking at the value, so a change in between is not missed.
+    pub fn next_change(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
     }
 
     pub fn next_run(&self) -> Option<DateTime<Utc>> {
@@ -106,7 +130,7 @@ impl Slot {
         self.lock_record().clone()
     }
 
-    fn lock_record(&self) -> MutexGuard<'_, RunRecord> {
+    pub fn lock_record(&self) -> MutexGuard<'_, RunRecord> {
         self.record.lock()
     }
 
@@ -114,22 +138,18 @@ impl Slot {
     pub fn begin_generation(&self, settings: Settings) -> u64 {
         if let Some(value) = self.value.load_full() {
             // The content type may have changed: rebuild the headers, keep the bytes and times.
-            let rebuilt = StoredValue::new(
-                value.body.clone(),
-                settings.content_type.as_deref(),
-                value.changed_at,
-            );
+            let rebuilt = value.with_content_type(settings.content_type.as_deref());
             self.value.store(Some(Arc::new(rebuilt)));
         }
         self.settings.store(Arc::new(settings));
         self.generation.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    fn is_current(&self, generation: u64) -> bool {
+    pub fn is_current(&self, generation: u64) -> bool {
         self.generation.load(Ordering::SeqCst) == generation
     }
 
-    fn update_age_gauge(&self) {
+    pub fn update_age_gauge(&self) {
         if let Some(value) = self.value.load().as_ref() {
             let age = (Utc::now() - value.changed_at).num_milliseconds().max(0) as f64 / 1000.0;
             metrics::gauge!("larder_source_value_age_seconds", "source" => self.name.clone())
@@ -153,6 +173,15 @@ pub struct Runner {
     /// source uses it (then `rule` is aligned: every instance names a run
     /// by the same tick).
     pub shared: Option<Arc<SharedHandle>>,
+    /// A file whose changes start a run too (`file.watch`).
+    pub watch: Option<std::path::PathBuf>,
+}
+
+/// What ended a wait in the schedule.
+enum Woken {
+    Tick,
+    FileChanged,
+    WatchEnded,
 }
 
 /// How a run in shared mode begins.
@@ -193,15 +222,44 @@ impl Runner {
                 runner.clone().run_with_retries(tick),
             )));
         }
+        let mut watch = runner.watch_file();
         let mut after = Utc::now();
         loop {
             let Some(tick) = runner.rule.next_after(after) else {
                 runner.slot.set_next_run(None);
+                if let Some((_, changes)) = &mut watch {
+                    // No more ticks, but the file is still watched.
+                    if changes.next().await {
+                        current = Some(runner.clone().run_for_file_change(current.take()).await);
+                        continue;
+                    }
+                }
                 tracing::warn!(source = %runner.slot.name, rule = %runner.rule.text(), "rule never fires again; source stops");
                 return;
             };
             runner.slot.set_next_run(Some(tick));
-            runner.wait_until(tick).await;
+            let woken = match &mut watch {
+                Some((_, changes)) => tokio::select! {
+                    () = runner.wait_until(tick) => Woken::Tick,
+                    alive = changes.next() => if alive { Woken::FileChanged } else { Woken::WatchEnded },
+                },
+                None => {
+                    runner.wait_until(tick).await;
+                    Woken::Tick
+                }
+            };
+            match woken {
+                Woken::Tick => {}
+                Woken::FileChanged => {
+                    // The tick is still ahead: the loop waits for it again.
+                    current = Some(runner.clone().run_for_file_change(current.take()).await);
+                    continue;
+                }
+                Woken::WatchEnded => {
+                    watch = None;
+                    continue;
+                }
+            }
             // Catch up without a burst when the process was suspended.
             let now = Utc::now();
             after = if now - tick > TimeDelta::seconds(1) {
@@ -217,6 +275,32 @@ impl Runner {
                 runner.clone().run_with_retries(tick),
             )));
         }
+    }
+
+    /// The watch on the source's file, when it asks for one; a file that
+    /// cannot be watched is still read on the rule's ticks.
+    fn watch_file(&self) -> Option<(crate::watch::FileWatch, crate::watch::Changes)> {
+        let path = self.watch.as_ref()?;
+        match crate::watch::file(path) {
+            Ok(watch) => Some(watch),
+            Err(error) => {
+                tracing::warn!(source = %self.slot.name, path = %path.display(), %error, "cannot watch the file; it is read on the rule's ticks only");
+                None
+            }
+        }
+    }
+
+    /// A run for a change of the watched file, after the run in progress
+    /// (which may have read the file before the change) has ended.
+    async fn run_for_file_change(self: Arc<Self>, running: Option<RunHandle>) -> RunHandle {
+        if let Some(mut run) = running {
+            let _ = (&mut run.0).await;
+        }
+        self.slot.lock_record().file_changes += 1;
+        metrics::counter!("larder_source_file_changes_total", "source" => self.slot.name.clone())
+            .increment(1);
+        tracing::debug!(source = %self.slot.name, "watched file changed; reading it");
+        RunHandle(tokio::spawn(self.run_with_retries(Utc::now())))
     }
 
     /// The tick of the run at start, if one is due. Alone: now. Shared: the
@@ -382,7 +466,7 @@ impl Runner {
         );
         value.fetcher_headers = shared.fetcher_headers;
         value.fetched_by = Some(Arc::from(shared.fetched_by.as_str()));
-        self.slot.value.store(Some(Arc::new(value)));
+        self.slot.set_value(value, changed);
         metrics::counter!("larder_shared_source_installs_total", "source" => name.clone())
             .increment(1);
         {
@@ -471,7 +555,7 @@ impl Runner {
                     .shared
                     .as_ref()
                     .map(|shared| Arc::from(shared.store.instance()));
-                self.slot.value.store(Some(Arc::new(value)));
+                self.slot.set_value(value, changed);
                 self.record_outcome("ok", None);
                 self.slot.update_age_gauge();
                 let duration_ms = elapsed.as_millis() as u64;

@@ -1,10 +1,13 @@
 //! A source's last good value with its response headers built once, and the
 //! answers served from it (200, 304, HEAD).
 //!
-//! Owns content-type sniffing, the strong ETag and Last-Modified of a value.
+//! Owns content-type sniffing, the strong ETag and Last-Modified of a value,
+//! and a mirror's members (one value per key, for per-key reads).
 //! Must stay allocation-light per request: headers are built when a value
 //! changes, a request only clones them and the `Bytes`.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -14,6 +17,18 @@ use http::{Method, Request, Response, StatusCode};
 use sha2::{Digest, Sha256};
 
 use crate::http::body::{self, Body};
+
+/// A mirror's values by key (the key as it reads below the mirrored prefix).
+pub type Members = BTreeMap<String, Arc<StoredValue>>;
+
+/// How long a client may reuse an answer without asking again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Until the source's next run, in seconds.
+    MaxAge(u64),
+    /// A watched or mirrored value changes at any moment: always revalidate.
+    Live,
+}
 
 /// One value as it is served.
 #[derive(Debug)]
@@ -27,7 +42,10 @@ pub struct StoredValue {
     /// other kinds): what its `cache` view shows it next time.
     pub fetcher_headers: Vec<(String, Vec<u8>)>,
     /// The instance that fetched it, when sources are shared.
-    pub fetched_by: Option<std::sync::Arc<str>>,
+    pub fetched_by: Option<Arc<str>>,
+    /// A mirror's keys, each its own value (with its own ETag), for reads
+    /// of one key; `None` for a value that is one document.
+    pub members: Option<Arc<Members>>,
     etag: HeaderValue,
     last_modified: HeaderValue,
     content_type: HeaderValue,
@@ -38,7 +56,27 @@ impl StoredValue {
     /// Builds the value and its headers. `content_type` is the configured or
     /// fetched type; without one the bytes are sniffed.
     pub fn new(body: Bytes, content_type: Option<&str>, changed_at: DateTime<Utc>) -> Self {
-        let etag = etag_of(&body);
+        let mut value = Self::new_unhashed(body, content_type, changed_at);
+        value.etag = etag_of(&value.body);
+        value
+    }
+
+    /// A value whose ETag is a version its source gives (a mirror's
+    /// revision) instead of a hash of its bytes.
+    pub fn versioned(
+        body: Bytes,
+        content_type: Option<&str>,
+        changed_at: DateTime<Utc>,
+        version: i64,
+    ) -> Self {
+        let mut value = Self::new_unhashed(body, content_type, changed_at);
+        // Digits and quotes: always a valid header value.
+        value.etag = HeaderValue::from_str(&format!("\"{version}\""))
+            .unwrap_or_else(|_| HeaderValue::from_static("\"0\""));
+        value
+    }
+
+    fn new_unhashed(body: Bytes, content_type: Option<&str>, changed_at: DateTime<Utc>) -> Self {
         let content_type = content_type_header(content_type, &body);
         // HTTP dates have whole seconds; keep the value's time the same so
         // If-Modified-Since comparisons agree with what the client was sent.
@@ -52,10 +90,28 @@ impl StoredValue {
             fetched_at: Instant::now(),
             fetcher_headers: Vec::new(),
             fetched_by: None,
-            etag,
+            members: None,
+            etag: HeaderValue::from_static("\"0\""),
             last_modified,
             content_type,
             content_length,
+        }
+    }
+
+    /// The same value served with another content type (the source's
+    /// settings changed); bytes, ETag, dates and members are kept.
+    pub fn with_content_type(&self, content_type: Option<&str>) -> Self {
+        Self {
+            body: self.body.clone(),
+            changed_at: self.changed_at,
+            fetched_at: self.fetched_at,
+            fetcher_headers: self.fetcher_headers.clone(),
+            fetched_by: self.fetched_by.clone(),
+            members: self.members.clone(),
+            etag: self.etag.clone(),
+            last_modified: self.last_modified.clone(),
+            content_type: content_type_header(content_type, &self.body),
+            content_length: self.content_length.clone(),
         }
     }
 
@@ -77,6 +133,7 @@ impl StoredValue {
                     fetched_at: Instant::now(),
                     fetcher_headers: Vec::new(),
                     fetched_by: None,
+                    members: None,
                     etag: old.etag.clone(),
                     last_modified: old.last_modified.clone(),
                     content_length: old.content_length.clone(),
@@ -96,19 +153,39 @@ impl StoredValue {
         self.content_type.to_str().unwrap_or_default()
     }
 
+    /// Whether `tag` (an entity tag, quoted or not, `W/` ignored) names this value.
+    pub fn has_etag(&self, tag: &str) -> bool {
+        let tag = tag.trim();
+        let tag = tag.strip_prefix("W/").unwrap_or(tag);
+        let ours = self.etag();
+        tag == ours || ours.strip_prefix('"').and_then(|t| t.strip_suffix('"')) == Some(tag)
+    }
+
     /// The answer to `request` (GET or HEAD) from this value.
-    /// `max_age` is the number of seconds until the source's next run.
-    pub fn respond<B>(&self, request: &Request<B>, max_age: u64) -> Response<Body> {
+    pub fn respond<B>(&self, request: &Request<B>, freshness: Freshness) -> Response<Body> {
+        self.respond_to(request.method(), request.headers(), freshness, false)
+    }
+
+    /// The answer to a GET or HEAD with these request headers; a 304 when
+    /// they say the client has this value, or when `unchanged` (a wait for
+    /// a change that ran out).
+    pub fn respond_to(
+        &self,
+        method: &Method,
+        request_headers: &HeaderMap,
+        freshness: Freshness,
+        unchanged: bool,
+    ) -> Response<Body> {
         let mut headers = HeaderMap::with_capacity(6);
         headers.insert(header::ETAG, self.etag.clone());
         headers.insert(header::LAST_MODIFIED, self.last_modified.clone());
-        headers.insert(header::CACHE_CONTROL, max_age_header(max_age));
-        if self.is_not_modified_for(request.headers()) {
+        headers.insert(header::CACHE_CONTROL, cache_control(freshness));
+        if unchanged || self.is_not_modified_for(request_headers) {
             return with_headers(StatusCode::NOT_MODIFIED, headers, body::empty());
         }
         headers.insert(header::CONTENT_TYPE, self.content_type.clone());
         headers.insert(header::CONTENT_LENGTH, self.content_length.clone());
-        let body = if request.method() == Method::HEAD {
+        let body = if method == Method::HEAD {
             body::empty()
         } else {
             body::full(self.body.clone())
@@ -148,9 +225,12 @@ fn with_headers(status: StatusCode, headers: HeaderMap, body: Body) -> Response<
     response
 }
 
-fn max_age_header(seconds: u64) -> HeaderValue {
-    HeaderValue::from_str(&format!("max-age={seconds}"))
-        .unwrap_or_else(|_| HeaderValue::from_static("no-cache"))
+fn cache_control(freshness: Freshness) -> HeaderValue {
+    match freshness {
+        Freshness::MaxAge(seconds) => HeaderValue::from_str(&format!("max-age={seconds}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("no-cache")),
+        Freshness::Live => HeaderValue::from_static("no-cache"),
+    }
 }
 
 fn etag_of(body: &[u8]) -> HeaderValue {
@@ -278,13 +358,16 @@ mod tests {
     fn etag_matches_give_304_and_others_200() {
         let stored = value("hello");
         let etag = stored.etag().to_string();
-        let response = stored.respond(&get(&[("if-none-match", &etag)]), 5);
+        let response = stored.respond(&get(&[("if-none-match", &etag)]), Freshness::MaxAge(5));
         assert_eq!(response.status(), StatusCode::NOT_MODIFIED);
         assert_eq!(response.headers()["cache-control"], "max-age=5");
         let weak = format!("\"x\", W/{etag}");
-        let response = stored.respond(&get(&[("if-none-match", &weak)]), 5);
+        let response = stored.respond(&get(&[("if-none-match", &weak)]), Freshness::MaxAge(5));
         assert_eq!(response.status(), StatusCode::NOT_MODIFIED);
-        let response = stored.respond(&get(&[("if-none-match", "\"other\"")]), 5);
+        let response = stored.respond(
+            &get(&[("if-none-match", "\"other\"")]),
+            Freshness::MaxAge(5),
+        );
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()["content-length"], "5");
     }
@@ -294,7 +377,8 @@ mod tests {
         let stored = value("hello");
         let same = "Sat, 21 Nov 2026 12:00:00 GMT";
         let earlier = "Sat, 21 Nov 2026 11:59:59 GMT";
-        let ok = |headers: &[(&str, &str)]| stored.respond(&get(headers), 1).status();
+        let ok =
+            |headers: &[(&str, &str)]| stored.respond(&get(headers), Freshness::MaxAge(1)).status();
         assert_eq!(ok(&[("if-modified-since", same)]), StatusCode::NOT_MODIFIED);
         assert_eq!(ok(&[("if-modified-since", earlier)]), StatusCode::OK);
         assert_eq!(
