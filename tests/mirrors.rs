@@ -217,15 +217,14 @@ async fn a_put_reaches_a_waiting_client_and_a_delete_removes_the_member() {
 
 /// `larder_source_waiting_clients` for `flags`, from `/metrics`.
 async fn mirror_waiters(larder: &Larder) -> f64 {
-    waiting_clients(&larder.admin("GET", "/metrics", "").await.text())
+    waiting_clients(&larder.admin("GET", "/metrics", "").await.text(), "flags")
 }
 
-fn waiting_clients(metrics: &str) -> f64 {
+fn waiting_clients(metrics: &str, source: &str) -> f64 {
+    let label = format!("source=\"{source}\"");
     metrics
         .lines()
-        .find(|line| {
-            line.starts_with("larder_source_waiting_clients{") && line.contains("source=\"flags\"")
-        })
+        .find(|line| line.starts_with("larder_source_waiting_clients{") && line.contains(&label))
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|value| value.parse().ok())
         .unwrap_or(0.0)
@@ -567,7 +566,7 @@ async fn a_thousand_waiting_clients_cost_no_thread_each_and_little_memory() {
             let text = get_with(&metrics, &[("authorization", &bearer)])
                 .await
                 .text();
-            waiting_clients(&text) == WAITERS as f64
+            waiting_clients(&text, "flags") == WAITERS as f64
         })
         .await;
         assert_eq!(
@@ -730,6 +729,42 @@ async fn redis_down_keeps_the_copy_served_and_the_mirror_catches_up_after_restar
     assert!(
         status["mirror"]["resyncs"]["reconnect"].as_u64() >= Some(1),
         "{status}"
+    );
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn a_waiting_client_is_answered_when_its_source_is_removed() {
+    let sources = "sources:\n  other:\n    static: { value: x }\n";
+    let with = format!(
+        "{ADMIN_BLOCK}routes:\n  - match: {{ path_prefix: /still }}\n    source: still\n{sources}  still:\n    rule: '@every 1h'\n    static: {{ value: same }}\n"
+    );
+    let larder = start_larder(&with).await;
+    let etag = served(&larder.url("/still"))
+        .await
+        .header("etag")
+        .expect("etag")
+        .to_string();
+    let waiting = tokio::spawn({
+        let url = larder.url("/still");
+        async move { wait_for_change(&url, &etag, "600s").await }
+    });
+    eventually("the client to be waiting", async || {
+        waiting_clients(&larder.admin("GET", "/metrics", "").await.text(), "still") == 1.0
+    })
+    .await;
+    let without = format!(
+        "{ADMIN_BLOCK}routes:\n  - match: {{ path_prefix: /other }}\n    source: other\n{sources}"
+    );
+    larder.reload(&without).await.expect("reload");
+    let reply = tokio::time::timeout(common::DEADLINE, waiting)
+        .await
+        .expect("the waiter was answered when its source went away")
+        .expect("the waiting client");
+    assert_eq!(reply.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(
+        get(&larder.url("/still")).await.status,
+        StatusCode::NOT_FOUND
     );
     larder.stop().await;
 }

@@ -23,6 +23,9 @@ use super::mirror::{self, Backoff, Resync};
 use super::runner::Slot;
 use crate::config::EtcdSource;
 
+/// The largest reply taken from etcd (tonic's default is 4 MiB): a page of
+/// large values or a big transaction's events must not stop the mirror.
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// How long one page of the initial load may take.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// HTTP/2 pings on the connection: a server that stops answering (a
@@ -121,7 +124,8 @@ impl Mirror {
                 .with_range(range_end(&self.config.prefix))
                 .with_start_revision(revision + 1)
                 .with_progress_notify();
-            let mut stream = match client.watch(self.prefix(), Some(options)).await {
+            let mut watch_client = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
+            let mut stream = match watch_client.watch(self.prefix(), Some(options)).await {
                 Ok(stream) => stream,
                 Err(error) => return format!("starting the watch: {error}"),
             };
@@ -144,7 +148,6 @@ impl Mirror {
                     break Resync::Reconnect;
                 }
                 if response.created() && !response.canceled() {
-                    backoff.reset();
                     if let Some(reason) = resync.take() {
                         mirror::count_resync(&self.slot, reason);
                     }
@@ -153,8 +156,17 @@ impl Mirror {
                 if let Some(reason) = self.apply(&response) {
                     break reason;
                 }
+                if !response.created() {
+                    // Events or a progress notification: the watch works.
+                    backoff.reset();
+                }
             };
             tracing::info!(source = %self.slot.name, reason = reason.label(), "etcd watch lost events; loading the prefix again");
+            if reason != Resync::Compaction {
+                // A cancel that keeps coming back (a permission, a member
+                // that stays behind) must not become a loop of full loads.
+                backoff.wait().await;
+            }
             *resync = Some(reason);
         }
     }
@@ -170,6 +182,7 @@ impl Mirror {
     /// Reads every key below the prefix at one revision, page by page, and
     /// installs the copy; returns that revision.
     async fn load(&mut self, client: &mut Client) -> Result<i64, String> {
+        let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
         let prefix = self.prefix();
         let range_end = range_end(&self.config.prefix);
         let mut revision = 0;
@@ -182,7 +195,7 @@ impl Mirror {
             if revision > 0 {
                 options = options.with_revision(revision);
             }
-            let page = tokio::time::timeout(LOAD_TIMEOUT, client.get(from.clone(), Some(options)))
+            let page = tokio::time::timeout(LOAD_TIMEOUT, kv.get(from.clone(), Some(options)))
                 .await
                 .map_err(|_| "loading the prefix: timed out".to_string())?
                 .map_err(|error| format!("loading the prefix: {error}"))?;
@@ -248,11 +261,17 @@ impl Mirror {
         None
     }
 
-    /// The key below the prefix, as a member's name.
+    /// The key below the prefix, as a member's name; a `/` left after a
+    /// prefix written without one (`/flags` for `/flags/a`) is dropped, so
+    /// the member reads as `<route>/a`.
     fn member_name(&self, key: &[u8]) -> String {
         let below = key
             .strip_prefix(self.config.prefix.as_bytes())
             .unwrap_or(key);
+        let below = match self.config.prefix.ends_with('/') {
+            true => below,
+            false => below.strip_prefix(b"/").unwrap_or(below),
+        };
         String::from_utf8_lossy(below).into_owned()
     }
 

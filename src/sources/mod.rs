@@ -139,7 +139,9 @@ impl Sources {
             let keep = config.contains_key(name);
             if !keep {
                 schedule.stop();
-                slots.remove(name);
+                if let Some(slot) = slots.remove(name) {
+                    slot.end_waits();
+                }
                 tracing::info!(source = %name, "source removed");
             }
             keep
@@ -296,10 +298,15 @@ impl Sources {
         }
     }
 
-    /// Stops every schedule; in-flight runs are abandoned. Values stay readable.
+    /// Stops every schedule; in-flight runs are abandoned. Values stay
+    /// readable; readers waiting for a change are answered now, so they do
+    /// not hold the drain.
     pub async fn shutdown(&self) {
         for schedule in self.lock_running().values_mut() {
             schedule.stop();
+        }
+        for slot in self.slots.load().values() {
+            slot.end_waits();
         }
     }
 
@@ -370,16 +377,22 @@ fn key_of<B>(request: &Request<B>) -> Option<String> {
 }
 
 /// The key a read below a mirror route names: the path after the route's
-/// prefix, percent-decoded; `None` for the route's own path.
+/// prefix and a `/`, percent-decoded; `None` for the route's own path (and
+/// for `/flagship` under `/flags`, which is not below it).
 fn member_of(path: &str, route_prefix: &str) -> Option<String> {
-    let rest = path.strip_prefix(route_prefix)?.trim_start_matches('/');
+    let rest = path.strip_prefix(route_prefix)?;
+    let rest = if route_prefix.ends_with('/') {
+        rest
+    } else {
+        rest.strip_prefix('/')?
+    };
     if rest.is_empty() {
         return None;
     }
     Some(
-        url::form_urlencoded::parse(format!("k={}", rest.replace('+', "%2B")).as_bytes())
-            .next()
-            .map_or_else(|| rest.to_string(), |(_, key)| key.into_owned()),
+        percent_encoding::percent_decode_str(rest)
+            .decode_utf8_lossy()
+            .into_owned(),
     )
 }
 
@@ -440,8 +453,9 @@ impl WaitingRead {
             tokio::pin!(change);
             change.as_mut().enable();
             let value = current(&slot, member.as_deref())?;
-            if !wait.is_known(|tag| value.has_etag(tag)) {
-                return Ok(value.respond_to(&method, &headers, freshness(&slot), false));
+            let unchanged = wait.is_known(|tag| value.has_etag(tag));
+            if !unchanged || slot.waits_ended() {
+                return Ok(value.respond_to(&method, &headers, freshness(&slot), unchanged));
             }
             tokio::select! {
                 () = &mut change => {}
@@ -545,4 +559,29 @@ fn status_of(slot: &Slot) -> serde_json::Value {
         "mirror": matches!(settings.kind, "etcd" | "redis")
             .then(|| record.mirror.clone().unwrap_or_default().status(Utc::now())),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::member_of;
+
+    #[test]
+    fn a_member_is_what_follows_the_route_and_a_slash_decoded() {
+        assert_eq!(
+            member_of("/flags/dark-mode", "/flags").as_deref(),
+            Some("dark-mode")
+        );
+        assert_eq!(
+            member_of("/flags/a/b%20c", "/flags/").as_deref(),
+            Some("a/b c")
+        );
+        assert_eq!(member_of("/flags/1+1", "/flags").as_deref(), Some("1+1"));
+        assert_eq!(
+            member_of("/flags/a&b=c", "/flags").as_deref(),
+            Some("a&b=c")
+        );
+        assert_eq!(member_of("/flags", "/flags"), None);
+        assert_eq!(member_of("/flags/", "/flags"), None);
+        assert_eq!(member_of("/flagship", "/flags"), None);
+    }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::Utc;
-use futures_util::StreamExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use redis::aio::MultiplexedConnection;
 use tokio::task::JoinHandle;
 
@@ -30,6 +30,15 @@ use crate::config::RedisSource;
 
 /// How long connecting, subscribing or one read may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The key's type and content in one step, so a key deleted or retyped
+/// between a TYPE and a GET cannot be read as empty.
+const READ_SCRIPT: &str = r"
+local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'string' then return {t, redis.call('GET', KEYS[1])} end
+if t == 'hash' then return {t, redis.call('HGETALL', KEYS[1])} end
+return {t}
+";
 
 /// Why the key is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,7 +132,11 @@ impl RedisMirror {
             let cause = match messages.as_mut() {
                 Some(stream) => tokio::select! {
                     message = stream.next() => match message {
-                        Some(_) => Cause::Message,
+                        Some(_) => {
+                            // A burst of messages (a busy keyspace) makes one read.
+                            while let Some(Some(_)) = stream.next().now_or_never() {}
+                            Cause::Message
+                        }
                         None => return "the subscription was lost".to_string(),
                     },
                     _ = reread.tick() => Cause::Reread,
@@ -156,18 +169,22 @@ impl RedisMirror {
         cause: Cause,
     ) -> Result<(), String> {
         let key = &self.config.key;
-        let kind: String = timed(
-            "reading",
-            redis::cmd("TYPE").arg(key).query_async(&mut *connection),
-        )
-        .await?;
-        let value = match kind.as_str() {
-            "string" => {
-                let bytes: Vec<u8> = timed(
-                    "reading",
-                    redis::cmd("GET").arg(key).query_async(&mut *connection),
-                )
-                .await?;
+        let mut script = redis::cmd("EVAL");
+        script.arg(READ_SCRIPT).arg(1).arg(key);
+        let reply: Vec<redis::Value> =
+            timed("reading", script.query_async(&mut *connection)).await?;
+        let mut reply = reply.into_iter();
+        let kind: String = reply
+            .next()
+            .map(redis::from_redis_value)
+            .transpose()
+            .map_err(|error| format!("reading: {error}"))?
+            .unwrap_or_default();
+        let content = reply.next();
+        let value = match (kind.as_str(), content) {
+            ("string", Some(content)) => {
+                let bytes: Vec<u8> = redis::from_redis_value(content)
+                    .map_err(|error| format!("reading: {error}"))?;
                 let previous = self.slot.value.load_full();
                 let content_type = self.content_type.as_deref();
                 StoredValue::next(
@@ -178,26 +195,23 @@ impl RedisMirror {
                 )
                 .0
             }
-            "hash" => {
-                let fields: Vec<(String, Vec<u8>)> = timed(
-                    "reading",
-                    redis::cmd("HGETALL").arg(key).query_async(&mut *connection),
-                )
-                .await?;
+            ("hash", Some(content)) => {
+                let fields: Vec<(String, Vec<u8>)> = redis::from_redis_value(content)
+                    .map_err(|error| format!("reading: {error}"))?;
                 let mut keys = MemberSet::new(self.config.decode);
                 for (field, bytes) in fields {
                     keys.insert(field, Bytes::from(bytes), None);
                 }
                 keys.value(self.content_type.as_deref(), None)
             }
-            "none" => {
+            ("none", _) => {
                 self.after_read(cause, false, 0);
                 self.slot.lock_record().last_error = Some(format!(
                     "the key {key:?} does not exist; the last value is kept"
                 ));
                 return Ok(());
             }
-            other => {
+            (other, _) => {
                 self.after_read(cause, false, 0);
                 self.slot.lock_record().last_error = Some(format!(
                     "the key {key:?} is a {other}, not a string or a hash; the last value is kept"

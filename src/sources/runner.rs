@@ -9,7 +9,7 @@
 //! mutex that is never held across an await.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -54,6 +54,9 @@ pub struct Slot {
     record: Mutex<RunRecord>,
     /// Woken when the value changes: what waiting readers park on.
     changed: tokio::sync::Notify,
+    /// Set when the source is removed or Larder shuts down: waiting
+    /// readers are answered at once.
+    waits_ended: AtomicBool,
 }
 
 /// The parts of a source's settings that readers need.
@@ -96,7 +99,18 @@ impl Slot {
             shared_tick: AtomicI64::new(i64::MIN),
             record: Mutex::new(RunRecord::default()),
             changed: tokio::sync::Notify::new(),
+            waits_ended: AtomicBool::new(false),
         })
+    }
+
+    /// Answers every waiting reader now (and any later one at once).
+    pub fn end_waits(&self) {
+        self.waits_ended.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    pub fn waits_ended(&self) -> bool {
+        self.waits_ended.load(Ordering::SeqCst)
     }
 
     /// Swaps `value` in; readers waiting for a change are woken when its
