@@ -85,7 +85,42 @@ pub struct RunRecord {
     /// Reloads of a watched file.
     pub file_changes: u64,
     /// A mirror's connection and progress (kind `etcd`).
-    pub mirror: Option<super::mirror::MirrorRecord>,
+    pub mirror: Option<MirrorRecord>,
+}
+
+/// A mirror's state for `GET /sources`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MirrorRecord {
+    /// Holds a current copy and a live watch or subscription.
+    pub connected: bool,
+    /// The revision the copy is current at (etcd; progress notifications advance it).
+    pub revision: Option<i64>,
+    pub keys: usize,
+    /// Changes applied (etcd events newer than the copy, Redis messages).
+    pub events: u64,
+    pub resyncs_compaction: u64,
+    pub resyncs_cancel: u64,
+    pub resyncs_reconnect: u64,
+    pub resyncs_reread: u64,
+    pub last_event: Option<DateTime<Utc>>,
+}
+
+impl MirrorRecord {
+    pub fn status(&self, now: DateTime<Utc>) -> serde_json::Value {
+        serde_json::json!({
+            "state": if self.connected { "connected" } else { "degraded" },
+            "revision": self.revision,
+            "keys": self.keys,
+            "events_applied": self.events,
+            "resyncs": {
+                "compaction": self.resyncs_compaction,
+                "cancel": self.resyncs_cancel,
+                "reconnect": self.resyncs_reconnect,
+                "reread": self.resyncs_reread,
+            },
+            "last_event_age_seconds": self.last_event.map(|at| (now - at).num_milliseconds().max(0) as f64 / 1000.0),
+        })
+    }
 }
 
 impl Slot {
