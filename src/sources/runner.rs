@@ -339,10 +339,13 @@ impl Runner {
         }
     }
 
-    /// A run for a change of the watched file, after the run in progress
-    /// (which may have read the file before the change) has ended.
+    /// A run for a change of the watched file, in place of the run in
+    /// progress: that one may have read the file before the change, or be
+    /// waiting to retry a file that was missing until now.
     async fn run_for_file_change(self: Arc<Self>, running: Option<RunHandle>) -> RunHandle {
         if let Some(mut run) = running {
+            run.0.abort();
+            // Wait for it to be gone, so it cannot store a value after ours.
             let _ = (&mut run.0).await;
         }
         self.slot.lock_record().file_changes += 1;
