@@ -318,26 +318,41 @@ async fn etcd_down_keeps_the_copy_served_and_the_mirror_catches_up_after_restart
     serves(&larder, serde_json::json!({ "a": "1" })).await;
 
     etcd.kill();
-    eventually("the mirror to report degraded", async || {
-        mirror_status(&larder).await["mirror"]["state"] == "degraded"
-    })
-    .await;
-    for _ in 0..50 {
-        let reply = get(&larder.url("/flags")).await;
-        assert_eq!(reply.status, StatusCode::OK, "served while etcd is down");
-        assert_eq!(reply.json(), serde_json::json!({ "a": "1" }));
-    }
+    serves_its_copy_while_down(&larder, r#"{"a":"1"}"#).await;
     let port = etcd.client_port;
     etcd.run_on(port).await;
     etcd.put("/flags/b", "2").await;
     serves(&larder, serde_json::json!({ "a": "1", "b": "2" })).await;
-    let status = mirror_status(&larder).await;
+    assert_reconnected(&larder).await;
+    larder.stop().await;
+}
+
+/// With its store gone, the mirror of `/flags` reports degraded and keeps
+/// answering every read with its last copy, `copy`.
+async fn serves_its_copy_while_down(larder: &Larder, copy: &str) {
+    eventually("the mirror to report degraded", async || {
+        mirror_status(larder).await["mirror"]["state"] == "degraded"
+    })
+    .await;
+    for _ in 0..50 {
+        let reply = get(&larder.url("/flags")).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "served while the store is down"
+        );
+        assert_eq!(reply.text(), copy);
+    }
+}
+
+/// The mirror is connected again, after at least one reconnect.
+async fn assert_reconnected(larder: &Larder) {
+    let status = mirror_status(larder).await;
     assert_eq!(status["mirror"]["state"], "connected");
     assert!(
         status["mirror"]["resyncs"]["reconnect"].as_u64() >= Some(1),
         "{status}"
     );
-    larder.stop().await;
 }
 
 #[tokio::test]
@@ -718,25 +733,12 @@ async fn redis_down_keeps_the_copy_served_and_the_mirror_catches_up_after_restar
     eventually("the value", async || get(&url).await.text() == "kept").await;
 
     server.kill();
-    eventually("the mirror to report degraded", async || {
-        mirror_status(&larder).await["mirror"]["state"] == "degraded"
-    })
-    .await;
-    for _ in 0..50 {
-        let reply = get(&url).await;
-        assert_eq!(reply.status, StatusCode::OK, "served while Redis is down");
-        assert_eq!(reply.text(), "kept");
-    }
+    serves_its_copy_while_down(&larder, "kept").await;
     // Back empty: the writer sets the key again; the reconnect reads it.
     server.restart().await;
     redis(&server, &["SET", "flags", "after"]).await;
     eventually("the new value", async || get(&url).await.text() == "after").await;
-    let status = mirror_status(&larder).await;
-    assert_eq!(status["mirror"]["state"], "connected");
-    assert!(
-        status["mirror"]["resyncs"]["reconnect"].as_u64() >= Some(1),
-        "{status}"
-    );
+    assert_reconnected(&larder).await;
     larder.stop().await;
 }
 

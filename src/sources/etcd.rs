@@ -216,8 +216,8 @@ impl Mirror {
         }
         self.keys = loaded;
         self.seen = revision;
-        self.publish(revision);
         mirror::loaded(&self.slot, self.keys.len(), Some(revision));
+        self.publish(revision);
         Ok(revision)
     }
 
@@ -250,14 +250,16 @@ impl Mirror {
             newest = newest.max(kv.mod_revision());
             applied += 1;
         }
-        if applied > 0 {
-            self.seen = newest;
-            self.publish(newest);
-        }
-        // A progress notification (no events) says the copy is current at its revision.
+        self.seen = newest;
+        // A progress notification (no events) says the copy is current at its
+        // revision. Recorded before the value shows, so a reader woken by the
+        // change sees it counted.
         let header_revision = response.header().map_or(0, |header| header.revision());
         let current = header_revision.max(self.seen);
         mirror::applied(&self.slot, applied, self.keys.len(), Some(current));
+        if applied > 0 {
+            self.publish(newest);
+        }
         None
     }
 

@@ -226,11 +226,12 @@ impl RedisMirror {
             .load()
             .as_ref()
             .is_none_or(|old| old.body != value.body);
+        // Recorded before the value shows, so a reader woken by it sees it counted.
+        self.after_read(cause, changed, keys);
         if changed && self.slot.is_current(self.generation) {
             self.slot.set_value(value, true);
             self.slot.update_age_gauge();
         }
-        self.after_read(cause, changed, keys);
         Ok(())
     }
 

@@ -518,15 +518,16 @@ impl Runner {
         );
         value.fetcher_headers = shared.fetcher_headers;
         value.fetched_by = Some(Arc::from(shared.fetched_by.as_str()));
-        self.slot.set_value(value, changed);
         metrics::counter!("larder_shared_source_installs_total", "source" => name.clone())
             .increment(1);
         {
+            // Recorded before the value shows, so a reader woken by it sees the record too.
             let mut record = self.slot.lock_record();
             record.installed += 1;
             record.last_success = Some(Utc::now());
             record.last_error = None;
         }
+        self.slot.set_value(value, changed);
         self.slot.update_age_gauge();
         if changed {
             tracing::info!(source = %name, fetched_by = %shared.fetched_by, "source updated from another instance");
@@ -607,8 +608,9 @@ impl Runner {
                     .shared
                     .as_ref()
                     .map(|shared| Arc::from(shared.store.instance()));
-                self.slot.set_value(value, changed);
+                // Recorded before the value shows, so a reader woken by it sees the run too.
                 self.record_outcome("ok", None);
+                self.slot.set_value(value, changed);
                 self.slot.update_age_gauge();
                 let duration_ms = elapsed.as_millis() as u64;
                 if changed {
