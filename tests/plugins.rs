@@ -514,6 +514,10 @@ async fn assert_contained(name: &str, kind: &str, detail: &str) {
             "{plugin}: {stats:?}"
         );
         assert_eq!(stats.last_failure_kind, Some(kind), "{plugin}: {stats:?}");
+        assert_eq!(
+            stats.calls, "sync",
+            "the fault fixtures are built on the SDK (no WASI): contained on the sync path"
+        );
         let described = stats.last_failure.unwrap_or_default();
         assert!(described.contains(detail), "{plugin}: {described}");
     }
@@ -528,6 +532,33 @@ async fn assert_contained(name: &str, kind: &str, detail: &str) {
     .await
     .expect("healthy plugin runs");
     assert_eq!(parts.headers["x-ok"], "1");
+}
+
+#[tokio::test]
+async fn a_guest_without_wasi_is_called_sync_and_a_std_guest_async() {
+    let host = host(&[
+        ("sdk", add_headers("{ set: 'x-sdk: 1' }")),
+        (
+            "std",
+            plugin(&format!("path: {}", wasm("misbehave").display())),
+        ),
+    ])
+    .await;
+    assert_eq!(host.stats("sdk").expect("stats").calls, "sync");
+    assert_eq!(host.stats("std").expect("stats").calls, "async");
+    // Both paths answer the same way: a std guest still works.
+    let changed = host
+        .on_response(
+            &chain(&["std", "sdk"]),
+            PluginPhase::Downstream,
+            &request(&[]),
+            response("text/plain", "hello"),
+            None,
+        )
+        .await
+        .expect("both run");
+    assert_eq!(changed.headers()["x-sdk"], "1");
+    assert_eq!(host.stats("std").expect("stats").invocations, 1);
 }
 
 #[tokio::test]
@@ -1184,7 +1215,16 @@ async fn guest_logs_and_stderr_reach_the_host_log_tagged_with_the_plugin() {
     let captured = captured_log();
 
     let host = host(&[
+        // Built on the SDK (no WASI): its panic handler logs through `log`.
         ("log-crashy", fault_config("panic", "open")),
+        // std (WASI): Rust's panic message goes to stderr.
+        (
+            "log-crashy-std",
+            plugin(&format!(
+                "path: {}\non_error: open\nconfig: {{ do: panic }}",
+                wasm("misbehave").display()
+            )),
+        ),
         (
             "log-gate",
             plugin(&format!("path: {}", wasm("answer_direct").display())),
@@ -1193,7 +1233,7 @@ async fn guest_logs_and_stderr_reach_the_host_log_tagged_with_the_plugin() {
     .await;
     let mut parts = request(&[]);
     host.on_request(
-        &chain(&["log-crashy", "log-gate"]),
+        &chain(&["log-crashy", "log-crashy-std", "log-gate"]),
         &mut parts,
         &mut RequestState::default(),
         false,
@@ -1214,13 +1254,17 @@ async fn guest_logs_and_stderr_reach_the_host_log_tagged_with_the_plugin() {
             .unwrap_or_else(|| panic!("no log line of {plugin} with {needle:?} in:\n{log}"))
             .to_string()
     };
-    let stderr = line_with("log-crashy", "boom: deliberate panic");
+    let logged = line_with("log-crashy", "boom: deliberate panic");
+    assert!(logged.contains("ERROR"), "{logged}");
+    let stderr = line_with("log-crashy-std", "boom: deliberate panic");
     assert!(stderr.contains("stream=\"stderr\""), "{stderr}");
-    let failure = line_with("log-crashy", "plugin call failed");
-    assert!(
-        failure.contains("kind=\"trap\"") || failure.contains("kind=trap"),
-        "{failure}"
-    );
+    for crashy in ["log-crashy", "log-crashy-std"] {
+        let failure = line_with(crashy, "plugin call failed");
+        assert!(
+            failure.contains("kind=\"trap\"") || failure.contains("kind=trap"),
+            "{failure}"
+        );
+    }
     line_with("log-gate", "refusing GET /items?page=2");
 }
 

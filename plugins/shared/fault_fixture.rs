@@ -1,17 +1,21 @@
 // The shared body of the fault fixtures (`spin-forever`, `eat-memory`,
 // `panic`): each crate defines `fn fault()` and then `include!`s this file, so
-// the three differ only in how they fail.
+// the three differ only in how they fail. They are built on the SDK (no
+// std, no WASI), so they fail on Larder's sync path; `misbehave` and
+// `misfetch` keep std and exercise the WASI (async) path.
 //
 // Config `when`: `request` (default) fails in on-request, `response` in
 // on-response, `init` in init (the probe at load fails), `never` passes
 // through. `mib` sets how much `eat-memory` allocates.
 
-wit_bindgen::generate!({ world: "transformer", path: "../../wit" });
+use alloc::format;
+use alloc::vec::Vec;
 
-use std::cell::Cell;
-
-use exports::larder::plugin::transform::{Guest, Phase, RequestAction, RequestOut, ResponseOut};
-use larder::plugin::types::{Config, PluginError, RequestHead, ResponseHead};
+use larder_plugin::Global;
+use larder_plugin::transformer::{
+    Config, Guest, Phase, PluginError, RequestAction, RequestHead, RequestOut, ResponseHead,
+    ResponseOut,
+};
 
 #[derive(Clone, Copy, PartialEq)]
 enum When {
@@ -20,11 +24,9 @@ enum When {
     Never,
 }
 
-thread_local! {
-    static WHEN: Cell<When> = const { Cell::new(When::Request) };
-    /// How many MiB `eat-memory` tries to allocate (config `mib`).
-    static MIB: Cell<usize> = const { Cell::new(1024) };
-}
+static WHEN: Global<When> = Global::new(When::Request);
+/// How many MiB `eat-memory` tries to allocate (config `mib`).
+static MIB: Global<usize> = Global::new(1024);
 
 struct Fault;
 
@@ -50,7 +52,7 @@ impl Guest for Fault {
     }
 
     fn on_request(req: RequestHead) -> Result<RequestAction, PluginError> {
-        if WHEN.get() == When::Request {
+        if WHEN.with(|when| *when) == When::Request {
             fault();
         }
         Ok(RequestAction::Continue(RequestOut {
@@ -65,7 +67,7 @@ impl Guest for Fault {
         resp: ResponseHead,
         _body: Option<Vec<u8>>,
     ) -> Result<ResponseOut, PluginError> {
-        if WHEN.get() == When::Response {
+        if WHEN.with(|when| *when) == When::Response {
             fault();
         }
         Ok(ResponseOut {
@@ -75,4 +77,4 @@ impl Guest for Fault {
     }
 }
 
-export!(Fault);
+larder_plugin::export_transformer!(Fault);

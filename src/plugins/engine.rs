@@ -40,7 +40,11 @@ pub const TABLES_PER_SLOT: u32 = 4;
 /// The process-wide engine, its linker and the artifact cache directory.
 pub struct PluginEngine {
     pub engine: Engine,
+    /// Every host import, WASI included, for guests called async.
     pub linker: Linker<StoreState>,
+    /// Larder's own transformer imports only (`types`, `log`), all sync: a
+    /// guest that links against it is called without fibers.
+    pub sync_linker: Linker<StoreState>,
     /// [`POOL_SLOTS`] permits; a live instance holds its plugin's weight.
     pub slots: Arc<tokio::sync::Semaphore>,
     /// One permit per instance parked between a request's hooks.
@@ -79,9 +83,12 @@ impl PluginEngine {
             .map_err(|e| EngineError(format!("starting the epoch ticker: {e}")))?;
         let linker = build_linker(&engine)
             .map_err(|e| EngineError(format!("linking host imports: {e:#}")))?;
+        let sync_linker = build_sync_linker(&engine)
+            .map_err(|e| EngineError(format!("linking host imports: {e:#}")))?;
         Ok(Self {
             engine,
             linker,
+            sync_linker,
             slots: Arc::new(tokio::sync::Semaphore::new(POOL_SLOTS as usize)),
             parking: Arc::new(tokio::sync::Semaphore::new(MAX_PARKED_INSTANCES)),
             memory: MemoryBudget::new(usize::MAX),
@@ -214,6 +221,19 @@ fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<StoreState>> {
         |s| s,
     )?;
     bindings::fetcher::larder::plugin::cache::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    Ok(linker)
+}
+
+fn build_sync_linker(engine: &Engine) -> wasmtime::Result<Linker<StoreState>> {
+    let mut linker = Linker::new(engine);
+    bindings::transformer::larder::plugin::types::add_to_linker::<_, HasSelf<_>>(
+        &mut linker,
+        |s| s,
+    )?;
+    bindings::transformer_sync::larder::plugin::log::add_to_linker::<_, HasSelf<_>>(
+        &mut linker,
+        |s| s,
+    )?;
     Ok(linker)
 }
 

@@ -16,7 +16,7 @@ use super::bindings::fetcher::exports::larder::plugin::fetch::{
 use super::call::{Failure, FailureKind, Turn, settle};
 use super::engine::PluginEngine;
 use super::loader::{Kind, LoadedPlugin};
-use super::store::new_store;
+use super::store::{CallStyle, new_store};
 use super::{FetchContext, FetchOutcome, SourceValues};
 
 /// One run of a fetcher for one source.
@@ -46,7 +46,7 @@ pub async fn run(
     let call = async {
         let _slots = turn.instance_slots(engine, plugin).await?;
         let grants = plugin.grants(engine, Some(values));
-        let mut store = new_store(&engine.engine, grants, cpu.clone());
+        let mut store = new_store(&engine.engine, grants, cpu.clone(), CallStyle::Async);
         let bindings = pre
             .instantiate_async(&mut store)
             .await

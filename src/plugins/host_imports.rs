@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::bindings::LogLevel;
 use super::bindings::fetcher::larder::plugin::{cache, http_client};
 use super::bindings::transformer::larder::plugin::{log, types};
+use super::bindings::transformer_sync::larder::plugin::log as sync_log;
 use super::http_client::{self as client, OutboundRequest, SendError};
 use super::store::StoreState;
 
@@ -51,23 +52,28 @@ fn truncate(mut message: String) -> String {
     message
 }
 
-impl log::Host for StoreState {
-    async fn enabled(&mut self, level: LogLevel) -> bool {
-        match tracing_level(level) {
-            tracing::Level::TRACE => tracing::enabled!(tracing::Level::TRACE),
-            tracing::Level::DEBUG => tracing::enabled!(tracing::Level::DEBUG),
-            tracing::Level::INFO => tracing::enabled!(tracing::Level::INFO),
-            tracing::Level::WARN => tracing::enabled!(tracing::Level::WARN),
-            _ => tracing::enabled!(tracing::Level::ERROR),
-        }
+fn log_enabled(level: LogLevel) -> bool {
+    match tracing_level(level) {
+        tracing::Level::TRACE => tracing::enabled!(tracing::Level::TRACE),
+        tracing::Level::DEBUG => tracing::enabled!(tracing::Level::DEBUG),
+        tracing::Level::INFO => tracing::enabled!(tracing::Level::INFO),
+        tracing::Level::WARN => tracing::enabled!(tracing::Level::WARN),
+        _ => tracing::enabled!(tracing::Level::ERROR),
     }
+}
 
-    async fn log(&mut self, level: LogLevel, message: String) {
+impl StoreState {
+    fn write_log(&mut self, level: LogLevel, message: String) {
         self.log_lines += 1;
         if self.log_lines > MAX_LOG_CALLS {
             return;
         }
         let message = sanitize(message);
+        if level == LogLevel::Error {
+            // A guest without WASI has no stderr: its error lines (a panic
+            // message among them) go with the failure report instead.
+            self.output.note_error(&message);
+        }
         let plugin = &*self.plugin;
         match level {
             LogLevel::Trace => tracing::trace!(plugin, "{message}"),
@@ -76,6 +82,26 @@ impl log::Host for StoreState {
             LogLevel::Warn => tracing::warn!(plugin, "{message}"),
             LogLevel::Error => tracing::error!(plugin, "{message}"),
         }
+    }
+}
+
+impl log::Host for StoreState {
+    async fn enabled(&mut self, level: LogLevel) -> bool {
+        log_enabled(level)
+    }
+
+    async fn log(&mut self, level: LogLevel, message: String) {
+        self.write_log(level, message);
+    }
+}
+
+impl sync_log::Host for StoreState {
+    fn enabled(&mut self, level: LogLevel) -> bool {
+        log_enabled(level)
+    }
+
+    fn log(&mut self, level: LogLevel, message: String) {
+        self.write_log(level, message);
     }
 }
 

@@ -19,17 +19,20 @@ use wasmtime::component::Component;
 
 use super::bindings::fetcher::FetcherPre;
 use super::bindings::transformer::{Transformer, TransformerPre};
+use super::bindings::transformer_sync::{
+    Transformer as SyncTransformer, TransformerPre as SyncTransformerPre,
+};
 use super::call::{Failure, Turn, settle};
 use super::engine::{CORE_INSTANCES_PER_SLOT, EngineError, PluginEngine, TABLES_PER_SLOT};
 use super::http_client::{AllowList, HttpGrant, InvalidOrigin};
-use super::store::{CpuMeter, Grants, StoreState, new_store};
+use super::store::{CallStyle, CpuMeter, Grants, StoreState, new_store};
 use super::{PluginError, SourceValues};
 use crate::config::PluginConfig;
 
 /// A live transformer instance with its store and the pool slots it holds.
 pub struct TransformerInstance {
     pub store: Store<StoreState>,
-    pub bindings: Transformer,
+    pub bindings: TransformerBindings,
     /// The plugin's weight in [`PluginEngine::slots`], given back on drop.
     _slots: OwnedSemaphorePermit,
 }
@@ -39,7 +42,7 @@ const MAX_IDLE_INSTANCES: usize = 8;
 
 /// What kind of plugin a component is, by the world it exports.
 pub enum Kind {
-    Transformer(TransformerPre<StoreState>),
+    Transformer(TransformerLink),
     Fetcher(FetcherPre<StoreState>),
 }
 
@@ -50,6 +53,29 @@ impl Kind {
             Self::Fetcher(_) => "fetcher",
         }
     }
+
+    /// How calls enter the guest: sync only for a transformer that imports
+    /// nothing but Larder's own interfaces.
+    pub fn call_style(&self) -> CallStyle {
+        match self {
+            Self::Transformer(TransformerLink::Sync(_)) => CallStyle::Sync,
+            Self::Transformer(TransformerLink::Async(_)) | Self::Fetcher(_) => CallStyle::Async,
+        }
+    }
+}
+
+/// A transformer linked for one of the two ways of calling it.
+pub enum TransformerLink {
+    /// It imports WASI: called on fibers.
+    Async(TransformerPre<StoreState>),
+    /// It imports only `larder:plugin` interfaces: plain calls.
+    Sync(SyncTransformerPre<StoreState>),
+}
+
+/// The exports of a live transformer instance, as linked.
+pub enum TransformerBindings {
+    Async(Transformer),
+    Sync(SyncTransformer),
 }
 
 /// One build of one plugin, ready to instantiate. Immutable: a reload
@@ -214,14 +240,7 @@ pub async fn load_bytes(
         );
     }
     let weight = slot_weight(&component, core_instances);
-    let pre = engine
-        .linker
-        .instantiate_pre(&component)
-        .map_err(LoadError::Link)?;
-    let kind = match TransformerPre::new(pre.clone()) {
-        Ok(transformer) => Kind::Transformer(transformer),
-        Err(_) => Kind::Fetcher(FetcherPre::new(pre).map_err(LoadError::NoWorld)?),
-    };
+    let kind = link(engine, &component)?;
     let plugin = LoadedPlugin {
         name: Arc::from(name),
         guest_config: config.config.clone().into_iter().collect(),
@@ -239,6 +258,25 @@ pub async fn load_bytes(
     };
     probe_init(engine, &plugin).await?;
     Ok(plugin)
+}
+
+/// Links `component` as a sync transformer if it imports nothing but
+/// Larder's own transformer interfaces, else with every host import (WASI
+/// included) as an async transformer or a fetcher.
+fn link(engine: &PluginEngine, component: &Component) -> Result<Kind, LoadError> {
+    if let Ok(pre) = engine.sync_linker.instantiate_pre(component)
+        && let Ok(transformer) = SyncTransformerPre::new(pre)
+    {
+        return Ok(Kind::Transformer(TransformerLink::Sync(transformer)));
+    }
+    let pre = engine
+        .linker
+        .instantiate_pre(component)
+        .map_err(LoadError::Link)?;
+    Ok(match TransformerPre::new(pre.clone()) {
+        Ok(transformer) => Kind::Transformer(TransformerLink::Async(transformer)),
+        Err(_) => Kind::Fetcher(FetcherPre::new(pre).map_err(LoadError::NoWorld)?),
+    })
 }
 
 /// Core instances a component creates when instantiated (its `core
@@ -278,21 +316,39 @@ fn slot_weight(component: &Component, core_instances: u32) -> u32 {
 pub async fn instantiate_transformer(
     engine: &PluginEngine,
     plugin: &LoadedPlugin,
-    pre: &TransformerPre<StoreState>,
+    link: &TransformerLink,
     turn: &Turn,
     cpu: Arc<CpuMeter>,
 ) -> Result<TransformerInstance, Failure> {
     let slots = turn.instance_slots(engine, plugin).await?;
-    let mut store = new_store(&engine.engine, plugin.grants(engine, None), cpu);
-    let bindings = match pre.instantiate_async(&mut store).await {
-        Ok(bindings) => bindings,
-        Err(error) => return Err(Failure::from_wasmtime(error, &store)),
+    let grants = plugin.grants(engine, None);
+    let (store, bindings) = match link {
+        TransformerLink::Async(pre) => {
+            let mut store = new_store(&engine.engine, grants, cpu, CallStyle::Async);
+            let bindings = match pre.instantiate_async(&mut store).await {
+                Ok(bindings) => bindings,
+                Err(error) => return Err(Failure::from_wasmtime(error, &store)),
+            };
+            let init = bindings
+                .larder_plugin_transform()
+                .call_init(&mut store, &plugin.guest_config)
+                .await;
+            settle(init, &store, "init")?;
+            (store, TransformerBindings::Async(bindings))
+        }
+        TransformerLink::Sync(pre) => {
+            let mut store = new_store(&engine.engine, grants, cpu, CallStyle::Sync);
+            let bindings = match pre.instantiate(&mut store) {
+                Ok(bindings) => bindings,
+                Err(error) => return Err(Failure::from_wasmtime(error, &store)),
+            };
+            let init = bindings
+                .larder_plugin_transform()
+                .call_init(&mut store, &plugin.guest_config);
+            settle(init, &store, "init")?;
+            (store, TransformerBindings::Sync(bindings))
+        }
     };
-    let init = bindings
-        .larder_plugin_transform()
-        .call_init(&mut store, &plugin.guest_config)
-        .await;
-    settle(init, &store, "init")?;
     Ok(TransformerInstance {
         store,
         bindings,
@@ -315,7 +371,8 @@ async fn probe_init(engine: &PluginEngine, plugin: &LoadedPlugin) -> Result<(), 
             }
             Kind::Fetcher(pre) => {
                 let _slots = turn.instance_slots(engine, plugin).await?;
-                let mut store = new_store(&engine.engine, plugin.grants(engine, None), cpu.clone());
+                let grants = plugin.grants(engine, None);
+                let mut store = new_store(&engine.engine, grants, cpu.clone(), CallStyle::Async);
                 let bindings = pre
                     .instantiate_async(&mut store)
                     .await

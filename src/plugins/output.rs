@@ -93,6 +93,18 @@ impl GuestOutput {
             .to_string()
     }
 
+    /// Keeps a line the guest logged at error level with the stderr tail
+    /// (it is logged already): a guest without WASI reports a panic so.
+    pub fn note_error(&self, line: &str) {
+        let mut buffers = self.inner.lock();
+        if !buffers.stderr_tail.is_empty() {
+            buffers.stderr_tail.push(b'\n');
+        }
+        buffers.stderr_tail.extend_from_slice(line.as_bytes());
+        let excess = buffers.stderr_tail.len().saturating_sub(STDERR_TAIL_BYTES);
+        buffers.stderr_tail.drain(..excess);
+    }
+
     pub fn reset_tail(&self) {
         let mut buffers = self.inner.lock();
         buffers.stderr_tail.clear();

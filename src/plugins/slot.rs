@@ -42,6 +42,8 @@ pub struct PluginStats {
     /// The latest failure's detail, with the guest's stderr.
     pub last_failure: Option<String>,
     pub kind: &'static str,
+    /// `sync` (a guest without WASI, called without fibers) or `async`.
+    pub calls: &'static str,
     pub wasm_sha256: String,
 }
 
@@ -100,6 +102,7 @@ impl PluginStats {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "kind": self.kind,
+            "calls": self.calls,
             "invocations": self.invocations,
             "failures": self.failures,
             "skipped": self.skipped,
@@ -173,6 +176,7 @@ impl PluginSlot {
             instances_created: current.instances_created(),
             circuit_open: self.is_circuit_open(),
             kind: current.kind.as_str(),
+            calls: current.kind.call_style().as_str(),
             wasm_sha256: current.wasm_sha256.clone(),
         }
     }

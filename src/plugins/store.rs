@@ -36,7 +36,9 @@ pub struct Grants {
 /// The data of one `Store`: the sandbox and what the host imports need.
 pub struct StoreState {
     pub plugin: Arc<str>,
-    wasi: WasiCtx,
+    /// Built on the guest's first WASI call: most transformers make none,
+    /// and a guest without WASI imports cannot.
+    wasi: Option<WasiCtx>,
     table: ResourceTable,
     pub limits: MemoryLimiter,
     pub cpu: Arc<CpuMeter>,
@@ -48,24 +50,53 @@ pub struct StoreState {
 
 impl WasiView for StoreState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        let output = &self.output;
+        let wasi = self.wasi.get_or_insert_with(|| {
+            WasiCtx::builder()
+                .stdout(output.stream(OutputKind::Stdout))
+                .stderr(output.stream(OutputKind::Stderr))
+                .build()
+        });
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx: wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+/// How a store's guest is entered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallStyle {
+    /// On a fiber (`call_async`): the guest imports WASI or `http-client`,
+    /// whose host side may wait. A busy guest yields its thread every tick.
+    Async,
+    /// A plain call on the caller's thread: the guest imports nothing that
+    /// waits. It cannot yield, so it holds its thread until it returns or
+    /// its CPU budget stops it.
+    Sync,
+}
+
+impl CallStyle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Async => "async",
+            Self::Sync => "sync",
         }
     }
 }
 
 /// A new store for a call metered by `cpu`: no files, env, args or
 /// network; stdout/stderr into the log.
-pub fn new_store(engine: &Engine, grants: Grants, cpu: Arc<CpuMeter>) -> Store<StoreState> {
+pub fn new_store(
+    engine: &Engine,
+    grants: Grants,
+    cpu: Arc<CpuMeter>,
+    style: CallStyle,
+) -> Store<StoreState> {
     let output = GuestOutput::new(grants.plugin.clone());
-    let wasi = WasiCtx::builder()
-        .stdout(output.stream(OutputKind::Stdout))
-        .stderr(output.stream(OutputKind::Stderr))
-        .build();
     let state = StoreState {
         plugin: grants.plugin,
-        wasi,
+        wasi: None,
         table: ResourceTable::new(),
         limits: MemoryLimiter::new(grants.memory_bytes, grants.memory_budget),
         cpu: cpu.clone(),
@@ -76,13 +107,17 @@ pub fn new_store(engine: &Engine, grants: Grants, cpu: Arc<CpuMeter>) -> Store<S
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limits);
-    store.epoch_deadline_callback(|context| {
-        if context.data().cpu.within_budget() {
+    store.epoch_deadline_callback(move |context| {
+        if !context.data().cpu.within_budget() {
+            Err(CpuBudgetExceeded.into())
+        } else if style == CallStyle::Async {
             // Hand the thread back to tokio every tick: a busy guest never
             // holds a runtime worker for its whole budget.
             Ok(UpdateDeadline::Yield(1))
         } else {
-            Err(CpuBudgetExceeded.into())
+            // A sync call cannot yield (it would trap): it keeps the thread
+            // and is checked again next tick.
+            Ok(UpdateDeadline::Continue(1))
         }
     });
     start_call(&mut store, cpu);

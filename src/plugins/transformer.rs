@@ -16,14 +16,17 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 
 use super::bindings::transformer::exports::larder::plugin::transform::{
-    Phase, RequestAction, ResponseOut,
+    DirectResponse, Phase, RequestAction, RequestOut, ResponseOut,
 };
 use super::bindings::transformer::larder::plugin::types::{RequestHead, ResponseHead};
+use super::bindings::transformer_sync::exports::larder::plugin::transform as sync;
 use super::call::{Failure, FailureKind, Turn, settle};
 use super::engine::PluginEngine;
 use super::instances::ParkedInstances;
-use super::loader::{Kind, LoadedPlugin, TransformerInstance, instantiate_transformer};
-use super::store::{CpuMeter, start_call};
+use super::loader::{
+    Kind, LoadedPlugin, TransformerBindings, TransformerInstance, instantiate_transformer,
+};
+use super::store::{CallStyle, CpuMeter, start_call};
 use crate::config::PluginPhase;
 use crate::http::body::{self, Body};
 
@@ -94,6 +97,35 @@ pub fn wit_phase(phase: PluginPhase) -> Phase {
     match phase {
         PluginPhase::Downstream => Phase::DownstreamResponse,
         PluginPhase::CacheStore => Phase::CacheStore,
+    }
+}
+
+fn sync_phase(phase: Phase) -> sync::Phase {
+    match phase {
+        Phase::DownstreamResponse => sync::Phase::DownstreamResponse,
+        Phase::CacheStore => sync::Phase::CacheStore,
+    }
+}
+
+/// The sync bindings' answer as the async bindings' type (the records are
+/// the same WIT; only the generated Rust types differ). Moves, no copies.
+fn from_sync_action(action: sync::RequestAction) -> RequestAction {
+    match action {
+        sync::RequestAction::Continue(out) => RequestAction::Continue(RequestOut {
+            head: out.head,
+            cache_key_extra: out.cache_key_extra,
+        }),
+        sync::RequestAction::Respond(direct) => RequestAction::Respond(DirectResponse {
+            head: direct.head,
+            body: direct.body,
+        }),
+    }
+}
+
+fn from_sync_response(out: sync::ResponseOut) -> ResponseOut {
+    ResponseOut {
+        head: out.head,
+        body: out.body,
     }
 }
 
@@ -267,7 +299,7 @@ async fn checkout(
     turn: &Turn,
     cpu: Arc<CpuMeter>,
 ) -> Result<TransformerInstance, Failure> {
-    let Kind::Transformer(pre) = &plugin.kind else {
+    let Kind::Transformer(link) = &plugin.kind else {
         return Err(Failure::new(FailureKind::Error, "not a transformer"));
     };
     let kept = parked
@@ -278,7 +310,24 @@ async fn checkout(
         return Ok(instance);
     }
     plugin.count_instance();
-    instantiate_transformer(engine, plugin, pre, turn, cpu).await
+    instantiate_transformer(engine, plugin, link, turn, cpu).await
+}
+
+/// Runs `call` metered by `cpu`. An async guest also gets the outer
+/// deadline (its host calls may wait); a sync one returns within its CPU
+/// budget by construction, so it is spared the timer.
+async fn metered<T>(
+    plugin: &LoadedPlugin,
+    cpu: &CpuMeter,
+    call: impl Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    if plugin.kind.call_style() == CallStyle::Sync {
+        return cpu.run(call).await;
+    }
+    let limit = plugin.backstop();
+    tokio::time::timeout(limit, cpu.run(call))
+        .await
+        .unwrap_or_else(|_| Err(Failure::timed_out(limit)))
 }
 
 /// One `on-request` call in `turn`, for a downstream-phase plugin (the only
@@ -291,15 +340,22 @@ pub async fn on_request(
     parked: &mut ParkedInstances,
     turn: Turn,
 ) -> Result<RequestEdit, Failure> {
-    let limit = plugin.backstop();
     let cpu = plugin.cpu_meter();
     let call = async {
         let mut instance = checkout(engine, plugin, None, &turn, cpu.clone()).await?;
-        let result = instance
-            .bindings
-            .larder_plugin_transform()
-            .call_on_request(&mut instance.store, head)
-            .await;
+        let store = &mut instance.store;
+        let result = match &instance.bindings {
+            TransformerBindings::Async(guest) => {
+                guest
+                    .larder_plugin_transform()
+                    .call_on_request(&mut *store, head)
+                    .await
+            }
+            TransformerBindings::Sync(guest) => guest
+                .larder_plugin_transform()
+                .call_on_request(&mut *store, head)
+                .map(|answer| answer.map(from_sync_action)),
+        };
         let action = settle(result, &instance.store, "on-request")?;
         if plugin.config.reuse {
             plugin.put_idle(instance);
@@ -308,9 +364,7 @@ pub async fn on_request(
         }
         check_request_action(action, head)
     };
-    tokio::time::timeout(limit, cpu.run(call))
-        .await
-        .unwrap_or_else(|_| Err(Failure::timed_out(limit)))
+    metered(plugin, &cpu, call).await
 }
 
 /// One `on-response` call in `turn` with the whole body, on the instance
@@ -326,20 +380,31 @@ pub async fn on_response(
     parked: Option<&mut ParkedInstances>,
     turn: Turn,
 ) -> Result<ResponseEdit, Failure> {
-    let limit = plugin.backstop();
     let cpu = plugin.cpu_meter();
     let call = async {
         let mut instance = checkout(engine, plugin, parked, &turn, cpu.clone()).await?;
-        let result = instance
-            .bindings
-            .larder_plugin_transform()
-            .call_on_response(&mut instance.store, phase, request, response, Some(body))
-            .await;
+        let store = &mut instance.store;
+        let result = match &instance.bindings {
+            TransformerBindings::Async(guest) => {
+                guest
+                    .larder_plugin_transform()
+                    .call_on_response(&mut *store, phase, request, response, Some(body))
+                    .await
+            }
+            TransformerBindings::Sync(guest) => guest
+                .larder_plugin_transform()
+                .call_on_response(
+                    &mut *store,
+                    sync_phase(phase),
+                    request,
+                    response,
+                    Some(body),
+                )
+                .map(|answer| answer.map(from_sync_response)),
+        };
         let out = settle(result, &instance.store, "on-response")?;
         plugin.put_idle(instance);
         check_response_out(out, response)
     };
-    tokio::time::timeout(limit, cpu.run(call))
-        .await
-        .unwrap_or_else(|_| Err(Failure::timed_out(limit)))
+    metered(plugin, &cpu, call).await
 }

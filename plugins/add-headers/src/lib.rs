@@ -8,13 +8,22 @@
 //!
 //! In the cache-store phase, `set: "cache-control: s-maxage=60"` sets the
 //! cached entry's TTL and `set: "surrogate-key: news"` tags it.
+//!
+//! Built on the `larder-plugin` SDK: no std, no WASI, Larder's fast path.
+#![no_std]
 
-use std::cell::RefCell;
+extern crate alloc;
 
-wit_bindgen::generate!({ world: "transformer", path: "../../wit" });
+use alloc::format;
+use alloc::string::{String, ToString as _};
+use alloc::vec;
+use alloc::vec::Vec;
 
-use exports::larder::plugin::transform::{Guest, Phase, RequestAction, RequestOut, ResponseOut};
-use larder::plugin::types::{Config, Headers, PluginError, RequestHead, ResponseHead};
+use larder_plugin::Global;
+use larder_plugin::transformer::{
+    Config, Guest, Headers, Phase, PluginError, RequestAction, RequestHead, RequestOut,
+    ResponseHead, ResponseOut,
+};
 
 #[derive(Default)]
 struct Settings {
@@ -25,9 +34,13 @@ struct Settings {
     cache_key_from: Option<String>,
 }
 
-thread_local! {
-    static SETTINGS: RefCell<Settings> = RefCell::new(Settings::default());
-}
+static SETTINGS: Global<Settings> = Global::new(Settings {
+    set: Vec::new(),
+    remove: Vec::new(),
+    request_set: Vec::new(),
+    request_remove: Vec::new(),
+    cache_key_from: None,
+});
 
 fn parse_pairs(key: &str, text: &str) -> Result<Vec<(String, String)>, PluginError> {
     let mut pairs = Vec::new();
@@ -98,13 +111,12 @@ impl Guest for AddHeaders {
                 }
             }
         }
-        SETTINGS.with(|s| *s.borrow_mut() = settings);
+        SETTINGS.set(settings);
         Ok(())
     }
 
     fn on_request(mut req: RequestHead) -> Result<RequestAction, PluginError> {
-        SETTINGS.with(|s| {
-            let settings = s.borrow();
+        SETTINGS.with(|settings| {
             let cache_key_extra = settings
                 .cache_key_from
                 .as_ref()
@@ -129,8 +141,7 @@ impl Guest for AddHeaders {
         mut resp: ResponseHead,
         _body: Option<Vec<u8>>,
     ) -> Result<ResponseOut, PluginError> {
-        SETTINGS.with(|s| {
-            let settings = s.borrow();
+        SETTINGS.with(|settings| {
             apply(&mut resp.headers, &settings.set, &settings.remove);
         });
         Ok(ResponseOut {
@@ -140,4 +151,4 @@ impl Guest for AddHeaders {
     }
 }
 
-export!(AddHeaders);
+larder_plugin::export_transformer!(AddHeaders);

@@ -15,6 +15,8 @@
 //!     with status `status` (any u16, not checked);
 //!   - `big-body`: answer the request directly, or replace the response body,
 //!     with `mib` MiB of `x`;
+//!   - `panic`: panic with `boom: deliberate panic from misbehave` (std
+//!     writes it to stderr through WASI: the async path's panic report);
 //!   - `framing`: add `content-length: 5`, `transfer-encoding: chunked`,
 //!     `connection: close`, `host: evil.example` and `x-framing: 1` to the
 //!     request, or set them (replacing any) on the response, body unchanged.
@@ -45,6 +47,7 @@ enum Do {
     BadStatus,
     BigBody,
     Framing,
+    Panic,
 }
 
 struct Settings {
@@ -115,6 +118,7 @@ fn stall(settings: &Settings) {
         Do::HttpLoop => loop {
             std::hint::black_box(enabled(LogLevel::Trace));
         },
+        Do::Panic => panic!("boom: deliberate panic from misbehave"),
         _ => {}
     }
 }
@@ -135,6 +139,7 @@ impl Guest for Misbehave {
                         "bad-status" => Do::BadStatus,
                         "big-body" => Do::BigBody,
                         "framing" => Do::Framing,
+                        "panic" => Do::Panic,
                         other => {
                             return Err(invalid(format!(
                                 "do: `{other}` (expected ok, sleep, http-loop, header-bomb, bad-status, big-body, framing)"
