@@ -736,3 +736,45 @@ sources:
         assert!(result.is_ok(), "round {round} panicked on:\n{text}");
     }
 }
+
+#[test]
+fn route_header_rules_refuse_framing_fields_and_bad_values() {
+    let yaml = |rules: &str| {
+        format!(
+            "upstreams:\n  api:\n    servers: [\"http://127.0.0.1:9000\"]\nroutes:\n  - upstream: api\n    headers:\n{rules}"
+        )
+    };
+    let framing = only_error(&yaml("      set:\n        content-length: \"5\"\n"));
+    assert_at(&framing, 8, "routes[0].headers.set.content-length");
+    assert!(framing.to_string().contains("framing"), "{framing}");
+    let bad_value = only_error(&yaml("      set:\n        x-note: \"a\\nb\"\n"));
+    assert_at(&bad_value, 8, "routes[0].headers.set.x-note");
+    let bad_name = only_error(&yaml("      remove: [\"bad name\"]\n"));
+    assert_eq!(bad_name.path, "routes[0].headers.remove[0]", "{bad_name}");
+    let connection = only_error(&yaml("      remove: [connection]\n"));
+    assert_eq!(
+        connection.path, "routes[0].headers.remove[0]",
+        "{connection}"
+    );
+    let typo = only_error(&yaml("      sett: {}\n"));
+    assert!(typo.to_string().contains("sett"), "{typo}");
+
+    let config = load(&yaml(
+        "      set: { x-frame-options: DENY, Strict-Transport-Security: max-age=600 }\n      remove: [server]\n",
+    ))
+    .expect("valid rules");
+    let rules = &config.routes[0].headers;
+    assert_eq!(rules.remove, ["server"]);
+    let set: Vec<(&str, &str)> = rules
+        .set
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.to_str().unwrap_or("?")))
+        .collect();
+    assert_eq!(
+        set,
+        [
+            ("strict-transport-security", "max-age=600"),
+            ("x-frame-options", "DENY")
+        ]
+    );
+}

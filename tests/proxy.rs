@@ -66,6 +66,42 @@ async fn forwards_method_path_query_headers_and_body() {
 }
 
 #[tokio::test]
+async fn route_header_rules_apply_to_misses_hits_and_plugin_answers_alike() {
+    let origin = start_origin(|_| async {
+        respond(
+            200,
+            &[
+                ("cache-control", "max-age=60"),
+                ("server", "origin/1.0"),
+                ("x-frame-options", "SAMEORIGIN"),
+            ],
+            "page",
+        )
+    })
+    .await;
+    let larder = start_larder(&format!(
+        "upstreams:\n  app:\n    servers: [\"{}\"]\nroutes:\n  - upstream: app\n    cache: {{ enabled: true }}\n    headers:\n      set: {{ x-frame-options: DENY, x-served-by: larder }}\n      remove: [server]\n",
+        origin.url()
+    ))
+    .await;
+    for round in ["miss", "hit"] {
+        let reply = get(&larder.url("/page")).await;
+        assert_eq!(reply.status, 200, "{round}");
+        assert_eq!(reply.header("x-served-by"), Some("larder"), "{round}");
+        assert_eq!(
+            reply.headers.get_all("x-frame-options").iter().count(),
+            1,
+            "{round}: set replaces the origin's field"
+        );
+        assert_eq!(reply.header("x-frame-options"), Some("DENY"), "{round}");
+        assert_eq!(reply.header("server"), None, "{round}: removed");
+        assert_eq!(reply.text(), "page", "{round}");
+    }
+    assert_eq!(origin.hits(), 1, "the second request was a hit");
+    larder.stop().await;
+}
+
+#[tokio::test]
 async fn routes_by_host_and_prefix_with_the_first_match_winning() {
     let api = start_origin(|_| async { respond(200, &[], "api") }).await;
     let wild = start_origin(|_| async { respond(200, &[], "wildcard") }).await;

@@ -107,6 +107,34 @@ pub struct Route {
     /// A plugin that cannot run (open circuit, no capacity) is skipped
     /// rather than the request refused.
     pub skip_unavailable_plugins: bool,
+    /// Response headers changed on the way out, after the plugins.
+    pub headers: RouteHeaders,
+}
+
+/// A route's static response header rules (`headers:`): what an operator
+/// would otherwise need a plugin for, at the cost of a map edit.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteHeaders {
+    /// Removed first, then `set` applied.
+    pub remove: Vec<HeaderName>,
+    /// Each replaces every field of its name.
+    pub set: Vec<(HeaderName, http::HeaderValue)>,
+}
+
+impl RouteHeaders {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty()
+    }
+
+    /// Applies the rules to a response's headers.
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
 }
 
 /// Where a route sends its requests: exactly one of the two.

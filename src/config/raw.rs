@@ -285,6 +285,20 @@ pub struct RawRoute {
     /// capacity is left), skip it instead of refusing the request with 503.
     #[serde(default)]
     pub skip_unavailable_plugins: bool,
+    /// Response headers set and removed on the way out (hits included).
+    #[serde(default)]
+    pub headers: RawRouteHeaders,
+}
+
+/// `headers: { set: { name: value }, remove: [name] }` of a route.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteHeaders {
+    /// Each replaces every field of its name.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 fn default_upgrades() -> Vec<String> {

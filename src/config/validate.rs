@@ -20,13 +20,13 @@ use ipnet::IpNet;
 use super::ConfigError;
 use super::model::{
     CacheConfig, CacheKeyConfig, Config, Endpoint, EtcdSource, HttpSource, PluginConfig,
-    PurgeConfig, RedisSource, Route, RouteCache, RouteTarget, ServerAddr, ServerConfig,
-    SharedConfig, SourceConfig, Upstream,
+    PurgeConfig, RedisSource, Route, RouteCache, RouteHeaders, RouteTarget, ServerAddr,
+    ServerConfig, SharedConfig, SourceConfig, Upstream,
 };
 use super::positions::PositionIndex;
 use super::raw::{
-    RawCacheConfig, RawConfig, RawHttpSource, RawRoute, RawRouteCache, RawServer, RawShared,
-    RawSource, RawUpstream,
+    RawCacheConfig, RawConfig, RawHttpSource, RawRoute, RawRouteCache, RawRouteHeaders, RawServer,
+    RawShared, RawSource, RawUpstream,
 };
 use crate::schedule::Rule;
 
@@ -406,7 +406,9 @@ impl Checker<'_> {
             &format!("{path}.strip_request_headers"),
             &route.strip_request_headers,
         );
+        let headers = self.route_headers(&format!("{path}.headers"), &route.headers);
         Some(Route {
+            headers,
             matcher: route.matcher.clone(),
             target: target?,
             cache,
@@ -748,6 +750,50 @@ impl Checker<'_> {
         HeaderName::from_bytes(name.trim().as_bytes())
             .map_err(|_| self.fail(path, format!("{name:?} is not a valid header name")))
             .ok()
+    }
+
+    /// A route's `headers:` rules. Framing and connection fields are the
+    /// proxy's to write, never a rule's.
+    fn route_headers(&mut self, path: &str, raw: &RawRouteHeaders) -> RouteHeaders {
+        let mut headers = RouteHeaders::default();
+        for (i, name) in raw.remove.iter().enumerate() {
+            let at = format!("{path}.remove[{i}]");
+            if let Some(name) = self.header_name(&at, name)
+                && self.not_framing(&at, &name)
+            {
+                headers.remove.push(name);
+            }
+        }
+        for (name, value) in &raw.set {
+            let at = format!("{path}.set.{name}");
+            let Some(header) = self.header_name(&at, name) else {
+                continue;
+            };
+            if !self.not_framing(&at, &header) {
+                continue;
+            }
+            match HeaderValue::from_str(value) {
+                Ok(value) => headers.set.push((header, value)),
+                Err(_) => self.fail(
+                    &at,
+                    format!("{value:?} is not a valid header value (visible ASCII, spaces, tabs)"),
+                ),
+            }
+        }
+        headers
+    }
+
+    fn not_framing(&mut self, path: &str, name: &HeaderName) -> bool {
+        let framing = crate::http::hop_by_hop::is_hop_by_hop(name)
+            || name == http::header::CONTENT_LENGTH
+            || name == http::header::HOST;
+        if framing {
+            self.fail(
+                path,
+                format!("{name} describes the connection or the framing; Larder sets it itself"),
+            );
+        }
+        !framing
     }
 
     fn header_names(&mut self, path: &str, names: &[String]) -> Vec<HeaderName> {

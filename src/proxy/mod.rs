@@ -46,7 +46,7 @@ use hyper::body::Incoming;
 use ipnet::IpNet;
 
 use crate::cache::{self, Cache};
-use crate::config::{Config, PluginPhase, Route, RouteCache, RouteTarget, Upstream};
+use crate::config::{Config, PluginPhase, Route, RouteCache, RouteHeaders, RouteTarget, Upstream};
 use crate::http::body::{self, Body};
 use crate::http::error::{ErrorKind, RequestError};
 use crate::http::{copy_head, hop_by_hop};
@@ -89,6 +89,8 @@ pub struct RouteEntry {
     plugins: Arc<[String]>,
     skip_unavailable_plugins: bool,
     max_request_body: Option<u64>,
+    /// Static response header rules, applied after the plugins.
+    headers: RouteHeaders,
 }
 
 /// What routing found for a request.
@@ -394,8 +396,22 @@ impl Proxy {
         }
     }
 
-    /// The route's downstream-phase transformers' `on-response`.
+    /// The route's downstream-phase transformers' `on-response`, then its
+    /// `headers:` rules.
     async fn on_response(
+        &self,
+        route: &RouteEntry,
+        response: Response<Body>,
+        ctx: &mut RequestCtx<'_>,
+    ) -> Result<Response<Body>, RequestError> {
+        let mut response = self.downstream_plugins(route, response, ctx).await?;
+        if !route.headers.is_empty() {
+            route.headers.apply(response.headers_mut());
+        }
+        Ok(response)
+    }
+
+    async fn downstream_plugins(
         &self,
         route: &RouteEntry,
         response: Response<Body>,
@@ -568,6 +584,7 @@ fn compile_route(
         plugins: chain,
         skip_unavailable_plugins: route.skip_unavailable_plugins,
         max_request_body: route.max_request_body.map(|size| size.0),
+        headers: route.headers.clone(),
     })
 }
 
