@@ -297,7 +297,8 @@ async fn a_no_transform_response_keeps_its_body_but_gets_header_changes() {
 
 #[tokio::test]
 async fn one_request_makes_one_fresh_instance_for_both_hooks() {
-    let host = host(&[("stamp", add_headers("{ set: 'x-stamped: yes' }"))]).await;
+    let both = add_headers("{ set: 'x-stamped: yes', request_set: 'x-asked: 1' }");
+    let host = host(&[("stamp", both)]).await;
     for round in 1..=3u64 {
         let mut parts = request(&[]);
         let mut state = RequestState::default();
@@ -655,36 +656,71 @@ async fn repeated_failures_open_the_circuit() {
 }
 
 #[tokio::test]
-async fn bodies_over_the_cap_skip_the_plugin_under_open_and_fail_under_closed() {
-    let big = "x".repeat(larder::plugins::MAX_BODY_BYTES + 1);
-    let mut open = add_headers("{ set: 'x-seen: 1' }");
-    open.on_error = larder::config::OnError::Open;
-    let mut closed = open.clone();
-    closed.on_error = larder::config::OnError::Closed;
-    let host = host(&[("open", open), ("closed", closed)]).await;
+async fn bodies_over_the_cap_skip_a_body_reader_under_open_and_fail_under_closed() {
+    let big = format!("[\"{}\"]", "x".repeat(larder::plugins::MAX_BODY_BYTES));
+    let filter = |on_error: &str| {
+        plugin(&format!(
+            "path: {}\non_error: {on_error}\nconfig: {{ keep: 'id' }}",
+            wasm("json_filter").display()
+        ))
+    };
+    let host = host(&[
+        ("open", filter("open")),
+        ("closed", filter("closed")),
+        // Declares no body: it still runs, and the body streams past it.
+        ("stamp", add_headers("{ set: 'x-seen: 1' }")),
+    ])
+    .await;
     let out = host
         .on_response(
-            &chain(&["open"]),
+            &chain(&["open", "stamp"]),
             PluginPhase::Downstream,
             &request(&[]),
-            response("text/plain", &big),
+            response("application/json", &big),
             None,
         )
         .await
         .expect("skipped under open");
     let (head, body) = text(out).await;
-    assert!(head.headers.get("x-seen").is_none());
+    assert_eq!(head.headers["x-seen"], "1", "a plugin without the body ran");
     assert_eq!(body.len(), big.len(), "the body streams through whole");
     let failed = host
         .on_response(
             &chain(&["closed"]),
             PluginPhase::Downstream,
             &request(&[]),
-            response("text/plain", &big),
+            response("application/json", &big),
             None,
         )
         .await;
     assert!(matches!(failed, Err(PluginError { plugin, .. }) if &*plugin == "closed"));
+}
+
+#[tokio::test]
+async fn a_response_only_plugin_gets_no_on_request_call() {
+    let host = host(&[("stamp", add_headers("{ set: 'x-stamped: yes' }"))]).await;
+    let stats = host.stats("stamp").expect("loaded");
+    assert_eq!(stats.hooks, ["on_response"], "what its init declared");
+    assert_eq!(stats.wit, "0.2.0");
+    let mut parts = request(&[]);
+    let mut state = RequestState::default();
+    host.on_request(&chain(&["stamp"]), &mut parts, &mut state, false)
+        .await
+        .expect("nothing to run");
+    let out = host
+        .on_response(
+            &chain(&["stamp"]),
+            PluginPhase::Downstream,
+            &parts,
+            response("text/plain", "hi"),
+            Some(&mut state),
+        )
+        .await
+        .expect("plugin runs");
+    assert_eq!(out.headers()["x-stamped"], "yes");
+    let stats = host.stats("stamp").expect("loaded");
+    assert_eq!(stats.invocations, 1, "on-response only: {stats:?}");
+    assert_eq!(stats.instances_created, 1);
 }
 
 #[tokio::test]

@@ -9,12 +9,10 @@
 // through. `mib` sets how much `eat-memory` allocates.
 
 use alloc::format;
-use alloc::vec::Vec;
 
 use larder_plugin::Global;
 use larder_plugin::transformer::{
-    Config, Guest, Phase, PluginError, RequestAction, RequestHead, RequestOut, ResponseHead,
-    ResponseOut,
+    Config, Guest, Hooks, Phase, PluginError, RequestAction, carry_on,
 };
 
 #[derive(Clone, Copy, PartialEq)]
@@ -31,7 +29,7 @@ static MIB: Global<usize> = Global::new(1024);
 struct Fault;
 
 impl Guest for Fault {
-    fn init(cfg: Config) -> Result<(), PluginError> {
+    fn init(cfg: Config) -> Result<Hooks, PluginError> {
         for (key, value) in cfg {
             match (key.as_str(), value.as_str()) {
                 ("when", "request") => WHEN.set(When::Request),
@@ -48,32 +46,21 @@ impl Guest for Fault {
                 }
             }
         }
-        Ok(())
+        Ok(Hooks::ON_REQUEST | Hooks::ON_RESPONSE)
     }
 
-    fn on_request(req: RequestHead) -> Result<RequestAction, PluginError> {
+    fn on_request() -> Result<RequestAction, PluginError> {
         if WHEN.with(|when| *when) == When::Request {
             fault();
         }
-        Ok(RequestAction::Continue(RequestOut {
-            head: req,
-            cache_key_extra: Vec::new(),
-        }))
+        carry_on()
     }
 
-    fn on_response(
-        _phase: Phase,
-        _req: RequestHead,
-        resp: ResponseHead,
-        _body: Option<Vec<u8>>,
-    ) -> Result<ResponseOut, PluginError> {
+    fn on_response(_phase: Phase) -> Result<(), PluginError> {
         if WHEN.with(|when| *when) == When::Response {
             fault();
         }
-        Ok(ResponseOut {
-            head: resp,
-            body: None,
-        })
+        Ok(())
     }
 }
 

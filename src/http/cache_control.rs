@@ -18,6 +18,30 @@ pub fn forbids_transform(headers: &HeaderMap) -> bool {
     ResponseDirectives::parse(headers).no_transform
 }
 
+/// The `Cache-Control` of `headers` with its `s-maxage` set to `seconds`
+/// (any earlier one dropped, every other directive kept): how a plugin
+/// gives a stored entry its freshness lifetime.
+pub fn with_s_maxage(headers: &HeaderMap, seconds: u32) -> http::HeaderValue {
+    let mut directives: Vec<String> = headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(split_list)
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .filter(|item| {
+            let name = item.split_once('=').map_or(*item, |(name, _)| name);
+            !name.trim().eq_ignore_ascii_case("s-maxage")
+        })
+        .map(str::to_string)
+        .collect();
+    directives.push(format!("s-maxage={seconds}"));
+    // Joined from values that were visible ASCII already: always valid.
+    // Were it not, `no-store` is the safe reading of a field we cannot write.
+    http::HeaderValue::from_str(&directives.join(", "))
+        .unwrap_or_else(|_| http::HeaderValue::from_static("no-store"))
+}
+
 /// Whether every `Cache-Control` line can be read: visible ASCII, each
 /// directive a token with an optional token or quoted-string argument
 /// (RFC 9111 section 5.2). One that cannot might have said `no-store`.
@@ -299,6 +323,23 @@ pub fn split_list(value: &str) -> impl Iterator<Item = &str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use http::HeaderValue;
+
+    #[test]
+    fn s_maxage_is_replaced_and_other_directives_kept() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            CACHE_CONTROL,
+            HeaderValue::from_static("public, s-maxage=5"),
+        );
+        headers.append(CACHE_CONTROL, HeaderValue::from_static("max-age=1"));
+        assert_eq!(
+            with_s_maxage(&headers, 60),
+            "public, max-age=1, s-maxage=60"
+        );
+        assert_eq!(with_s_maxage(&HeaderMap::new(), 7), "s-maxage=7");
+    }
     use http::HeaderValue;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

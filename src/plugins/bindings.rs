@@ -1,36 +1,48 @@
 //! The only `bindgen!` of the host: Rust types and traits generated from
-//! `wit/plugin.wit` for the two worlds. Both worlds share the `types` and
-//! `log` interfaces, so the fetcher world reuses the transformer's.
+//! the WIT. Must not hold logic: host behaviour lives in `host_imports.rs`.
 //!
-//! The transformer world is generated twice: async, for guests that import
-//! WASI (their WASI calls may wait), and sync (`transformer_sync`), for
-//! guests that import nothing but Larder's own interfaces: those run
-//! without fibers. The sync world shares the `types` records.
-//!
-//! Must not hold logic: host behaviour lives in `host_imports.rs`.
+//! - `transformer_v2` (`wit/plugin.wit`, `larder:plugin@0.2.0`), sync: the
+//!   host imports of 0.2.0 (all of them sync: none waits), and the exports
+//!   as plain calls, for guests that import nothing else (no fibers).
+//! - `transformer_v2_async`: the same world with async exports, for 0.2.0
+//!   guests that import WASI (whose host side may wait). Its imports are
+//!   `transformer_v2`'s, so one implementation serves both.
+//! - `transformer` and `fetcher` (`wit/0.1.0/plugin.wit`): 0.1.0, async.
+//!   Both 0.1.0 worlds share the `types` and `log` interfaces.
+
+pub mod transformer_v2 {
+    wasmtime::component::bindgen!({
+        path: "wit",
+        world: "transformer",
+    });
+}
+
+pub mod transformer_v2_async {
+    wasmtime::component::bindgen!({
+        path: "wit",
+        world: "transformer",
+        exports: { default: async },
+        with: {
+            "larder:plugin/types": super::transformer_v2::larder::plugin::types,
+            "larder:plugin/log": super::transformer_v2::larder::plugin::log,
+            "larder:plugin/request": super::transformer_v2::larder::plugin::request,
+            "larder:plugin/response": super::transformer_v2::larder::plugin::response,
+        },
+    });
+}
 
 pub mod transformer {
     wasmtime::component::bindgen!({
-        path: "wit",
+        path: "wit/0.1.0",
         world: "transformer",
         imports: { default: async },
         exports: { default: async },
     });
 }
 
-pub mod transformer_sync {
-    wasmtime::component::bindgen!({
-        path: "wit",
-        world: "transformer",
-        with: {
-            "larder:plugin/types": super::transformer::larder::plugin::types,
-        },
-    });
-}
-
 pub mod fetcher {
     wasmtime::component::bindgen!({
-        path: "wit",
+        path: "wit/0.1.0",
         world: "fetcher",
         imports: { default: async },
         exports: { default: async },

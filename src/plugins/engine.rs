@@ -42,8 +42,8 @@ pub struct PluginEngine {
     pub engine: Engine,
     /// Every host import, WASI included, for guests called async.
     pub linker: Linker<StoreState>,
-    /// Larder's own transformer imports only (`types`, `log`), all sync: a
-    /// guest that links against it is called without fibers.
+    /// The 0.2.0 transformer imports only, all sync: a guest that links
+    /// against it is called without fibers.
     pub sync_linker: Linker<StoreState>,
     /// [`POOL_SLOTS`] permits; a live instance holds its plugin's weight.
     pub slots: Arc<tokio::sync::Semaphore>,
@@ -221,19 +221,22 @@ fn build_linker(engine: &Engine) -> wasmtime::Result<Linker<StoreState>> {
         |s| s,
     )?;
     bindings::fetcher::larder::plugin::cache::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    add_v2_imports(&mut linker)?;
     Ok(linker)
+}
+
+/// The 0.2.0 transformer imports (all sync: none of them waits).
+fn add_v2_imports(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
+    use bindings::transformer_v2::larder::plugin::{log, request, response, types};
+    types::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    log::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    request::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    response::add_to_linker::<_, HasSelf<_>>(linker, |s| s)
 }
 
 fn build_sync_linker(engine: &Engine) -> wasmtime::Result<Linker<StoreState>> {
     let mut linker = Linker::new(engine);
-    bindings::transformer::larder::plugin::types::add_to_linker::<_, HasSelf<_>>(
-        &mut linker,
-        |s| s,
-    )?;
-    bindings::transformer_sync::larder::plugin::log::add_to_linker::<_, HasSelf<_>>(
-        &mut linker,
-        |s| s,
-    )?;
+    add_v2_imports(&mut linker)?;
     Ok(linker)
 }
 

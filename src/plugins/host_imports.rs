@@ -8,7 +8,10 @@ use std::time::Duration;
 use super::bindings::LogLevel;
 use super::bindings::fetcher::larder::plugin::{cache, http_client};
 use super::bindings::transformer::larder::plugin::{log, types};
-use super::bindings::transformer_sync::larder::plugin::log as sync_log;
+use super::bindings::transformer_v2::larder::plugin::{
+    log as log_v2, request as request_v2, response as response_v2, types as types_v2,
+};
+use super::exchange::{EditError, Side};
 use super::http_client::{self as client, OutboundRequest, SendError};
 use super::store::StoreState;
 
@@ -95,13 +98,147 @@ impl log::Host for StoreState {
     }
 }
 
-impl sync_log::Host for StoreState {
-    fn enabled(&mut self, level: LogLevel) -> bool {
-        log_enabled(level)
+impl types_v2::Host for StoreState {}
+
+fn level_v1(level: types_v2::LogLevel) -> LogLevel {
+    match level {
+        types_v2::LogLevel::Trace => LogLevel::Trace,
+        types_v2::LogLevel::Debug => LogLevel::Debug,
+        types_v2::LogLevel::Info => LogLevel::Info,
+        types_v2::LogLevel::Warn => LogLevel::Warn,
+        types_v2::LogLevel::Error => LogLevel::Error,
+    }
+}
+
+impl log_v2::Host for StoreState {
+    fn enabled(&mut self, level: types_v2::LogLevel) -> bool {
+        log_enabled(level_v1(level))
     }
 
-    fn log(&mut self, level: LogLevel, message: String) {
-        self.write_log(level, message);
+    fn log(&mut self, level: types_v2::LogLevel, message: String) {
+        self.write_log(level_v1(level), message);
+    }
+}
+
+fn edit_error(error: EditError) -> types_v2::EditError {
+    match error {
+        EditError::InvalidName => types_v2::EditError::InvalidName,
+        EditError::InvalidValue => types_v2::EditError::InvalidValue,
+        EditError::Forbidden => types_v2::EditError::Forbidden,
+        EditError::NotAllowed => types_v2::EditError::NotAllowed,
+        EditError::TooLarge => types_v2::EditError::TooLarge,
+    }
+}
+
+type Edit = Result<(), types_v2::EditError>;
+
+impl request_v2::Host for StoreState {
+    fn method(&mut self) -> String {
+        self.exchange.method()
+    }
+
+    fn set_method(&mut self, method: String) -> Edit {
+        self.exchange.set_method(&method).map_err(edit_error)
+    }
+
+    fn path_with_query(&mut self) -> String {
+        self.exchange.path_with_query()
+    }
+
+    fn set_path_with_query(&mut self, path_with_query: String) -> Edit {
+        self.exchange
+            .set_path_with_query(&path_with_query)
+            .map_err(edit_error)
+    }
+
+    fn authority(&mut self) -> Option<String> {
+        self.exchange.authority()
+    }
+
+    fn header(&mut self, name: String) -> Option<Vec<u8>> {
+        self.exchange.header(Side::Request, &name)
+    }
+
+    fn header_all(&mut self, name: String) -> Vec<Vec<u8>> {
+        self.exchange.header_all(Side::Request, &name)
+    }
+
+    fn all_headers(&mut self) -> Vec<(String, Vec<u8>)> {
+        self.exchange.all_headers(Side::Request)
+    }
+
+    fn set_header(&mut self, name: String, value: Vec<u8>) -> Edit {
+        self.exchange
+            .set_header(Side::Request, &name, value)
+            .map_err(edit_error)
+    }
+
+    fn append_header(&mut self, name: String, value: Vec<u8>) -> Edit {
+        self.exchange
+            .append_header(Side::Request, &name, value)
+            .map_err(edit_error)
+    }
+
+    fn remove_header(&mut self, name: String) -> Edit {
+        self.exchange
+            .remove_header(Side::Request, &name)
+            .map_err(edit_error)
+    }
+}
+
+impl response_v2::Host for StoreState {
+    fn status(&mut self) -> u16 {
+        self.exchange.status()
+    }
+
+    fn set_status(&mut self, status: u16) -> Edit {
+        self.exchange.set_status(status).map_err(edit_error)
+    }
+
+    fn header(&mut self, name: String) -> Option<Vec<u8>> {
+        self.exchange.header(Side::Response, &name)
+    }
+
+    fn header_all(&mut self, name: String) -> Vec<Vec<u8>> {
+        self.exchange.header_all(Side::Response, &name)
+    }
+
+    fn all_headers(&mut self) -> Vec<(String, Vec<u8>)> {
+        self.exchange.all_headers(Side::Response)
+    }
+
+    fn set_header(&mut self, name: String, value: Vec<u8>) -> Edit {
+        self.exchange
+            .set_header(Side::Response, &name, value)
+            .map_err(edit_error)
+    }
+
+    fn append_header(&mut self, name: String, value: Vec<u8>) -> Edit {
+        self.exchange
+            .append_header(Side::Response, &name, value)
+            .map_err(edit_error)
+    }
+
+    fn remove_header(&mut self, name: String) -> Edit {
+        self.exchange
+            .remove_header(Side::Response, &name)
+            .map_err(edit_error)
+    }
+
+    fn body(&mut self) -> Option<Vec<u8>> {
+        self.exchange.body()
+    }
+
+    fn set_body(&mut self, body: Vec<u8>) -> Edit {
+        self.exchange.set_body(body).map_err(edit_error)
+    }
+
+    fn set_ttl(&mut self, seconds: u32) -> Edit {
+        self.exchange.set_ttl(seconds).map_err(edit_error)
+    }
+
+    fn add_tags(&mut self, tags: Vec<String>) -> Edit {
+        self.exchange.add_tags(tags).map_err(edit_error)
     }
 }
 

@@ -17,10 +17,17 @@ use wasmtime::Store;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::Component;
 
+use super::bindings::GuestError;
 use super::bindings::fetcher::FetcherPre;
 use super::bindings::transformer::{Transformer, TransformerPre};
-use super::bindings::transformer_sync::{
-    Transformer as SyncTransformer, TransformerPre as SyncTransformerPre,
+use super::bindings::transformer_v2::larder::plugin::types::{
+    Hooks as WitHooks, PluginError as GuestErrorV2,
+};
+use super::bindings::transformer_v2::{
+    Transformer as TransformerV2, TransformerPre as TransformerV2Pre,
+};
+use super::bindings::transformer_v2_async::{
+    Transformer as TransformerV2Async, TransformerPre as TransformerV2AsyncPre,
 };
 use super::call::{Failure, Turn, settle};
 use super::engine::{CORE_INSTANCES_PER_SLOT, EngineError, PluginEngine, TABLES_PER_SLOT};
@@ -54,28 +61,76 @@ impl Kind {
         }
     }
 
-    /// How calls enter the guest: sync only for a transformer that imports
-    /// nothing but Larder's own interfaces.
+    /// How calls enter the guest: sync only for a 0.2.0 transformer that
+    /// imports nothing but Larder's own interfaces.
     pub fn call_style(&self) -> CallStyle {
         match self {
             Self::Transformer(TransformerLink::Sync(_)) => CallStyle::Sync,
-            Self::Transformer(TransformerLink::Async(_)) | Self::Fetcher(_) => CallStyle::Async,
+            Self::Transformer(_) | Self::Fetcher(_) => CallStyle::Async,
+        }
+    }
+
+    /// The WIT package version the plugin was built against.
+    pub fn wit_version(&self) -> &'static str {
+        match self {
+            Self::Transformer(TransformerLink::Sync(_) | TransformerLink::Async(_)) => "0.2.0",
+            Self::Transformer(TransformerLink::V1(_)) | Self::Fetcher(_) => "0.1.0",
         }
     }
 }
 
-/// A transformer linked for one of the two ways of calling it.
+/// A transformer, linked by its WIT version and how it is called.
 pub enum TransformerLink {
-    /// It imports WASI: called on fibers.
-    Async(TransformerPre<StoreState>),
-    /// It imports only `larder:plugin` interfaces: plain calls.
-    Sync(SyncTransformerPre<StoreState>),
+    /// `larder:plugin@0.1.0`: whole heads cross the boundary; on fibers.
+    V1(TransformerPre<StoreState>),
+    /// 0.2.0, importing WASI: on fibers.
+    Async(TransformerV2AsyncPre<StoreState>),
+    /// 0.2.0, importing only `larder:plugin`: plain calls.
+    Sync(TransformerV2Pre<StoreState>),
 }
 
 /// The exports of a live transformer instance, as linked.
 pub enum TransformerBindings {
-    Async(Transformer),
-    Sync(SyncTransformer),
+    V1(Transformer),
+    Async(TransformerV2Async),
+    Sync(TransformerV2),
+}
+
+/// The hooks a transformer has, as its `init` declared them at load
+/// (a 0.1.0 plugin has them all and always gets the body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hooks {
+    pub on_request: bool,
+    pub on_response: bool,
+    pub response_body: bool,
+    pub request_in_response: bool,
+}
+
+impl Hooks {
+    pub const ALL: Self = Self {
+        on_request: true,
+        on_response: true,
+        response_body: true,
+        request_in_response: true,
+    };
+
+    fn from_wit(hooks: WitHooks) -> Self {
+        Self {
+            on_request: hooks.contains(WitHooks::ON_REQUEST),
+            on_response: hooks.contains(WitHooks::ON_RESPONSE),
+            response_body: hooks.contains(WitHooks::RESPONSE_BODY),
+            request_in_response: hooks.contains(WitHooks::REQUEST_IN_RESPONSE),
+        }
+    }
+}
+
+/// A 0.2.0 guest's error as the 0.1.0 one (the same cases).
+pub fn guest_error_v2(error: GuestErrorV2) -> GuestError {
+    match error {
+        GuestErrorV2::InvalidConfig(why) => GuestError::InvalidConfig(why),
+        GuestErrorV2::Upstream(why) => GuestError::Upstream(why),
+        GuestErrorV2::Internal(why) => GuestError::Internal(why),
+    }
 }
 
 /// One build of one plugin, ready to instantiate. Immutable: a reload
@@ -96,6 +151,8 @@ pub struct LoadedPlugin {
     pub weight: u32,
     /// `limits.concurrency` turns: calls of this build running at once.
     pub turns: Arc<Semaphore>,
+    /// What `init` declared at load.
+    pub hooks: Hooks,
 }
 
 impl LoadedPlugin {
@@ -115,6 +172,28 @@ impl LoadedPlugin {
             }),
             source_values: if is_fetcher { source_values } else { None },
         }
+    }
+
+    /// The hooks a transformer runs, by name (none for a fetcher).
+    pub fn declared_hooks(&self) -> Vec<&'static str> {
+        if matches!(self.kind, Kind::Fetcher(_)) {
+            return vec!["run"];
+        }
+        let hooks = self.hooks;
+        [
+            (hooks.on_request, "on_request"),
+            (hooks.on_response, "on_response"),
+            (hooks.response_body, "response_body"),
+            (hooks.request_in_response, "request_in_response"),
+        ]
+        .into_iter()
+        .filter_map(|(declared, name)| declared.then_some(name))
+        .collect()
+    }
+
+    /// A `larder:plugin@0.1.0` transformer (whole heads cross the boundary).
+    pub fn is_v1(&self) -> bool {
+        matches!(self.kind, Kind::Transformer(TransformerLink::V1(_)))
     }
 
     pub fn count_instance(&self) {
@@ -241,7 +320,7 @@ pub async fn load_bytes(
     }
     let weight = slot_weight(&component, core_instances);
     let kind = link(engine, &component)?;
-    let plugin = LoadedPlugin {
+    let mut plugin = LoadedPlugin {
         name: Arc::from(name),
         guest_config: config.config.clone().into_iter().collect(),
         config: config.clone(),
@@ -255,8 +334,11 @@ pub async fn load_bytes(
         turns: Arc::new(Semaphore::new(
             usize::try_from(config.limits.concurrency).unwrap_or(usize::MAX),
         )),
+        hooks: Hooks::ALL,
     };
-    probe_init(engine, &plugin).await?;
+    if let Some(hooks) = probe_init(engine, &plugin).await? {
+        plugin.hooks = hooks;
+    }
     Ok(plugin)
 }
 
@@ -265,7 +347,7 @@ pub async fn load_bytes(
 /// included) as an async transformer or a fetcher.
 fn link(engine: &PluginEngine, component: &Component) -> Result<Kind, LoadError> {
     if let Ok(pre) = engine.sync_linker.instantiate_pre(component)
-        && let Ok(transformer) = SyncTransformerPre::new(pre)
+        && let Ok(transformer) = TransformerV2Pre::new(pre)
     {
         return Ok(Kind::Transformer(TransformerLink::Sync(transformer)));
     }
@@ -273,8 +355,11 @@ fn link(engine: &PluginEngine, component: &Component) -> Result<Kind, LoadError>
         .linker
         .instantiate_pre(component)
         .map_err(LoadError::Link)?;
+    if let Ok(transformer) = TransformerV2AsyncPre::new(pre.clone()) {
+        return Ok(Kind::Transformer(TransformerLink::Async(transformer)));
+    }
     Ok(match TransformerPre::new(pre.clone()) {
-        Ok(transformer) => Kind::Transformer(TransformerLink::Async(transformer)),
+        Ok(transformer) => Kind::Transformer(TransformerLink::V1(transformer)),
         Err(_) => Kind::Fetcher(FetcherPre::new(pre).map_err(LoadError::NoWorld)?),
     })
 }
@@ -312,29 +397,43 @@ fn slot_weight(component: &Component, core_instances: u32) -> u32 {
 }
 
 /// A fresh transformer instance with `init` already called, in pool slots
-/// taken within `turn`'s deadline.
+/// taken within `turn`'s deadline, and the hooks its `init` declared.
 pub async fn instantiate_transformer(
     engine: &PluginEngine,
     plugin: &LoadedPlugin,
     link: &TransformerLink,
     turn: &Turn,
     cpu: Arc<CpuMeter>,
-) -> Result<TransformerInstance, Failure> {
+) -> Result<(TransformerInstance, Hooks), Failure> {
     let slots = turn.instance_slots(engine, plugin).await?;
     let grants = plugin.grants(engine, None);
-    let (store, bindings) = match link {
+    let config = &plugin.guest_config;
+    let (store, bindings, hooks) = match link {
+        TransformerLink::V1(pre) => {
+            let mut store = new_store(&engine.engine, grants, cpu, CallStyle::Async);
+            let bindings = match pre.instantiate_async(&mut store).await {
+                Ok(bindings) => bindings,
+                Err(error) => return Err(Failure::from_wasmtime(error, &store)),
+            };
+            let guest = bindings.larder_plugin_transform();
+            let init = guest.call_init(&mut store, config).await;
+            settle(init, &store, "init")?;
+            (store, TransformerBindings::V1(bindings), Hooks::ALL)
+        }
         TransformerLink::Async(pre) => {
             let mut store = new_store(&engine.engine, grants, cpu, CallStyle::Async);
             let bindings = match pre.instantiate_async(&mut store).await {
                 Ok(bindings) => bindings,
                 Err(error) => return Err(Failure::from_wasmtime(error, &store)),
             };
-            let init = bindings
-                .larder_plugin_transform()
-                .call_init(&mut store, &plugin.guest_config)
-                .await;
-            settle(init, &store, "init")?;
-            (store, TransformerBindings::Async(bindings))
+            let guest = bindings.larder_plugin_transform();
+            let init = guest.call_init(&mut store, config).await;
+            let hooks = settle(init.map(|r| r.map_err(guest_error_v2)), &store, "init")?;
+            (
+                store,
+                TransformerBindings::Async(bindings),
+                Hooks::from_wit(hooks),
+            )
         }
         TransformerLink::Sync(pre) => {
             let mut store = new_store(&engine.engine, grants, cpu, CallStyle::Sync);
@@ -342,32 +441,39 @@ pub async fn instantiate_transformer(
                 Ok(bindings) => bindings,
                 Err(error) => return Err(Failure::from_wasmtime(error, &store)),
             };
-            let init = bindings
-                .larder_plugin_transform()
-                .call_init(&mut store, &plugin.guest_config);
-            settle(init, &store, "init")?;
-            (store, TransformerBindings::Sync(bindings))
+            let guest = bindings.larder_plugin_transform();
+            let init = guest.call_init(&mut store, config);
+            let hooks = settle(init.map(|r| r.map_err(guest_error_v2)), &store, "init")?;
+            (
+                store,
+                TransformerBindings::Sync(bindings),
+                Hooks::from_wit(hooks),
+            )
         }
     };
-    Ok(TransformerInstance {
+    let instance = TransformerInstance {
         store,
         bindings,
         _slots: slots,
-    })
+    };
+    Ok((instance, hooks))
 }
 
 /// Calls `init` with the plugin's config on a throwaway instance: a plugin
 /// that refuses its config, traps or hangs here is not loaded.
-async fn probe_init(engine: &PluginEngine, plugin: &LoadedPlugin) -> Result<(), LoadError> {
+async fn probe_init(
+    engine: &PluginEngine,
+    plugin: &LoadedPlugin,
+) -> Result<Option<Hooks>, LoadError> {
     let limit = plugin.backstop();
     let cpu = plugin.cpu_meter();
     let probe = async {
         let turn = Turn::take(plugin).await?;
         match &plugin.kind {
-            Kind::Transformer(pre) => {
-                instantiate_transformer(engine, plugin, pre, &turn, cpu.clone())
+            Kind::Transformer(link) => {
+                instantiate_transformer(engine, plugin, link, &turn, cpu.clone())
                     .await
-                    .map(|_| ())
+                    .map(|(_, hooks)| Some(hooks))
             }
             Kind::Fetcher(pre) => {
                 let _slots = turn.instance_slots(engine, plugin).await?;
@@ -381,12 +487,12 @@ async fn probe_init(engine: &PluginEngine, plugin: &LoadedPlugin) -> Result<(), 
                     .larder_plugin_fetch()
                     .call_init(&mut store, &plugin.guest_config)
                     .await;
-                settle(init, &store, "init")
+                settle(init, &store, "init").map(|()| None)
             }
         }
     };
     match tokio::time::timeout(limit, cpu.run(probe)).await {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(hooks)) => Ok(hooks),
         Ok(Err(failure)) => Err(LoadError::Init {
             kind: plugin.kind.as_str(),
             failure,

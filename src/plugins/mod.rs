@@ -13,6 +13,7 @@ mod bindings;
 mod breaker;
 mod call;
 mod engine;
+mod exchange;
 mod fetcher;
 mod host_imports;
 mod http_client;
@@ -37,7 +38,6 @@ use parking_lot::RwLock;
 
 use crate::config::{OnError, PluginConfig, PluginPhase, PluginTotals};
 use crate::http::body::{self, Body, BoxError};
-use crate::http::cache_control;
 
 use breaker::{Admission, Breaker};
 pub use call::FailureKind;
@@ -283,13 +283,16 @@ impl PluginHost {
         // A cache-store transformer is paid once per fill: calling its
         // on-request too would cost a fresh instance on every hit.
         for (slot, plugin) in self.transformers(chain, PluginPhase::Downstream) {
-            let head = transformer::request_head(request);
-            let (engine, parked, called, given): (&PluginEngine, _, _, _) =
-                (engine, &mut state.parked, &plugin, &head);
-            // `identity` moves the borrow in: a reborrow could not outlive the closure.
+            if !plugin.hooks.on_request {
+                continue;
+            }
+            let (engine, parked, called, edited): (&PluginEngine, _, _, _) =
+                (engine, &mut state.parked, &plugin, &mut *request);
+            // `identity` moves the borrows in: a reborrow could not outlive the closure.
             let call = move |turn| {
                 let parked = std::convert::identity(parked);
-                transformer::on_request(engine, called, given, parked, turn)
+                let edited = std::convert::identity(edited);
+                transformer::on_request(engine, called, edited, parked, turn)
             };
             let skip = Skip {
                 failed: plugin.config.on_error == OnError::Open,
@@ -329,9 +332,11 @@ impl PluginHost {
         Ok(None)
     }
 
-    /// Runs `on-response` of the plugins in `chain` configured for `phase`,
-    /// on the instances `state` parked for them if any. The body is
-    /// collected only when at least one plugin runs.
+    /// Runs `on-response` of the plugins in `chain` configured for `phase`
+    /// that have the hook, on the instances `state` parked for them if any.
+    /// The body is collected only when one of them reads it (every 0.1.0
+    /// plugin does; a 0.2.0 plugin only if it declared so), and the request
+    /// is copied for 0.2.0 plugins only when one declared it reads it.
     pub async fn on_response(
         &self,
         chain: &[String],
@@ -343,27 +348,49 @@ impl PluginHost {
         let Some(engine) = self.engine.get() else {
             return Ok(response);
         };
-        let selected = self.transformers(chain, phase);
+        let mut selected = self.transformers(chain, phase);
+        selected.retain(|(_, plugin)| plugin.hooks.on_response);
         let Some((first, _)) = selected.first() else {
             return Ok(response);
         };
         let (mut parts, body) = response.into_parts();
-        let collected = collect_capped(body, MAX_BODY_BYTES)
-            .await
-            .map_err(|error| {
-                // Nothing to continue with: the body is lost, whatever on_error says.
-                PluginError {
-                    plugin: first.name.clone(),
-                    kind: FailureKind::BodyUnreadable,
-                    on_error: OnError::Closed,
-                    detail: format!("the response body broke: {error}"),
-                    retry_after: None,
-                }
-            })?;
-        let mut bytes = match collected {
-            Collected::Whole(bytes) => bytes,
-            Collected::TooLarge(body) => {
-                for (slot, plugin) in &selected {
+        let needs_body = selected
+            .iter()
+            .any(|(_, plugin)| plugin.hooks.response_body);
+        let mut body = if needs_body {
+            let collected = collect_capped(body, MAX_BODY_BYTES)
+                .await
+                .map_err(|error| {
+                    // Nothing to continue with: the body is lost, whatever on_error says.
+                    PluginError {
+                        plugin: first.name.clone(),
+                        kind: FailureKind::BodyUnreadable,
+                        on_error: OnError::Closed,
+                        detail: format!("the response body broke: {error}"),
+                        retry_after: None,
+                    }
+                })?;
+            match collected {
+                Collected::Whole(bytes) => ResponseBody::Collected(bytes),
+                Collected::TooLarge(body) => ResponseBody::Stream(body),
+            }
+        } else {
+            ResponseBody::Stream(body)
+        };
+        let original_length = parts.headers.get(CONTENT_LENGTH).cloned();
+        let request_v1 = selected
+            .iter()
+            .any(|(_, plugin)| plugin.is_v1())
+            .then(|| transformer::request_head(request));
+        let request_v2 = selected
+            .iter()
+            .any(|(_, plugin)| !plugin.is_v1() && plugin.hooks.request_in_response)
+            .then(|| Arc::new(crate::http::copy_head(request)));
+        let mut body_changed = false;
+        for (slot, plugin) in &selected {
+            let collected = match &body {
+                ResponseBody::Collected(bytes) => Some(bytes),
+                ResponseBody::Stream(_) if plugin.hooks.response_body => {
                     let failure = Failure::new(
                         FailureKind::TooLarge,
                         format!("response body over {MAX_BODY_BYTES} bytes"),
@@ -371,68 +398,45 @@ impl PluginHost {
                     if let Some(error) = fail(slot, plugin, &failure) {
                         return Err(error);
                     }
+                    continue;
                 }
-                return Ok(Response::from_parts(parts, body));
-            }
-        };
-        let original_length = parts.headers.get(CONTENT_LENGTH).cloned();
-        let request_head = transformer::request_head(request);
-        let mut body_changed = false;
-        for (slot, plugin) in &selected {
-            let head = transformer::response_head(&parts);
-            let parked = state.as_deref_mut().map(|state| &mut state.parked);
-            let call = |turn| {
-                transformer::on_response(
-                    engine,
-                    plugin,
-                    transformer::wit_phase(phase),
-                    &request_head,
-                    &head,
-                    &bytes,
-                    parked,
-                    turn,
-                )
+                ResponseBody::Stream(_) => None,
             };
+            let given = transformer::ResponseCall {
+                phase: transformer::wit_phase(phase),
+                request_v1: request_v1.as_ref(),
+                request_v2: request_v2.as_ref(),
+                body: collected,
+            };
+            let parked = state.as_deref_mut().map(|state| &mut state.parked);
+            let edited = &mut parts;
+            let call =
+                |turn| transformer::on_response(engine, plugin, &given, edited, parked, turn);
             let open = plugin.config.on_error == OnError::Open;
             let skip = Skip {
                 failed: open,
                 unavailable: open,
             };
-            let Some(edit) = guarded(slot, plugin, Hook::OnResponse, skip, call).await? else {
-                continue;
-            };
-            // Read from the headers the upstream (or an earlier plugin) gave,
-            // so a plugin cannot lift it for itself; parsed only when a body
-            // came back, which most response hooks never do.
-            let no_transform =
-                edit.body.is_some() && cache_control::forbids_transform(&parts.headers);
-            parts.status = edit.status;
-            if let Some(mut headers) = edit.headers {
-                // Framing is recomputed below; connection fields are not
-                // the plugin's to add.
-                keep_connection_fields(&parts.headers, &mut headers);
-                parts.headers = headers;
-            }
-            match edit.body {
-                Some(_) if no_transform => tracing::debug!(
-                    plugin = &*slot.name,
-                    "body change ignored: the response says Cache-Control: no-transform"
-                ),
-                Some(new_body) => {
-                    bytes = new_body;
-                    body_changed = true;
-                }
-                None => {}
+            if let Some(Some(new_body)) =
+                guarded(slot, plugin, Hook::OnResponse, skip, call).await?
+            {
+                body = ResponseBody::Collected(new_body);
+                body_changed = true;
             }
         }
-        fix_framing(
-            &mut parts,
-            request,
-            original_length,
-            bytes.len(),
-            body_changed,
-        );
-        Ok(Response::from_parts(parts, body::full(bytes)))
+        Ok(match body {
+            ResponseBody::Collected(bytes) => {
+                fix_framing(
+                    &mut parts,
+                    request,
+                    original_length,
+                    bytes.len(),
+                    body_changed,
+                );
+                Response::from_parts(parts, body::full(bytes))
+            }
+            ResponseBody::Stream(stream) => Response::from_parts(parts, stream),
+        })
     }
 
     /// One run of a fetcher plugin for a source; `values` is what its
@@ -738,6 +742,13 @@ fn judge(
         _ => None,
     };
     Some(error)
+}
+
+/// The response body while a chain runs: streaming on untouched, or
+/// whole in memory (collected for a plugin, or replaced by one).
+enum ResponseBody {
+    Collected(Bytes),
+    Stream(Body),
 }
 
 enum Collected {

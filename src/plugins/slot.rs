@@ -44,6 +44,10 @@ pub struct PluginStats {
     pub kind: &'static str,
     /// `sync` (a guest without WASI, called without fibers) or `async`.
     pub calls: &'static str,
+    /// The `larder:plugin` version the plugin was built against.
+    pub wit: &'static str,
+    /// The hooks the plugin declared (`on_request`, `on_response`, ...).
+    pub hooks: Vec<&'static str>,
     pub wasm_sha256: String,
 }
 
@@ -103,6 +107,8 @@ impl PluginStats {
         serde_json::json!({
             "kind": self.kind,
             "calls": self.calls,
+            "wit": self.wit,
+            "hooks": self.hooks,
             "invocations": self.invocations,
             "failures": self.failures,
             "skipped": self.skipped,
@@ -177,6 +183,8 @@ impl PluginSlot {
             circuit_open: self.is_circuit_open(),
             kind: current.kind.as_str(),
             calls: current.kind.call_style().as_str(),
+            wit: current.kind.wit_version(),
+            hooks: current.declared_hooks(),
             wasm_sha256: current.wasm_sha256.clone(),
         }
     }

@@ -15,6 +15,7 @@ use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::SourceValues;
+use super::exchange::Exchange;
 use super::http_client::HttpGrant;
 use super::output::{GuestOutput, OutputKind};
 
@@ -46,6 +47,8 @@ pub struct StoreState {
     pub http: Option<HttpGrant>,
     pub source_values: Option<Arc<dyn SourceValues>>,
     pub log_lines: u32,
+    /// The message a 0.2.0 transformer's hook reads and edits.
+    pub exchange: Exchange,
 }
 
 impl WasiView for StoreState {
@@ -104,6 +107,7 @@ pub fn new_store(
         http: grants.http,
         source_values: grants.source_values,
         log_lines: 0,
+        exchange: Exchange::default(),
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limits);

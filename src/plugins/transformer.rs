@@ -16,15 +16,18 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 
 use super::bindings::transformer::exports::larder::plugin::transform::{
-    DirectResponse, Phase, RequestAction, RequestOut, ResponseOut,
+    Phase, RequestAction, ResponseOut,
 };
 use super::bindings::transformer::larder::plugin::types::{RequestHead, ResponseHead};
-use super::bindings::transformer_sync::exports::larder::plugin::transform as sync;
+use super::bindings::transformer_v2::exports::larder::plugin::transform as v2;
+use super::bindings::transformer_v2_async::exports::larder::plugin::transform as v2_async;
 use super::call::{Failure, FailureKind, Turn, settle};
 use super::engine::PluginEngine;
+use super::exchange::{Exchange, ResponseView};
 use super::instances::ParkedInstances;
 use super::loader::{
-    Kind, LoadedPlugin, TransformerBindings, TransformerInstance, instantiate_transformer,
+    Kind, LoadedPlugin, TransformerBindings, TransformerInstance, guest_error_v2,
+    instantiate_transformer,
 };
 use super::store::{CallStyle, CpuMeter, start_call};
 use crate::config::PluginPhase;
@@ -100,32 +103,53 @@ pub fn wit_phase(phase: PluginPhase) -> Phase {
     }
 }
 
-fn sync_phase(phase: Phase) -> sync::Phase {
+fn phase_v2(phase: Phase) -> v2::Phase {
     match phase {
-        Phase::DownstreamResponse => sync::Phase::DownstreamResponse,
-        Phase::CacheStore => sync::Phase::CacheStore,
+        Phase::DownstreamResponse => v2::Phase::DownstreamResponse,
+        Phase::CacheStore => v2::Phase::CacheStore,
     }
 }
 
-/// The sync bindings' answer as the async bindings' type (the records are
-/// the same WIT; only the generated Rust types differ). Moves, no copies.
-fn from_sync_action(action: sync::RequestAction) -> RequestAction {
-    match action {
-        sync::RequestAction::Continue(out) => RequestAction::Continue(RequestOut {
-            head: out.head,
-            cache_key_extra: out.cache_key_extra,
-        }),
-        sync::RequestAction::Respond(direct) => RequestAction::Respond(DirectResponse {
-            head: direct.head,
-            body: direct.body,
-        }),
+fn phase_v2_async(phase: Phase) -> v2_async::Phase {
+    match phase {
+        Phase::DownstreamResponse => v2_async::Phase::DownstreamResponse,
+        Phase::CacheStore => v2_async::Phase::CacheStore,
     }
 }
 
-fn from_sync_response(out: sync::ResponseOut) -> ResponseOut {
-    ResponseOut {
-        head: out.head,
-        body: out.body,
+/// A 0.2.0 `request-action`, whichever bindings produced it.
+enum ActionV2 {
+    Continue(Vec<String>),
+    Respond {
+        status: u16,
+        headers: WitHeaders,
+        body: Vec<u8>,
+    },
+}
+
+impl From<v2::RequestAction> for ActionV2 {
+    fn from(action: v2::RequestAction) -> Self {
+        match action {
+            v2::RequestAction::Continue(with) => Self::Continue(with.cache_key_extra),
+            v2::RequestAction::Respond(direct) => Self::Respond {
+                status: direct.status,
+                headers: direct.headers,
+                body: direct.body,
+            },
+        }
+    }
+}
+
+impl From<v2_async::RequestAction> for ActionV2 {
+    fn from(action: v2_async::RequestAction) -> Self {
+        match action {
+            v2_async::RequestAction::Continue(with) => Self::Continue(with.cache_key_extra),
+            v2_async::RequestAction::Respond(direct) => Self::Respond {
+                status: direct.status,
+                headers: direct.headers,
+                body: direct.body,
+            },
+        }
     }
 }
 
@@ -259,20 +283,26 @@ fn check_request_action(
             })
         }
         RequestAction::Respond(direct) => {
-            let status = final_status(direct.head.status)?;
-            check_body_size(direct.body.len())?;
-            let mut headers = from_wit_headers(direct.head.headers)?;
-            keep_connection_fields(&HeaderMap::new(), &mut headers);
-            headers.insert(
-                http::header::CONTENT_LENGTH,
-                HeaderValue::from(direct.body.len()),
-            );
-            let mut response = Response::new(body::full(direct.body));
-            *response.status_mut() = status;
-            *response.headers_mut() = headers;
-            Ok(RequestEdit::Respond(response))
+            direct_response(direct.head.status, direct.head.headers, direct.body)
         }
     }
+}
+
+/// A plugin's direct answer, checked like any output of a guest.
+fn direct_response(
+    status: u16,
+    headers: WitHeaders,
+    body: Vec<u8>,
+) -> Result<RequestEdit, Failure> {
+    let status = final_status(status)?;
+    check_body_size(body.len())?;
+    let mut headers = from_wit_headers(headers)?;
+    keep_connection_fields(&HeaderMap::new(), &mut headers);
+    headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let mut response = Response::new(body::full(body));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    Ok(RequestEdit::Respond(response))
 }
 
 fn check_response_out(out: ResponseOut, given: &ResponseHead) -> Result<ResponseEdit, Failure> {
@@ -310,7 +340,10 @@ async fn checkout(
         return Ok(instance);
     }
     plugin.count_instance();
-    instantiate_transformer(engine, plugin, link, turn, cpu).await
+    let (instance, _declared) = instantiate_transformer(engine, plugin, link, turn, cpu).await?;
+    // What this instance's init declared is not used: the load-time
+    // declaration decides which hooks run, for every instance alike.
+    Ok(instance)
 }
 
 /// Runs `call` metered by `cpu`. An async guest also gets the outer
@@ -330,81 +363,241 @@ async fn metered<T>(
         .unwrap_or_else(|_| Err(Failure::timed_out(limit)))
 }
 
-/// One `on-request` call in `turn`, for a downstream-phase plugin (the only
-/// kind that has one). A fresh instance is parked afterwards for the same
-/// request's `on-response`.
+/// One `on-request` call in `turn`, for a downstream-phase plugin that has
+/// the hook. A 0.1.0 plugin gets the head as a record and hands back edits;
+/// a 0.2.0 plugin edits `request` in place through host calls (undone if
+/// the call fails). A fresh instance is parked afterwards for the same
+/// request's `on-response`, if the plugin has that hook too.
 pub async fn on_request(
     engine: &PluginEngine,
     plugin: &Arc<LoadedPlugin>,
-    head: &RequestHead,
+    request: &mut http::request::Parts,
     parked: &mut ParkedInstances,
     turn: Turn,
 ) -> Result<RequestEdit, Failure> {
     let cpu = plugin.cpu_meter();
     let call = async {
         let mut instance = checkout(engine, plugin, None, &turn, cpu.clone()).await?;
-        let store = &mut instance.store;
-        let result = match &instance.bindings {
-            TransformerBindings::Async(guest) => {
-                guest
+        let edit = match &instance.bindings {
+            TransformerBindings::V1(guest) => {
+                let head = request_head(request);
+                let result = guest
                     .larder_plugin_transform()
-                    .call_on_request(&mut *store, head)
-                    .await
+                    .call_on_request(&mut instance.store, &head)
+                    .await;
+                let action = settle(result, &instance.store, "on-request")?;
+                check_request_action(action, &head)?
             }
-            TransformerBindings::Sync(guest) => guest
-                .larder_plugin_transform()
-                .call_on_request(&mut *store, head)
-                .map(|answer| answer.map(from_sync_action)),
+            TransformerBindings::Async(guest) => {
+                let store = &mut instance.store;
+                store.data_mut().exchange = Exchange::for_request(take_request(request));
+                let result = guest
+                    .larder_plugin_transform()
+                    .call_on_request(&mut *store)
+                    .await
+                    .map(|r| r.map(ActionV2::from).map_err(guest_error_v2));
+                finish_request_v2(result, store, request)?
+            }
+            TransformerBindings::Sync(guest) => {
+                let store = &mut instance.store;
+                store.data_mut().exchange = Exchange::for_request(take_request(request));
+                let result = guest
+                    .larder_plugin_transform()
+                    .call_on_request(&mut *store)
+                    .map(|r| r.map(ActionV2::from).map_err(guest_error_v2));
+                finish_request_v2(result, store, request)?
+            }
         };
-        let action = settle(result, &instance.store, "on-request")?;
         if plugin.config.reuse {
             plugin.put_idle(instance);
-        } else {
+        } else if plugin.hooks.on_response {
             parked.park(engine, plugin, instance);
         }
-        check_request_action(action, head)
+        Ok(edit)
     };
     metered(plugin, &cpu, call).await
 }
 
-/// One `on-response` call in `turn` with the whole body, on the instance
-/// the request's `on-request` parked if there is one.
-#[allow(clippy::too_many_arguments)]
+/// Moves the request out for a 0.2.0 call (it goes back after).
+fn take_request(request: &mut http::request::Parts) -> http::request::Parts {
+    let (empty, ()) = http::Request::new(()).into_parts();
+    std::mem::replace(request, empty)
+}
+
+fn take_response(response: &mut http::response::Parts) -> http::response::Parts {
+    let (empty, ()) = Response::new(()).into_parts();
+    std::mem::replace(response, empty)
+}
+
+/// Takes the request back from the store (as it was, if the call failed)
+/// and turns the guest's answer into an edit.
+fn finish_request_v2(
+    result: wasmtime::Result<Result<ActionV2, super::bindings::GuestError>>,
+    store: &mut wasmtime::Store<super::store::StoreState>,
+    request: &mut http::request::Parts,
+) -> Result<RequestEdit, Failure> {
+    let mut exchange = std::mem::take(&mut store.data_mut().exchange);
+    let settled = settle(result, store, "on-request");
+    if settled.is_err() {
+        exchange.undo();
+    }
+    if let Some(super::exchange::RequestView::Editable(parts)) = exchange.request.take() {
+        *request = parts;
+    }
+    match settled? {
+        ActionV2::Continue(cache_key_extra) => Ok(RequestEdit::Continue {
+            method: None,
+            path_and_query: None,
+            headers: None,
+            cache_key_extra,
+        }),
+        ActionV2::Respond {
+            status,
+            headers,
+            body,
+        } => direct_response(status, headers, body),
+    }
+}
+
+/// What one `on-response` call is given.
+pub struct ResponseCall<'a> {
+    pub phase: Phase,
+    /// The request as a 0.1.0 record (built once per chain, if needed).
+    pub request_v1: Option<&'a RequestHead>,
+    /// The request for 0.2.0 plugins that declared `request-in-response`.
+    pub request_v2: Option<&'a Arc<http::request::Parts>>,
+    /// The collected body, when some plugin of the chain needs it.
+    pub body: Option<&'a Bytes>,
+}
+
+/// One `on-response` call in `turn`, on the instance the request's
+/// `on-request` parked if there is one. The status and headers are changed
+/// in `response` (left alone if the call fails); a new body comes back.
 pub async fn on_response(
     engine: &PluginEngine,
     plugin: &LoadedPlugin,
-    phase: Phase,
-    request: &RequestHead,
-    response: &ResponseHead,
-    body: &[u8],
+    given: &ResponseCall<'_>,
+    response: &mut http::response::Parts,
     parked: Option<&mut ParkedInstances>,
     turn: Turn,
-) -> Result<ResponseEdit, Failure> {
+) -> Result<Option<Bytes>, Failure> {
     let cpu = plugin.cpu_meter();
     let call = async {
         let mut instance = checkout(engine, plugin, parked, &turn, cpu.clone()).await?;
-        let store = &mut instance.store;
-        let result = match &instance.bindings {
-            TransformerBindings::Async(guest) => {
-                guest
+        let new_body = match &instance.bindings {
+            TransformerBindings::V1(guest) => {
+                let (Some(request), Some(body)) = (given.request_v1, given.body) else {
+                    return Err(Failure::new(
+                        FailureKind::Error,
+                        "a 0.1.0 plugin needs the request and the body",
+                    ));
+                };
+                let head = response_head(response);
+                let result = guest
                     .larder_plugin_transform()
-                    .call_on_response(&mut *store, phase, request, response, Some(body))
-                    .await
+                    .call_on_response(&mut instance.store, given.phase, request, &head, Some(body))
+                    .await;
+                let out = settle(result, &instance.store, "on-response")?;
+                let edit = check_response_out(out, &head)?;
+                apply_v1_edit(&plugin.name, edit, response)
             }
-            TransformerBindings::Sync(guest) => guest
-                .larder_plugin_transform()
-                .call_on_response(
-                    &mut *store,
-                    sync_phase(phase),
-                    request,
-                    response,
-                    Some(body),
-                )
-                .map(|answer| answer.map(from_sync_response)),
+            TransformerBindings::Async(guest) => {
+                let store = &mut instance.store;
+                store.data_mut().exchange = response_exchange(plugin, given, response);
+                let result = guest
+                    .larder_plugin_transform()
+                    .call_on_response(&mut *store, phase_v2_async(given.phase))
+                    .await
+                    .map(|r| r.map_err(guest_error_v2));
+                finish_response_v2(&plugin.name, result, store, response)?
+            }
+            TransformerBindings::Sync(guest) => {
+                let store = &mut instance.store;
+                store.data_mut().exchange = response_exchange(plugin, given, response);
+                let result = guest
+                    .larder_plugin_transform()
+                    .call_on_response(&mut *store, phase_v2(given.phase))
+                    .map(|r| r.map_err(guest_error_v2));
+                finish_response_v2(&plugin.name, result, store, response)?
+            }
         };
-        let out = settle(result, &instance.store, "on-response")?;
         plugin.put_idle(instance);
-        check_response_out(out, response)
+        Ok(new_body)
     };
     metered(plugin, &cpu, call).await
+}
+
+fn response_exchange(
+    plugin: &LoadedPlugin,
+    given: &ResponseCall<'_>,
+    response: &mut http::response::Parts,
+) -> Exchange {
+    let body = given.body.filter(|_| plugin.hooks.response_body).cloned();
+    let request = given
+        .request_v2
+        .filter(|_| plugin.hooks.request_in_response)
+        .cloned();
+    Exchange::for_response(ResponseView::new(take_response(response), body), request)
+}
+
+fn finish_response_v2(
+    plugin: &str,
+    result: wasmtime::Result<Result<(), super::bindings::GuestError>>,
+    store: &mut wasmtime::Store<super::store::StoreState>,
+    response: &mut http::response::Parts,
+) -> Result<Option<Bytes>, Failure> {
+    let mut exchange = std::mem::take(&mut store.data_mut().exchange);
+    let settled = settle(result, store, "on-response");
+    if settled.is_err() {
+        exchange.undo();
+    }
+    let no_transform = exchange.forbids_transform();
+    let Some(mut view) = exchange.response.take() else {
+        return Err(Failure::new(
+            FailureKind::Error,
+            "the response went missing",
+        ));
+    };
+    view.apply_cache_settings();
+    *response = view.parts;
+    settled?;
+    Ok(match view.new_body {
+        Some(_) if no_transform => {
+            ignored_body(plugin);
+            None
+        }
+        new_body => new_body,
+    })
+}
+
+fn ignored_body(plugin: &str) {
+    tracing::debug!(
+        plugin,
+        "body change ignored: the response says Cache-Control: no-transform"
+    );
+}
+
+/// Applies a checked 0.1.0 answer to the response; returns the new body.
+fn apply_v1_edit(
+    plugin: &str,
+    edit: ResponseEdit,
+    response: &mut http::response::Parts,
+) -> Option<Bytes> {
+    // Read from the headers the upstream (or an earlier plugin) gave, so a
+    // plugin cannot lift it for itself; parsed only when a body came back,
+    // which most response hooks never do.
+    let no_transform =
+        edit.body.is_some() && crate::http::cache_control::forbids_transform(&response.headers);
+    response.status = edit.status;
+    if let Some(mut headers) = edit.headers {
+        // Framing is recomputed by the caller; connection fields are not
+        // the plugin's to add.
+        keep_connection_fields(&response.headers, &mut headers);
+        response.headers = headers;
+    }
+    if no_transform {
+        ignored_body(plugin);
+        return None;
+    }
+    edit.body
 }

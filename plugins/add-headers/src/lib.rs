@@ -21,8 +21,8 @@ use alloc::vec::Vec;
 
 use larder_plugin::Global;
 use larder_plugin::transformer::{
-    Config, Guest, Headers, Phase, PluginError, RequestAction, RequestHead, RequestOut,
-    ResponseHead, ResponseOut,
+    Config, ContinueWith, EditError, Guest, Hooks, Phase, PluginError, RequestAction, request,
+    response,
 };
 
 #[derive(Default)]
@@ -83,19 +83,41 @@ fn valid_name(key: &str, name: &str) -> Result<String, PluginError> {
     }
 }
 
-fn apply(headers: &mut Headers, set: &[(String, String)], remove: &[String]) {
-    headers.retain(|(name, _)| {
-        !remove.iter().any(|r| r == name) && !set.iter().any(|(s, _)| s == name)
-    });
-    for (name, value) in set {
-        headers.push((name.clone(), value.clone().into_bytes()));
+/// The header calls of one side (request or response).
+struct Side {
+    set: fn(&str, &[u8]) -> Result<(), EditError>,
+    remove: fn(&str) -> Result<(), EditError>,
+}
+
+const REQUEST: Side = Side {
+    set: request::set_header,
+    remove: request::remove_header,
+};
+const RESPONSE: Side = Side {
+    set: response::set_header,
+    remove: response::remove_header,
+};
+
+/// Names were checked at init; a refusal (a framing field) is the host's
+/// rule and leaves that field alone.
+fn apply(side: &Side, set: &[(String, String)], remove: &[String]) -> Result<(), PluginError> {
+    for name in remove {
+        (side.remove)(name).map_err(|error| refused(name, error))?;
     }
+    for (name, value) in set {
+        (side.set)(name, value.as_bytes()).map_err(|error| refused(name, error))?;
+    }
+    Ok(())
+}
+
+fn refused(name: &str, error: EditError) -> PluginError {
+    PluginError::Internal(format!("the host refused to change `{name}`: {error:?}"))
 }
 
 struct AddHeaders;
 
 impl Guest for AddHeaders {
-    fn init(cfg: Config) -> Result<(), PluginError> {
+    fn init(cfg: Config) -> Result<Hooks, PluginError> {
         let mut settings = Settings::default();
         for (key, value) in cfg {
             match key.as_str() {
@@ -111,43 +133,37 @@ impl Guest for AddHeaders {
                 }
             }
         }
+        // Only the hooks this config needs: a response-only config costs
+        // no on-request call (and no instance kept between the two).
+        let mut hooks = Hooks::empty();
+        if !settings.request_set.is_empty()
+            || !settings.request_remove.is_empty()
+            || settings.cache_key_from.is_some()
+        {
+            hooks |= Hooks::ON_REQUEST;
+        }
+        if !settings.set.is_empty() || !settings.remove.is_empty() {
+            hooks |= Hooks::ON_RESPONSE;
+        }
         SETTINGS.set(settings);
-        Ok(())
+        Ok(hooks)
     }
 
-    fn on_request(mut req: RequestHead) -> Result<RequestAction, PluginError> {
+    fn on_request() -> Result<RequestAction, PluginError> {
         SETTINGS.with(|settings| {
             let cache_key_extra = settings
                 .cache_key_from
                 .as_ref()
-                .and_then(|wanted| req.headers.iter().find(|(name, _)| name == wanted))
-                .map(|(_, value)| vec![String::from_utf8_lossy(value).into_owned()])
+                .and_then(|wanted| request::header(wanted))
+                .map(|value| vec![String::from_utf8_lossy(&value).into_owned()])
                 .unwrap_or_default();
-            apply(
-                &mut req.headers,
-                &settings.request_set,
-                &settings.request_remove,
-            );
-            Ok(RequestAction::Continue(RequestOut {
-                head: req,
-                cache_key_extra,
-            }))
+            apply(&REQUEST, &settings.request_set, &settings.request_remove)?;
+            Ok(RequestAction::Continue(ContinueWith { cache_key_extra }))
         })
     }
 
-    fn on_response(
-        _phase: Phase,
-        _req: RequestHead,
-        mut resp: ResponseHead,
-        _body: Option<Vec<u8>>,
-    ) -> Result<ResponseOut, PluginError> {
-        SETTINGS.with(|settings| {
-            apply(&mut resp.headers, &settings.set, &settings.remove);
-        });
-        Ok(ResponseOut {
-            head: resp,
-            body: None,
-        })
+    fn on_response(_phase: Phase) -> Result<(), PluginError> {
+        SETTINGS.with(|settings| apply(&RESPONSE, &settings.set, &settings.remove))
     }
 }
 

@@ -6,6 +6,7 @@
 extern crate alloc;
 
 use alloc::vec;
+use alloc::vec::Vec;
 
 fn fault() {
     let mut kept: Vec<Vec<u8>> = Vec::new();

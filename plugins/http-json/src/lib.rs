@@ -9,7 +9,7 @@ use std::cell::RefCell;
 
 use serde_json::Value;
 
-wit_bindgen::generate!({ world: "fetcher", path: "../../wit" });
+wit_bindgen::generate!({ world: "fetcher", path: "../../wit/0.1.0" });
 
 use exports::larder::plugin::fetch::{FetchContext, FetchResult, Guest};
 use larder::plugin::http_client::{HttpError, OutgoingRequest, send};

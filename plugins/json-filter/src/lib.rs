@@ -2,6 +2,9 @@
 //! object when the body is an array). Meant for the cache-store phase, so the
 //! filtering runs once per fill. Config: `keep: "a,b"` or `drop: "c,d"`.
 //! Bodies that are not JSON objects or arrays pass through unchanged.
+//!
+//! `larder:plugin@0.2.0` with std (so WASI): the example of a plugin that
+//! keeps std, called on Larder's async path. It declares `response-body`.
 
 use std::cell::RefCell;
 
@@ -9,9 +12,10 @@ use serde_json::Value;
 
 wit_bindgen::generate!({ world: "transformer", path: "../../wit" });
 
-use exports::larder::plugin::transform::{Guest, Phase, RequestAction, RequestOut, ResponseOut};
+use exports::larder::plugin::transform::{ContinueWith, Guest, Phase, RequestAction};
 use larder::plugin::log::log;
-use larder::plugin::types::{Config, LogLevel, PluginError, RequestHead, ResponseHead};
+use larder::plugin::response;
+use larder::plugin::types::{Config, Hooks, LogLevel, PluginError};
 
 enum Filter {
     Keep(Vec<String>),
@@ -39,19 +43,18 @@ fn filter_object(value: &mut Value, filter: &Filter) {
     }
 }
 
-fn is_json(resp: &ResponseHead) -> bool {
-    resp.headers.iter().any(|(name, value)| {
-        name == "content-type"
-            && String::from_utf8_lossy(value)
-                .to_ascii_lowercase()
-                .contains("json")
+fn is_json() -> bool {
+    response::header("content-type").is_some_and(|value| {
+        String::from_utf8_lossy(&value)
+            .to_ascii_lowercase()
+            .contains("json")
     })
 }
 
 struct JsonFilter;
 
 impl Guest for JsonFilter {
-    fn init(cfg: Config) -> Result<(), PluginError> {
+    fn init(cfg: Config) -> Result<Hooks, PluginError> {
         let mut filter = None;
         for (key, value) in cfg {
             let next = match key.as_str() {
@@ -72,27 +75,21 @@ impl Guest for JsonFilter {
         let filter =
             filter.ok_or_else(|| PluginError::InvalidConfig("set keep or drop".to_string()))?;
         FILTER.with(|f| *f.borrow_mut() = filter);
-        Ok(())
+        Ok(Hooks::ON_RESPONSE | Hooks::RESPONSE_BODY)
     }
 
-    fn on_request(req: RequestHead) -> Result<RequestAction, PluginError> {
-        Ok(RequestAction::Continue(RequestOut {
-            head: req,
+    fn on_request() -> Result<RequestAction, PluginError> {
+        Ok(RequestAction::Continue(ContinueWith {
             cache_key_extra: Vec::new(),
         }))
     }
 
-    fn on_response(
-        _phase: Phase,
-        _req: RequestHead,
-        resp: ResponseHead,
-        body: Option<Vec<u8>>,
-    ) -> Result<ResponseOut, PluginError> {
-        let Some(body) = body.filter(|_| is_json(&resp)) else {
-            return Ok(ResponseOut {
-                head: resp,
-                body: None,
-            });
+    fn on_response(_phase: Phase) -> Result<(), PluginError> {
+        if !is_json() {
+            return Ok(());
+        }
+        let Some(body) = response::body() else {
+            return Ok(());
         };
         let mut value: Value = match serde_json::from_slice(&body) {
             Ok(value) => value,
@@ -101,10 +98,7 @@ impl Guest for JsonFilter {
                     LogLevel::Warn,
                     &format!("body is not valid JSON, left unchanged: {e}"),
                 );
-                return Ok(ResponseOut {
-                    head: resp,
-                    body: None,
-                });
+                return Ok(());
             }
         };
         FILTER.with(|f| {
@@ -117,10 +111,8 @@ impl Guest for JsonFilter {
             }
         });
         let body = serde_json::to_vec(&value).map_err(|e| PluginError::Internal(e.to_string()))?;
-        Ok(ResponseOut {
-            head: resp,
-            body: Some(body),
-        })
+        response::set_body(&body)
+            .map_err(|e| PluginError::Internal(format!("the new body was refused: {e:?}")))
     }
 }
 

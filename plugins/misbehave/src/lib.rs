@@ -30,7 +30,7 @@
 use std::cell::RefCell;
 use std::str::FromStr;
 
-wit_bindgen::generate!({ world: "transformer", path: "../../wit" });
+wit_bindgen::generate!({ world: "transformer", path: "../../wit/0.1.0" });
 
 use exports::larder::plugin::transform::{
     DirectResponse, Guest, Phase, RequestAction, RequestOut, ResponseOut,

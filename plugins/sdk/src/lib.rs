@@ -27,8 +27,10 @@ extern crate self as larder_plugin;
 #[doc(hidden)]
 pub use wit_bindgen;
 
-/// The `transformer` world: implement [`transformer::Guest`] and export it
-/// with [`export_transformer!`].
+/// The `transformer` world of `larder:plugin@0.2.0` (`wit/plugin.wit`):
+/// implement [`transformer::Guest`] and export it with
+/// [`export_transformer!`]. Read and change the message through
+/// [`transformer::request`] and [`transformer::response`].
 pub mod transformer {
     wit_bindgen::generate!({
         world: "transformer",
@@ -40,34 +42,36 @@ pub mod transformer {
     });
 
     pub use exports::larder::plugin::transform::{
-        DirectResponse, Guest, Phase, RequestAction, RequestOut, ResponseOut,
+        ContinueWith, DirectResponse, Guest, Phase, RequestAction,
     };
     pub use larder::plugin::log::{enabled, log};
-    pub use larder::plugin::types::{
-        Config, Headers, LogLevel, PluginError, RequestHead, ResponseHead,
-    };
+    pub use larder::plugin::types::{Config, EditError, Headers, Hooks, LogLevel, PluginError};
+    pub use larder::plugin::{request, response};
+
+    /// `on-request`'s usual answer: carry on, cache key unchanged.
+    pub fn carry_on() -> Result<RequestAction, PluginError> {
+        Ok(RequestAction::Continue(ContinueWith {
+            cache_key_extra: alloc::vec::Vec::new(),
+        }))
+    }
 }
 
-/// The `fetcher` world: implement [`fetcher::Guest`] and export it with
-/// [`export_fetcher!`].
+/// The `fetcher` world, still `larder:plugin@0.1.0` (`wit/0.1.0/plugin.wit`):
+/// implement [`fetcher::Guest`] and export it with [`export_fetcher!`].
 pub mod fetcher {
     wit_bindgen::generate!({
         world: "fetcher",
-        path: "../../wit",
+        path: "../../wit/0.1.0",
         runtime_path: "::larder_plugin::wit_bindgen::rt",
         pub_export_macro: true,
         export_macro_name: "export_fetcher",
         default_bindings_module: "::larder_plugin::fetcher",
-        with: {
-            "larder:plugin/types@0.1.0": crate::transformer::larder::plugin::types,
-            "larder:plugin/log@0.1.0": crate::transformer::larder::plugin::log,
-        },
     });
 
-    pub use crate::transformer::{Config, Headers, LogLevel, PluginError, enabled, log};
     pub use exports::larder::plugin::fetch::{FetchContext, FetchResult, Guest};
-    pub use larder::plugin::cache;
-    pub use larder::plugin::http_client;
+    pub use larder::plugin::log::{enabled, log};
+    pub use larder::plugin::types::{Config, Headers, LogLevel, PluginError};
+    pub use larder::plugin::{cache, http_client};
 }
 
 mod alloc_support;
