@@ -16,6 +16,7 @@ pub mod app;
 pub mod cache;
 pub mod config;
 pub mod http;
+pub mod plugin_kit;
 pub mod plugins;
 pub mod proxy;
 pub mod schedule;

@@ -19,6 +19,10 @@ Examples:
       the same, overriding the listen address and the log level
   larder check -c config.yml
       validate the file and compile its plugins, like `nginx -t`
+  larder plugin new my-plugin --kind transformer
+      write a new plugin crate into ./my-plugin (docs in plugins/README.md)
+  larder plugin test my-plugin/target/wasm32-wasip2/release/my_plugin.wasm --config value=hi
+      run its hooks on a sample request and response, print what changed
 
 cachepump's command line works unchanged:
   larder -e '0.0.0.0:8080' -l 'INFO' -c './config.yml'
@@ -34,8 +38,7 @@ struct Cli {
         long = "config",
         alias = "c",
         value_name = "FILE",
-        default_value = "./config.yml",
-        global = true
+        default_value = "./config.yml"
     )]
     config: PathBuf,
 
@@ -56,7 +59,63 @@ struct Cli {
 enum Command {
     /// Validate the config file and compile its plugins, print what would run,
     /// and exit 0; or print every error and exit 1.
-    Check,
+    Check {
+        /// The YAML config file (as `larder -c FILE check`).
+        #[arg(short = 'c', long = "config", alias = "c", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Write and try plugins (needs no config file).
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginCommand {
+    /// Write a new plugin crate into ./NAME: the template, the guest SDK and
+    /// the WIT, building on its own with `cargo build --release`.
+    New {
+        /// The crate's name and directory.
+        name: String,
+        #[arg(long, value_enum, default_value = "transformer")]
+        kind: larder::plugin_kit::PluginKind,
+    },
+    /// Load a built plugin as the proxy would and run its hooks (a
+    /// transformer) or one run (a fetcher) on a sample; print what changed.
+    /// Exits 1 if a call fails.
+    Test {
+        /// The plugin's .wasm file.
+        path: PathBuf,
+        /// A config entry handed to `init` (repeatable).
+        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = larder::plugin_kit::parse_pair)]
+        config: Vec<(String, String)>,
+        /// The transformer's phase.
+        #[arg(long, value_enum, default_value = "downstream")]
+        phase: PhaseArg,
+        /// The sample request line.
+        #[arg(long, value_name = "METHOD /PATH", default_value = "GET /")]
+        request: String,
+        /// A request header (repeatable).
+        #[arg(long = "header", value_name = "NAME: VALUE", value_parser = larder::plugin_kit::parse_header)]
+        headers: Vec<(String, String)>,
+        /// The sample response's status.
+        #[arg(long, default_value_t = 200)]
+        status: u16,
+        /// A response header (repeatable).
+        #[arg(long = "response-header", value_name = "NAME: VALUE", value_parser = larder::plugin_kit::parse_header)]
+        response_headers: Vec<(String, String)>,
+        /// The sample response body.
+        #[arg(long, default_value = "")]
+        body: String,
+        /// An origin a fetcher's http-client may reach (repeatable).
+        #[arg(long = "allow-host", value_name = "URL")]
+        allow_hosts: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum PhaseArg {
+    Downstream,
+    CacheStore,
 }
 
 fn parse_listen_flag(text: &str) -> Result<SocketAddr, String> {
@@ -68,7 +127,19 @@ fn parse_level_flag(text: &str) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(Command::Check { config: Some(path) }) = &cli.command {
+        cli.config = path.clone();
+    }
+    if let Some(Command::Plugin(command)) = cli.command {
+        return match plugin_command(command) {
+            Ok(code) => code,
+            Err(error) => {
+                eprintln!("larder: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut config = match config::load_file(&cli.config) {
         Ok(config) => config,
         Err(errors) => return report_config_errors(&cli.config, &errors),
@@ -80,14 +151,62 @@ fn main() -> ExitCode {
         config.log.level = level;
     }
     let outcome = match cli.command {
-        Some(Command::Check) => check(&cli.config, config),
-        None => run(&cli.config, config),
+        Some(Command::Check { .. }) => check(&cli.config, config),
+        Some(Command::Plugin(_)) | None => run(&cli.config, config),
     };
     match outcome {
         Ok(code) => code,
         Err(error) => {
             eprintln!("larder: {error:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `larder plugin new` and `larder plugin test`.
+fn plugin_command(command: PluginCommand) -> anyhow::Result<ExitCode> {
+    use larder::plugin_kit;
+    match command {
+        PluginCommand::New { name, kind } => {
+            let next = plugin_kit::new_plugin(&plugin_kit::target_dir(&name), kind)?;
+            println!("{next}");
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginCommand::Test {
+            path,
+            config,
+            phase,
+            request,
+            headers,
+            status,
+            response_headers,
+            body,
+            allow_hosts,
+        } => {
+            let sample = plugin_kit::Sample {
+                config,
+                phase: match phase {
+                    PhaseArg::Downstream => config::PluginPhase::Downstream,
+                    PhaseArg::CacheStore => config::PluginPhase::CacheStore,
+                },
+                request_line: request,
+                request_headers: headers,
+                status,
+                response_headers,
+                body: body.into(),
+                allow_hosts,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            let (report, ok) = runtime.block_on(plugin_kit::test_plugin(&path, &sample))?;
+            print!("{report}");
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

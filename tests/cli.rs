@@ -425,3 +425,78 @@ fn check_prints_warnings_but_still_passes() {
         "{output:?}"
     );
 }
+
+/// `larder plugin new` writes a crate that builds on its own (outside this
+/// repository's workspaces) and whose output `larder plugin test` runs.
+#[test]
+fn a_new_plugin_builds_and_its_hooks_run_under_plugin_test() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let made = larder()
+        .current_dir(dir.path())
+        .args(["plugin", "new", "stamp-kit", "--kind", "transformer"])
+        .output()
+        .expect("larder runs");
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    assert!(text(&made.stdout).contains("cargo build --release"));
+    let again = larder()
+        .current_dir(dir.path())
+        .args(["plugin", "new", "stamp-kit"])
+        .output()
+        .expect("larder runs");
+    assert!(!again.status.success(), "an existing directory is kept");
+    assert!(text(&again.stderr).contains("exists already"));
+
+    let crate_dir = dir.path().join("stamp-kit");
+    // The crate's own target directory, so nothing of this repository's
+    // build is reused: what a plugin author gets.
+    let built = Command::new(env!("CARGO"))
+        .current_dir(&crate_dir)
+        .args(["build", "--release", "--quiet"])
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .output()
+        .expect("cargo runs");
+    assert!(built.status.success(), "{}", text(&built.stderr));
+    let wasm = crate_dir.join("target/wasm32-wasip2/release/stamp_kit.wasm");
+
+    let tested = larder()
+        .args(["plugin", "test"])
+        .arg(&wasm)
+        .args([
+            "--config",
+            "value=hello",
+            "--response-header",
+            "server: origin",
+        ])
+        .output()
+        .expect("larder runs");
+    let report = text(&tested.stdout);
+    assert!(tested.status.success(), "{report}{}", text(&tested.stderr));
+    assert!(
+        report.contains("larder:plugin@0.2.0, sync calls"),
+        "{report}"
+    );
+    assert!(report.contains("+ x-stamp-kit: hello"), "{report}");
+    assert!(report.contains("body unchanged"), "{report}");
+
+    let refused = larder()
+        .args(["plugin", "test"])
+        .arg(&wasm)
+        .args(["--header", "x-stamp-kit-refuse: 1"])
+        .output()
+        .expect("larder runs");
+    assert!(text(&refused.stdout).contains("on-request: answered 400"));
+
+    let bad = larder()
+        .args(["plugin", "test"])
+        .arg(&wasm)
+        .args(["--config", "nope=1"])
+        .output()
+        .expect("larder runs");
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad.stderr).contains("unknown key `nope`"),
+        "{}",
+        text(&bad.stderr)
+    );
+}

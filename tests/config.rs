@@ -763,7 +763,7 @@ fn route_header_rules_refuse_framing_fields_and_bad_values() {
         "      set: { x-frame-options: DENY, Strict-Transport-Security: max-age=600 }\n      remove: [server]\n",
     ))
     .expect("valid rules");
-    let rules = &config.routes[0].headers;
+    let rules = &config.routes.as_ref().expect("routes")[0].headers;
     assert_eq!(rules.remove, ["server"]);
     let set: Vec<(&str, &str)> = rules
         .set

@@ -324,8 +324,6 @@ pub fn split_list(value: &str) -> impl Iterator<Item = &str> {
 mod tests {
     use super::*;
 
-    use http::HeaderValue;
-
     #[test]
     fn s_maxage_is_replaced_and_other_directives_kept() {
         let mut headers = HeaderMap::new();

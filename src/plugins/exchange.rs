@@ -28,6 +28,9 @@ pub enum EditError {
 }
 
 /// The request as a hook sees it.
+// The parts are moved in rather than boxed: one view per call, kept in the
+// store, where a box would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 pub enum RequestView {
     /// `on-request`: the host's parts, moved in for the call.
     Editable(http::request::Parts),

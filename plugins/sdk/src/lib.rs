@@ -34,7 +34,7 @@ pub use wit_bindgen;
 pub mod transformer {
     wit_bindgen::generate!({
         world: "transformer",
-        path: "../../wit",
+        path: "wit",
         runtime_path: "::larder_plugin::wit_bindgen::rt",
         pub_export_macro: true,
         export_macro_name: "export_transformer",
@@ -61,7 +61,7 @@ pub mod transformer {
 pub mod fetcher {
     wit_bindgen::generate!({
         world: "fetcher",
-        path: "../../wit/0.1.0",
+        path: "wit/0.1.0",
         runtime_path: "::larder_plugin::wit_bindgen::rt",
         pub_export_macro: true,
         export_macro_name: "export_fetcher",
