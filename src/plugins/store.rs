@@ -151,12 +151,22 @@ pub struct CpuBudgetExceeded;
 /// (the host's work is charged) bends the limit. Checked at every epoch
 /// tick: a guest is stopped within its budget plus one tick. Time spent
 /// waiting on I/O is not CPU and is bounded by the call's outer deadline.
+///
+/// Reading a thread's CPU clock is a system call that costs more than a
+/// whole plugin call on a reused instance, and most polls end well within
+/// a tick. So a poll is timed by the monotonic clock (read without a system
+/// call) until the first tick checks it; from then on by the thread's CPU
+/// clock. Time preempted in a poll's first tick is charged; after it, not.
 pub struct CpuMeter {
     allowed_nanos: u64,
-    /// CPU used by finished polls.
+    /// Charged by finished polls.
     used_nanos: AtomicU64,
-    /// The thread CPU clock when the running poll started; 0 between polls.
+    /// The running poll: when it started (monotonic nanoseconds, 0 between
+    /// polls), what it was charged up to the first check, and the thread's
+    /// CPU clock at that check (0 before it).
     poll_started_nanos: AtomicU64,
+    poll_charged_nanos: AtomicU64,
+    poll_cpu_base_nanos: AtomicU64,
 }
 
 impl CpuMeter {
@@ -165,46 +175,82 @@ impl CpuMeter {
             allowed_nanos: u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX),
             used_nanos: AtomicU64::new(0),
             poll_started_nanos: AtomicU64::new(0),
+            poll_charged_nanos: AtomicU64::new(0),
+            poll_cpu_base_nanos: AtomicU64::new(0),
         })
     }
 
-    /// Runs `call`, charging the CPU time of each of its polls.
+    /// Runs `call`, charging the time of each of its polls.
     pub async fn run<F: Future>(&self, call: F) -> F::Output {
         let mut call = std::pin::pin!(call);
         std::future::poll_fn(|context| {
+            self.poll_cpu_base_nanos.store(0, Ordering::Relaxed);
+            self.poll_charged_nanos.store(0, Ordering::Relaxed);
             self.poll_started_nanos
-                .store(thread_cpu_nanos(), Ordering::Relaxed);
+                .store(monotonic_nanos(), Ordering::Relaxed);
             let polled = call.as_mut().poll(context);
-            let started = self.poll_started_nanos.swap(0, Ordering::Relaxed);
-            let spent = thread_cpu_nanos().saturating_sub(started);
+            let spent = self.running_poll();
+            self.poll_started_nanos.store(0, Ordering::Relaxed);
             self.used_nanos.fetch_add(spent, Ordering::Relaxed);
             polled
         })
         .await
     }
 
+    /// What the running poll has used so far (0 between polls).
+    fn running_poll(&self) -> u64 {
+        let started = self.poll_started_nanos.load(Ordering::Relaxed);
+        if started == 0 {
+            return 0;
+        }
+        let base = self.poll_cpu_base_nanos.load(Ordering::Relaxed);
+        if base == 0 {
+            monotonic_nanos().saturating_sub(started)
+        } else {
+            let charged = self.poll_charged_nanos.load(Ordering::Relaxed);
+            charged.saturating_add(thread_cpu_nanos().saturating_sub(base))
+        }
+    }
+
+    /// At a check: from now on the running poll is timed by the thread's
+    /// CPU clock.
+    fn switch_to_cpu_clock(&self) {
+        let started = self.poll_started_nanos.load(Ordering::Relaxed);
+        if started != 0 && self.poll_cpu_base_nanos.load(Ordering::Relaxed) == 0 {
+            let charged = monotonic_nanos().saturating_sub(started);
+            self.poll_charged_nanos.store(charged, Ordering::Relaxed);
+            self.poll_cpu_base_nanos
+                .store(thread_cpu_nanos(), Ordering::Relaxed);
+        }
+    }
+
     /// CPU used so far, the running poll included.
     pub fn used(&self) -> Duration {
-        let started = self.poll_started_nanos.load(Ordering::Relaxed);
-        let running = if started == 0 {
-            0
-        } else {
-            thread_cpu_nanos().saturating_sub(started)
-        };
         Duration::from_nanos(
             self.used_nanos
                 .load(Ordering::Relaxed)
-                .saturating_add(running),
+                .saturating_add(self.running_poll()),
         )
     }
 
     fn within_budget(&self) -> bool {
+        self.switch_to_cpu_clock();
         u64::try_from(self.used().as_nanos()).unwrap_or(u64::MAX) < self.allowed_nanos
     }
 }
 
+/// Monotonic nanoseconds since the first call (never 0), read through the
+/// vDSO: no system call.
+fn monotonic_nanos() -> u64 {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(std::time::Instant::now);
+    u64::try_from(origin.elapsed().as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
 /// The calling thread's CPU time in nanoseconds (never 0: 0 means "not
-/// polling" in [`CpuMeter`]).
+/// read yet" in [`CpuMeter`]).
 fn thread_cpu_nanos() -> u64 {
     let mut now = libc::timespec {
         tv_sec: 0,
@@ -385,14 +431,33 @@ mod tests {
         assert!(meter.within_budget(), "sleeping is not CPU");
         meter
             .run(async {
-                // 30 ms of this thread's CPU, however busy the machine is.
+                // 30 ms of this thread's CPU, however busy the machine is,
+                // checked as the epoch ticks would check it.
                 let started = thread_cpu_nanos();
                 while thread_cpu_nanos() - started < 30_000_000 {
+                    meter.within_budget();
                     std::hint::black_box(0u64);
                 }
             })
             .await;
         assert!(meter.used() >= Duration::from_millis(30));
         assert!(!meter.within_budget());
+    }
+
+    #[tokio::test]
+    async fn after_its_first_check_a_poll_is_charged_cpu_not_time_asleep() {
+        let meter = CpuMeter::new(Duration::from_millis(20));
+        meter
+            .run(async {
+                assert!(meter.within_budget(), "the first check switches clocks");
+                // The thread sleeps (as when preempted): no CPU is charged.
+                std::thread::sleep(Duration::from_millis(40));
+            })
+            .await;
+        assert!(
+            meter.used() < Duration::from_millis(20),
+            "{:?}",
+            meter.used()
+        );
     }
 }

@@ -551,7 +551,13 @@ fn finish_response_v2(
     if settled.is_err() {
         exchange.undo();
     }
-    let no_transform = exchange.forbids_transform();
+    // Cache-Control is parsed only when a body came back, which most
+    // response hooks never do.
+    let body_set = exchange
+        .response
+        .as_ref()
+        .is_some_and(|view| view.new_body.is_some());
+    let no_transform = body_set && exchange.forbids_transform();
     let Some(mut view) = exchange.response.take() else {
         return Err(Failure::new(
             FailureKind::Error,
