@@ -10,13 +10,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use wasmtime::Store;
 
 use super::bindings::GuestError;
 use super::engine::PluginEngine;
-use super::loader::LoadedPlugin;
 use super::store::{CpuBudgetExceeded, Refusal, StoreState};
 
 /// Longest failure detail kept for the log.
@@ -195,20 +194,22 @@ impl FailureKind {
 pub struct Turn {
     permit: Option<OwnedSemaphorePermit>,
     deadline: Instant,
+    /// The `queue_timeout` the deadline came from, for the failure text.
+    wait: Duration,
 }
 
 impl Turn {
-    /// Waits for one of the plugin's turns, at most its `queue_timeout`.
-    pub async fn take(plugin: &LoadedPlugin) -> Result<Self, Failure> {
-        let wait = plugin.config.limits.queue_timeout.0;
+    /// Waits for one of a plugin's `turns`, at most `wait` (its `queue_timeout`).
+    pub async fn take(turns: &Arc<Semaphore>, wait: Duration) -> Result<Self, Failure> {
         let deadline = Instant::now() + wait;
-        let permit = tokio::time::timeout_at(deadline, Arc::clone(&plugin.turns).acquire_owned())
+        let permit = tokio::time::timeout_at(deadline, Arc::clone(turns).acquire_owned())
             .await
             .map_err(|_| queue_timeout("a turn", wait))?
             .map_err(|_| Failure::new(FailureKind::Capacity, "the plugin is unloading"))?;
         Ok(Self {
             permit: Some(permit),
             deadline,
+            wait,
         })
     }
 
@@ -219,17 +220,17 @@ impl Turn {
         self.permit.take()
     }
 
-    /// Waits (until the turn's deadline) for the pool slots one instance of
-    /// `plugin` takes; the permit goes with the instance.
+    /// Waits (until the turn's deadline) for the pool slots one instance
+    /// takes (its plugin's `weight`); the permit goes with the instance.
     pub async fn instance_slots(
         &self,
         engine: &PluginEngine,
-        plugin: &LoadedPlugin,
+        weight: u32,
     ) -> Result<OwnedSemaphorePermit, Failure> {
-        let slots = Arc::clone(&engine.slots).acquire_many_owned(plugin.weight);
+        let slots = Arc::clone(&engine.slots).acquire_many_owned(weight);
         tokio::time::timeout_at(self.deadline, slots)
             .await
-            .map_err(|_| queue_timeout("an instance slot", plugin.config.limits.queue_timeout.0))?
+            .map_err(|_| queue_timeout("an instance slot", self.wait))?
             .map_err(|_| Failure::new(FailureKind::Capacity, "the plugin engine is shutting down"))
     }
 }

@@ -16,7 +16,6 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::bindings;
-use super::loader::LoadError;
 use super::store::{EPOCH_TICK, MemoryBudget, StoreState};
 
 /// Low bytes of a linear memory reset in place when its slot is reused: a
@@ -98,7 +97,7 @@ impl PluginEngine {
 
     /// Compiles `wasm` or loads its precompiled artifact. Blocking: call it
     /// from `spawn_blocking`. Returns whether a compilation happened.
-    pub fn compile(&self, wasm: &[u8]) -> Result<(Component, bool), LoadError> {
+    pub fn compile(&self, wasm: &[u8]) -> wasmtime::Result<(Component, bool)> {
         let artifact = self
             .cache_dir
             .as_ref()
@@ -122,13 +121,9 @@ impl PluginEngine {
                 }
             }
         }
-        let compiled = self
-            .engine
-            .precompile_component(wasm)
-            .map_err(LoadError::Compile)?;
+        let compiled = self.engine.precompile_component(wasm)?;
         // SAFETY: the bytes were produced just now by this engine.
-        let component = unsafe { Component::deserialize(&self.engine, &compiled) }
-            .map_err(LoadError::Compile)?;
+        let component = unsafe { Component::deserialize(&self.engine, &compiled) }?;
         if let Some(path) = artifact
             && let Err(error) = write_atomically(&path, &compiled)
         {

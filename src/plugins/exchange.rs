@@ -14,8 +14,30 @@ use bytes::Bytes;
 use http::header::{CACHE_CONTROL, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 
-use super::transformer::{CONNECTION_FIELDS, MAX_HEADER_BYTES, MAX_HEADERS};
 use crate::http::cache_control;
+
+/// Most header fields a plugin may hand back (hyper accepts 100 from a
+/// client; responses often carry more).
+pub const MAX_HEADERS: usize = 500;
+/// Most bytes of header names and values a plugin may hand back.
+pub const MAX_HEADER_BYTES: usize = 256 * 1024;
+
+/// Fields that describe the connection or the message's framing rather
+/// than the content: a guest's edits to them are undone (requests) or
+/// dropped (responses), and the host frames the message itself.
+pub const CONNECTION_FIELDS: [http::header::HeaderName; 9] = [
+    http::header::CONNECTION,
+    http::header::CONTENT_LENGTH,
+    http::header::HOST,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+];
+/// Hop-by-hop fields with no constant in `http`.
+pub const OTHER_CONNECTION_FIELDS: [&str; 2] = ["keep-alive", "proxy-connection"];
 
 /// Why an edit was refused (the WIT's `edit-error`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,9 +156,8 @@ fn header_name(name: &str) -> Result<HeaderName, EditError> {
 /// A name that may be edited: valid, and not the connection's or framing's.
 fn editable_name(name: &str) -> Result<HeaderName, EditError> {
     let name = header_name(name)?;
-    let framing = CONNECTION_FIELDS.contains(&name)
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection";
+    let framing =
+        CONNECTION_FIELDS.contains(&name) || OTHER_CONNECTION_FIELDS.contains(&name.as_str());
     if framing {
         return Err(EditError::Forbidden);
     }

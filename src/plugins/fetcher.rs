@@ -44,7 +44,7 @@ pub async fn run(
     let limit = plugin.backstop();
     let cpu = plugin.cpu_meter();
     let call = async {
-        let _slots = turn.instance_slots(engine, plugin).await?;
+        let _slots = turn.instance_slots(engine, plugin.weight).await?;
         let grants = plugin.grants(engine, Some(values));
         let mut store = new_store(&engine.engine, grants, cpu.clone(), CallStyle::Async);
         let bindings = pre

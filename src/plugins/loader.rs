@@ -191,6 +191,11 @@ impl LoadedPlugin {
         .collect()
     }
 
+    /// Waits for one of this plugin's turns, at most its `queue_timeout`.
+    pub async fn take_turn(&self) -> Result<Turn, Failure> {
+        Turn::take(&self.turns, self.config.limits.queue_timeout.0).await
+    }
+
     /// A `larder:plugin@0.1.0` transformer (whole heads cross the boundary).
     pub fn is_v1(&self) -> bool {
         matches!(self.kind, Kind::Transformer(TransformerLink::V1(_)))
@@ -301,8 +306,9 @@ pub async fn load_bytes(
     let core_instances = count_core_instances(&wasm);
     let started = Instant::now();
     let compiling = engine.clone();
-    let (component, compiled) =
-        tokio::task::spawn_blocking(move || compiling.compile(&wasm)).await??;
+    let (component, compiled) = tokio::task::spawn_blocking(move || compiling.compile(&wasm))
+        .await?
+        .map_err(LoadError::Compile)?;
     if compiled {
         metrics::counter!("larder_plugin_compilations_total", "plugin" => name.to_string())
             .increment(1);
@@ -405,7 +411,7 @@ pub async fn instantiate_transformer(
     turn: &Turn,
     cpu: Arc<CpuMeter>,
 ) -> Result<(TransformerInstance, Hooks), Failure> {
-    let slots = turn.instance_slots(engine, plugin).await?;
+    let slots = turn.instance_slots(engine, plugin.weight).await?;
     let grants = plugin.grants(engine, None);
     let config = &plugin.guest_config;
     let (store, bindings, hooks) = match link {
@@ -468,7 +474,7 @@ async fn probe_init(
     let limit = plugin.backstop();
     let cpu = plugin.cpu_meter();
     let probe = async {
-        let turn = Turn::take(plugin).await?;
+        let turn = plugin.take_turn().await?;
         match &plugin.kind {
             Kind::Transformer(link) => {
                 instantiate_transformer(engine, plugin, link, &turn, cpu.clone())
@@ -476,7 +482,7 @@ async fn probe_init(
                     .map(|(_, hooks)| Some(hooks))
             }
             Kind::Fetcher(pre) => {
-                let _slots = turn.instance_slots(engine, plugin).await?;
+                let _slots = turn.instance_slots(engine, plugin.weight).await?;
                 let grants = plugin.grants(engine, None);
                 let mut store = new_store(&engine.engine, grants, cpu.clone(), CallStyle::Async);
                 let bindings = pre

@@ -609,7 +609,7 @@ where
     // Held until the outcome is recorded below, so the next queued call asks
     // a breaker that already knows how this one went.
     let mut permit = None;
-    let result = match Turn::take(plugin).await {
+    let result = match plugin.take_turn().await {
         Err(failure) => Err(failure),
         Ok(mut turn) => {
             let admission = breaker.admit(Instant::now());

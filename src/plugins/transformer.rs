@@ -23,7 +23,10 @@ use super::bindings::transformer_v2::exports::larder::plugin::transform as v2;
 use super::bindings::transformer_v2_async::exports::larder::plugin::transform as v2_async;
 use super::call::{Failure, FailureKind, Turn, settle};
 use super::engine::PluginEngine;
-use super::exchange::{Exchange, ResponseView};
+use super::exchange::{
+    CONNECTION_FIELDS, Exchange, MAX_HEADER_BYTES, MAX_HEADERS, OTHER_CONNECTION_FIELDS,
+    ResponseView,
+};
 use super::instances::ParkedInstances;
 use super::loader::{
     Kind, LoadedPlugin, TransformerBindings, TransformerInstance, guest_error_v2,
@@ -34,29 +37,6 @@ use crate::config::PluginPhase;
 use crate::http::body::{self, Body};
 
 type WitHeaders = Vec<(String, Vec<u8>)>;
-
-/// Most header fields a plugin may hand back (hyper accepts 100 from a
-/// client; responses often carry more).
-pub const MAX_HEADERS: usize = 500;
-/// Most bytes of header names and values a plugin may hand back.
-pub const MAX_HEADER_BYTES: usize = 256 * 1024;
-
-/// Fields that describe the connection or the message's framing rather
-/// than the content: a guest's edits to them are undone (requests) or
-/// dropped (responses), and the host frames the message itself.
-pub const CONNECTION_FIELDS: [http::header::HeaderName; 9] = [
-    http::header::CONNECTION,
-    http::header::CONTENT_LENGTH,
-    http::header::HOST,
-    http::header::TE,
-    http::header::TRAILER,
-    http::header::TRANSFER_ENCODING,
-    http::header::UPGRADE,
-    http::header::PROXY_AUTHENTICATE,
-    http::header::PROXY_AUTHORIZATION,
-];
-/// Hop-by-hop fields with no constant in `http`.
-const OTHER_CONNECTION_FIELDS: [&str; 2] = ["keep-alive", "proxy-connection"];
 
 /// Puts back `before`'s values of the connection and framing fields into
 /// `after` (a guest's headers), removing any the guest added.
