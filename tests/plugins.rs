@@ -1529,3 +1529,47 @@ async fn a_plugins_cache_key_parts_keep_variants_apart() {
     assert_eq!(origin.hits(), 2, "one fill per device, hits after that");
     larder.stop().await;
 }
+
+#[tokio::test]
+async fn a_plugin_sets_ttl_and_tags_and_reads_the_request_in_on_response() {
+    let mut store = add_headers("{ ttl: '60', tags: 'news sport' }");
+    store.phase = PluginPhase::CacheStore;
+    let copy = add_headers("{ copy_from_request: 'x-request-id' }");
+    let host = host(&[("store", store), ("copy", copy)]).await;
+    assert_eq!(
+        host.stats("copy").expect("stats").hooks,
+        ["on_response", "request_in_response"]
+    );
+    let mut upstream = response("text/plain", "hi");
+    upstream.headers_mut().insert(
+        "cache-control",
+        http::HeaderValue::from_static("public, s-maxage=5"),
+    );
+    upstream
+        .headers_mut()
+        .insert("surrogate-key", http::HeaderValue::from_static("news"));
+    let stored = host
+        .on_response(
+            &chain(&["store"]),
+            PluginPhase::CacheStore,
+            &request(&[]),
+            upstream,
+            None,
+        )
+        .await
+        .expect("plugin runs");
+    assert_eq!(stored.headers()["cache-control"], "public, s-maxage=60");
+    assert_eq!(stored.headers()["surrogate-key"], "news sport");
+
+    let copied = host
+        .on_response(
+            &chain(&["copy"]),
+            PluginPhase::Downstream,
+            &request(&[("x-request-id", "abc-1")]),
+            response("text/plain", "hi"),
+            None,
+        )
+        .await
+        .expect("plugin runs");
+    assert_eq!(copied.headers()["x-request-id"], "abc-1");
+}

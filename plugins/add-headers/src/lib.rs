@@ -5,6 +5,12 @@
 //! - `remove`: `"server, x-powered-by"`, response headers to remove
 //! - `request_set` / `request_remove`: the same for the request, before the upstream
 //! - `cache_key_from`: a request header whose value becomes an extra cache-key part
+//! - `copy_from_request`: request headers whose values the response gets too
+//!   (`"x-request-id, x-trace-id"`; read in on-response, so the plugin
+//!   declares `request-in-response`)
+//! - `ttl` (seconds) and `tags` (`"news sport"`): the stored entry's lifetime
+//!   and purge tags, through `response.set-ttl` / `response.add-tags`
+//!   (meant for `phase: cache_store`)
 //!
 //! In the cache-store phase, `set: "cache-control: s-maxage=60"` sets the
 //! cached entry's TTL and `set: "surrogate-key: news"` tags it.
@@ -32,6 +38,9 @@ struct Settings {
     request_set: Vec<(String, String)>,
     request_remove: Vec<String>,
     cache_key_from: Option<String>,
+    copy_from_request: Vec<String>,
+    ttl: Option<u32>,
+    tags: Vec<String>,
 }
 
 static SETTINGS: Global<Settings> = Global::new(Settings {
@@ -40,6 +49,9 @@ static SETTINGS: Global<Settings> = Global::new(Settings {
     request_set: Vec::new(),
     request_remove: Vec::new(),
     cache_key_from: None,
+    copy_from_request: Vec::new(),
+    ttl: None,
+    tags: Vec::new(),
 });
 
 fn parse_pairs(key: &str, text: &str) -> Result<Vec<(String, String)>, PluginError> {
@@ -126,9 +138,18 @@ impl Guest for AddHeaders {
                 "request_set" => settings.request_set = parse_pairs(&key, &value)?,
                 "request_remove" => settings.request_remove = parse_names(&key, &value)?,
                 "cache_key_from" => settings.cache_key_from = Some(valid_name(&key, &value)?),
+                "copy_from_request" => settings.copy_from_request = parse_names(&key, &value)?,
+                "ttl" => {
+                    settings.ttl = Some(value.trim().parse().map_err(|_| {
+                        PluginError::InvalidConfig(format!(
+                            "ttl: `{value}` is not a number of seconds"
+                        ))
+                    })?)
+                }
+                "tags" => settings.tags = value.split_whitespace().map(String::from).collect(),
                 other => {
                     return Err(PluginError::InvalidConfig(format!(
-                        "unknown key `{other}` (expected set, remove, request_set, request_remove, cache_key_from)"
+                        "unknown key `{other}` (expected set, remove, request_set, request_remove, cache_key_from, copy_from_request, ttl, tags)"
                     )));
                 }
             }
@@ -142,8 +163,15 @@ impl Guest for AddHeaders {
         {
             hooks |= Hooks::ON_REQUEST;
         }
-        if !settings.set.is_empty() || !settings.remove.is_empty() {
+        if !settings.set.is_empty()
+            || !settings.remove.is_empty()
+            || settings.ttl.is_some()
+            || !settings.tags.is_empty()
+        {
             hooks |= Hooks::ON_RESPONSE;
+        }
+        if !settings.copy_from_request.is_empty() {
+            hooks |= Hooks::ON_RESPONSE | Hooks::REQUEST_IN_RESPONSE;
         }
         SETTINGS.set(settings);
         Ok(hooks)
@@ -163,7 +191,22 @@ impl Guest for AddHeaders {
     }
 
     fn on_response(_phase: Phase) -> Result<(), PluginError> {
-        SETTINGS.with(|settings| apply(&RESPONSE, &settings.set, &settings.remove))
+        SETTINGS.with(|settings| {
+            apply(&RESPONSE, &settings.set, &settings.remove)?;
+            for name in &settings.copy_from_request {
+                if let Some(value) = request::header(name) {
+                    response::set_header(name, &value).map_err(|error| refused(name, error))?;
+                }
+            }
+            if let Some(ttl) = settings.ttl {
+                response::set_ttl(ttl).map_err(|error| refused("cache-control", error))?;
+            }
+            if !settings.tags.is_empty() {
+                response::add_tags(&settings.tags)
+                    .map_err(|error| refused("surrogate-key", error))?;
+            }
+            Ok(())
+        })
     }
 }
 
