@@ -4,6 +4,7 @@
 //! Holds no logic beyond parsing and wiring: config rules live in
 //! `larder::config`, serving in `larder::app`.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -169,7 +170,7 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<ExitCode> {
     match command {
         PluginCommand::New { name, kind } => {
             let next = plugin_kit::new_plugin(&plugin_kit::target_dir(&name), kind)?;
-            println!("{next}");
+            let _ = writeln!(std::io::stdout(), "{next}");
             Ok(ExitCode::SUCCESS)
         }
         PluginCommand::Test {
@@ -201,7 +202,7 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()?;
             let (report, ok) = runtime.block_on(plugin_kit::test_plugin(&path, &sample))?;
-            print!("{report}");
+            let _ = write!(std::io::stdout(), "{report}");
             Ok(if ok {
                 ExitCode::SUCCESS
             } else {
@@ -240,7 +241,8 @@ fn check(path: &Path, config: Config) -> anyhow::Result<ExitCode> {
     for warning in config::warnings(path, &config) {
         eprintln!("warning: {warning}");
     }
-    println!("{}", summary(path, &config));
+    // A reader that went away (`larder check | head`) is not an error.
+    let _ = writeln!(std::io::stdout(), "{}", summary(path, &config));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -378,7 +378,7 @@ pub struct PluginConfig {
 pub struct PluginLimits {
     #[serde(default = "default_plugin_memory")]
     pub memory: ByteSize,
-    /// CPU time one call may use (checked every 10 ms tick). A call also
+    /// CPU time one call may use (checked every 1 ms tick). A call also
     /// ends at twice this plus one second of wall time, whatever it waits on.
     #[serde(default = "default_plugin_timeout")]
     pub timeout: HumanDuration,
