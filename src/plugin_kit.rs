@@ -245,21 +245,12 @@ async fn run_transformer(
             .await
         {
             Err(error) => {
-                let _ = writeln!(
-                    report,
-                    "on-request: FAILED ({}): {}",
-                    error.kind.as_str(),
-                    error.detail
-                );
+                write_failure(report, "on-request", &error);
                 return Ok(false);
             }
             Ok(Some(answer)) => {
                 let (parts, body) = answer.into_parts();
-                let body = body
-                    .collect()
-                    .await
-                    .map(|collected| collected.to_bytes())
-                    .unwrap_or_default();
+                let body = collect(body).await;
                 let _ = writeln!(report, "on-request: answered {}", parts.status.as_u16());
                 diff_headers(report, &HeaderMap::new(), &parts.headers);
                 write_body(report, &body);
@@ -290,12 +281,7 @@ async fn run_transformer(
         .await
     {
         Err(error) => {
-            let _ = writeln!(
-                report,
-                "on-response: FAILED ({}): {}",
-                error.kind.as_str(),
-                error.detail
-            );
+            write_failure(report, "on-response", &error);
             Ok(false)
         }
         Ok(out) => {
@@ -318,11 +304,7 @@ async fn describe_response(
     out: Response<crate::http::body::Body>,
 ) {
     let (parts, new_body) = out.into_parts();
-    let new_body = new_body
-        .collect()
-        .await
-        .map(|collected| collected.to_bytes())
-        .unwrap_or_default();
+    let new_body = collect(new_body).await;
     let _ = writeln!(report, "{} -> {}", status.as_u16(), parts.status.as_u16());
     diff_headers(report, headers, &parts.headers);
     if new_body == *body {
@@ -330,6 +312,24 @@ async fn describe_response(
     } else {
         write_body(report, &new_body);
     }
+}
+
+/// The whole body (a sample's: in memory already).
+async fn collect(body: crate::http::body::Body) -> Bytes {
+    body.collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .unwrap_or_default()
+}
+
+/// `HOOK: FAILED (kind): detail`, as the proxy would log it.
+fn write_failure(report: &mut String, hook: &str, error: &crate::plugins::PluginError) {
+    let _ = writeln!(
+        report,
+        "{hook}: FAILED ({}): {}",
+        error.kind.as_str(),
+        error.detail
+    );
 }
 
 /// The body's size and its first 400 bytes.
@@ -403,12 +403,7 @@ async fn run_fetcher(host: &PluginHost, name: &str, report: &mut String) -> bool
             true
         }
         Err(error) => {
-            let _ = writeln!(
-                report,
-                "run: FAILED ({}): {}",
-                error.kind.as_str(),
-                error.detail
-            );
+            write_failure(report, "run", &error);
             false
         }
     }

@@ -291,27 +291,12 @@ impl Exchange {
 
     pub fn path_with_query(&self) -> String {
         self.request.as_ref().map_or_else(String::new, |view| {
-            view.parts()
-                .uri
-                .path_and_query()
-                .map_or("/", |path| path.as_str())
-                .to_string()
+            path_with_query(view.parts()).to_string()
         })
     }
 
     pub fn authority(&self) -> Option<String> {
-        let parts = self.request.as_ref()?.parts();
-        parts
-            .uri
-            .authority()
-            .map(|authority| authority.as_str().to_string())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|host| host.to_str().ok())
-                    .map(str::to_string)
-            })
+        authority(self.request.as_ref()?.parts())
     }
 
     fn editable_request(&mut self) -> Result<&mut http::request::Parts, EditError> {
@@ -439,6 +424,26 @@ impl Exchange {
             view.tags.clear();
         }
     }
+}
+
+/// The request's path and query as a plugin sees it (both versions).
+pub fn path_with_query(parts: &http::request::Parts) -> &str {
+    parts.uri.path_and_query().map_or("/", |path| path.as_str())
+}
+
+/// The request's authority as a plugin sees it: the target's, else Host.
+pub fn authority(parts: &http::request::Parts) -> Option<String> {
+    parts
+        .uri
+        .authority()
+        .map(|authority| authority.as_str().to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|host| host.to_str().ok())
+                .map(str::to_string)
+        })
 }
 
 fn restore(headers: &mut HeaderMap, undo: &mut Vec<Undo>) {

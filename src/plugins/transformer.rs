@@ -194,25 +194,10 @@ fn check_body_size(length: usize) -> Result<(), Failure> {
 }
 
 pub fn request_head(request: &http::request::Parts) -> RequestHead {
-    let authority = request
-        .uri
-        .authority()
-        .map(|authority| authority.as_str().to_string())
-        .or_else(|| {
-            request
-                .headers
-                .get(http::header::HOST)
-                .and_then(|host| host.to_str().ok())
-                .map(str::to_string)
-        });
     RequestHead {
         method: request.method.as_str().to_string(),
-        path_with_query: request
-            .uri
-            .path_and_query()
-            .map_or("/", |path| path.as_str())
-            .to_string(),
-        authority,
+        path_with_query: super::exchange::path_with_query(request).to_string(),
+        authority: super::exchange::authority(request),
         headers: to_wit_headers(&request.headers),
     }
 }
