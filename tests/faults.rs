@@ -69,9 +69,13 @@ fn route(prefix: &str, extra: &str) -> String {
 
 /// A whole config: the admin block, `global` top-level lines, the upstream
 /// `app` at `origin`, `routes` and `plugins` (a [`plugins_yaml`] block or "").
+/// The connect timeout outlasts one lost SYN (retransmitted after 1 s): a
+/// burst of connects to a test origin whose accept loop shares the test's
+/// busy runtime can overflow a small listen backlog, and the tests judge
+/// Larder, not the kernel's backlog (a stopped origin refuses at once).
 fn config(origin: &str, global: &str, routes: &[String], plugins: &str) -> String {
     format!(
-        "{ADMIN_BLOCK}{PLUGIN_LIMITS}{global}upstreams:\n  app:\n    servers: [\"{origin}\"]\n    connect_timeout: 1s\n    timeout: 5s\nroutes:\n{}{plugins}",
+        "{ADMIN_BLOCK}{PLUGIN_LIMITS}{global}upstreams:\n  app:\n    servers: [\"{origin}\"]\n    connect_timeout: 3s\n    timeout: 5s\nroutes:\n{}{plugins}",
         routes.concat()
     )
 }

@@ -254,6 +254,9 @@ where
     let accept = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                // Out of descriptors, say: let the connections that hold
+                // them finish rather than spin.
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             };
             accepted.fetch_add(1, Ordering::SeqCst);
