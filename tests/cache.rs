@@ -1215,8 +1215,15 @@ async fn misses_stream_before_the_origin_finishes_and_waiters_share_the_stream()
 #[tokio::test]
 async fn fill_continues_after_every_client_left_when_storable() {
     let release = Arc::new(Notify::new());
-    let (origin, front) =
+    let (origin, _) =
         two_part_origin(Arc::clone(&release), &[("cache-control", "max-age=60")]).await;
+    // Connections served on this test's thread, where the access log is
+    // captured.
+    let options = larder::app::Options {
+        connections_on_caller: true,
+        ..Default::default()
+    };
+    let front = common::start_larder_with(&larder_yaml(&origin.url(), "", ""), options).await;
     let cached_only = [("cache-control", "only-if-cached")];
     let url = front.url("/left");
     // The probe is a 504 from the cache: no origin request, nothing stored.

@@ -778,3 +778,17 @@ fn route_header_rules_refuse_framing_fields_and_bad_values() {
         ]
     );
 }
+
+#[test]
+fn server_threads_outside_1_to_1024_is_refused_at_its_key() {
+    for threads in ["0", "1025"] {
+        let error = only_error(&format!(
+            "server:\n  max_tunnels: 8\n  threads: {threads}\n"
+        ));
+        assert_at(&error, 3, "server.threads");
+        assert!(error.message.contains("between 1 and 1024"), "{error}");
+    }
+    let config = load("server:\n  threads: 3\n").expect("three threads");
+    assert_eq!(config.server.threads, Some(3));
+    assert_eq!(load("").expect("defaults").server.threads, None);
+}

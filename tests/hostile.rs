@@ -1110,6 +1110,41 @@ async fn an_http2_connection_that_never_sends_a_request_is_closed_after_the_head
 }
 
 #[tokio::test]
+async fn an_idle_http2_connection_whose_client_pings_is_not_cut_off_by_the_header_timeout() {
+    let (origin, larder) =
+        with_server_settings("  header_timeout: 1s\n  idle_timeout: 60s\n").await;
+    let stream = TcpStream::connect(larder.addr).await.expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(200))
+            .keep_alive_while_idle(true)
+            .handshake::<_, Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let request = || {
+        Request::get(format!("http://{}/", larder.addr))
+            .body(Full::new(Bytes::new()))
+            .expect("request")
+    };
+    let first = sender.send_request(request()).await.expect("first answer");
+    assert_eq!(first.status(), 200);
+    // Real time: between requests the client's PINGs arrive every 200 ms
+    // for well past the 1 s header timeout; they are frames, not the start
+    // of a request head, so only the 60 s idle timeout applies.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!connection.is_finished(), "the connection was closed");
+    let second = sender
+        .send_request(request())
+        .await
+        .expect("a second answer on the same connection");
+    assert_eq!(second.status(), 200);
+    assert_eq!(origin.hits(), 2);
+    larder.stop().await;
+}
+
+#[tokio::test]
 async fn max_connections_holds_further_clients_back_but_not_the_admin_listener() {
     let release = Arc::new(Notify::new());
     let held = release.clone();

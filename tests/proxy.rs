@@ -610,6 +610,80 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
 }
 
 #[tokio::test]
+async fn connections_on_every_serving_thread_are_served_on_keep_alive_and_drained() {
+    const CONNECTIONS: usize = 9;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let origin_gate = gate.clone();
+    let origin = start_origin(move |request| {
+        let gate = origin_gate.clone();
+        async move {
+            if request.uri().path() == "/held" {
+                gate.acquire().await.expect("gate open").forget();
+            }
+            respond(200, &[], format!("done {}", request.uri().path()))
+        }
+    })
+    .await;
+    let yaml = format!(
+        "server:\n  threads: 3\n  drain_timeout: 10s\n{}",
+        one_upstream(&origin.url(), "")
+    );
+    let larder = start_larder(&yaml).await;
+    let authority = larder.addr.to_string();
+    let mut held = Vec::new();
+    for n in 0..CONNECTIONS {
+        // Connections go to the three threads in turn: each thread serves
+        // three of them, several requests each.
+        let mut sender = connect::<Full<Bytes>>(&authority).await;
+        for turn in 0..3 {
+            let path = format!("/c{n}/r{turn}");
+            let request = Request::get(&path)
+                .header("host", "larder.test")
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            let response = sender.send_request(request).await.expect("answer");
+            assert_eq!(response.status(), 200);
+            let body = response.into_body().collect().await.expect("body");
+            assert_eq!(body.to_bytes(), format!("done {path}").as_bytes());
+        }
+        held.push(tokio::spawn(async move {
+            let request = Request::get("/held")
+                .header("host", "larder.test")
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            let response = sender.send_request(request).await.expect("answer");
+            let status = response.status();
+            let body = response.into_body().collect().await.expect("body");
+            (status, body.to_bytes())
+        }));
+    }
+    wait_until(
+        "every connection's held request to reach the origin",
+        || origin.hits() == CONNECTIONS * 4,
+    )
+    .await;
+    let addr = larder.addr;
+    let stopping = tokio::spawn(larder.stop());
+    let deadline = Instant::now() + DEADLINE;
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "new connections still accepted");
+        tokio::task::yield_now().await;
+    }
+    // Stop waits for the connections on every thread.
+    assert!(!stopping.is_finished(), "stop returned before the drain");
+    gate.add_permits(CONNECTIONS);
+    for task in held {
+        let (status, body) = task.await.expect("held request");
+        assert_eq!(status, 200);
+        assert_eq!(body, "done /held".as_bytes());
+    }
+    tokio::time::timeout(DEADLINE, stopping)
+        .await
+        .expect("stop returns once drained")
+        .expect("stop task");
+}
+
+#[tokio::test]
 async fn websocket_upgrade_is_tunnelled_both_ways() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

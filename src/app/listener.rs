@@ -1,15 +1,20 @@
 //! The listeners' accept loop: each connection in its own task (HTTP/1.1
 //! and h2c on the same port), accept errors that never end the loop, the
 //! limits that keep idle or slow clients from holding the listener (a cap on
-//! open connections, a deadline for the first request counted from accept,
-//! an idle timeout, a send timeout for peers that stop reading, HTTP/2
-//! stream and reset limits), and the graceful drain on shutdown.
+//! open connections, a deadline for each request head, an idle timeout, a
+//! send timeout for peers that stop reading, HTTP/2 stream and reset
+//! limits), and the graceful drain on shutdown.
+//!
+//! The deadlines are kept by one timer per connection, not one per request:
+//! hyper's own header timeout boxes and registers a timer for every request
+//! head, which at a thousand connections cost a fifth of a cache hit's
+//! throughput (docs/proxy.md, "Threads and tuning").
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -18,10 +23,11 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
+use super::serving::ServingThreads;
 use crate::http::body::Body;
 
 /// HTTP/2 streams one connection may have open at once.
@@ -56,13 +62,15 @@ pub struct ConnSettings {
 /// Accepts until told to stop, then drains the open connections for up to
 /// the drain timeout it was told. Accept errors never end the loop. With
 /// `max_connections`, no more connections than that are accepted at once;
-/// the rest wait in the kernel's backlog.
+/// the rest wait in the kernel's backlog. With `serving`, each connection
+/// is served on one of those threads, else on the runtime this runs on.
 pub async fn accept_loop<H, F>(
     name: &'static str,
     listener: TcpListener,
     mut stopped: watch::Receiver<Option<Duration>>,
     settings: Arc<ArcSwap<ConnSettings>>,
     max_connections: Option<usize>,
+    serving: Option<Arc<ServingThreads>>,
     handler: H,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
@@ -97,31 +105,37 @@ pub async fn accept_loop<H, F>(
             tracing::debug!(%peer, %error, "could not set TCP_NODELAY");
         }
         let settings = **settings.load();
-        let activity = Arc::new(Activity::new());
-        let handler = handler.clone();
-        let tracked = Arc::clone(&activity);
-        let service = service_fn(move |request: Request<Incoming>| {
-            let in_progress = tracked.begin();
-            // Boxed: hyper moves the service future into its connection
-            // state, and the unboxed one is a few KiB copied per request.
-            let response = Box::pin(handler(request, peer));
-            async move {
-                let response = response.await;
-                drop(in_progress);
-                Ok::<_, Infallible>(response)
+        let (handler, stopping) = (handler.clone(), stopped.clone());
+        match &serving {
+            None => {
+                connections.spawn(async move {
+                    let _place = place;
+                    connection(stream, peer, settings, handler, stopping).await;
+                });
             }
-        });
-        let connection = builder(settings)
-            .serve_connection_with_upgrades(
-                TokioIo::new(SendTimeout::new(stream, settings.send_timeout)),
-                service,
-            )
-            .into_owned();
-        let stopping = stopped.clone();
-        connections.spawn(async move {
-            let _place = place;
-            serve(connection, activity, settings, stopping, peer).await;
-        });
+            // The socket moves to the serving thread's own event loop.
+            Some(serving) => match stream.into_std() {
+                Ok(stream) => {
+                    connections.spawn_on(
+                        async move {
+                            let _place = place;
+                            match TcpStream::from_std(stream) {
+                                Ok(stream) => {
+                                    connection(stream, peer, settings, handler, stopping).await;
+                                }
+                                Err(error) => {
+                                    tracing::warn!(%peer, %error, "a connection could not move to its serving thread");
+                                }
+                            }
+                        },
+                        serving.pick(),
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(%peer, %error, "a connection could not leave the accepting thread");
+                }
+            },
+        }
         // Reap finished connection tasks so the set holds only live ones.
         while connections.try_join_next().is_some() {}
     }
@@ -137,12 +151,49 @@ pub async fn accept_loop<H, F>(
     }
 }
 
-fn builder(settings: ConnSettings) -> auto::Builder<TokioExecutor> {
+/// Serves one accepted connection until it ends.
+async fn connection<H, F>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    settings: ConnSettings,
+    handler: H,
+    stopping: watch::Receiver<Option<Duration>>,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let activity = Arc::new(Activity::new());
+    let tracked = Arc::clone(&activity);
+    let service = service_fn(move |request: Request<Incoming>| {
+        let in_progress = tracked.begin();
+        // Boxed: hyper moves the service future into its connection
+        // state, and the unboxed one is a few KiB copied per request.
+        let response = Box::pin(handler(request, peer));
+        async move {
+            let response = response.await;
+            drop(in_progress);
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let builder = builder();
+    let connection = builder.serve_connection_with_upgrades(
+        TokioIo::new(ClientStream::new(
+            stream,
+            settings.send_timeout,
+            Arc::clone(&activity),
+        )),
+        service,
+    );
+    serve(connection, activity, settings, stopping, peer).await;
+}
+
+fn builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The header timeout is `serve`'s, from the connection's `Activity`.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_timeout);
+        .header_read_timeout(None);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -157,8 +208,9 @@ fn builder(settings: ConnSettings) -> auto::Builder<TokioExecutor> {
 
 /// Drives one connection: closes it when no first request arrived within
 /// the header timeout (counted from accept, before the protocol is even
-/// known), shuts it down gracefully when it sat idle past the idle timeout
-/// or when the listener drains.
+/// known), shuts it down when a later HTTP/1.1 head took longer than that
+/// (counted from its first byte) or when it sat idle past the idle timeout,
+/// and when the listener drains.
 async fn serve<C, E>(
     connection: C,
     activity: Arc<Activity>,
@@ -200,6 +252,14 @@ async fn serve<C, E>(
                         tracing::debug!(%peer, "no complete request within the header timeout; closed");
                         return;
                     }
+                    // hyper closes a connection at once when a graceful
+                    // shutdown finds it between requests, a partial head
+                    // read, and finishes a response still being sent.
+                    Some(_) if activity.head_started().is_some() => {
+                        tracing::debug!(%peer, "no complete request head within the header timeout; closing");
+                        connection.as_mut().shut_down();
+                        closing = true;
+                    }
                     Some(_) => {
                         tracing::debug!(%peer, "connection idle; closing it");
                         connection.as_mut().shut_down();
@@ -232,14 +292,24 @@ where
     }
 }
 
+/// The HTTP/2 connection preface's start: a connection that opens with it
+/// reads frames between requests, not request heads.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
 /// One connection's requests: how many are in progress, when the last one
-/// ended, whether there was one at all.
+/// ended, whether there was one at all, when the bytes of the next HTTP/1.1
+/// head began to arrive. Only the connection's own task touches it (the
+/// atomics are for `Arc`, not for contention).
 struct Activity {
     started: Instant,
     in_progress: AtomicUsize,
     /// Milliseconds from `started` to the end of the last request, plus one
     /// (0: no request has ended yet).
     last_end: AtomicU64,
+    /// Milliseconds from `started` to the first byte read after the last
+    /// request began, plus one (0: none read since).
+    head_started: AtomicU64,
+    http2: AtomicBool,
     served: AtomicUsize,
 }
 
@@ -249,12 +319,15 @@ impl Activity {
             started: Instant::now(),
             in_progress: AtomicUsize::new(0),
             last_end: AtomicU64::new(0),
+            head_started: AtomicU64::new(0),
+            http2: AtomicBool::new(false),
             served: AtomicUsize::new(0),
         }
     }
 
     fn begin(self: &Arc<Self>) -> InProgress {
         self.served.fetch_add(1, Ordering::Relaxed);
+        self.head_started.store(0, Ordering::Relaxed);
         self.in_progress.fetch_add(1, Ordering::AcqRel);
         InProgress(Arc::clone(self))
     }
@@ -267,6 +340,40 @@ impl Activity {
         self.served.load(Ordering::Relaxed) > 0
     }
 
+    /// Notes bytes read from the client: the first bytes after a request
+    /// (with none in progress) start the next head's clock. Before the
+    /// first request the clock runs from accept; an HTTP/2 connection has
+    /// none (its idle reads are frames such as PING).
+    fn bytes_read(&self, bytes: &[u8]) {
+        if !self.has_served() {
+            if bytes.starts_with(H2_PREFACE) {
+                self.http2.store(true, Ordering::Relaxed);
+            }
+            return;
+        }
+        if self.in_progress() == 0
+            && self.head_started.load(Ordering::Relaxed) == 0
+            && !self.http2.load(Ordering::Relaxed)
+        {
+            self.head_started.store(
+                self.millis_since_start().saturating_add(1),
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// When the bytes of a head not yet complete began to arrive.
+    fn head_started(&self) -> Option<Duration> {
+        match self.head_started.load(Ordering::Relaxed) {
+            0 => None,
+            plus_one => Some(Duration::from_millis(plus_one - 1)),
+        }
+    }
+
+    fn millis_since_start(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// When the connection is due to close if nothing happens: none while
     /// a request is in progress.
     fn deadline(&self, settings: ConnSettings) -> Option<Instant> {
@@ -275,6 +382,9 @@ impl Activity {
         }
         if !self.has_served() {
             return Some(self.started + settings.header_timeout);
+        }
+        if let Some(head) = self.head_started() {
+            return Some(self.started + head + settings.header_timeout);
         }
         let ended = self.last_end.load(Ordering::Acquire).saturating_sub(1);
         Some(self.started + Duration::from_millis(ended) + settings.idle_timeout)
@@ -287,7 +397,7 @@ struct InProgress(Arc<Activity>);
 impl Drop for InProgress {
     fn drop(&mut self) {
         let activity = &self.0;
-        let millis = u64::try_from(activity.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let millis = activity.millis_since_start();
         activity
             .last_end
             .store(millis.saturating_add(1), Ordering::Release);
@@ -295,25 +405,28 @@ impl Drop for InProgress {
     }
 }
 
-/// A connection whose writes fail once the peer has accepted no bytes for
-/// `limit` (its receive window stayed full): a client that stops reading
-/// cannot hold a connection, a place under `max_connections` and a
-/// response's buffers for as long as it likes.
-struct SendTimeout<S> {
+/// A client's connection: its writes fail once the peer has accepted no
+/// bytes for `limit` (its receive window stayed full), so a client that
+/// stops reading cannot hold a connection, a place under `max_connections`
+/// and a response's buffers for as long as it likes; its reads tell the
+/// connection's `Activity` when a request head begins.
+struct ClientStream<S> {
     inner: S,
     stalled: std::pin::Pin<Box<tokio::time::Sleep>>,
     limit: Duration,
     /// Whether `stalled` runs: from the first write that could not proceed.
     waiting: bool,
+    activity: Arc<Activity>,
 }
 
-impl<S> SendTimeout<S> {
-    fn new(inner: S, limit: Duration) -> Self {
+impl<S> ClientStream<S> {
+    fn new(inner: S, limit: Duration, activity: Arc<Activity>) -> Self {
         Self {
             inner,
             stalled: Box::pin(tokio::time::sleep(limit)),
             limit,
             waiting: false,
+            activity,
         }
     }
 
@@ -348,17 +461,23 @@ impl<S> SendTimeout<S> {
     }
 }
 
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for SendTimeout<S> {
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ClientStream<S> {
     fn poll_read(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Some(read) = buf.filled().get(before..).filter(|read| !read.is_empty()) {
+            this.activity.bytes_read(read);
+        }
+        polled
     }
 }
 
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for SendTimeout<S> {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ClientStream<S> {
     fn poll_write(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,

@@ -10,6 +10,7 @@
 //! the config file watch.
 
 mod listener;
+mod serving;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,6 +31,7 @@ use crate::plugins::{PluginHost, PluginLoadError};
 use crate::proxy::{BuildError, Proxy, Services};
 use crate::sources::Sources;
 use listener::{ConnSettings, accept_loop};
+use serving::ServingThreads;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -44,6 +46,8 @@ pub enum StartError {
     Config(#[from] BuildError),
     #[error("shared.url: {0}")]
     Shared(#[from] redis::RedisError),
+    #[error("cannot start the serving threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// Why a reload changed nothing.
@@ -95,6 +99,10 @@ pub struct Options {
     pub config_path: Option<PathBuf>,
     /// The cache's clock (tests move a manual one instead of sleeping).
     pub clock: Arc<dyn Clock>,
+    /// Serve the proxy listener's connections on the runtime that called
+    /// [`start`] instead of on serving threads (`server.threads` is then
+    /// ignored): for a test that captures what its own thread logs.
+    pub connections_on_caller: bool,
 }
 
 impl Default for Options {
@@ -102,6 +110,7 @@ impl Default for Options {
         Self {
             config_path: None,
             clock: Arc::new(SystemClock),
+            connections_on_caller: false,
         }
     }
 }
@@ -156,6 +165,17 @@ pub async fn start(config: Config, options: Options) -> Result<Server, StartErro
         .max_connections
         .unwrap_or_else(default_max_connections);
     tracing::debug!(max_connections, "connection limit of the proxy listener");
+    let serving = if options.connections_on_caller {
+        None
+    } else {
+        let threads = ServingThreads::start(serving::thread_count(config.server.threads))
+            .map_err(StartError::Threads)?;
+        tracing::debug!(
+            threads = threads.len(),
+            "threads serving the proxy listener"
+        );
+        Some(threads)
+    };
     let live = Arc::new(Live {
         proxy: ArcSwap::from_pointee(proxy),
         admin: ArcSwap::from_pointee(admin),
@@ -172,6 +192,7 @@ pub async fn start(config: Config, options: Options) -> Result<Server, StartErro
         stopped.clone(),
         live.conn_settings.clone(),
         Some(max_connections),
+        serving,
         move |request, peer| {
             let proxy = proxy_live.proxy.load_full();
             async move { proxy.handle(request, peer).await }
@@ -184,6 +205,7 @@ pub async fn start(config: Config, options: Options) -> Result<Server, StartErro
             listener,
             stopped,
             live.conn_settings.clone(),
+            None,
             None,
             move |request, _peer| {
                 let admin = admin_live.admin.load_full();

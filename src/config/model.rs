@@ -289,6 +289,9 @@ pub struct ServerConfig {
     /// Open client connections on the proxy listener; `None`: sized from the
     /// process's file-descriptor limit at start.
     pub max_connections: Option<usize>,
+    /// Threads serving the proxy listener's connections, each connection on
+    /// one of them; `None`: one per CPU the process may use.
+    pub threads: Option<usize>,
     /// Clients whose `Forwarded` and `X-Forwarded-*` headers are kept and
     /// appended to; from anyone else they are replaced.
     pub trusted_proxies: Vec<IpNet>,
@@ -307,6 +310,7 @@ impl Default for ServerConfig {
             idle_timeout: HumanDuration(Duration::from_secs(60)),
             send_timeout: HumanDuration(Duration::from_secs(60)),
             max_connections: None,
+            threads: None,
             trusted_proxies: Vec::new(),
             max_tunnels: 1024,
             tunnel_idle_timeout: HumanDuration(Duration::from_secs(300)),

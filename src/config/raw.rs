@@ -125,6 +125,9 @@ pub struct RawServer {
     /// Open client connections; absent: sized from the file-descriptor limit.
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// Threads serving the proxy listener's connections; absent: one per CPU.
+    #[serde(default)]
+    pub threads: Option<usize>,
     /// Addresses or CIDR blocks whose `Forwarded`/`X-Forwarded-*` are trusted.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
@@ -145,6 +148,7 @@ impl Default for RawServer {
             idle_timeout: default_idle_timeout(),
             send_timeout: default_send_timeout(),
             max_connections: None,
+            threads: None,
             trusted_proxies: Vec::new(),
             max_tunnels: default_max_tunnels(),
             tunnel_idle_timeout: default_tunnel_idle_timeout(),

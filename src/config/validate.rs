@@ -30,6 +30,9 @@ use super::raw::{
 };
 use crate::schedule::Rule;
 
+/// The most `server.threads` may ask for.
+const MAX_THREADS: usize = 1024;
+
 /// Checks `raw` and builds the typed config; or every problem, in file order.
 pub fn validate(
     raw: RawConfig,
@@ -180,6 +183,12 @@ impl Checker<'_> {
         if server.max_connections == Some(0) {
             self.fail("server.max_connections", "must be more than 0");
         }
+        if let Some(threads) = server.threads.filter(|n| !(1..=MAX_THREADS).contains(n)) {
+            self.fail(
+                "server.threads",
+                format!("must be between 1 and {MAX_THREADS}, not {threads}"),
+            );
+        }
         let trusted_proxies = server
             .trusted_proxies
             .iter()
@@ -197,6 +206,7 @@ impl Checker<'_> {
             idle_timeout: server.idle_timeout,
             send_timeout: server.send_timeout,
             max_connections: server.max_connections,
+            threads: server.threads,
             trusted_proxies,
             max_tunnels: server.max_tunnels,
             tunnel_idle_timeout: server.tunnel_idle_timeout,

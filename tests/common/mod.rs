@@ -554,9 +554,11 @@ pub async fn eventually<O: Outcome>(
 
 /// The access-log lines (target `larder::access`: one per request, written
 /// when its response body has ended or been dropped) that Larder writes on
-/// this thread while this value lives, as `field=value` pairs. A plain
-/// `#[tokio::test]` runs Larder's tasks on the test's own thread, so these
-/// are that test's requests; on a multi-thread runtime lines are missed.
+/// this thread while this value lives, as `field=value` pairs. Larder
+/// started with `Options::connections_on_caller` in a plain
+/// `#[tokio::test]` serves on the test's own thread, so these are that
+/// test's requests; on serving threads or a multi-thread runtime lines are
+/// missed.
 pub struct AccessLog {
     lines: Arc<Mutex<Vec<String>>>,
     _scope: tracing::subscriber::DefaultGuard,
