@@ -1110,6 +1110,48 @@ async fn an_http2_connection_that_never_sends_a_request_is_closed_after_the_head
 }
 
 #[tokio::test]
+async fn a_download_longer_than_the_header_timeout_keeps_its_connection_alive() {
+    let origin = start_origin(|request| async move {
+        if request.uri().path() != "/long" {
+            return respond(200, &[], "short");
+        }
+        let (body, response) = common::streamed(200, &[]);
+        tokio::spawn(async move {
+            // Real time: the body takes 2.5 s, past the 1 s header timeout.
+            for _ in 0..10 {
+                body.chunk("0123456789").await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+        response
+    })
+    .await;
+    let larder = start_larder(&one_route(
+        &origin.url(),
+        "",
+        "server:\n  header_timeout: 1s\n  idle_timeout: 60s\n",
+    ))
+    .await;
+    let mut sender = common::connect::<Full<Bytes>>(&larder.addr.to_string()).await;
+    let request = |path: &str| {
+        Request::get(path)
+            .header("host", "larder.test")
+            .body(Full::new(Bytes::new()))
+            .expect("request")
+    };
+    let long = sender.send_request(request("/long")).await.expect("head");
+    let body = long.into_body().collect().await.expect("the whole body");
+    assert_eq!(body.to_bytes().len(), 100);
+    sender.ready().await.expect("the connection is kept alive");
+    let next = sender
+        .send_request(request("/next"))
+        .await
+        .expect("a second request on the same connection");
+    assert_eq!(next.status(), 200);
+    larder.stop().await;
+}
+
+#[tokio::test]
 async fn an_idle_http2_connection_whose_client_pings_is_not_cut_off_by_the_header_timeout() {
     let (origin, larder) =
         with_server_settings("  header_timeout: 1s\n  idle_timeout: 60s\n").await;

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -170,8 +171,14 @@ async fn connection<H, F>(
         // state, and the unboxed one is a few KiB copied per request.
         let response = Box::pin(handler(request, peer));
         async move {
-            let response = response.await;
-            drop(in_progress);
+            // The request is in progress until its body has gone out: a
+            // long download is not an idle connection.
+            let response = response.await.map(|body| {
+                BodyExt::boxed(InProgressBody {
+                    body,
+                    _in_progress: in_progress,
+                })
+            });
             Ok::<_, Infallible>(response)
         }
     });
@@ -353,13 +360,17 @@ impl Activity {
         }
         if self.in_progress() == 0
             && self.head_started.load(Ordering::Relaxed) == 0
-            && !self.http2.load(Ordering::Relaxed)
+            && !self.is_http2()
         {
             self.head_started.store(
                 self.millis_since_start().saturating_add(1),
                 Ordering::Relaxed,
             );
         }
+    }
+
+    fn is_http2(&self) -> bool {
+        self.http2.load(Ordering::Relaxed)
     }
 
     /// When the bytes of a head not yet complete began to arrive.
@@ -387,7 +398,41 @@ impl Activity {
             return Some(self.started + head + settings.header_timeout);
         }
         let ended = self.last_end.load(Ordering::Acquire).saturating_sub(1);
-        Some(self.started + Duration::from_millis(ended) + settings.idle_timeout)
+        // An HTTP/1.1 connection between requests waits for the next head:
+        // the header timeout also bounds how long it may sit idle.
+        let idle = if self.is_http2() {
+            settings.idle_timeout
+        } else {
+            settings.idle_timeout.min(settings.header_timeout)
+        };
+        Some(self.started + Duration::from_millis(ended) + idle)
+    }
+}
+
+/// A response body that holds its request in progress until hyper has
+/// sent (or dropped) it.
+struct InProgressBody {
+    body: Body,
+    _in_progress: InProgress,
+}
+
+impl http_body::Body for InProgressBody {
+    type Data = bytes::Bytes;
+    type Error = crate::http::body::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
