@@ -37,8 +37,12 @@ use crate::http::body::{self, Body, BoxError};
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Idle connections kept per server; more are closed when they come back.
-/// Enough for a few hundred concurrent requests without reconnecting.
-const MAX_IDLE: usize = 256;
+/// As Envoy's default connection limit per cluster: a thousand client
+/// connections each with a request in flight (the serving threads take them
+/// in turn) need as many upstream connections, and with 256 kept the rest
+/// were opened and closed again for every request (pass-through at 1,000
+/// connections: 45k → 29k req/s).
+const MAX_IDLE: usize = 1024;
 
 /// How often idle connections are checked for expiry and for a close by
 /// the server, so none lingers half-closed on a quiet upstream.
