@@ -290,6 +290,9 @@ impl Server {
         if config.listen != running.listen {
             tracing::warn!(old = %running.listen, new = %config.listen, "listen changed; it takes effect on restart");
         }
+        if config.server.threads != running.server.threads {
+            tracing::warn!(old = ?running.server.threads, new = ?config.server.threads, "server.threads changed; it takes effect on restart");
+        }
         if config.admin.as_ref().map(|a| a.listen) != running.admin.as_ref().map(|a| a.listen) {
             tracing::warn!(
                 "admin.listen changed or admin was added or removed; listeners change on restart, the token applies now"
