@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use common::{
-    ADMIN_BLOCK, ADMIN_TOKEN, AccessLog, DEADLINE, Larder, Origin, eventually, get, get_with,
-    http_date, respond, send, start_dateless_origin, start_numbered_origin, start_origin, streamed,
-    wait_until,
+    ADMIN_BLOCK, ADMIN_TOKEN, AccessLog, DEADLINE, Larder, Origin, Reply, eventually, get,
+    get_with, http_date, respond, send, start_dateless_origin, start_numbered_origin, start_origin,
+    streamed, wait_until,
 };
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -1994,4 +1994,173 @@ async fn a_moved_clock_makes_a_stored_response_stale_without_waiting() {
         stale.cache_status()
     );
     assert_eq!(origin.hits(), 2);
+}
+
+// ---------------------------------------------------------------- targeted Cache-Control (RFC 9213)
+
+/// Two GETs of one path from a Larder (top-level lines `global`) in front
+/// of an origin answering with `headers`: the second reply and how many
+/// requests reached the origin.
+async fn twice_with(headers: &[(&str, &str)], global: &str) -> (Reply, usize) {
+    let headers: Arc<Vec<(String, String)>> = Arc::new(
+        headers
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect(),
+    );
+    let origin = start_numbered_origin(move |_, n| {
+        let headers = Arc::clone(&headers);
+        async move {
+            let pairs: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_str()))
+                .collect();
+            respond(200, &pairs, format!("body {n}"))
+        }
+    })
+    .await;
+    let front = front_with(&origin, "", global).await;
+    let first = get(&front.url("/targeted")).await;
+    assert_eq!(first.status, 200);
+    let second = get(&front.url("/targeted")).await;
+    (second, origin.hits())
+}
+
+#[tokio::test]
+async fn cdn_cache_control_takes_precedence_over_cache_control_and_both_pass_through() {
+    let (reply, hits) = twice_with(
+        &[
+            ("cache-control", "no-store"),
+            ("cdn-cache-control", "max-age=60"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(hits, 1, "stored by CDN-Cache-Control despite no-store");
+    assert_eq!(reply.text(), "body 1");
+    assert_eq!(
+        reply.header("cache-control"),
+        Some("no-store"),
+        "for browsers"
+    );
+    assert_eq!(reply.header("cdn-cache-control"), Some("max-age=60"));
+
+    let (_, hits) = twice_with(
+        &[
+            ("cache-control", "max-age=60"),
+            ("cdn-cache-control", "no-store"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(hits, 2, "CDN-Cache-Control: no-store wins over max-age=60");
+}
+
+#[tokio::test]
+async fn larder_cache_control_comes_first_in_the_target_list() {
+    let (_, hits) = twice_with(
+        &[
+            ("cdn-cache-control", "max-age=60"),
+            ("larder-cache-control", "no-store"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(hits, 2, "Larder-Cache-Control: no-store wins");
+    let (reply, hits) = twice_with(
+        &[
+            ("cache-control", "private"),
+            ("cdn-cache-control", "no-store"),
+            ("larder-cache-control", "max-age=60"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(hits, 1, "Larder-Cache-Control: max-age=60 wins");
+    assert_eq!(reply.text(), "body 1");
+}
+
+#[tokio::test]
+async fn an_invalid_targeted_field_is_ignored_as_a_whole() {
+    // Not structured-field dictionaries (no value after `=`; an uppercase
+    // key): the field counts as absent and Cache-Control rules.
+    for invalid in ["no-store, max-age=", "No-Store"] {
+        let (_, hits) = twice_with(
+            &[
+                ("cache-control", "max-age=60"),
+                ("cdn-cache-control", invalid),
+            ],
+            "",
+        )
+        .await;
+        assert_eq!(hits, 1, "{invalid:?} ignored: stored by Cache-Control");
+    }
+    // An invalid Larder-Cache-Control falls through to CDN-Cache-Control.
+    let (_, hits) = twice_with(
+        &[
+            ("cache-control", "max-age=60"),
+            ("larder-cache-control", "\"max-age=60\""),
+            ("cdn-cache-control", "no-store"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(hits, 2, "the next field on the list applies");
+}
+
+#[tokio::test]
+async fn a_targeted_field_makes_expires_irrelevant() {
+    // must-revalidate alone gives no lifetime; Expires would give an hour,
+    // but a cache using a targeted field ignores it (RFC 9213 section 2.1).
+    let in_an_hour = http_date(3600);
+    let (_, hits) = twice_with(
+        &[
+            ("cdn-cache-control", "must-revalidate"),
+            ("expires", &in_an_hour),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(hits, 2, "not fresh by Expires");
+    let (_, hits) = twice_with(&[("expires", &in_an_hour)], "").await;
+    assert_eq!(hits, 1, "without the targeted field Expires applies");
+}
+
+#[tokio::test]
+async fn targeted_fields_are_removed_only_when_configured_and_the_list_is_configurable() {
+    let (reply, hits) = twice_with(
+        &[
+            ("cache-control", "no-store"),
+            ("cdn-cache-control", "max-age=60"),
+            ("larder-cache-control", "max-age=60"),
+        ],
+        "cache:\n  remove_targeted_fields: true\n",
+    )
+    .await;
+    assert_eq!(hits, 1);
+    assert_eq!(reply.header("cdn-cache-control"), None);
+    assert_eq!(reply.header("larder-cache-control"), None);
+    assert_eq!(reply.header("cache-control"), Some("no-store"));
+
+    // A target list of one other field: CDN-Cache-Control is only passed on.
+    let (reply, hits) = twice_with(
+        &[
+            ("cache-control", "max-age=60"),
+            ("cdn-cache-control", "no-store"),
+            ("edge-control", "max-age=60"),
+        ],
+        "cache:\n  targeted_fields: [Edge-Control]\n",
+    )
+    .await;
+    assert_eq!(hits, 1, "Edge-Control: max-age=60 applies");
+    assert_eq!(reply.header("cdn-cache-control"), Some("no-store"));
+    let (_, hits) = twice_with(
+        &[
+            ("cache-control", "max-age=60"),
+            ("edge-control", "no-store"),
+        ],
+        "cache:\n  targeted_fields: []\n",
+    )
+    .await;
+    assert_eq!(hits, 1, "with no target list Cache-Control rules");
 }

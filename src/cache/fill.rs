@@ -221,7 +221,7 @@ impl Fill {
     }
 
     pub(super) fn meta(&self, status: StatusCode, headers: HeaderMap, timing: Timing) -> Meta {
-        let directives = ResponseDirectives::parse(&headers);
+        let directives = self.response_directives(&headers);
         let lifetime = policy::freshness_lifetime(status, &headers, &directives, timing.date);
         let vary_names = key::vary_names(&headers);
         let vary_values = key::vary_values(&vary_names, &self.request_headers);
@@ -259,12 +259,19 @@ impl Fill {
     /// clients; returns the complete set for the request that brought them,
     /// when anything was removed (no copy otherwise).
     fn withhold(&self, headers: &mut HeaderMap) -> Option<Arc<HeaderMap>> {
-        let directives = ResponseDirectives::parse(headers);
+        let directives = self.response_directives(headers);
         if directives.withheld.is_empty() && !headers.contains_key(header::SET_COOKIE) {
             return None;
         }
         let full = headers.clone();
         policy::withhold(headers, &directives).then(|| Arc::new(full))
+    }
+
+    /// The response's directives for this cache: from the first targeted
+    /// field configured (RFC 9213), else from Cache-Control.
+    fn response_directives(&self, headers: &HeaderMap) -> ResponseDirectives {
+        let settings = self.cache.settings.load();
+        ResponseDirectives::parse_targeted(headers, &settings.targeted_fields)
     }
 
     fn tags(&self, headers: &HeaderMap) -> Vec<String> {
@@ -320,7 +327,7 @@ impl Fill {
         if !head.headers.contains_key(header::DATE) {
             merged.insert(header::DATE, policy::date_value(response_time));
         }
-        let sets_cookie = policy::sets_shared_cookie(&merged, &ResponseDirectives::parse(&merged));
+        let sets_cookie = policy::sets_shared_cookie(&merged, &self.response_directives(&merged));
         let leader_headers = self.withhold(&mut merged);
         let timing = Timing::new(request_time, response_time, &head.headers);
         let meta = Arc::new(self.meta(stale.meta.status, merged, timing));
@@ -385,10 +392,8 @@ impl Fill {
         if !stored_headers.contains_key(header::DATE) {
             stored_headers.insert(header::DATE, policy::date_value(response_time));
         }
-        let sets_cookie = policy::sets_shared_cookie(
-            &stored_headers,
-            &ResponseDirectives::parse(&stored_headers),
-        );
+        let sets_cookie =
+            policy::sets_shared_cookie(&stored_headers, &self.response_directives(&stored_headers));
         let leader_headers = self.withhold(&mut stored_headers);
         let meta = Arc::new(self.meta(head.status, stored_headers, timing));
         // Judged without the withheld fields: `private="set-cookie"` lets the

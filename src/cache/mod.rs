@@ -63,6 +63,7 @@ struct Settings {
     fill_timeout: std::time::Duration,
     fill_idle_timeout: std::time::Duration,
     fill_memory: u64,
+    targeted_fields: Vec<HeaderName>,
 }
 
 impl Settings {
@@ -74,6 +75,7 @@ impl Settings {
             fill_timeout: config.fill_timeout,
             fill_idle_timeout: config.fill_idle_timeout,
             fill_memory: config.fill_memory,
+            targeted_fields: config.targeted_fields.clone(),
         }
     }
 }

@@ -114,12 +114,14 @@ pub fn check_storable(
     }
     // A field that cannot be read might have said private or no-store, or
     // named the request fields that select a variant.
-    if !cache_control::is_well_formed(headers) || !super::key::vary_is_well_formed(headers) {
+    // (A targeted field that applies makes Cache-Control irrelevant here.)
+    let cache_control_read = response.targeted || cache_control::is_well_formed(headers);
+    if !cache_control_read || !super::key::vary_is_well_formed(headers) {
         return Err(NotStorable::Malformed);
     }
     let explicit = response.s_maxage.is_some()
         || response.max_age.is_some()
-        || headers.contains_key(header::EXPIRES);
+        || (!response.targeted && headers.contains_key(header::EXPIRES));
     let heuristic =
         allows_heuristic(status, response) && headers.contains_key(header::LAST_MODIFIED);
     if !explicit && !heuristic && !has_validator(headers) {
@@ -148,8 +150,9 @@ pub fn has_validator(headers: &HeaderMap) -> bool {
 }
 
 /// How long a response stays fresh for a shared cache (RFC 9111 section 4.2.1):
-/// `s-maxage`, then `max-age`, then `Expires - Date`, then the heuristic.
-/// An invalid value of the directive that applies means "already stale".
+/// `s-maxage`, then `max-age`, then `Expires - Date` (unless the directives
+/// came from a targeted field, RFC 9213), then the heuristic. An invalid
+/// value of the directive that applies means "already stale".
 pub fn freshness_lifetime(
     status: StatusCode,
     headers: &HeaderMap,
@@ -162,7 +165,7 @@ pub fn freshness_lifetime(
             Seconds::Invalid => Duration::ZERO,
         };
     }
-    if headers.contains_key(header::EXPIRES) {
+    if !directives.targeted && headers.contains_key(header::EXPIRES) {
         return match single_date(headers, &header::EXPIRES) {
             Some(expires) => expires.duration_since(date).unwrap_or(Duration::ZERO),
             None => Duration::ZERO,

@@ -66,6 +66,12 @@ pub struct CacheConfig {
     pub fill_idle_timeout: Duration,
     /// Bytes all fills in progress may buffer together.
     pub fill_memory: u64,
+    /// Targeted cache-control fields (RFC 9213), in precedence order: the
+    /// first present and valid one replaces Cache-Control and Expires for
+    /// Larder's own caching decisions.
+    pub targeted_fields: Vec<HeaderName>,
+    /// Whether responses leave without the targeted fields.
+    pub remove_targeted_fields: bool,
 }
 
 /// One upstream: where its servers are and how long to wait for them.

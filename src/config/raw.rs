@@ -199,6 +199,13 @@ pub struct RawCacheConfig {
     /// Bytes all fills in progress may buffer for the store together.
     #[serde(default = "default_fill_memory")]
     pub fill_memory: ByteSize,
+    /// Targeted cache-control fields (RFC 9213) Larder obeys instead of
+    /// Cache-Control, first present and valid one wins.
+    #[serde(default = "default_targeted_fields")]
+    pub targeted_fields: Vec<String>,
+    /// Remove the targeted fields from responses Larder sends.
+    #[serde(default)]
+    pub remove_targeted_fields: bool,
 }
 
 impl Default for RawCacheConfig {
@@ -210,8 +217,17 @@ impl Default for RawCacheConfig {
             fill_timeout: default_fill_timeout(),
             fill_idle_timeout: default_fill_idle_timeout(),
             fill_memory: default_fill_memory(),
+            targeted_fields: default_targeted_fields(),
+            remove_targeted_fields: false,
         }
     }
+}
+
+fn default_targeted_fields() -> Vec<String> {
+    vec![
+        "Larder-Cache-Control".to_string(),
+        "CDN-Cache-Control".to_string(),
+    ]
 }
 
 fn default_fill_timeout() -> HumanDuration {

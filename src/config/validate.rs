@@ -247,6 +247,8 @@ impl Checker<'_> {
             fill_timeout: cache.fill_timeout.0,
             fill_idle_timeout: cache.fill_idle_timeout.0,
             fill_memory: cache.fill_memory.0,
+            targeted_fields: self.header_names("cache.targeted_fields", &cache.targeted_fields),
+            remove_targeted_fields: cache.remove_targeted_fields,
         }
     }
 

@@ -1,5 +1,7 @@
 //! Cache-Control parsing (RFC 9111 section 5.2) into plain structs, one for
-//! requests and one for responses.
+//! requests and one for responses; targeted fields such as
+//! `CDN-Cache-Control` (RFC 9213: structured-field dictionaries) into the
+//! same response struct.
 //!
 //! Pure and allocation-light: no I/O, no clocks. Must not decide policy; the
 //! rules that combine directives live in `cache::policy`. Here rather than in
@@ -116,9 +118,77 @@ pub struct ResponseDirectives {
     pub s_maxage: Option<Seconds>,
     pub stale_while_revalidate: Option<u64>,
     pub stale_if_error: Option<u64>,
+    /// Read from a targeted field (RFC 9213): `Cache-Control` and `Expires`
+    /// then do not count for this cache.
+    pub targeted: bool,
 }
 
 impl ResponseDirectives {
+    /// The directives of the first field of `targets` that is present,
+    /// non-empty and a valid dictionary (RFC 9213 section 2.1); otherwise
+    /// those of `Cache-Control`.
+    pub fn parse_targeted(headers: &HeaderMap, targets: &[HeaderName]) -> Self {
+        targets
+            .iter()
+            .find_map(|name| Self::parse_targeted_field(headers, name))
+            .unwrap_or_else(|| Self::parse(headers))
+    }
+
+    /// One targeted field as directives; `None` when it is absent, empty or
+    /// not a structured-field dictionary (then ignored as a whole, RFC 9213
+    /// section 2.2). Members' parameters and inner lists are ignored;
+    /// `?0` turns a directive off; arguments are integers (seconds) or a
+    /// string or token of field names.
+    fn parse_targeted_field(headers: &HeaderMap, name: &HeaderName) -> Option<Self> {
+        let mut joined = Vec::new();
+        for line in headers.get_all(name) {
+            if !joined.is_empty() {
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(line.as_bytes());
+        }
+        let dictionary: sfv::Dictionary = sfv::Parser::new(&joined).parse_dictionary().ok()?;
+        if dictionary.is_empty() {
+            return None;
+        }
+        let mut parsed = Self {
+            targeted: true,
+            ..Self::default()
+        };
+        for (key, member) in &dictionary {
+            let sfv::ListEntry::Item(item) = member else {
+                continue;
+            };
+            let value = &item.bare_item;
+            let on = !matches!(value, sfv::BareItem::Boolean(false));
+            match key.as_str() {
+                "no-store" => parsed.no_store = on,
+                "no-cache" => match sf_field_names(value) {
+                    Some(names) => parsed.withheld.extend(names),
+                    None => parsed.no_cache = on,
+                },
+                "private" => match sf_field_names(value) {
+                    Some(names) => parsed.withheld.extend(names),
+                    None => parsed.private = on,
+                },
+                "public" => parsed.public = on,
+                "must-revalidate" => parsed.must_revalidate = on,
+                "proxy-revalidate" => parsed.proxy_revalidate = on,
+                "must-understand" => parsed.must_understand = on,
+                "immutable" => parsed.immutable = on,
+                "no-transform" => parsed.no_transform = on,
+                "max-age" => parsed.max_age = Some(sf_seconds(value)),
+                "s-maxage" => parsed.s_maxage = Some(sf_seconds(value)),
+                "stale-while-revalidate" => {
+                    parsed.stale_while_revalidate = sf_seconds(value).valid();
+                }
+                "stale-if-error" => parsed.stale_if_error = sf_seconds(value).valid(),
+                _ => {}
+            }
+        }
+        Some(parsed)
+    }
+
     pub fn parse(headers: &HeaderMap) -> Self {
         let mut parsed = Self::default();
         for (name, value) in directives(headers) {
@@ -161,6 +231,31 @@ impl ResponseDirectives {
     pub fn allows_authorized(&self) -> bool {
         self.public || self.s_maxage.is_some() || self.must_revalidate
     }
+}
+
+/// A targeted directive's delta-seconds: a non-negative integer (larger
+/// ones saturate), anything else invalid.
+fn sf_seconds(value: &sfv::BareItem) -> Seconds {
+    match value {
+        sfv::BareItem::Integer(n) => u64::try_from(i64::from(*n)).map_or(Seconds::Invalid, |s| {
+            Seconds::Valid(s.min(DELTA_SECONDS_MAX))
+        }),
+        _ => Seconds::Invalid,
+    }
+}
+
+/// The field names of a targeted `private="..."` or `no-cache="..."`.
+fn sf_field_names(value: &sfv::BareItem) -> Option<Vec<HeaderName>> {
+    let text = match value {
+        sfv::BareItem::String(text) => text.as_str(),
+        sfv::BareItem::Token(token) => token.as_str(),
+        _ => return None,
+    };
+    Some(
+        text.split(',')
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect(),
+    )
 }
 
 /// Request directives (RFC 9111 section 5.2.1).
@@ -323,6 +418,47 @@ pub fn split_list(value: &str) -> impl Iterator<Item = &str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_targeted_dictionary_reads_as_directives_across_lines() {
+        let cdn = HeaderName::from_static("cdn-cache-control");
+        let mut headers = HeaderMap::new();
+        headers.append(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.append(
+            &cdn,
+            HeaderValue::from_static("max-age=60;x=1, must-revalidate"),
+        );
+        headers.append(
+            &cdn,
+            HeaderValue::from_static("private=\"set-cookie\", no-cache=?0, s-maxage=(1 2)"),
+        );
+        let parsed = ResponseDirectives::parse_targeted(&headers, std::slice::from_ref(&cdn));
+        assert!(parsed.targeted && !parsed.no_store, "{parsed:?}");
+        assert_eq!(
+            parsed.max_age,
+            Some(Seconds::Valid(60)),
+            "parameters ignored"
+        );
+        assert!(parsed.must_revalidate);
+        assert_eq!(parsed.withheld, [HeaderName::from_static("set-cookie")]);
+        assert!(!parsed.no_cache, "?0 is off");
+        assert_eq!(parsed.s_maxage, None, "an inner list is no directive");
+
+        let negative = headers_with(&cdn, "max-age=-1");
+        let parsed = ResponseDirectives::parse_targeted(&negative, std::slice::from_ref(&cdn));
+        assert_eq!(parsed.max_age, Some(Seconds::Invalid));
+        for ignored in ["", "max-age=60,", "Max-Age=60", "a=\"unterminated"] {
+            let headers = headers_with(&cdn, ignored);
+            let parsed = ResponseDirectives::parse_targeted(&headers, std::slice::from_ref(&cdn));
+            assert!(!parsed.targeted, "{ignored:?} is ignored: {parsed:?}");
+        }
+    }
+
+    fn headers_with(name: &HeaderName, value: &'static str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(name, HeaderValue::from_static(value));
+        headers
+    }
 
     #[test]
     fn s_maxage_is_replaced_and_other_directives_kept() {

@@ -171,9 +171,7 @@ impl Proxy {
             Some(routes) => Some(
                 routes
                     .iter()
-                    .map(|route| {
-                        compile_route(route, &upstreams, &plugins, config.cache.fill_idle_timeout)
-                    })
+                    .map(|route| compile_route(route, &upstreams, &plugins, &config.cache))
                     .collect::<Result<Vec<_>, BuildError>>()?,
             ),
         };
@@ -547,8 +545,9 @@ fn compile_route(
     route: &Route,
     upstreams: &BTreeMap<String, Arc<UpstreamClient>>,
     plugins: &Arc<PluginHost>,
-    fill_idle_timeout: std::time::Duration,
+    cache: &crate::config::CacheConfig,
 ) -> Result<RouteEntry, BuildError> {
+    let fill_idle_timeout = cache.fill_idle_timeout;
     let chain: Arc<[String]> = route.plugins.clone().into();
     let target = match &route.target {
         RouteTarget::Upstream(name) => {
@@ -584,8 +583,18 @@ fn compile_route(
         plugins: chain,
         skip_unavailable_plugins: route.skip_unavailable_plugins,
         max_request_body: route.max_request_body.map(|size| size.0),
-        headers: route.headers.clone(),
+        headers: response_header_rules(route, cache),
     })
+}
+
+/// The route's `headers:` rules, with the targeted cache-control fields
+/// removed first when `cache.remove_targeted_fields` says so.
+fn response_header_rules(route: &Route, cache: &crate::config::CacheConfig) -> RouteHeaders {
+    let mut rules = route.headers.clone();
+    if cache.remove_targeted_fields {
+        rules.remove.extend(cache.targeted_fields.iter().cloned());
+    }
+    rules
 }
 
 fn reuse_or_build(
