@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -548,6 +548,136 @@ async fn uploads_stream_before_the_client_has_finished() {
         .to_bytes();
     assert_eq!(text, Bytes::from_static(b"received 21"));
     larder.stop().await;
+}
+
+/// An origin answering `name` on every path but `/healthz`, which answers
+/// with the status in `health`.
+async fn checked_origin(name: &'static str, health: Arc<AtomicU16>) -> common::Origin {
+    start_origin(move |request| {
+        let health = Arc::clone(&health);
+        async move {
+            if request.uri().path() == "/healthz" {
+                respond(health.load(Ordering::SeqCst), &[], "probe")
+            } else {
+                respond(200, &[], name)
+            }
+        }
+    })
+    .await
+}
+
+/// The `larder_upstream_healthy` gauge of `server` from `/metrics`.
+async fn healthy_gauge(larder: &common::Larder, server: &common::Origin) -> Option<String> {
+    let metrics = larder.admin("GET", "/metrics", "").await.text();
+    let server = format!("server=\"{}\"", server.addr);
+    metrics
+        .lines()
+        .find(|line| line.starts_with("larder_upstream_healthy{") && line.contains(&server))
+        .and_then(|line| line.rsplit(' ').next())
+        .map(str::to_string)
+}
+
+/// The answers to `n` requests.
+async fn answers(larder: &common::Larder, n: usize) -> Vec<String> {
+    let mut answers = Vec::new();
+    for _ in 0..n {
+        let reply = get(&larder.url("/")).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        answers.push(reply.text());
+    }
+    answers
+}
+
+#[tokio::test]
+async fn a_server_failing_its_health_check_gets_no_traffic_until_it_passes_again() {
+    let (a_health, b_health) = (Arc::new(AtomicU16::new(200)), Arc::new(AtomicU16::new(200)));
+    let a = checked_origin("a", Arc::clone(&a_health)).await;
+    let b = checked_origin("b", Arc::clone(&b_health)).await;
+    let yaml = format!(
+        "{}upstreams:\n  app:\n    servers: [\"{}\", \"{}\"]\n    health_check:\n      path: /healthz\n      interval: 50ms\n      timeout: 50ms\n      unhealthy_threshold: 2\n      healthy_threshold: 2\nroutes:\n  - upstream: app\n",
+        common::ADMIN_BLOCK,
+        a.url(),
+        b.url()
+    );
+    let larder = start_larder(&yaml).await;
+    let both = answers(&larder, 6).await;
+    assert!(
+        both.contains(&"a".to_string()) && both.contains(&"b".to_string()),
+        "{both:?}"
+    );
+
+    a_health.store(503, Ordering::SeqCst);
+    common::eventually("a to be judged unhealthy", async || {
+        healthy_gauge(&larder, &a).await.as_deref() == Some("0")
+    })
+    .await;
+    assert_eq!(healthy_gauge(&larder, &b).await.as_deref(), Some("1"));
+    assert_eq!(answers(&larder, 8).await, vec!["b"; 8], "no traffic to a");
+
+    a_health.store(200, Ordering::SeqCst);
+    common::eventually("a to pass again", async || {
+        healthy_gauge(&larder, &a).await.as_deref() == Some("1")
+    })
+    .await;
+    let back = answers(&larder, 6).await;
+    assert!(
+        back.contains(&"a".to_string()),
+        "a back in rotation: {back:?}"
+    );
+
+    // Every server unhealthy: requests still try them (fail open).
+    a_health.store(500, Ordering::SeqCst);
+    b_health.store(500, Ordering::SeqCst);
+    common::eventually("both to be judged unhealthy", async || {
+        healthy_gauge(&larder, &a).await.as_deref() == Some("0")
+            && healthy_gauge(&larder, &b).await.as_deref() == Some("0")
+    })
+    .await;
+    let open = answers(&larder, 4).await;
+    assert!(
+        open.iter().all(|answer| answer == "a" || answer == "b"),
+        "{open:?}"
+    );
+    larder.stop().await;
+}
+
+#[test]
+fn health_check_settings_out_of_range_are_load_errors_at_their_key() {
+    let upstream = |check: &str| {
+        format!(
+            "upstreams:\n  app:\n    servers: [\"http://127.0.0.1:9\"]\n    health_check:\n{check}routes:\n  - upstream: app\n"
+        )
+    };
+    for (check, key) in [
+        ("      path: healthz\n", "upstreams.app.health_check.path"),
+        (
+            "      path: /h\n      interval: 1s\n      timeout: 2s\n",
+            "upstreams.app.health_check.timeout",
+        ),
+        (
+            "      path: /h\n      unhealthy_threshold: 0\n",
+            "upstreams.app.health_check.unhealthy_threshold",
+        ),
+        (
+            "      path: /h\n      expected_statuses: [200, 1000]\n",
+            "upstreams.app.health_check.expected_statuses[1]",
+        ),
+    ] {
+        let yaml = upstream(check);
+        let errors = larder::config::load_str(&yaml, "t.yml").expect_err(&yaml).0;
+        assert!(
+            errors.iter().any(|error| error.path == key),
+            "{key}: {errors:#?}"
+        );
+    }
+    let config =
+        larder::config::load_str(&upstream("      path: /healthz\n"), "t.yml").expect("defaults");
+    let check = config.upstreams["app"]
+        .health_check
+        .clone()
+        .expect("a check");
+    assert_eq!(check.interval, Duration::from_secs(5));
+    assert_eq!((check.healthy_threshold, check.unhealthy_threshold), (2, 3));
 }
 
 #[tokio::test]

@@ -83,6 +83,29 @@ pub struct Upstream {
     /// Replaces the client's Host header when set.
     pub host: Option<HeaderValue>,
     pub ca_file: Option<PathBuf>,
+    pub health_check: Option<HealthCheck>,
+}
+
+/// An active health check: each server probed every `interval`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    pub path: http::uri::PathAndQuery,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Statuses that pass; empty: any 2xx or 3xx.
+    pub expected_statuses: Vec<http::StatusCode>,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+impl HealthCheck {
+    pub fn passes(&self, status: http::StatusCode) -> bool {
+        if self.expected_statuses.is_empty() {
+            status.is_success() || status.is_redirection()
+        } else {
+            self.expected_statuses.contains(&status)
+        }
+    }
 }
 
 /// An upstream server: `http` or `https`, and host and port.

@@ -266,6 +266,42 @@ pub struct RawUpstream {
     /// Extra PEM CA bundle trusted for this upstream's https servers.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// An HTTP probe of each server, off the request path.
+    #[serde(default)]
+    pub health_check: Option<RawHealthCheck>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    /// The probe's path (GET), e.g. `/healthz`.
+    pub path: String,
+    #[serde(default = "default_health_interval")]
+    pub interval: HumanDuration,
+    #[serde(default = "default_health_timeout")]
+    pub timeout: HumanDuration,
+    /// Statuses that pass; absent: any 2xx or 3xx.
+    #[serde(default)]
+    pub expected_statuses: Vec<u16>,
+    /// Consecutive passes that make an unhealthy server healthy again.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make a server unhealthy.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+}
+
+fn default_health_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+fn default_health_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+fn default_healthy_threshold() -> u32 {
+    2
+}
+fn default_unhealthy_threshold() -> u32 {
+    3
 }
 
 fn default_connect_timeout() -> HumanDuration {

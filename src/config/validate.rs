@@ -19,14 +19,14 @@ use ipnet::IpNet;
 
 use super::ConfigError;
 use super::model::{
-    CacheConfig, CacheKeyConfig, Config, Endpoint, EtcdSource, HttpSource, PluginConfig,
-    PurgeConfig, RedisSource, Route, RouteCache, RouteHeaders, RouteTarget, ServerAddr,
-    ServerConfig, SharedConfig, SourceConfig, Upstream,
+    CacheConfig, CacheKeyConfig, Config, Endpoint, EtcdSource, HealthCheck, HttpSource,
+    PluginConfig, PurgeConfig, RedisSource, Route, RouteCache, RouteHeaders, RouteTarget,
+    ServerAddr, ServerConfig, SharedConfig, SourceConfig, Upstream,
 };
 use super::positions::PositionIndex;
 use super::raw::{
-    RawCacheConfig, RawConfig, RawHttpSource, RawRoute, RawRouteCache, RawRouteHeaders, RawServer,
-    RawShared, RawSource, RawUpstream,
+    RawCacheConfig, RawConfig, RawHealthCheck, RawHttpSource, RawRoute, RawRouteCache,
+    RawRouteHeaders, RawServer, RawShared, RawSource, RawUpstream,
 };
 use crate::schedule::Rule;
 
@@ -344,13 +344,78 @@ impl Checker<'_> {
         {
             self.fail(&format!("{path}.ca_file"), why);
         }
+        let health_check = upstream
+            .health_check
+            .as_ref()
+            .and_then(|check| self.health_check(&format!("{path}.health_check"), check));
         Upstream {
             servers,
             connect_timeout: upstream.connect_timeout,
             timeout: upstream.timeout,
             host,
             ca_file: upstream.ca_file.clone(),
+            health_check,
         }
+    }
+
+    fn health_check(&mut self, path: &str, check: &RawHealthCheck) -> Option<HealthCheck> {
+        let before = self.errors.len();
+        let probe_path = check
+            .path
+            .parse::<http::uri::PathAndQuery>()
+            .ok()
+            .filter(|_| check.path.starts_with('/'));
+        if probe_path.is_none() {
+            self.fail(
+                &format!("{path}.path"),
+                format!("{:?} is not a path starting with /", check.path),
+            );
+        }
+        if check.interval.get().is_zero() {
+            self.fail(&format!("{path}.interval"), "must be more than 0");
+        }
+        if check.timeout.get().is_zero() || check.timeout.get() > check.interval.get() {
+            self.fail(
+                &format!("{path}.timeout"),
+                "must be more than 0 and at most the interval",
+            );
+        }
+        let expected_statuses = check
+            .expected_statuses
+            .iter()
+            .enumerate()
+            .filter_map(|(i, code)| {
+                let status = StatusCode::from_u16(*code)
+                    .ok()
+                    .filter(|s| s.as_u16() >= 100);
+                if status.is_none() {
+                    self.fail(
+                        &format!("{path}.expected_statuses[{i}]"),
+                        format!("{code} is not an HTTP status"),
+                    );
+                }
+                status
+            })
+            .collect();
+        for (key, value) in [
+            ("healthy_threshold", check.healthy_threshold),
+            ("unhealthy_threshold", check.unhealthy_threshold),
+        ] {
+            if value == 0 {
+                self.fail(&format!("{path}.{key}"), "must be at least 1");
+            }
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(HealthCheck {
+            path: probe_path?,
+            interval: check.interval.get(),
+            timeout: check.timeout.get(),
+            expected_statuses,
+            healthy_threshold: check.healthy_threshold,
+            unhealthy_threshold: check.unhealthy_threshold,
+        })
     }
 
     fn route(&mut self, path: &str, route: &RawRoute, config: &RawConfig) -> Option<Route> {

@@ -6,6 +6,7 @@
 //! Must not know about routes or the cache, or decide what a client is told:
 //! the proxy maps an [`UpstreamError`] to a status.
 
+mod health;
 mod pool;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -43,11 +44,18 @@ struct Server {
     /// Milliseconds since [`clock_origin`] until which this server is skipped;
     /// 0 when it is up.
     down_until_ms: AtomicU64,
+    /// What the active health checks last said (always healthy without).
+    health: Arc<health::Health>,
 }
 
 impl Server {
     fn is_up(&self, now_ms: u64) -> bool {
         self.down_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    /// Up and, when checked, healthy.
+    fn takes_traffic(&self, now_ms: u64) -> bool {
+        self.is_up(now_ms) && self.health.is_healthy()
     }
 
     fn mark_down(&self, now_ms: u64) {
@@ -142,6 +150,16 @@ pub struct UpstreamClient {
     connector: HttpsConnector<HttpConnector>,
     host: Option<HeaderValue>,
     duration: metrics::Histogram,
+    /// The active health checks' task, stopped with this client.
+    checks: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for UpstreamClient {
+    fn drop(&mut self) {
+        if let Some(checks) = &self.checks {
+            checks.abort();
+        }
+    }
 }
 
 impl UpstreamClient {
@@ -164,17 +182,37 @@ impl UpstreamClient {
         }
         let host = config.host.clone();
         let name: Arc<str> = Arc::from(name);
+        let connector = build_connector(config).map_err(|cause| SetupError::Tls {
+            upstream: name.to_string(),
+            cause,
+        })?;
+        let checks = config.health_check.as_ref().and_then(|check| {
+            let runtime = tokio::runtime::Handle::try_current().ok()?;
+            let probed = servers
+                .iter()
+                .map(|server| health::Probed {
+                    authority: server.authority.clone(),
+                    base: server.base.clone(),
+                    health: Arc::clone(&server.health),
+                })
+                .collect();
+            Some(runtime.spawn(health::run(
+                name.clone(),
+                check.clone(),
+                host.clone(),
+                connector.clone(),
+                probed,
+            )))
+        });
         Ok(Self {
             duration: metrics::histogram!("larder_upstream_duration_seconds", "upstream" => name.clone()),
-            connector: build_connector(config).map_err(|cause| SetupError::Tls {
-                upstream: name.to_string(),
-                cause,
-            })?,
+            connector,
             name,
             config: config.clone(),
             servers,
             next: AtomicUsize::new(0),
             host,
+            checks,
         })
     }
 
@@ -188,8 +226,10 @@ impl UpstreamClient {
         &self.config == config && config.ca_file.is_none()
     }
 
-    /// The next server in round robin that is not marked down; when all
-    /// are down, the next one regardless (better a try than no answer).
+    /// The next server in round robin that is healthy and not marked down;
+    /// when none is, the next one not marked down, then the next one
+    /// regardless (fail open, as Envoy's panic threshold: better a try,
+    /// and the cache's stale-if-error, than no answer).
     fn pick(&self) -> &Server {
         let count = self.servers.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
@@ -197,9 +237,10 @@ impl UpstreamClient {
             return &self.servers[0];
         }
         let now = now_ms();
-        (0..count)
-            .map(|offset| &self.servers[start.wrapping_add(offset) % count])
-            .find(|server| server.is_up(now))
+        let in_turn = || (0..count).map(|offset| &self.servers[start.wrapping_add(offset) % count]);
+        in_turn()
+            .find(|server| server.takes_traffic(now))
+            .or_else(|| in_turn().find(|server| server.is_up(now)))
             .unwrap_or(&self.servers[start % count])
     }
 
@@ -527,6 +568,7 @@ fn server_of(addr: &ServerAddr) -> Result<Server, http::Error> {
         base,
         pool: Pool::new(),
         down_until_ms: AtomicU64::new(0),
+        health: health::Health::new(),
     })
 }
 

@@ -173,6 +173,32 @@ pub async fn connect(
     }))
 }
 
+/// Sends one request on `conn`, which is closed afterwards, and returns
+/// the response's status without reading its body (health probes).
+pub async fn send_once(
+    conn: Box<Conn>,
+    request: Request<Body>,
+) -> Result<http::StatusCode, hyper::Error> {
+    let Conn {
+        mut sender,
+        connection,
+        ..
+    } = *conn;
+    let send = sender.send_request(request);
+    tokio::pin!(send);
+    tokio::pin!(connection);
+    let mut driving = true;
+    loop {
+        tokio::select! {
+            response = &mut send => return response.map(|response| response.status()),
+            ended = &mut connection, if driving => {
+                driving = false;
+                ended?;
+            }
+        }
+    }
+}
+
 /// Opens a connection for an Upgrade request: it runs as its own task and is
 /// never pooled, since after `101` it belongs to the tunnel.
 pub async fn connect_for_upgrade(
