@@ -612,6 +612,19 @@ async fn a_server_failing_its_health_check_gets_no_traffic_until_it_passes_again
     })
     .await;
     assert_eq!(healthy_gauge(&larder, &b).await.as_deref(), Some("1"));
+    let status = larder.admin("GET", "/upstreams", "").await.json();
+    let servers = status["upstreams"]["app"]["servers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| panic!("no servers in {status}"));
+    let healthy_of = |origin: &common::Origin| {
+        servers
+            .iter()
+            .find(|server| server["server"] == origin.addr.to_string())
+            .map(|server| server["healthy"].clone())
+    };
+    assert_eq!(healthy_of(&a), Some(serde_json::json!(false)), "{status}");
+    assert_eq!(healthy_of(&b), Some(serde_json::json!(true)), "{status}");
     assert_eq!(answers(&larder, 8).await, vec!["b"; 8], "no traffic to a");
 
     a_health.store(200, Ordering::SeqCst);
@@ -678,6 +691,143 @@ fn health_check_settings_out_of_range_are_load_errors_at_their_key() {
         .expect("a check");
     assert_eq!(check.interval, Duration::from_secs(5));
     assert_eq!((check.healthy_threshold, check.unhealthy_threshold), (2, 3));
+}
+
+/// An origin answering `name` to everything, counting what it saw.
+async fn named_origin(name: &'static str) -> common::Origin {
+    start_origin(move |_| async move { respond(200, &[], name) }).await
+}
+
+#[tokio::test]
+async fn weighted_round_robin_gives_each_server_its_share_in_turn() {
+    let a = named_origin("a").await;
+    let b = named_origin("b").await;
+    let yaml = format!(
+        "upstreams:\n  app:\n    servers: [\"{}\", {{ url: \"{}\", weight: 3 }}]\nroutes:\n  - upstream: app\n",
+        a.url(),
+        b.url()
+    );
+    let larder = start_larder(&yaml).await;
+    let got = answers(&larder, 40).await;
+    assert_eq!(got.iter().filter(|answer| *answer == "a").count(), 10);
+    assert_eq!(got.iter().filter(|answer| *answer == "b").count(), 30);
+    assert_eq!(&got[..4], ["b", "a", "b", "b"], "spread, not in runs");
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn least_requests_sends_nothing_more_to_a_server_busy_with_one() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = Arc::clone(&gate);
+    let slow = start_origin(move |_| {
+        let held = Arc::clone(&held);
+        async move {
+            held.acquire().await.expect("gate").forget();
+            respond(200, &[], "slow")
+        }
+    })
+    .await;
+    let fast = named_origin("fast").await;
+    let yaml = format!(
+        "upstreams:\n  app:\n    servers: [\"{}\", \"{}\"]\n    balance: least_requests\nroutes:\n  - upstream: app\n",
+        slow.url(),
+        fast.url()
+    );
+    let larder = start_larder(&yaml).await;
+    let mut pending = Vec::new();
+    for n in 0..16 {
+        let url = larder.url(&format!("/{n}"));
+        let request = tokio::spawn(async move { get(&url).await });
+        // Either the slow server holds it or the answer is back: the next
+        // pick sees every count settled.
+        let slow_before = slow.hits();
+        wait_until("the request to be held or answered", || {
+            slow.hits() > slow_before || request.is_finished()
+        })
+        .await;
+        pending.push(request);
+    }
+    assert!(
+        slow.hits() <= 1,
+        "a second request went to the busy server: {}",
+        slow.hits()
+    );
+    assert_eq!(slow.hits() + fast.hits(), 16);
+    gate.add_permits(16);
+    for request in pending {
+        assert_eq!(request.await.expect("request").status, 200);
+    }
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn consistent_hash_keeps_a_key_on_its_server_when_a_server_is_added() {
+    let origins = [
+        named_origin("a").await,
+        named_origin("b").await,
+        named_origin("c").await,
+        named_origin("d").await,
+    ];
+    let front = |count: usize| {
+        let servers: Vec<String> = origins[..count]
+            .iter()
+            .map(|origin| format!("\"{}\"", origin.url()))
+            .collect();
+        format!(
+            "upstreams:\n  app:\n    servers: [{}]\n    balance: consistent_hash\nroutes:\n  - upstream: app\n",
+            servers.join(", ")
+        )
+    };
+    // Two instances, as a tier of Larders would be: the second with one
+    // server more.
+    let three = start_larder(&front(3)).await;
+    let four = start_larder(&front(4)).await;
+    let mut per_server = std::collections::BTreeMap::<String, usize>::new();
+    // The same site name through both (the hash covers host, path, query).
+    let site = [("host", "site.test")];
+    for key in 0..90 {
+        let path = format!("/object/{key}");
+        let before = get_with(&three.url(&path), &site).await.text();
+        let again = get_with(&three.url(&path), &site).await.text();
+        assert_eq!(again, before, "{path} moved");
+        let after = get_with(&four.url(&path), &site).await.text();
+        assert!(
+            after == before || after == "d",
+            "{path} moved from {before} to {after}, not to the new server"
+        );
+        *per_server.entry(before).or_default() += 1;
+    }
+    assert_eq!(per_server.len(), 3, "{per_server:?}");
+    assert!(
+        per_server.values().all(|&n| n >= 15),
+        "spread: {per_server:?}"
+    );
+    three.stop().await;
+    four.stop().await;
+}
+
+#[test]
+fn a_weight_outside_1_to_100_is_a_load_error_at_its_key() {
+    let yaml = "upstreams:\n  app:\n    servers: [{ url: \"http://127.0.0.1:9\", weight: 0 }]\n    balance: least_requests\nroutes:\n  - upstream: app\n";
+    let errors = larder::config::load_str(yaml, "t.yml")
+        .expect_err("weight 0")
+        .0;
+    assert!(
+        errors
+            .iter()
+            .any(|error| error.path == "upstreams.app.servers[0].weight"),
+        "{errors:#?}"
+    );
+    let unknown = yaml.replace("least_requests", "random");
+    let errors = larder::config::load_str(&unknown, "t.yml")
+        .expect_err("unknown policy")
+        .0;
+    assert!(
+        errors
+            .iter()
+            .any(|error| error.path.starts_with("upstreams.app.balance")),
+        "{errors:#?}"
+    );
 }
 
 #[tokio::test]

@@ -19,6 +19,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::cache::{Cache, Purge};
@@ -28,6 +29,7 @@ use crate::http::error::{ErrorKind, RequestError};
 use crate::http::{health, json};
 use crate::plugins::PluginHost;
 use crate::sources::Sources;
+use crate::upstream::UpstreamClient;
 
 /// Purge requests are a line of JSON; anything bigger is a mistake.
 const MAX_PURGE_BODY: usize = 64 * 1024;
@@ -42,6 +44,8 @@ pub struct Admin {
     cache: Arc<Cache>,
     sources: Arc<Sources>,
     plugins: Arc<PluginHost>,
+    /// The running config's upstreams, for `GET /upstreams`.
+    upstreams: BTreeMap<String, Arc<UpstreamClient>>,
 }
 
 /// `POST /purge` body: exactly one of the four.
@@ -61,6 +65,7 @@ impl Admin {
         cache: Arc<Cache>,
         sources: Arc<Sources>,
         plugins: Arc<PluginHost>,
+        upstreams: BTreeMap<String, Arc<UpstreamClient>>,
     ) -> Self {
         Self {
             token_digest: config
@@ -80,6 +85,7 @@ impl Admin {
             cache,
             sources,
             plugins,
+            upstreams,
         }
     }
 
@@ -117,11 +123,22 @@ impl Admin {
             (&Method::GET, "/plugins") => {
                 Ok(json(StatusCode::OK, self.plugins.status().to_string()))
             }
+            (&Method::GET, "/upstreams") => {
+                let status: serde_json::Map<String, serde_json::Value> = self
+                    .upstreams
+                    .iter()
+                    .map(|(name, upstream)| (name.clone(), upstream.status()))
+                    .collect();
+                Ok(json(
+                    StatusCode::OK,
+                    serde_json::json!({ "upstreams": status }).to_string(),
+                ))
+            }
             (&Method::GET | &Method::HEAD, "/") => {
                 self.sources.serve_by_key(&request)?.response().await
             }
             (&Method::POST, "/purge") => self.purge(request).await,
-            (_, "/metrics" | "/sources" | "/cache" | "/plugins" | "/") => {
+            (_, "/metrics" | "/sources" | "/cache" | "/plugins" | "/upstreams" | "/") => {
                 Err(ErrorKind::MethodNotAllowed {
                     allow: "GET",
                     reason: "method not allowed here",

@@ -71,12 +71,13 @@ impl App {
         Proxy::build(config, &self.services, previous)
     }
 
-    fn admin(&self, config: &Config) -> Admin {
+    fn admin(&self, config: &Config, proxy: &Proxy) -> Admin {
         Admin::new(
             config.admin.as_ref(),
             self.services.cache.clone(),
             self.services.sources.clone(),
             self.services.plugins.clone(),
+            proxy.upstreams(),
         )
     }
 }
@@ -142,7 +143,7 @@ pub async fn start(config: Config, options: Options) -> Result<Server, StartErro
         },
     };
     let proxy = app.proxy(&config, None)?;
-    let admin = app.admin(&config);
+    let admin = app.admin(&config, &proxy);
 
     let proxy_listener = bind(config.listen).await?;
     let proxy_addr = local_addr(&proxy_listener, config.listen)?;
@@ -314,8 +315,9 @@ impl Server {
         }
         app.services.cache.apply(&config.cache);
         app.services.sources.apply(&config.sources);
+        let admin = app.admin(&config, &proxy);
         self.live.proxy.store(Arc::new(proxy));
-        self.live.admin.store(Arc::new(app.admin(&config)));
+        self.live.admin.store(Arc::new(admin));
         self.live
             .conn_settings
             .store(Arc::new(conn_settings(&config)));

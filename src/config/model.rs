@@ -74,10 +74,30 @@ pub struct CacheConfig {
     pub remove_targeted_fields: bool,
 }
 
+/// How an upstream spreads requests over its servers.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// In turn, each server as often as its weight (smooth weighted round
+    /// robin, as nginx's).
+    #[default]
+    RoundRobin,
+    /// The fewer requests in flight per weight of two servers drawn at
+    /// random (power of two choices).
+    LeastRequests,
+    /// By a hash of the request's host, path and query (the cache key's
+    /// primary part), weighted rendezvous hashing: a key stays on its server
+    /// when others are added or removed.
+    ConsistentHash,
+}
+
 /// One upstream: where its servers are and how long to wait for them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     pub servers: Vec<ServerAddr>,
+    /// Each server's weight, in the order of `servers` (1 unless given).
+    pub weights: Vec<u32>,
+    pub balance: Balance,
     pub connect_timeout: HumanDuration,
     pub timeout: HumanDuration,
     /// Replaces the client's Host header when set.

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::model::{AdminConfig, LogConfig, PluginConfig, PluginTotals, RouteMatch};
+use super::model::{AdminConfig, Balance, LogConfig, PluginConfig, PluginTotals, RouteMatch};
 use super::model::{
     BasicAuth, EtcdSource, FileSource, PluginSource, RedisSource, StaticSource, default_true,
 };
@@ -253,8 +253,12 @@ fn default_tag_headers() -> Vec<String> {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
-    /// `http://host:port` or `https://host:port`; several are used in round robin.
-    pub servers: Vec<String>,
+    /// `http://host:port` or `https://host:port`, or `{ url, weight }`;
+    /// several are balanced by `balance`.
+    pub servers: Vec<RawUpstreamServer>,
+    /// How requests are spread over the servers.
+    #[serde(default)]
+    pub balance: Balance,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: HumanDuration,
     /// Until the response head arrives.
@@ -269,6 +273,41 @@ pub struct RawUpstream {
     /// An HTTP probe of each server, off the request path.
     #[serde(default)]
     pub health_check: Option<RawHealthCheck>,
+}
+
+/// One `servers:` entry: a URL, or a URL with a weight.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum RawUpstreamServer {
+    Url(String),
+    Weighted(RawWeightedUpstreamServer),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawWeightedUpstreamServer {
+    pub url: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl RawUpstreamServer {
+    pub fn url(&self) -> &str {
+        match self {
+            Self::Url(url) | Self::Weighted(RawWeightedUpstreamServer { url, .. }) => url,
+        }
+    }
+
+    pub fn weight(&self) -> u32 {
+        match self {
+            Self::Url(_) => 1,
+            Self::Weighted(server) => server.weight,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -33,6 +33,10 @@ use crate::schedule::Rule;
 /// The most `server.threads` may ask for.
 const MAX_THREADS: usize = 1024;
 
+/// The largest weight a server may have (a round of smooth weighted round
+/// robin is as long as the weights' sum).
+const MAX_WEIGHT: u32 = 100;
+
 /// Checks `raw` and builds the typed config; or every problem, in file order.
 pub fn validate(
     raw: RawConfig,
@@ -316,9 +320,24 @@ impl Checker<'_> {
             .iter()
             .enumerate()
             .filter_map(|(i, server)| {
-                parse_server_url(server)
+                parse_server_url(server.url())
                     .map_err(|why| self.fail(&format!("{path}.servers[{i}]"), why))
                     .ok()
+            })
+            .collect();
+        let weights = upstream
+            .servers
+            .iter()
+            .enumerate()
+            .map(|(i, server)| {
+                let weight = server.weight();
+                if !(1..=MAX_WEIGHT).contains(&weight) {
+                    self.fail(
+                        &format!("{path}.servers[{i}].weight"),
+                        format!("must be between 1 and {MAX_WEIGHT}, not {weight}"),
+                    );
+                }
+                weight.clamp(1, MAX_WEIGHT)
             })
             .collect();
         if upstream.connect_timeout.get().is_zero() {
@@ -350,6 +369,8 @@ impl Checker<'_> {
             .and_then(|check| self.health_check(&format!("{path}.health_check"), check));
         Upstream {
             servers,
+            weights,
+            balance: upstream.balance,
             connect_timeout: upstream.connect_timeout,
             timeout: upstream.timeout,
             host,

@@ -206,6 +206,11 @@ impl Proxy {
         self.upstreams.get(name)
     }
 
+    /// Every upstream, by name (the admin API shows their servers' state).
+    pub fn upstreams(&self) -> BTreeMap<String, Arc<UpstreamClient>> {
+        self.upstreams.clone()
+    }
+
     /// Answers one request; never fails: errors become responses in `respond`.
     pub async fn handle(&self, request: Request<Incoming>, client: SocketAddr) -> Response<Body> {
         // Skip the access log's bookkeeping when its level is off anyway.

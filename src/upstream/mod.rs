@@ -6,6 +6,7 @@
 //! Must not know about routes or the cache, or decide what a client is told:
 //! the proxy maps an [`UpstreamError`] to a status.
 
+mod balance;
 mod health;
 mod pool;
 
@@ -46,6 +47,10 @@ struct Server {
     down_until_ms: AtomicU64,
     /// What the active health checks last said (always healthy without).
     health: Arc<health::Health>,
+    /// Requests sent and not yet answered with a head (least requests).
+    in_flight: AtomicUsize,
+    /// A stable hash of the server's address (consistent hash).
+    id: u64,
 }
 
 impl Server {
@@ -146,7 +151,13 @@ pub struct UpstreamClient {
     name: Arc<str>,
     config: Upstream,
     servers: Vec<Server>,
+    /// Moves on with every pick: the round-robin turn, the random draw.
     next: AtomicUsize,
+    /// A round of smooth weighted round robin over `servers`.
+    schedule: Vec<usize>,
+    /// Each server's weight and identity hash, in the order of `servers`.
+    weights: Vec<u32>,
+    ids: Vec<u64>,
     connector: HttpsConnector<HttpConnector>,
     host: Option<HeaderValue>,
     duration: metrics::Histogram,
@@ -209,6 +220,9 @@ impl UpstreamClient {
             connector,
             name,
             config: config.clone(),
+            schedule: balance::smooth_schedule(&weights_of(config, servers.len())),
+            weights: weights_of(config, servers.len()),
+            ids: servers.iter().map(|server| server.id).collect(),
             servers,
             next: AtomicUsize::new(0),
             host,
@@ -226,32 +240,95 @@ impl UpstreamClient {
         &self.config == config && config.ca_file.is_none()
     }
 
-    /// The next server in round robin that is healthy and not marked down;
-    /// when none is, the next one not marked down, then the next one
-    /// regardless (fail open, as Envoy's panic threshold: better a try,
+    /// The server `balance` picks among those healthy and not marked down
+    /// (other than `except`); when none is, among those not marked down,
+    /// then among all (fail open, as Envoy's panic threshold: better a try,
     /// and the cache's stale-if-error, than no answer).
-    fn pick(&self) -> &Server {
-        let count = self.servers.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        if count == 1 {
-            return &self.servers[0];
+    fn pick(&self, affinity: u64, except: Option<usize>) -> usize {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        if self.servers.len() == 1 {
+            return 0;
         }
         let now = now_ms();
-        let in_turn = || (0..count).map(|offset| &self.servers[start.wrapping_add(offset) % count]);
-        in_turn()
-            .find(|server| server.takes_traffic(now))
-            .or_else(|| in_turn().find(|server| server.is_up(now)))
-            .unwrap_or(&self.servers[start % count])
+        let in_flight = |index: usize| self.servers[index].in_flight.load(Ordering::Relaxed);
+        let tiers: [&dyn Fn(&Server) -> bool; 3] = [
+            &|server| server.takes_traffic(now),
+            &|server| server.is_up(now),
+            &|_| true,
+        ];
+        for tier in tiers {
+            let eligible = |index: usize| Some(index) != except && tier(&self.servers[index]);
+            let candidates = balance::Candidates {
+                eligible: &eligible,
+                weights: &self.weights,
+                in_flight: &in_flight,
+                ids: &self.ids,
+                schedule: &self.schedule,
+            };
+            if let Some(index) = balance::choose(self.config.balance, &candidates, turn, affinity) {
+                return index;
+            }
+        }
+        except.map_or(0, |except| (except + 1) % self.servers.len())
     }
 
-    /// Sends `request` (headers already cleaned) to the next server and waits
-    /// for the response head, up to the upstream's `timeout`. A request
-    /// without a body moves on to the next server when no connection could be
-    /// made (nothing was sent yet), as nginx's `proxy_next_upstream error`.
+    /// The servers' state for the admin API: weight, health by the active
+    /// checks, whether passive ejection skips it, requests in flight.
+    pub fn status(&self) -> serde_json::Value {
+        let now = now_ms();
+        let servers: Vec<serde_json::Value> = self
+            .servers
+            .iter()
+            .zip(&self.weights)
+            .map(|(server, weight)| {
+                serde_json::json!({
+                    "server": server.authority.as_str(),
+                    "weight": weight,
+                    "healthy": server.health.is_healthy(),
+                    "skipped": !server.is_up(now),
+                    "in_flight": server.in_flight.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        let balance = match self.config.balance {
+            crate::config::Balance::RoundRobin => "round_robin",
+            crate::config::Balance::LeastRequests => "least_requests",
+            crate::config::Balance::ConsistentHash => "consistent_hash",
+        };
+        serde_json::json!({
+            "balance": balance,
+            "health_check": self.config.health_check.is_some(),
+            "servers": servers,
+        })
+    }
+
+    /// The request's affinity for consistent hashing: its host, path and
+    /// query (0 for the other policies, which ignore it).
+    fn affinity(&self, request: &Request<Body>) -> u64 {
+        if self.config.balance != crate::config::Balance::ConsistentHash {
+            return 0;
+        }
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .map_or(&b""[..], HeaderValue::as_bytes);
+        let target = request
+            .uri()
+            .path_and_query()
+            .map_or("/", PathAndQuery::as_str);
+        balance::fnv1a(&[host, target.as_bytes()])
+    }
+
+    /// Sends `request` (headers already cleaned) to the server `balance`
+    /// picks and waits for the response head, up to the upstream's
+    /// `timeout`. An idempotent request without a body tries another server
+    /// once when no connection could be made (nothing was sent yet), as
+    /// nginx's `proxy_next_upstream error`.
     pub async fn send(&self, request: Request<Body>) -> Result<Response<Body>, UpstreamError> {
+        let affinity = self.affinity(&request);
         let mut request = request;
-        // A copy to send to the next server, when there is one to try.
-        let spare = if self.servers.len() > 1 && http_body::Body::is_end_stream(request.body()) {
+        // A copy to send to another server, when there is one to try.
+        let spare = if self.servers.len() > 1 && is_replayable(&request) {
             let (head, body) = request.into_parts();
             let spare = copy_head(&head);
             request = Request::from_parts(head, body);
@@ -259,28 +336,41 @@ impl UpstreamClient {
         } else {
             None
         };
-        let mut attempts_left = self.servers.len();
-        loop {
-            attempts_left -= 1;
-            let server = self.pick();
-            let error = match self.send_to(server, request).await {
-                Ok(response) => {
-                    server.mark_up();
-                    return Ok(response);
-                }
-                Err(error) => error,
-            };
-            let nothing_sent = error.retry == Retry::NothingSent;
-            if nothing_sent && self.servers.len() > 1 {
-                tracing::warn!(upstream = %self.name, server = %server.authority, skip_for = ?FAIL_TIMEOUT, "server unreachable; skipping it");
-                server.mark_down(now_ms());
+        let first = self.pick(affinity, None);
+        let error = match self.attempt(first, request).await {
+            Ok(response) => return Ok(response),
+            Err(error) => error,
+        };
+        match spare {
+            Some(spare) if error.retry == Retry::NothingSent => {
+                let second = self.pick(affinity, Some(first));
+                tracing::debug!(upstream = %self.name, server = %self.servers[second].authority, "trying another server");
+                self.attempt(second, Request::from_parts(spare, body::empty()))
+                    .await
             }
-            match &spare {
-                Some(spare) if nothing_sent && attempts_left > 0 => {
-                    tracing::debug!(upstream = %self.name, "trying the next server");
-                    request = Request::from_parts(copy_head(spare), body::empty());
+            _ => Err(error),
+        }
+    }
+
+    /// One try on server `index`: marks it up when it answered, down for a
+    /// while when it could not be reached.
+    async fn attempt(
+        &self,
+        index: usize,
+        request: Request<Body>,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let server = &self.servers[index];
+        match self.send_to(server, request).await {
+            Ok(response) => {
+                server.mark_up();
+                Ok(response)
+            }
+            Err(error) => {
+                if error.retry == Retry::NothingSent && self.servers.len() > 1 {
+                    tracing::warn!(upstream = %self.name, server = %server.authority, skip_for = ?FAIL_TIMEOUT, "server unreachable; skipping it");
+                    server.mark_down(now_ms());
                 }
-                _ => return Err(error),
+                Err(error)
             }
         }
     }
@@ -291,7 +381,7 @@ impl UpstreamClient {
         &self,
         mut request: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let server = self.pick();
+        let server = &self.servers[self.pick(self.affinity(&request), None)];
         self.address_to(server, &mut request);
         let exchange = async {
             let mut sender = pool::connect_for_upgrade(&self.connector, &server.base)
@@ -310,6 +400,8 @@ impl UpstreamClient {
     ) -> Result<Response<Body>, UpstreamError> {
         self.address_to(server, &mut request);
         let started = Instant::now();
+        server.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _answered = InFlight(&server.in_flight);
         // Boxed once here so the futures of every caller above stay small
         // (each layer would otherwise carry and copy this one's kilobytes).
         let outcome = Box::pin(self.exchange_with_head_timeout(server, request)).await;
@@ -556,6 +648,23 @@ fn closed_before_answering(error: &hyper::Error) -> bool {
         )
 }
 
+/// Counts a request in flight until it is dropped (answered, failed or
+/// cancelled).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Each server's weight (1 when the config gave none for it).
+fn weights_of(config: &Upstream, servers: usize) -> Vec<u32> {
+    (0..servers)
+        .map(|index| config.weights.get(index).copied().unwrap_or(1))
+        .collect()
+}
+
 /// A server's state, from its parsed address.
 fn server_of(addr: &ServerAddr) -> Result<Server, http::Error> {
     let base = Uri::builder()
@@ -569,6 +678,8 @@ fn server_of(addr: &ServerAddr) -> Result<Server, http::Error> {
         pool: Pool::new(),
         down_until_ms: AtomicU64::new(0),
         health: health::Health::new(),
+        in_flight: AtomicUsize::new(0),
+        id: balance::fnv1a(&[addr.authority.as_str().as_bytes()]),
     })
 }
 
