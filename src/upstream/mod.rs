@@ -54,13 +54,16 @@ struct Server {
 }
 
 impl Server {
-    fn is_up(&self, now_ms: u64) -> bool {
-        self.down_until_ms.load(Ordering::Relaxed) <= now_ms
+    /// Not skipped after a failure (the clock is read only for a server
+    /// that was marked down).
+    fn is_up(&self) -> bool {
+        let until = self.down_until_ms.load(Ordering::Relaxed);
+        until == 0 || until <= now_ms()
     }
 
     /// Up and, when checked, healthy.
-    fn takes_traffic(&self, now_ms: u64) -> bool {
-        self.is_up(now_ms) && self.health.is_healthy()
+    fn takes_traffic(&self) -> bool {
+        self.health.is_healthy() && self.is_up()
     }
 
     fn mark_down(&self, now_ms: u64) {
@@ -249,11 +252,10 @@ impl UpstreamClient {
         if self.servers.len() == 1 {
             return 0;
         }
-        let now = now_ms();
         let in_flight = |index: usize| self.servers[index].in_flight.load(Ordering::Relaxed);
         let tiers: [&dyn Fn(&Server) -> bool; 3] = [
-            &|server| server.takes_traffic(now),
-            &|server| server.is_up(now),
+            &Server::takes_traffic,
+            &Server::is_up,
             &|_| true,
         ];
         for tier in tiers {
@@ -275,7 +277,6 @@ impl UpstreamClient {
     /// The servers' state for the admin API: weight, health by the active
     /// checks, whether passive ejection skips it, requests in flight.
     pub fn status(&self) -> serde_json::Value {
-        let now = now_ms();
         let servers: Vec<serde_json::Value> = self
             .servers
             .iter()
@@ -285,7 +286,7 @@ impl UpstreamClient {
                     "server": server.authority.as_str(),
                     "weight": weight,
                     "healthy": server.health.is_healthy(),
-                    "skipped": !server.is_up(now),
+                    "skipped": !server.is_up(),
                     "in_flight": server.in_flight.load(Ordering::Relaxed),
                 })
             })
