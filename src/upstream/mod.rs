@@ -253,11 +253,8 @@ impl UpstreamClient {
             return 0;
         }
         let in_flight = |index: usize| self.servers[index].in_flight.load(Ordering::Relaxed);
-        let tiers: [&dyn Fn(&Server) -> bool; 3] = [
-            &Server::takes_traffic,
-            &Server::is_up,
-            &|_| true,
-        ];
+        let tiers: [&dyn Fn(&Server) -> bool; 3] =
+            [&Server::takes_traffic, &Server::is_up, &|_| true];
         for tier in tiers {
             let eligible = |index: usize| Some(index) != except && tier(&self.servers[index]);
             let candidates = balance::Candidates {
