@@ -29,6 +29,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use super::serving::ServingThreads;
+use super::tls::Tls;
 use crate::http::body::Body;
 
 /// HTTP/2 streams one connection may have open at once.
@@ -60,23 +61,41 @@ pub struct ConnSettings {
     pub send_timeout: Duration,
 }
 
+/// One listening socket and how its connections are served.
+pub struct Listener {
+    /// For logs: `proxy`, `https`, `admin`.
+    pub name: &'static str,
+    pub socket: TcpListener,
+    /// No more connections than this at once; the rest wait in the
+    /// kernel's backlog.
+    pub max_connections: Option<usize>,
+    /// Each connection served on one of these threads, else on the runtime
+    /// the accept loop runs on.
+    pub serving: Option<Arc<ServingThreads>>,
+    /// Connections shake hands with this first (HTTPS).
+    pub tls: Option<Arc<Tls>>,
+}
+
 /// Accepts until told to stop, then drains the open connections for up to
-/// the drain timeout it was told. Accept errors never end the loop. With
-/// `max_connections`, no more connections than that are accepted at once;
-/// the rest wait in the kernel's backlog. With `serving`, each connection
-/// is served on one of those threads, else on the runtime this runs on.
+/// the drain timeout it was told. Accept errors never end the loop. The
+/// handler gets each request with the client's address and whether the
+/// connection is TLS.
 pub async fn accept_loop<H, F>(
-    name: &'static str,
-    listener: TcpListener,
+    listener: Listener,
     mut stopped: watch::Receiver<Option<Duration>>,
     settings: Arc<ArcSwap<ConnSettings>>,
-    max_connections: Option<usize>,
-    serving: Option<Arc<ServingThreads>>,
     handler: H,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, SocketAddr, bool) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    let Listener {
+        name,
+        socket: listener,
+        max_connections,
+        serving,
+        tls,
+    } = listener;
     let mut connections = tokio::task::JoinSet::new();
     let places = max_connections.map(|max| Arc::new(Semaphore::new(max)));
     loop {
@@ -106,12 +125,12 @@ pub async fn accept_loop<H, F>(
             tracing::debug!(%peer, %error, "could not set TCP_NODELAY");
         }
         let settings = **settings.load();
-        let (handler, stopping) = (handler.clone(), stopped.clone());
+        let (handler, stopping, tls) = (handler.clone(), stopped.clone(), tls.clone());
         match &serving {
             None => {
                 connections.spawn(async move {
                     let _place = place;
-                    connection(stream, peer, settings, handler, stopping).await;
+                    connection(stream, peer, tls, settings, handler, stopping).await;
                 });
             }
             // The socket moves to the serving thread's own event loop.
@@ -122,7 +141,8 @@ pub async fn accept_loop<H, F>(
                             let _place = place;
                             match TcpStream::from_std(stream) {
                                 Ok(stream) => {
-                                    connection(stream, peer, settings, handler, stopping).await;
+                                    connection(stream, peer, tls, settings, handler, stopping)
+                                        .await;
                                 }
                                 Err(error) => {
                                     tracing::warn!(%peer, %error, "a connection could not move to its serving thread");
@@ -152,24 +172,62 @@ pub async fn accept_loop<H, F>(
     }
 }
 
-/// Serves one accepted connection until it ends.
+/// Serves one accepted connection until it ends, after its TLS handshake
+/// if the listener has TLS.
 async fn connection<H, F>(
     stream: TcpStream,
     peer: SocketAddr,
+    tls: Option<Arc<Tls>>,
     settings: ConnSettings,
     handler: H,
     stopping: watch::Receiver<Option<Duration>>,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, SocketAddr, bool) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    // The clock starts at accept: the handshake counts against the header
+    // timeout, so a client that opens a connection and stalls mid-handshake
+    // holds it no longer than one that sends no request.
     let activity = Arc::new(Activity::new());
+    let Some(tls) = tls else {
+        return serve_stream(stream, peer, false, activity, settings, handler, stopping).await;
+    };
+    let handshake = tokio::time::timeout(settings.header_timeout, tls.acceptor.accept(stream));
+    match handshake.await {
+        Ok(Ok(stream)) => {
+            serve_stream(stream, peer, true, activity, settings, handler, stopping).await;
+        }
+        Ok(Err(error)) => {
+            metrics::counter!("larder_tls_handshake_failures_total").increment(1);
+            tracing::debug!(%peer, %error, "TLS handshake failed");
+        }
+        Err(_) => {
+            metrics::counter!("larder_tls_handshake_failures_total").increment(1);
+            tracing::debug!(%peer, "no TLS handshake within the header timeout; closed");
+        }
+    }
+}
+
+/// Serves HTTP on a connection (plain or after its handshake).
+async fn serve_stream<S, H, F>(
+    stream: S,
+    peer: SocketAddr,
+    is_tls: bool,
+    activity: Arc<Activity>,
+    settings: ConnSettings,
+    handler: H,
+    stopping: watch::Receiver<Option<Duration>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>, SocketAddr, bool) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
     let tracked = Arc::clone(&activity);
     let service = service_fn(move |request: Request<Incoming>| {
         let in_progress = tracked.begin();
         // Boxed: hyper moves the service future into its connection
         // state, and the unboxed one is a few KiB copied per request.
-        let response = Box::pin(handler(request, peer));
+        let response = Box::pin(handler(request, peer, is_tls));
         async move {
             // The request is in progress until its body has gone out: a
             // long download is not an idle connection.

@@ -11,6 +11,7 @@
 
 mod listener;
 mod serving;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,7 +31,7 @@ use crate::config::Config;
 use crate::plugins::{PluginHost, PluginLoadError};
 use crate::proxy::{BuildError, Proxy, Services};
 use crate::sources::Sources;
-use listener::{ConnSettings, accept_loop};
+use listener::{ConnSettings, Listener, accept_loop};
 use serving::ServingThreads;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,8 @@ pub enum StartError {
     Shared(#[from] redis::RedisError),
     #[error("cannot start the serving threads: {0}")]
     Threads(std::io::Error),
+    #[error("tls: {0}")]
+    Tls(#[from] rustls::Error),
 }
 
 /// Why a reload changed nothing.
@@ -88,6 +91,8 @@ struct Live {
     admin: ArcSwap<Admin>,
     /// Timeouts for new connections.
     conn_settings: Arc<ArcSwap<ConnSettings>>,
+    /// The HTTPS listener's certificates (reloads change them).
+    tls: Option<Arc<tls::Tls>>,
     app: App,
     /// The config now running: reload compares against it.
     config: Mutex<Config>,
@@ -119,6 +124,8 @@ impl Default for Options {
 /// A running Larder.
 pub struct Server {
     pub proxy_addr: SocketAddr,
+    /// The HTTPS listener's address, when `tls:` is configured.
+    pub tls_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     live: Arc<Live>,
     config_path: Option<PathBuf>,
@@ -128,7 +135,7 @@ pub struct Server {
 }
 
 /// Starts everything `config` describes; nothing is left running on error.
-pub async fn start(config: Config, options: Options) -> Result<Server, StartError> {
+pub async fn start(mut config: Config, options: Options) -> Result<Server, StartError> {
     crate::telemetry::metrics();
     let plugins = PluginHost::load(&config.plugins, &config.plugin_limits).await?;
     let shared = connect_shared(config.shared.as_ref())?;
@@ -142,11 +149,20 @@ pub async fn start(config: Config, options: Options) -> Result<Server, StartErro
             tunnels: Arc::default(),
         },
     };
-    let proxy = app.proxy(&config, None)?;
-    let admin = app.admin(&config, &proxy);
-
     let proxy_listener = bind(config.listen).await?;
     let proxy_addr = local_addr(&proxy_listener, config.listen)?;
+    let https = match &mut config.tls {
+        Some(tls_config) => {
+            let listener = bind(tls_config.listen).await?;
+            // What redirects name: the port bound, when the config said 0.
+            tls_config.listen = local_addr(&listener, tls_config.listen)?;
+            Some((listener, tls::Tls::start(tls_config)?))
+        }
+        None => None,
+    };
+    let tls_addr = config.tls.as_ref().map(|tls| tls.listen);
+    let proxy = app.proxy(&config, None)?;
+    let admin = app.admin(&config, &proxy);
     let admin_listener = match &config.admin {
         Some(admin) => {
             if !admin.listen.ip().is_loopback() {
@@ -181,42 +197,66 @@ pub async fn start(config: Config, options: Options) -> Result<Server, StartErro
         proxy: ArcSwap::from_pointee(proxy),
         admin: ArcSwap::from_pointee(admin),
         conn_settings: Arc::new(ArcSwap::from_pointee(conn_settings(&config))),
+        tls: https.as_ref().map(|(_, tls)| Arc::clone(tls)),
         app,
         config: Mutex::new(config),
     });
     let (stop, stopped) = watch::channel(None);
     let mut listeners = Vec::new();
     let proxy_live = live.clone();
+    let proxy_handler = move |request, peer, tls| {
+        let proxy = proxy_live.proxy.load_full();
+        async move { proxy.handle(request, peer, tls).await }
+    };
+    // Both proxy listeners share the connection cap and serving threads.
+    if let Some((listener, tls)) = https {
+        listeners.push(tokio::spawn(accept_loop(
+            Listener {
+                name: "https",
+                socket: listener,
+                max_connections: Some(max_connections),
+                serving: serving.clone(),
+                tls: Some(tls),
+            },
+            stopped.clone(),
+            live.conn_settings.clone(),
+            proxy_handler.clone(),
+        )));
+    }
     listeners.push(tokio::spawn(accept_loop(
-        "proxy",
-        proxy_listener,
+        Listener {
+            name: "proxy",
+            socket: proxy_listener,
+            max_connections: Some(max_connections),
+            serving,
+            tls: None,
+        },
         stopped.clone(),
         live.conn_settings.clone(),
-        Some(max_connections),
-        serving,
-        move |request, peer| {
-            let proxy = proxy_live.proxy.load_full();
-            async move { proxy.handle(request, peer).await }
-        },
+        proxy_handler,
     )));
     if let Some(listener) = admin_listener {
         let admin_live = live.clone();
         listeners.push(tokio::spawn(accept_loop(
-            "admin",
-            listener,
+            Listener {
+                name: "admin",
+                socket: listener,
+                max_connections: None,
+                serving: None,
+                tls: None,
+            },
             stopped,
             live.conn_settings.clone(),
-            None,
-            None,
-            move |request, _peer| {
+            move |request, _peer, _tls| {
                 let admin = admin_live.admin.load_full();
                 async move { admin.handle(request).await }
             },
         )));
     }
-    tracing::info!(listen = %proxy_addr, admin = ?admin_addr, "larder started");
+    tracing::info!(listen = %proxy_addr, https = ?tls_addr, admin = ?admin_addr, "larder started");
     Ok(Server {
         proxy_addr,
+        tls_addr,
         admin_addr,
         live,
         config_path: options.config_path,
@@ -286,10 +326,19 @@ fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, St
 impl Server {
     /// Applies a new config: plugins, cache settings and sources in place,
     /// then a new request path swapped in. On error the running config stays.
-    pub async fn reload(&self, config: Config) -> Result<(), ReloadError> {
+    pub async fn reload(&self, mut config: Config) -> Result<(), ReloadError> {
         let mut running = self.live.config.lock().await;
         if config.listen != running.listen {
             tracing::warn!(old = %running.listen, new = %config.listen, "listen changed; it takes effect on restart");
+        }
+        if config.tls.is_some() != running.tls.is_some() {
+            tracing::warn!(
+                "tls was added or removed; the HTTPS listener starts or stops on restart"
+            );
+        }
+        if self.live.tls.is_none() {
+            // No redirects to a listener that is not there.
+            config.tls = None;
         }
         if config.server.threads != running.server.threads {
             tracing::warn!(old = ?running.server.threads, new = ?config.server.threads, "server.threads changed; it takes effect on restart");
@@ -321,6 +370,9 @@ impl Server {
         self.live
             .conn_settings
             .store(Arc::new(conn_settings(&config)));
+        if let (Some(tls), Some(tls_config)) = (&self.live.tls, &config.tls) {
+            tls.apply(tls_config);
+        }
         *running = config;
         tracing::debug!("configuration swapped in");
         Ok(())
@@ -392,6 +444,14 @@ impl Server {
             let running = self.live.config.lock().await;
             config.listen = running.listen;
             config.log.level = running.log.level.clone();
+            // The HTTPS listener stays where it was bound until a restart
+            // (a port 0 in the file meant the one chosen at start).
+            if let (Some(tls), Some(bound)) = (&mut config.tls, &running.tls) {
+                if tls.listen != bound.listen && tls.listen.port() != 0 {
+                    tracing::warn!(old = %bound.listen, new = %tls.listen, "tls.listen changed; it takes effect on restart");
+                }
+                tls.listen = bound.listen;
+            }
         }
         match self.reload(config).await {
             Ok(()) => tracing::info!(path = %path.display(), reason, "config reloaded"),

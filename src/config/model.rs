@@ -25,6 +25,8 @@ use crate::schedule::Rule;
 pub struct Config {
     /// The proxy listener (`-e` overrides).
     pub listen: SocketAddr,
+    /// The HTTPS listener; `None`: plain HTTP only.
+    pub tls: Option<TlsConfig>,
     pub log: LogConfig,
     pub server: ServerConfig,
     /// The operator API. Absent means not started.
@@ -38,6 +40,23 @@ pub struct Config {
     pub sources: BTreeMap<String, SourceConfig>,
     /// The shared tier on Redis; `None`: this instance keeps to itself.
     pub shared: Option<SharedConfig>,
+}
+
+/// `tls:`, checked: every pair loaded once and matched.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    pub listen: SocketAddr,
+    /// At least one; the first is the default.
+    pub certificates: Vec<CertificateFiles>,
+    pub redirect_http: bool,
+}
+
+/// Where one certificate chain and its key are read from (and read again
+/// when they change).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CertificateFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// `shared:`, checked.

@@ -30,6 +30,9 @@ pub struct RawConfig {
     /// The proxy listener (`-e` overrides). cachepump's default is `:8080`.
     #[serde(default = "default_listen", deserialize_with = "deserialize_listen")]
     pub listen: SocketAddr,
+    /// An HTTPS listener beside `listen`. Absent: plain HTTP only.
+    #[serde(default)]
+    pub tls: Option<RawTls>,
     #[serde(default)]
     pub log: LogConfig,
     /// Listener-wide limits and timeouts.
@@ -55,6 +58,31 @@ pub struct RawConfig {
     /// The shared tier on Redis. Absent: this instance keeps its cache to itself.
     #[serde(default)]
     pub shared: Option<RawShared>,
+}
+
+/// `tls:`: the HTTPS listener and its certificates.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    #[serde(deserialize_with = "deserialize_listen")]
+    pub listen: SocketAddr,
+    /// Chosen by the name the client asks for (SNI); the first is the
+    /// default for clients that name none or an unknown one.
+    pub certificates: Vec<RawCertificate>,
+    /// The plain listener answers every request (but `/health`) with a
+    /// redirect to the same URL on the HTTPS listener.
+    #[serde(default)]
+    pub redirect_http: bool,
+}
+
+/// A certificate chain and its private key, both PEM files.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    /// The chain, the server's own certificate first.
+    pub cert: PathBuf,
+    /// PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
+    pub key: PathBuf,
 }
 
 /// `shared:`: the Redis every instance of a namespace shares.

@@ -23,10 +23,11 @@ use super::model::{
     PluginConfig, PurgeConfig, RedisSource, Route, RouteCache, RouteHeaders, RouteTarget,
     ServerAddr, ServerConfig, SharedConfig, SourceConfig, Upstream,
 };
+use super::model::{CertificateFiles, TlsConfig};
 use super::positions::PositionIndex;
 use super::raw::{
     RawCacheConfig, RawConfig, RawHealthCheck, RawHttpSource, RawRoute, RawRouteCache,
-    RawRouteHeaders, RawServer, RawShared, RawSource, RawUpstream,
+    RawRouteHeaders, RawServer, RawShared, RawSource, RawTls, RawUpstream,
 };
 use crate::schedule::Rule;
 
@@ -87,6 +88,7 @@ pub fn validate(
         .shared
         .as_ref()
         .and_then(|shared| checker.shared(shared));
+    let tls = raw.tls.as_ref().and_then(|tls| checker.tls(tls, &raw));
     let mut errors = checker.errors;
     if !errors.is_empty() {
         errors.sort_by_key(|e| (e.line.unwrap_or(usize::MAX), e.column.unwrap_or(0)));
@@ -94,6 +96,7 @@ pub fn validate(
     }
     Ok(Config {
         listen: raw.listen,
+        tls,
         log: raw.log,
         server,
         admin: raw.admin,
@@ -254,6 +257,54 @@ impl Checker<'_> {
             targeted_fields: self.header_names("cache.targeted_fields", &cache.targeted_fields),
             remove_targeted_fields: cache.remove_targeted_fields,
         }
+    }
+
+    /// Every certificate loads and matches its key now, so the listener
+    /// starts with what `larder check` passed.
+    fn tls(&mut self, tls: &RawTls, config: &RawConfig) -> Option<TlsConfig> {
+        let before = self.errors.len();
+        let admin_listen = config.admin.as_ref().map(|admin| admin.listen);
+        if tls.listen.port() != 0
+            && (tls.listen == config.listen || Some(tls.listen) == admin_listen)
+        {
+            self.fail(
+                "tls.listen",
+                format!(
+                    "{} is also the proxy's `listen` or the admin's address; HTTPS needs its own",
+                    tls.listen
+                ),
+            );
+        }
+        if tls.certificates.is_empty() {
+            self.fail(
+                "tls.certificates",
+                "give at least one certificate (cert and key)",
+            );
+        }
+        for (i, pair) in tls.certificates.iter().enumerate() {
+            if let Err(error) = crate::http::tls::load_certified_key(&pair.cert, &pair.key) {
+                let key = if error.is_key() { "key" } else { "cert" };
+                self.fail(
+                    &format!("tls.certificates[{i}].{key}"),
+                    format!("{error} (paths are relative to the working directory)"),
+                );
+            }
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(TlsConfig {
+            listen: tls.listen,
+            certificates: tls
+                .certificates
+                .iter()
+                .map(|pair| CertificateFiles {
+                    cert: pair.cert.clone(),
+                    key: pair.key.clone(),
+                })
+                .collect(),
+            redirect_http: tls.redirect_http,
+        })
     }
 
     fn shared(&mut self, shared: &RawShared) -> Option<SharedConfig> {

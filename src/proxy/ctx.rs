@@ -19,6 +19,8 @@ use crate::plugins::RequestState;
 pub struct RequestCtx<'p> {
     /// The TCP peer (what PURGE's allow-list and X-Forwarded-For use).
     pub client: SocketAddr,
+    /// The request came over TLS.
+    pub tls: bool,
     pub started: Instant,
     pub method: Method,
     /// The path, kept only when the access log will write it.
@@ -39,9 +41,10 @@ pub struct RequestCtx<'p> {
 }
 
 impl<'p> RequestCtx<'p> {
-    pub fn new<B>(client: SocketAddr, request: &Request<B>, keep_path: bool) -> Self {
+    pub fn new<B>(client: SocketAddr, tls: bool, request: &Request<B>, keep_path: bool) -> Self {
         Self {
             client,
+            tls,
             started: Instant::now(),
             method: request.method().clone(),
             log_path: keep_path.then(|| request.uri().path().to_string()),

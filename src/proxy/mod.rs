@@ -29,6 +29,7 @@ mod ctx;
 mod errors;
 mod forwarded;
 mod guard;
+mod https;
 mod origin;
 mod path;
 mod purge;
@@ -145,6 +146,8 @@ pub struct Proxy {
     access_log: bool,
     /// Metrics of requests no route answered.
     unrouted: RouteMetrics,
+    /// The HTTPS listener's port, when plain requests are redirected to it.
+    redirect_to_https: Option<u16>,
 }
 
 impl Proxy {
@@ -198,6 +201,11 @@ impl Proxy {
             max_tunnels: config.server.max_tunnels,
             tunnel_idle_timeout: config.server.tunnel_idle_timeout.get(),
             access_log: config.log.access_log,
+            redirect_to_https: config
+                .tls
+                .as_ref()
+                .filter(|tls| tls.redirect_http)
+                .map(|tls| tls.listen.port()),
         })
     }
 
@@ -211,12 +219,18 @@ impl Proxy {
         self.upstreams.clone()
     }
 
-    /// Answers one request; never fails: errors become responses in `respond`.
-    pub async fn handle(&self, request: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+    /// Answers one request (`tls`: it came over HTTPS); never fails: errors
+    /// become responses in `respond`.
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        client: SocketAddr,
+        tls: bool,
+    ) -> Response<Body> {
         // Skip the access log's bookkeeping when its level is off anyway.
         let logging =
             self.access_log && tracing::enabled!(target: "larder::access", tracing::Level::INFO);
-        let mut ctx = RequestCtx::new(client, &request, logging);
+        let mut ctx = RequestCtx::new(client, tls, &request, logging);
         let result = self.process(request, &mut ctx).await;
         self.respond(result, ctx)
     }
@@ -262,6 +276,16 @@ impl Proxy {
             return Err(ErrorKind::Loop { hops }.into());
         }
         normalize_path(request)?;
+        // Before the target may become absolute: only a client's own
+        // absolute-form target marks it as a forward-proxy request.
+        let absolute_form = request.version() < Version::HTTP_2 && request.uri().scheme().is_some();
+        if ctx.tls {
+            https::name_https(request);
+        } else if let Some(port) = self.redirect_to_https
+            && request.uri().path() != "/health"
+        {
+            return https::redirect(request, port).map(Routed::Answer);
+        }
         let request = &*request;
         let host = self
             .routes_match_host
@@ -281,7 +305,7 @@ impl Proxy {
             if path == "/health" {
                 return Ok(Routed::Answer(crate::http::health()));
             }
-            if request.version() < Version::HTTP_2 && request.uri().scheme().is_some() {
+            if absolute_form {
                 return Err(RequestError::bad_request(
                     "absolute-form request for a host this proxy does not serve; Larder is not a forward proxy",
                 ));
@@ -321,7 +345,7 @@ impl Proxy {
     ) -> Request<Body> {
         crate::http::remove_all_named(request.headers_mut(), &route.strip_request_headers);
         let trusted = is_trusted(&self.trusted_proxies, ctx.client.ip());
-        prepare_request_headers(&mut request, ctx.client, keep_upgrade, trusted);
+        prepare_request_headers(&mut request, ctx, keep_upgrade, trusted);
         let (parts, incoming) = request.into_parts();
         let body = if http_body::Body::is_end_stream(&incoming) {
             // Nothing to read: an empty body, which boxes without allocating.
@@ -676,7 +700,7 @@ fn is_valid_host(value: &[u8]) -> bool {
 /// `trusted`: the client is a proxy whose forwarding headers are kept.
 fn prepare_request_headers<B>(
     request: &mut Request<B>,
-    client: SocketAddr,
+    ctx: &RequestCtx<'_>,
     keep_upgrade: bool,
     trusted: bool,
 ) {
@@ -695,7 +719,8 @@ fn prepare_request_headers<B>(
     if !trusted {
         forwarded::remove_forwarding(headers);
     }
-    forwarded::add_forwarded(headers, client.ip(), "http", original_host);
+    let proto = if ctx.tls { "https" } else { "http" };
+    forwarded::add_forwarded(headers, ctx.client.ip(), proto, original_host);
 }
 
 #[cfg(test)]

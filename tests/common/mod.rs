@@ -46,6 +46,8 @@ pub const ADMIN_BLOCK: &str = "admin:\n  token: test-admin-token\n";
 /// A Larder running in this process.
 pub struct Larder {
     pub addr: SocketAddr,
+    /// The HTTPS listener, when the config has `tls:`.
+    pub tls_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     server: Server,
 }
@@ -78,6 +80,9 @@ impl Larder {
     pub async fn reload(&self, yaml: &str) -> Result<(), String> {
         let mut config = larder::config::load_str(yaml, "test.yml").map_err(|e| e.to_string())?;
         config.listen = self.addr;
+        if let (Some(tls), Some(addr)) = (config.tls.as_mut(), self.tls_addr) {
+            tls.listen = addr;
+        }
         if let (Some(admin), Some(addr)) = (config.admin.as_mut(), self.admin_addr) {
             admin.listen = addr;
         }
@@ -106,6 +111,9 @@ pub async fn start_larder_with(yaml: &str, options: larder::app::Options) -> Lar
         .unwrap_or_else(|errors| panic!("invalid test config:\n{errors}\n---\n{yaml}"));
     let any_port: SocketAddr = LOOPBACK_ANY_PORT.parse().expect("loopback address");
     config.listen = any_port;
+    if let Some(tls) = config.tls.as_mut() {
+        tls.listen = any_port;
+    }
     if let Some(admin) = config.admin.as_mut() {
         admin.listen = any_port;
     }
@@ -114,6 +122,7 @@ pub async fn start_larder_with(yaml: &str, options: larder::app::Options) -> Lar
         .unwrap_or_else(|error| panic!("larder did not start: {error}"));
     Larder {
         addr: server.proxy_addr,
+        tls_addr: server.tls_addr,
         admin_addr: server.admin_addr,
         server,
     }
