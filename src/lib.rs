@@ -23,5 +23,6 @@ pub mod schedule;
 pub mod shared;
 pub mod sources;
 pub mod telemetry;
+pub mod traffic;
 pub mod upstream;
 pub mod watch;

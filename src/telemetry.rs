@@ -107,3 +107,88 @@ fn install_recorder() -> PrometheusHandle {
 pub fn render_metrics() -> String {
     metrics().render()
 }
+
+/// One series of the Prometheus text: a counter's or gauge's value, or a
+/// histogram's bucket (`le` among the labels, name ending in `_bucket`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+impl Sample {
+    pub fn label(&self, name: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Every series whose name starts with `prefix`, read back from the
+/// exposition (what the console shows without counting anything twice).
+pub fn samples(prefix: &str) -> Vec<Sample> {
+    parse_exposition(&render_metrics(), prefix)
+}
+
+fn parse_exposition(text: &str, prefix: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|line| line.starts_with(prefix))
+        .filter_map(parse_sample)
+        .collect()
+}
+
+/// `name{a="x",b="y \"q\""} 12.5` (labels optional).
+fn parse_sample(line: &str) -> Option<Sample> {
+    let (series, value) = line.rsplit_once(' ')?;
+    let value = value.parse::<f64>().ok()?;
+    let Some((name, labels)) = series.split_once('{') else {
+        return Some(Sample {
+            name: series.to_string(),
+            labels: Vec::new(),
+            value,
+        });
+    };
+    let mut parsed = Vec::new();
+    let mut rest = labels.strip_suffix('}')?;
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once("=\"")?;
+        let mut label = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => label.push('\n'),
+                    other => label.push(other),
+                },
+                (at, '"') => break at,
+                (_, other) => label.push(other),
+            }
+        };
+        parsed.push((key.trim_start_matches(',').to_string(), label));
+        rest = after.get(end + 1..)?.trim_start_matches(',');
+    }
+    Some(Sample {
+        name: name.to_string(),
+        labels: parsed,
+        value,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_lines_parse_with_escaped_labels() {
+        let text = "# HELP x y\nlarder_requests_total{route=\"a.test/\",status=\"200\"} 12\nlarder_x{v=\"q\\\"uote\"} 1.5\nlarder_bare 3\nother 1\n";
+        let samples = parse_exposition(text, "larder_");
+        assert_eq!(samples.len(), 3);
+        assert_eq!(samples[0].label("route"), Some("a.test/"));
+        assert_eq!(samples[0].label("status"), Some("200"));
+        assert_eq!(samples[0].value, 12.0);
+        assert_eq!(samples[1].label("v"), Some("q\"uote"));
+        assert_eq!(samples[2].name, "larder_bare");
+    }
+}

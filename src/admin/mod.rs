@@ -11,7 +11,12 @@
 //! [`Purge`]; this module never touches entries itself. Refusals go through
 //! the one error mapping (`http::error`).
 //!
+//! `/console` (module `console`) is the same information for a person: a
+//! page, its sign-in form and session cookie.
+//!
 //! Must not import the proxy.
+
+pub mod console;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -34,6 +39,9 @@ use crate::upstream::UpstreamClient;
 /// Purge requests are a line of JSON; anything bigger is a mistake.
 const MAX_PURGE_BODY: usize = 64 * 1024;
 
+/// A sign-in form holds one token.
+const MAX_SIGN_IN_BODY: usize = 4 * 1024;
+
 /// The admin API for one config (the token may change on reload).
 pub struct Admin {
     /// SHA-256 of the token, so comparing takes the same time for any guess.
@@ -46,6 +54,8 @@ pub struct Admin {
     plugins: Arc<PluginHost>,
     /// The running config's upstreams, for `GET /upstreams`.
     upstreams: BTreeMap<String, Arc<UpstreamClient>>,
+    /// What the console's chart draws.
+    history: Arc<console::History>,
 }
 
 /// `POST /purge` body: exactly one of the four.
@@ -66,6 +76,7 @@ impl Admin {
         sources: Arc<Sources>,
         plugins: Arc<PluginHost>,
         upstreams: BTreeMap<String, Arc<UpstreamClient>>,
+        history: Arc<console::History>,
     ) -> Self {
         Self {
             token_digest: config
@@ -86,6 +97,7 @@ impl Admin {
             sources,
             plugins,
             upstreams,
+            history,
         }
     }
 
@@ -110,6 +122,14 @@ impl Admin {
                 && matches!(*request.method(), Method::GET | Method::HEAD) =>
             {
                 return self.sources.serve_by_key(&request)?.response().await;
+            }
+            "/console/app.js" => return Ok(console::script()),
+            "/console" => return Ok(self.console_page(&request)),
+            "/console/login" if request.method() == Method::POST => {
+                return self.sign_in(request).await;
+            }
+            "/console/logout" if request.method() == Method::POST => {
+                return Ok(console::signed_out());
             }
             _ => {}
         }
@@ -138,6 +158,9 @@ impl Admin {
                 self.sources.serve_by_key(&request)?.response().await
             }
             (&Method::POST, "/purge") => self.purge(request).await,
+            (&Method::GET, "/console/data") => {
+                Ok(json(StatusCode::OK, self.console_data().to_string()))
+            }
             (_, "/metrics" | "/sources" | "/cache" | "/plugins" | "/upstreams" | "/") => {
                 Err(ErrorKind::MethodNotAllowed {
                     allow: "GET",
@@ -180,7 +203,86 @@ impl Admin {
         }
     }
 
-    /// Passes a request that carries the right bearer token; 401 or 403 otherwise.
+    /// The console page when the request is signed in (or carries the
+    /// token), else the sign-in form.
+    fn console_page<B>(&self, request: &Request<B>) -> Response<Body> {
+        if self.token_digest.is_none() {
+            return console::sign_in(
+                StatusCode::FORBIDDEN,
+                "The console needs <code>admin.token</code> to be set in the config.",
+            );
+        }
+        match self.check_token(request) {
+            Ok(()) => console::page(),
+            Err(_) => console::sign_in(StatusCode::UNAUTHORIZED, ""),
+        }
+    }
+
+    /// `POST /console/login` with the token from the form: a session cookie
+    /// and on to the console, or the form again.
+    async fn sign_in(&self, request: Request<Incoming>) -> Result<Response<Body>, RequestError> {
+        let Some(expected) = &self.token_digest else {
+            return Ok(self.console_page(&request));
+        };
+        let form = Limited::new(request.into_body(), MAX_SIGN_IN_BODY)
+            .collect()
+            .await
+            .map_err(|_| {
+                RequestError::bad_request("the sign-in form could not be read or is over 4 KiB")
+            })?
+            .to_bytes();
+        let presented = console::token_from_form(&form).map(|token| digest(&token));
+        match presented {
+            Some(presented) if constant_time_eq(&presented, expected) => {
+                tracing::info!("console sign-in");
+                Ok(console::signed_in(expected))
+            }
+            _ => {
+                tracing::warn!("console sign-in with a wrong token");
+                Ok(console::sign_in(
+                    StatusCode::UNAUTHORIZED,
+                    "That is not the admin token.",
+                ))
+            }
+        }
+    }
+
+    /// What the console page polls.
+    fn console_data(&self) -> serde_json::Value {
+        self.cache.run_pending_tasks();
+        let waiting: u64 = self
+            .cache
+            .in_flight()
+            .into_iter()
+            .map(|(_, waiters)| waiters)
+            .sum();
+        let requests_total: f64 = crate::telemetry::samples("larder_requests_total")
+            .iter()
+            .map(|sample| sample.value)
+            .sum();
+        let upstreams: serde_json::Map<String, serde_json::Value> = self
+            .upstreams
+            .iter()
+            .map(|(name, upstream)| (name.clone(), upstream.status()))
+            .collect();
+        let mut data = console::history_json(&self.history);
+        data["requests_total"] = requests_total.into();
+        data["cache"] = serde_json::json!({
+            "entries": self.cache.entry_count(),
+            "bytes": self.cache.weighted_size(),
+            "waiting": waiting,
+            "stats": self.cache.stats(),
+        });
+        data["shared"] = self.cache.tier_status();
+        data["upstreams"] = upstreams.into();
+        data["sources"] = self.sources.status();
+        data["plugins"] = self.plugins.status();
+        data
+    }
+
+    /// Passes a request that carries the right bearer token, or the
+    /// console's session cookie (for a change, with the console's header
+    /// too); 401 or 403 otherwise.
     fn check_token<B>(&self, request: &Request<B>) -> Result<(), RequestError> {
         let Some(expected) = &self.token_digest else {
             return Err(ErrorKind::Forbidden(
@@ -194,8 +296,14 @@ impl Admin {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "))
             .map(|token| digest(token.trim()));
+        let from_console = || {
+            let reads = matches!(*request.method(), Method::GET | Method::HEAD);
+            (reads || request.headers().contains_key(console::CONSOLE_HEADER))
+                && console::has_session(request.headers(), expected, std::time::SystemTime::now())
+        };
         match presented {
             Some(presented) if constant_time_eq(&presented, expected) => Ok(()),
+            None if from_console() => Ok(()),
             _ => Err(ErrorKind::Unauthorized(
                 "missing or wrong bearer token (Authorization: Bearer <admin.token>)",
             )

@@ -67,6 +67,8 @@ pub enum ReloadError {
 /// The parts that outlive reloads.
 struct App {
     services: Services,
+    /// The console's chart: the last minutes of counters.
+    history: Arc<crate::admin::console::History>,
 }
 
 impl App {
@@ -81,6 +83,7 @@ impl App {
             self.services.sources.clone(),
             self.services.plugins.clone(),
             proxy.upstreams(),
+            self.history.clone(),
         )
     }
 }
@@ -141,7 +144,9 @@ pub async fn start(mut config: Config, options: Options) -> Result<Server, Start
     let shared = connect_shared(config.shared.as_ref())?;
     let cache = Cache::new(&config.cache, options.clock);
     cache.set_tier(cache_tier(&shared, config.shared.as_ref()));
+    let history = crate::admin::console::History::start(cache.clone());
     let app = App {
+        history,
         services: Services {
             cache,
             sources: Sources::start(&config.sources, plugins.clone(), source_tier(&shared)),

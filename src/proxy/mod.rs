@@ -231,6 +231,10 @@ impl Proxy {
         let logging =
             self.access_log && tracing::enabled!(target: "larder::access", tracing::Level::INFO);
         let mut ctx = RequestCtx::new(client, tls, &request, logging);
+        crate::traffic::record(
+            router::request_host(&request).unwrap_or(""),
+            request.uri().path(),
+        );
         let result = self.process(request, &mut ctx).await;
         self.respond(result, ctx)
     }
