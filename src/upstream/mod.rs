@@ -1,7 +1,9 @@
 //! Outbound to origins: one configured upstream's servers in round robin, a
 //! pooled keep-alive client (http:// and https://, the one trust policy of
-//! `http::tls` plus `ca_file`), the connect and response-head timeouts, and
-//! which failures may be sent again ([`UpstreamError`] carries that as data).
+//! `http::tls` plus `ca_file`) or, for `protocol: h2`/`h2c`, one shared
+//! HTTP/2 connection per server (`h2`), the connect and response-head
+//! timeouts, and which failures may be sent again ([`UpstreamError`]
+//! carries that as data).
 //!
 //! Must not know about routes or the cache, or decide what a client is told:
 //! the proxy maps an [`UpstreamError`] to a status.
