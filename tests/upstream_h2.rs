@@ -552,3 +552,25 @@ async fn the_connect_timeout_covers_the_tls_handshake() {
     larder.stop().await;
     held.abort();
 }
+
+#[tokio::test]
+async fn an_upgrade_to_an_http2_upstream_is_served_as_a_plain_request() {
+    let origin = H2Origin::start(handler(|_| async { respond(200, &[], "plain") })).await;
+    let larder = start_larder(&h2c_upstream(&origin.url())).await;
+    let reply = common::get_with(
+        &larder.url("/socket"),
+        &[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.text(), "plain");
+    let seen = origin.requests();
+    assert_eq!(seen.len(), 1);
+    assert!(!seen[0].headers.contains_key("upgrade"), "{seen:?}");
+    larder.stop().await;
+}
