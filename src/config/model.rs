@@ -110,6 +110,35 @@ pub enum Balance {
     ConsistentHash,
 }
 
+/// What an upstream's servers speak.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 on pooled keep-alive connections (http:// or https://).
+    #[default]
+    Http1,
+    /// HTTP/2 over TLS, negotiated with ALPN (https:// servers only).
+    H2,
+    /// HTTP/2 over cleartext TCP with prior knowledge (http:// servers only).
+    H2c,
+}
+
+impl UpstreamProtocol {
+    /// The config spelling, also shown by the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::H2 => "h2",
+            Self::H2c => "h2c",
+        }
+    }
+
+    /// Whether requests go out as HTTP/2 streams.
+    pub fn is_http2(self) -> bool {
+        matches!(self, Self::H2 | Self::H2c)
+    }
+}
+
 /// One upstream: where its servers are and how long to wait for them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
@@ -117,6 +146,7 @@ pub struct Upstream {
     /// Each server's weight, in the order of `servers` (1 unless given).
     pub weights: Vec<u32>,
     pub balance: Balance,
+    pub protocol: UpstreamProtocol,
     pub connect_timeout: HumanDuration,
     pub timeout: HumanDuration,
     /// Replaces the client's Host header when set.

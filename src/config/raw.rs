@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::model::{AdminConfig, Balance, LogConfig, PluginConfig, PluginTotals, RouteMatch};
+use super::model::{
+    AdminConfig, Balance, LogConfig, PluginConfig, PluginTotals, RouteMatch, UpstreamProtocol,
+};
 use super::model::{
     BasicAuth, EtcdSource, FileSource, PluginSource, RedisSource, StaticSource, default_true,
 };
@@ -287,6 +289,9 @@ pub struct RawUpstream {
     /// How requests are spread over the servers.
     #[serde(default)]
     pub balance: Balance,
+    /// `http1` (default), `h2` (HTTP/2 over TLS with ALPN) or `h2c`.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: HumanDuration,
     /// Until the response head arrives.
@@ -397,9 +402,10 @@ pub struct RawRoute {
     #[serde(default)]
     pub max_request_body: Option<ByteSize>,
     /// `Upgrade` protocols tunnelled to the upstream; others are refused
-    /// (`h2c`) or ignored. Default `[websocket]`.
-    #[serde(default = "default_upgrades")]
-    pub upgrades: Vec<String>,
+    /// (`h2c`) or ignored. Default `[websocket]`, or `[]` when the route's
+    /// upstream speaks HTTP/2 (a tunnel needs HTTP/1.1).
+    #[serde(default)]
+    pub upgrades: Option<Vec<String>>,
     /// Request headers removed on the way in: ones origins may trust that
     /// the cache key does not include.
     #[serde(default = "default_strip_request_headers")]
@@ -424,7 +430,7 @@ pub struct RawRouteHeaders {
     pub remove: Vec<String>,
 }
 
-fn default_upgrades() -> Vec<String> {
+pub fn default_upgrades() -> Vec<String> {
     vec!["websocket".to_string()]
 }
 

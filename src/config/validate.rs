@@ -21,7 +21,7 @@ use super::ConfigError;
 use super::model::{
     CacheConfig, CacheKeyConfig, Config, Endpoint, EtcdSource, HealthCheck, HttpSource,
     PluginConfig, PurgeConfig, RedisSource, Route, RouteCache, RouteHeaders, RouteTarget,
-    ServerAddr, ServerConfig, SharedConfig, SourceConfig, Upstream,
+    ServerAddr, ServerConfig, SharedConfig, SourceConfig, Upstream, UpstreamProtocol,
 };
 use super::model::{CertificateFiles, TlsConfig};
 use super::positions::PositionIndex;
@@ -375,7 +375,8 @@ impl Checker<'_> {
                     .map_err(|why| self.fail(&format!("{path}.servers[{i}]"), why))
                     .ok()
             })
-            .collect();
+            .collect::<Vec<ServerAddr>>();
+        self.protocol_fits_servers(path, upstream.protocol, &servers);
         let weights = upstream
             .servers
             .iter()
@@ -422,11 +423,39 @@ impl Checker<'_> {
             servers,
             weights,
             balance: upstream.balance,
+            protocol: upstream.protocol,
             connect_timeout: upstream.connect_timeout,
             timeout: upstream.timeout,
             host,
             ca_file: upstream.ca_file.clone(),
             health_check,
+        }
+    }
+
+    /// `h2` is negotiated in the TLS handshake, `h2c` has none: each needs
+    /// its own scheme on every server.
+    fn protocol_fits_servers(
+        &mut self,
+        path: &str,
+        protocol: UpstreamProtocol,
+        servers: &[ServerAddr],
+    ) {
+        let https = |server: &ServerAddr| server.scheme == Scheme::HTTPS;
+        let why = match protocol {
+            UpstreamProtocol::Http1 => return,
+            UpstreamProtocol::H2 => servers.iter().find(|s| !https(s)).map(|server| {
+                format!(
+                    "protocol h2 is HTTP/2 over TLS; use h2c for cleartext http:// servers ({server} is one)"
+                )
+            }),
+            UpstreamProtocol::H2c => servers.iter().find(|s| https(s)).map(|server| {
+                format!(
+                    "protocol h2c is HTTP/2 over cleartext TCP; use h2 for https:// servers ({server} is one)"
+                )
+            }),
+        };
+        if let Some(why) = why {
+            self.fail(&format!("{path}.protocol"), why);
         }
     }
 
@@ -550,7 +579,7 @@ impl Checker<'_> {
             );
         }
         let cache = self.route_cache(&format!("{path}.cache"), &route.cache);
-        let upgrades = self.upgrades(&format!("{path}.upgrades"), &route.upgrades);
+        let upgrades = self.route_upgrades(path, route, config);
         let strip_request_headers = self.header_names(
             &format!("{path}.strip_request_headers"),
             &route.strip_request_headers,
@@ -567,6 +596,35 @@ impl Checker<'_> {
             strip_request_headers,
             skip_unavailable_plugins: route.skip_unavailable_plugins,
         })
+    }
+
+    /// The route's tunnelled protocols: as listed, or `[websocket]` when
+    /// not. A tunnel is an HTTP/1.1 exchange, so a route whose upstream
+    /// speaks HTTP/2 tunnels nothing by default and may not list any.
+    fn route_upgrades(&mut self, path: &str, route: &RawRoute, config: &RawConfig) -> Vec<String> {
+        let path = format!("{path}.upgrades");
+        let http2 = route
+            .upstream
+            .as_ref()
+            .and_then(|name| config.upstreams.get(name))
+            .map(|upstream| upstream.protocol)
+            .filter(|protocol| protocol.is_http2());
+        match (&route.upgrades, http2) {
+            (None, None) => super::raw::default_upgrades(),
+            (None, Some(_)) => Vec::new(),
+            (Some(names), Some(protocol)) if !names.is_empty() => {
+                self.fail(
+                    &path,
+                    format!(
+                        "upstream {:?} speaks HTTP/2 (protocol {}) and upgrades need HTTP/1.1; route WebSockets to an upstream with protocol http1, or write upgrades: []",
+                        route.upstream.as_deref().unwrap_or_default(),
+                        protocol.as_str()
+                    ),
+                );
+                Vec::new()
+            }
+            (Some(names), _) => self.upgrades(&path, names),
+        }
     }
 
     /// Upgrade protocol names, lowercase; `h2c` is never tunnelled (it would

@@ -77,6 +77,20 @@ fn connection_tokens(headers: &HeaderMap) -> SmallVec<[&[u8]; 4]> {
     tokens
 }
 
+/// Whether a request's `TE` lists `trailers` (RFC 9110 section 10.1.4):
+/// the one TE value that may go on to an HTTP/2 server, where gRPC
+/// requires it.
+pub fn te_accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|byte| *byte == b','))
+        .any(|item| {
+            let coding = item.split(|byte| *byte == b';').next().unwrap_or(item);
+            coding.trim_ascii().eq_ignore_ascii_case(b"trailers")
+        })
+}
+
 /// Whether the request asks for a protocol upgrade (WebSocket).
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
@@ -131,6 +145,14 @@ mod tests {
             assert!(!headers.contains_key(name), "{name} survived");
             assert!(headers.contains_key("accept"));
         }
+    }
+
+    #[test]
+    fn te_trailers_is_found_among_other_codings() {
+        assert!(te_accepts_trailers(&map(&[("te", "trailers")])));
+        assert!(te_accepts_trailers(&map(&[("te", "gzip;q=0.5, Trailers")])));
+        assert!(!te_accepts_trailers(&map(&[("te", "gzip")])));
+        assert!(!te_accepts_trailers(&map(&[("accept", "trailers")])));
     }
 
     #[test]

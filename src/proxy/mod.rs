@@ -86,6 +86,9 @@ pub struct RouteEntry {
     cache: RouteCache,
     /// `Upgrade` protocols tunnelled (lowercase).
     upgrades: Vec<String>,
+    /// The upstream speaks HTTP/2: a client's `TE: trailers` goes on to it
+    /// (gRPC servers require it; other TE values are still dropped).
+    keeps_te_trailers: bool,
     strip_request_headers: Vec<http::HeaderName>,
     plugins: Arc<[String]>,
     skip_unavailable_plugins: bool,
@@ -349,7 +352,14 @@ impl Proxy {
     ) -> Request<Body> {
         crate::http::remove_all_named(request.headers_mut(), &route.strip_request_headers);
         let trusted = is_trusted(&self.trusted_proxies, ctx.client.ip());
+        let te_trailers =
+            route.keeps_te_trailers && hop_by_hop::te_accepts_trailers(request.headers());
         prepare_request_headers(&mut request, ctx, keep_upgrade, trusted);
+        if te_trailers {
+            request
+                .headers_mut()
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         let (parts, incoming) = request.into_parts();
         let body = if http_body::Body::is_end_stream(&incoming) {
             // Nothing to read: an empty body, which boxes without allocating.
@@ -582,11 +592,13 @@ fn compile_route(
 ) -> Result<RouteEntry, BuildError> {
     let fill_idle_timeout = cache.fill_idle_timeout;
     let chain: Arc<[String]> = route.plugins.clone().into();
+    let mut keeps_te_trailers = false;
     let target = match &route.target {
         RouteTarget::Upstream(name) => {
             let upstream = upstreams
                 .get(name)
                 .ok_or_else(|| BuildError::UnknownUpstream(name.clone()))?;
+            keeps_te_trailers = upstream.speaks_http2();
             let origin = RouteOrigin::new(upstream.clone(), plugins.clone(), chain.clone());
             Target::Upstream {
                 // The cache reads what it fills as it arrives: a body that
@@ -612,6 +624,7 @@ fn compile_route(
         target,
         cache: route.cache.clone(),
         upgrades: route.upgrades.clone(),
+        keeps_te_trailers,
         strip_request_headers: route.strip_request_headers.clone(),
         plugins: chain,
         skip_unavailable_plugins: route.skip_unavailable_plugins,

@@ -16,7 +16,7 @@ use http::{Request, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use super::pool;
+use super::{h2, pool};
 use crate::config::HealthCheck;
 use crate::http::body;
 
@@ -74,6 +74,7 @@ pub async fn run(
     check: HealthCheck,
     host: Option<HeaderValue>,
     connector: HttpsConnector<HttpConnector>,
+    http2: bool,
     servers: Vec<Probed>,
 ) {
     let mut streaks = vec![(true, 0u32); servers.len()];
@@ -86,7 +87,7 @@ pub async fn run(
         ticks.tick().await;
         let probes = servers
             .iter()
-            .map(|server| probe(&check, host.as_ref(), &connector, server));
+            .map(|server| probe(&check, host.as_ref(), &connector, http2, server));
         let results = futures_util::future::join_all(probes).await;
         for ((server, streak), result) in servers.iter().zip(&mut streaks).zip(results) {
             let healthy = server.health.is_healthy();
@@ -117,23 +118,53 @@ fn gauge(upstream: &Arc<str>, server: &Probed) -> metrics::Gauge {
 }
 
 /// One probe: a GET of the path on a new connection, within the timeout,
-/// answered with an expected status.
+/// answered with an expected status. For an HTTP/2 upstream too the probe
+/// opens a connection of its own: it tells whether the server can be
+/// reached now, which the shared connection (open for a while, or closed
+/// and not yet replaced) does not.
 async fn probe(
     check: &HealthCheck,
     host: Option<&HeaderValue>,
     connector: &HttpsConnector<HttpConnector>,
+    http2: bool,
     server: &Probed,
 ) -> Result<(), String> {
     let host = match host {
         Some(host) => host.clone(),
         None => HeaderValue::from_str(server.authority.as_str()).map_err(|e| e.to_string())?,
     };
-    let request = Request::get(Uri::from(check.path.clone()))
-        .header(header::HOST, host)
-        .header(header::USER_AGENT, "larder-health-check")
-        .body(body::empty())
-        .map_err(|e| e.to_string())?;
+    let request = if http2 {
+        // `:authority` carries the host (RFC 9113 section 8.3.1).
+        let authority = http::uri::Authority::try_from(host.as_bytes())
+            .unwrap_or_else(|_| server.authority.clone());
+        let scheme = server
+            .base
+            .scheme()
+            .cloned()
+            .unwrap_or(http::uri::Scheme::HTTP);
+        let uri = Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query(check.path.clone())
+            .build()
+            .map_err(|e| e.to_string())?;
+        Request::get(uri)
+            .version(http::Version::HTTP_2)
+            .header(header::USER_AGENT, "larder-health-check")
+            .body(body::empty())
+    } else {
+        Request::get(Uri::from(check.path.clone()))
+            .header(header::HOST, host)
+            .header(header::USER_AGENT, "larder-health-check")
+            .body(body::empty())
+    }
+    .map_err(|e| e.to_string())?;
     let exchange = async {
+        if http2 {
+            return h2::send_once(connector, &server.base, request)
+                .await
+                .map_err(|e| format!("HTTP/2 request: {e}"));
+        }
         let conn = pool::connect(connector, &server.base)
             .await
             .map_err(|e| format!("connect: {e}"))?;

@@ -1,12 +1,15 @@
 //! Outbound to origins: one configured upstream's servers in round robin, a
 //! pooled keep-alive client (http:// and https://, the one trust policy of
-//! `http::tls` plus `ca_file`), the connect and response-head timeouts, and
-//! which failures may be sent again ([`UpstreamError`] carries that as data).
+//! `http::tls` plus `ca_file`) or, for `protocol: h2`/`h2c`, one shared
+//! HTTP/2 connection per server (`h2`), the connect and response-head
+//! timeouts, and which failures may be sent again ([`UpstreamError`]
+//! carries that as data).
 //!
 //! Must not know about routes or the cache, or decide what a client is told:
 //! the proxy maps an [`UpstreamError`] to a status.
 
 mod balance;
+mod h2;
 mod health;
 mod pool;
 
@@ -21,7 +24,7 @@ use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use crate::config::{ServerAddr, Upstream};
+use crate::config::{ServerAddr, Upstream, UpstreamProtocol};
 use crate::http::body::{self, Body, BoxError};
 use crate::http::error::Retry;
 use crate::http::{copy_head, error_chain, io_error_kind, tls};
@@ -42,6 +45,9 @@ struct Server {
     /// `scheme://authority/`, what the connector dials.
     base: Uri,
     pool: Arc<Pool>,
+    /// The shared HTTP/2 connection (`protocol: h2` or `h2c`); `None` for
+    /// HTTP/1.1, which uses `pool`.
+    h2: Option<Arc<h2::H2Pool>>,
     /// Milliseconds since [`clock_origin`] until which this server is skipped;
     /// 0 when it is up.
     down_until_ms: AtomicU64,
@@ -180,11 +186,15 @@ impl UpstreamClient {
     pub fn new(name: &str, config: &Upstream) -> Result<Self, SetupError> {
         // The config parsed servers and host; what can still fail is what
         // the file system can change (the CA bundle).
+        let connector = build_connector(config).map_err(|cause| SetupError::Tls {
+            upstream: name.to_string(),
+            cause,
+        })?;
         let servers = config
             .servers
             .iter()
             .map(|addr| {
-                server_of(addr).map_err(|reason| SetupError::Server {
+                server_of(addr, config, &connector).map_err(|reason| SetupError::Server {
                     upstream: name.to_string(),
                     server: addr.to_string(),
                     reason,
@@ -196,10 +206,6 @@ impl UpstreamClient {
         }
         let host = config.host.clone();
         let name: Arc<str> = Arc::from(name);
-        let connector = build_connector(config).map_err(|cause| SetupError::Tls {
-            upstream: name.to_string(),
-            cause,
-        })?;
         let checks = config.health_check.as_ref().and_then(|check| {
             let runtime = tokio::runtime::Handle::try_current().ok()?;
             let probed = servers
@@ -215,6 +221,7 @@ impl UpstreamClient {
                 check.clone(),
                 host.clone(),
                 connector.clone(),
+                config.protocol.is_http2(),
                 probed,
             )))
         });
@@ -235,6 +242,11 @@ impl UpstreamClient {
 
     pub fn name(&self) -> &Arc<str> {
         &self.name
+    }
+
+    /// Whether requests go out as HTTP/2 streams (`protocol: h2` or `h2c`).
+    pub fn speaks_http2(&self) -> bool {
+        self.config.protocol.is_http2()
     }
 
     /// Whether this client can serve `config` as it is. One with a `ca_file`
@@ -295,6 +307,7 @@ impl UpstreamClient {
         };
         serde_json::json!({
             "balance": balance,
+            "protocol": self.config.protocol.as_str(),
             "health_check": self.config.health_check.is_some(),
             "servers": servers,
         })
@@ -379,6 +392,18 @@ impl UpstreamClient {
         &self,
         mut request: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        if self.config.protocol.is_http2() {
+            // The config gives such a route no upgrades; this is a backstop.
+            return Err(self.failure(
+                FailureKind::Connect,
+                Duration::ZERO,
+                Retry::No,
+                format!(
+                    "an upgrade needs HTTP/1.1 and this upstream speaks {}",
+                    self.config.protocol.as_str()
+                ),
+            ));
+        }
         let server = &self.servers[self.pick(self.affinity(&request), None)];
         self.address_to(server, &mut request);
         let exchange = async {
@@ -409,7 +434,11 @@ impl UpstreamClient {
 
     /// Points a cleaned request at `server`: origin-form target, HTTP/1.1
     /// (whatever the client spoke to us), and the upstream's `host` if set.
+    /// For HTTP/2, see [`Self::address_to_h2`].
     fn address_to(&self, server: &Server, request: &mut Request<Body>) {
+        if server.h2.is_some() {
+            return self.address_to_h2(server, request);
+        }
         let path = request
             .uri()
             .path_and_query()
@@ -424,6 +453,41 @@ impl UpstreamClient {
         {
             request.headers_mut().insert(header::HOST, host);
         }
+    }
+
+    /// An HTTP/2 request: absolute target (the server's scheme, the Host the
+    /// HTTP/1.1 path would send as `:authority`, the path), no Host header
+    /// (RFC 9113 section 8.3.1: `:authority` replaces it).
+    fn address_to_h2(&self, server: &Server, request: &mut Request<Body>) {
+        let host = match &self.host {
+            Some(host) => Some(host.clone()),
+            None => request.headers_mut().remove(header::HOST),
+        };
+        request.headers_mut().remove(header::HOST);
+        let authority = host
+            .and_then(|host| Authority::try_from(host.as_bytes()).ok())
+            .unwrap_or_else(|| server.authority.clone());
+        let path = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let scheme = server
+            .base
+            .scheme()
+            .cloned()
+            .unwrap_or(http::uri::Scheme::HTTP);
+        if let Ok(uri) = Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query(path.clone())
+            .build()
+        {
+            *request.uri_mut() = uri;
+        } else {
+            *request.uri_mut() = Uri::from(path);
+        }
+        *request.version_mut() = Version::HTTP_2;
     }
 
     /// Sends `request` and waits up to `timeout` for the response head,
@@ -468,6 +532,10 @@ impl UpstreamClient {
         server: &Server,
         mut request: Request<Body>,
     ) -> Result<Response<Body>, Attempt> {
+        if let Some(h2) = &server.h2 {
+            // Boxed: the HTTP/1.1 path's future stays as it was.
+            return Box::pin(exchange_h2(h2, request)).await;
+        }
         let mut may_use_pool = true;
         loop {
             let conn = match may_use_pool.then(|| server.pool.checkout()).flatten() {
@@ -621,6 +689,62 @@ enum Attempt {
     Send(hyper::Error),
 }
 
+/// One request as a stream on the server's shared HTTP/2 connection. A
+/// connection found closed before the request went out (the server sent
+/// GOAWAY, or closed it) is replaced and the request sent on the new one:
+/// it was not sent, so this is safe for any method. A connection that had
+/// served requests and dies under an idempotent request without a body
+/// (the server restarted, say, and our request crossed its close) gets
+/// that request sent once more on a new connection, as the HTTP/1.1 path
+/// does.
+async fn exchange_h2(
+    h2: &h2::H2Pool,
+    mut request: Request<Body>,
+) -> Result<Response<Body>, Attempt> {
+    let mut may_retry = true;
+    loop {
+        let mut checkout = h2
+            .checkout()
+            .await
+            .map_err(|error| Attempt::Connect(error.into_box()))?;
+        let retry = may_retry && checkout.reused;
+        let replay = if retry && is_replayable(&request) {
+            let (head, body) = request.into_parts();
+            let copy = Request::from_parts(copy_head(&head), body::empty());
+            request = Request::from_parts(head, body);
+            Some(copy)
+        } else {
+            None
+        };
+        let error = match h2::send(&mut checkout.sender, request).await {
+            Ok(response) => return Ok(response),
+            Err(h2::SendError::NotSent(unsent, error)) => {
+                h2.discard(checkout.generation);
+                if !retry {
+                    return Err(Attempt::Send(error));
+                }
+                request = *unsent;
+                may_retry = false;
+                continue;
+            }
+            Err(h2::SendError::Failed(error)) => error,
+        };
+        // A stream's own error leaves the connection to the others.
+        match replay {
+            Some(copy)
+                if !error.is_user()
+                    && (checkout.sender.is_closed() || closed_before_answering(&error)) =>
+            {
+                tracing::debug!(%error, "the upstream HTTP/2 connection closed under the request; sending it again on a new one");
+                h2.discard(checkout.generation);
+                request = copy;
+                may_retry = false;
+            }
+            _ => return Err(Attempt::Send(error)),
+        }
+    }
+}
+
 /// Whether `request` may be sent twice: an idempotent method (RFC 9110
 /// 9.2.2; nginx's list) and no body to replay.
 fn is_replayable(request: &Request<Body>) -> bool {
@@ -664,16 +788,25 @@ fn weights_of(config: &Upstream, servers: usize) -> Vec<u32> {
 }
 
 /// A server's state, from its parsed address.
-fn server_of(addr: &ServerAddr) -> Result<Server, http::Error> {
+fn server_of(
+    addr: &ServerAddr,
+    config: &Upstream,
+    connector: &HttpsConnector<HttpConnector>,
+) -> Result<Server, http::Error> {
     let base = Uri::builder()
         .scheme(addr.scheme.clone())
         .authority(addr.authority.clone())
         .path_and_query("/")
         .build()?;
+    let h2 = config
+        .protocol
+        .is_http2()
+        .then(|| h2::H2Pool::new(connector.clone(), base.clone(), config.connect_timeout.0));
     Ok(Server {
         authority: addr.authority.clone(),
         base,
         pool: Pool::new(),
+        h2,
         down_until_ms: AtomicU64::new(0),
         health: health::Health::new(),
         in_flight: AtomicUsize::new(0),
@@ -688,10 +821,13 @@ fn build_connector(config: &Upstream) -> Result<HttpsConnector<HttpConnector>, t
     http.set_connect_timeout(Some(config.connect_timeout.0));
     let tls = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls::client_config(config.ca_file.as_deref())?)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Ok(tls)
+        .https_or_http();
+    // ALPN: nothing for HTTP/1.1 (as before), only `h2` for `protocol: h2`
+    // (the connection checks the server selected it).
+    Ok(match config.protocol {
+        UpstreamProtocol::H2 => tls.enable_http2().wrap_connector(http),
+        UpstreamProtocol::Http1 | UpstreamProtocol::H2c => tls.enable_http1().wrap_connector(http),
+    })
 }
 
 /// `otherwise`, unless the I/O error in the error's chain is a timeout.
