@@ -792,3 +792,15 @@ fn server_threads_outside_1_to_1024_is_refused_at_its_key() {
     assert_eq!(config.server.threads, Some(3));
     assert_eq!(load("").expect("defaults").server.threads, None);
 }
+
+#[test]
+fn an_ejection_needs_at_least_one_failure_and_a_duration() {
+    let error = only_error(
+        "upstreams:\n  app:\n    servers: [\"http://127.0.0.1:9000\"]\n    ejection: { consecutive_failures: 0 }\n",
+    );
+    assert_at(&error, 4, "upstreams.app.ejection.consecutive_failures");
+    let error = only_error(
+        "upstreams:\n  app:\n    servers: [\"http://127.0.0.1:9000\"]\n    ejection:\n      duration: 0s\n",
+    );
+    assert_at(&error, 5, "upstreams.app.ejection.duration");
+}

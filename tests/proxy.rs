@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{
-    assert_problem, connect, get, get_with, respond, send, start_larder, start_origin, wait_until,
+    assert_problem, connect, get, get_with, respond, send, start_larder, start_numbered_origin,
+    start_origin, wait_until,
 };
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
@@ -1614,5 +1615,72 @@ async fn an_idempotent_request_crossed_by_an_idle_close_is_sent_again_on_a_new_c
     let post = send("POST", &larder.url("/c"), &[], Bytes::new()).await;
     assert_problem(&post, 502);
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    larder.stop().await;
+}
+
+#[tokio::test]
+async fn the_connect_timeout_covers_an_https_servers_handshake() {
+    // Accepts TCP connections and never answers the TLS handshake.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            open.push(stream);
+        }
+    });
+    let yaml = format!(
+        "upstreams:\n  app:\n    servers: [\"https://{addr}\"]\n    connect_timeout: 200ms\n    timeout: 60s\nroutes:\n  - upstream: app\n"
+    );
+    let larder = start_larder(&yaml).await;
+    let reply = tokio::time::timeout(DEADLINE, get(&larder.url("/")))
+        .await
+        .expect("an answer within the connect timeout, not the 60 s response timeout");
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    larder.stop().await;
+    held.abort();
+}
+
+#[tokio::test]
+async fn a_server_failing_requests_in_a_row_is_ejected_and_one_that_recovers_between_is_not() {
+    let failing = start_origin(|_| async { respond(503, &[], "overloaded") }).await;
+    let flaky = start_numbered_origin(|_, n| async move {
+        // Every other answer fails: never two in a row.
+        if n % 2 == 1 {
+            respond(502, &[], "bad gateway")
+        } else {
+            respond(200, &[], "flaky ok")
+        }
+    })
+    .await;
+    let good = start_origin(|_| async { respond(200, &[], "good") }).await;
+    let yaml = format!(
+        "upstreams:\n  ejecting:\n    servers: [\"{}\", \"{}\", \"{}\"]\n    ejection: {{ consecutive_failures: 2, duration: 60s }}\nroutes:\n  - upstream: ejecting\n",
+        failing.url(),
+        flaky.url(),
+        good.url()
+    );
+    let larder = start_larder(&yaml).await;
+    let mut answers = Vec::new();
+    for _ in 0..30 {
+        answers.push(get(&larder.url("/")).await.status.as_u16());
+    }
+    // Round robin: the failing server's first two requests fail, then it
+    // is out for a minute; the flaky one never fails twice in a row.
+    assert_eq!(failing.hits(), 2, "{answers:?}");
+    assert_eq!(answers.iter().filter(|status| **status == 503).count(), 2);
+    assert!(
+        flaky.hits() >= 13,
+        "flaky got {}: {answers:?}",
+        flaky.hits()
+    );
+    let status = larder::telemetry::render_metrics();
+    assert!(
+        status
+            .contains(r#"larder_upstream_ejections_total{upstream="ejecting",reason="failing"} 1"#),
+        "{status}"
+    );
     larder.stop().await;
 }

@@ -153,6 +153,39 @@ pub struct Upstream {
     pub host: Option<HeaderValue>,
     pub ca_file: Option<PathBuf>,
     pub health_check: Option<HealthCheck>,
+    pub ejection: Ejection,
+}
+
+/// Passive health: a server whose requests keep failing is taken out of
+/// the rotation for a while (Envoy's outlier detection on consecutive
+/// gateway failures; nginx's `max_fails`/`fail_timeout`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Ejection {
+    /// Gateway failures in a row (no connection, a reset, no response head
+    /// in time, or a 502, 503 or 504 from the server) that eject it.
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// How long an ejected server gets no requests (unless every server is out).
+    #[serde(default = "default_ejection_duration")]
+    pub duration: HumanDuration,
+}
+
+impl Default for Ejection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_consecutive_failures(),
+            duration: default_ejection_duration(),
+        }
+    }
+}
+
+fn default_consecutive_failures() -> u32 {
+    5
+}
+
+fn default_ejection_duration() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
 }
 
 /// An active health check: each server probed every `interval`.

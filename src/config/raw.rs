@@ -15,7 +15,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::model::{
-    AdminConfig, Balance, LogConfig, PluginConfig, PluginTotals, RouteMatch, UpstreamProtocol,
+    AdminConfig, Balance, Ejection, LogConfig, PluginConfig, PluginTotals, RouteMatch,
+    UpstreamProtocol,
 };
 use super::model::{
     BasicAuth, EtcdSource, FileSource, PluginSource, RedisSource, StaticSource, default_true,
@@ -306,6 +307,9 @@ pub struct RawUpstream {
     /// An HTTP probe of each server, off the request path.
     #[serde(default)]
     pub health_check: Option<RawHealthCheck>,
+    /// Passive health: servers out of rotation after failures in a row.
+    #[serde(default)]
+    pub ejection: Ejection,
 }
 
 /// One `servers:` entry: a URL, or a URL with a weight.

@@ -415,6 +415,15 @@ impl Checker<'_> {
         {
             self.fail(&format!("{path}.ca_file"), why);
         }
+        if upstream.ejection.consecutive_failures == 0 {
+            self.fail(
+                &format!("{path}.ejection.consecutive_failures"),
+                "must be at least 1",
+            );
+        }
+        if upstream.ejection.duration.get().is_zero() {
+            self.fail(&format!("{path}.ejection.duration"), "must be more than 0");
+        }
         let health_check = upstream
             .health_check
             .as_ref()
@@ -429,6 +438,7 @@ impl Checker<'_> {
             host,
             ca_file: upstream.ca_file.clone(),
             health_check,
+            ejection: upstream.ejection,
         }
     }
 

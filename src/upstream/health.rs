@@ -165,7 +165,7 @@ async fn probe(
                 .await
                 .map_err(|e| format!("HTTP/2 request: {e}"));
         }
-        let conn = pool::connect(connector, &server.base)
+        let conn = pool::connect(connector, &server.base, check.timeout)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let response = pool::send_once(conn, request)

@@ -13,7 +13,7 @@ mod h2;
 mod health;
 mod pool;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -29,10 +29,6 @@ use crate::http::body::{self, Body, BoxError};
 use crate::http::error::Retry;
 use crate::http::{copy_head, error_chain, io_error_kind, tls};
 use pool::{Pool, SendError};
-
-/// How long a server that refused a connection is skipped by round robin
-/// (nginx's `max_fails=1 fail_timeout=10s` defaults).
-const FAIL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a pooled connection must have been idle before a failure on it
 /// counts as the server's close crossing our request (servers close idle
@@ -55,6 +51,8 @@ struct Server {
     health: Arc<health::Health>,
     /// Requests sent and not yet answered with a head (least requests).
     in_flight: AtomicUsize,
+    /// Gateway failures since the last good answer (passive ejection).
+    failures_in_a_row: AtomicU32,
     /// A stable hash of the server's address (consistent hash).
     id: u64,
 }
@@ -72,16 +70,26 @@ impl Server {
         self.health.is_healthy() && self.is_up()
     }
 
-    fn mark_down(&self, now_ms: u64) {
-        let until =
-            now_ms.saturating_add(u64::try_from(FAIL_TIMEOUT.as_millis()).unwrap_or(u64::MAX));
+    fn mark_down(&self, now_ms: u64, eject_for: Duration) {
+        let until = now_ms.saturating_add(u64::try_from(eject_for.as_millis()).unwrap_or(u64::MAX));
         self.down_until_ms.store(until, Ordering::Relaxed);
+        self.failures_in_a_row.store(0, Ordering::Relaxed);
     }
 
+    /// A good answer: up, and the failure count starts again. Writes only
+    /// what changed (this runs on every forwarded request).
     fn mark_up(&self) {
         if self.down_until_ms.load(Ordering::Relaxed) != 0 {
             self.down_until_ms.store(0, Ordering::Relaxed);
         }
+        if self.failures_in_a_row.load(Ordering::Relaxed) != 0 {
+            self.failures_in_a_row.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// One more gateway failure in a row; the count it reached.
+    fn count_failure(&self) -> u32 {
+        self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1
     }
 }
 
@@ -363,27 +371,42 @@ impl UpstreamClient {
         }
     }
 
-    /// One try on server `index`: marks it up when it answered, down for a
-    /// while when it could not be reached.
+    /// One try on server `index`: marks it up when it answered; ejects it
+    /// for `ejection.duration` when it could not be reached (at once, as
+    /// nginx's `max_fails=1`) or failed `ejection.consecutive_failures`
+    /// times in a row (Envoy's consecutive gateway failures).
     async fn attempt(
         &self,
         index: usize,
         request: Request<Body>,
     ) -> Result<Response<Body>, UpstreamError> {
         let server = &self.servers[index];
-        match self.send_to(server, request).await {
-            Ok(response) => {
+        let outcome = self.send_to(server, request).await;
+        let failure = match &outcome {
+            Ok(response) if is_gateway_status(response.status()) => {
+                Some(("failing", server.count_failure()))
+            }
+            Ok(_) => {
                 server.mark_up();
-                Ok(response)
+                None
             }
-            Err(error) => {
-                if error.retry == Retry::NothingSent && self.servers.len() > 1 {
-                    tracing::warn!(upstream = %self.name, server = %server.authority, skip_for = ?FAIL_TIMEOUT, "server unreachable; skipping it");
-                    server.mark_down(now_ms());
-                }
-                Err(error)
-            }
+            // Nothing reached the server: it is not there.
+            Err(error) if error.retry == Retry::NothingSent => Some(("unreachable", u32::MAX)),
+            // The client's body broke: not the server's failure.
+            Err(error) if error.kind == FailureKind::RequestBody => None,
+            Err(_) => Some(("failing", server.count_failure())),
+        };
+        if let Some((reason, in_a_row)) = failure
+            && in_a_row >= self.config.ejection.consecutive_failures
+            && self.servers.len() > 1
+        {
+            let eject_for = self.config.ejection.duration.get();
+            tracing::warn!(upstream = %self.name, server = %server.authority, reason, eject_for = ?eject_for, "server ejected");
+            metrics::counter!("larder_upstream_ejections_total", "upstream" => self.name.clone(), "reason" => reason)
+                .increment(1);
+            server.mark_down(now_ms(), eject_for);
         }
+        outcome
     }
 
     /// Sends an Upgrade request on a connection of its own (after `101` it
@@ -407,9 +430,13 @@ impl UpstreamClient {
         let server = &self.servers[self.pick(self.affinity(&request), None)];
         self.address_to(server, &mut request);
         let exchange = async {
-            let mut sender = pool::connect_for_upgrade(&self.connector, &server.base)
-                .await
-                .map_err(Attempt::Connect)?;
+            let mut sender = pool::connect_for_upgrade(
+                &self.connector,
+                &server.base,
+                self.config.connect_timeout.0,
+            )
+            .await
+            .map_err(Attempt::Connect)?;
             sender.send_request(request).await.map_err(Attempt::Send)
         };
         let outcome = tokio::time::timeout(self.config.timeout.0, exchange).await;
@@ -542,9 +569,13 @@ impl UpstreamClient {
                 Some(conn) => conn,
                 // Boxed: connecting is the rare case, and its future (TCP,
                 // TLS, handshake) would otherwise make every request's larger.
-                None => Box::pin(pool::connect(&self.connector, &server.base))
-                    .await
-                    .map_err(Attempt::Connect)?,
+                None => Box::pin(pool::connect(
+                    &self.connector,
+                    &server.base,
+                    self.config.connect_timeout.0,
+                ))
+                .await
+                .map_err(Attempt::Connect)?,
             };
             let reused = conn.reused;
             // Busy connections skip the copy: the race needs an idle one.
@@ -745,6 +776,12 @@ async fn exchange_h2(
     }
 }
 
+/// What a server says when it, or what is behind it, cannot answer
+/// (Envoy's gateway failures).
+fn is_gateway_status(status: http::StatusCode) -> bool {
+    matches!(status.as_u16(), 502..=504)
+}
+
 /// Whether `request` may be sent twice: an idempotent method (RFC 9110
 /// 9.2.2; nginx's list) and no body to replay.
 fn is_replayable(request: &Request<Body>) -> bool {
@@ -810,6 +847,7 @@ fn server_of(
         down_until_ms: AtomicU64::new(0),
         health: health::Health::new(),
         in_flight: AtomicUsize::new(0),
+        failures_in_a_row: AtomicU32::new(0),
         id: balance::fnv1a(&[addr.authority.as_str().as_bytes()]),
     })
 }

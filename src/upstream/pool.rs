@@ -156,14 +156,25 @@ async fn sweep(pool: Weak<Pool>) {
     }
 }
 
-/// Opens a connection to `server` (`scheme://authority/`) through `connector`.
-/// Boxed: with a TLS session inside it is several KiB, and it moves from the
-/// pool to a request to its response body and back.
+/// Opens a connection to `server` (`scheme://authority/`) through `connector`;
+/// `timeout` bounds TCP and TLS together (the connector's own bounds TCP
+/// only, so a server that stalls its handshake would otherwise hold the
+/// request for the whole response timeout). Boxed: with a TLS session
+/// inside it is several KiB, and it moves from the pool to a request to its
+/// response body and back.
 pub async fn connect(
     connector: &HttpsConnector<HttpConnector>,
     server: &Uri,
+    timeout: Duration,
 ) -> Result<Box<Conn>, BoxError> {
-    let stream = connector.clone().call(server.clone()).await?;
+    let stream = tokio::time::timeout(timeout, connector.clone().call(server.clone()))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no connection (TCP and TLS) within the connect timeout",
+            )
+        })??;
     let (sender, connection) = http1::Builder::new().handshake(stream).await?;
     Ok(Box::new(Conn {
         sender,
@@ -204,10 +215,11 @@ pub async fn send_once(
 pub async fn connect_for_upgrade(
     connector: &HttpsConnector<HttpConnector>,
     server: &Uri,
+    timeout: Duration,
 ) -> Result<http1::SendRequest<Body>, BoxError> {
     let Conn {
         sender, connection, ..
-    } = *connect(connector, server).await?;
+    } = *connect(connector, server, timeout).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.with_upgrades().await {
             tracing::debug!(%error, "upstream connection for an upgrade ended with an error");
