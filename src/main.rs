@@ -30,8 +30,16 @@ cachepump's command line works unchanged:
 
 The config reference is docs/config.md.";
 
+/// `larder --version`: the package version and the commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("LARDER_COMMIT"),
+    ")"
+);
+
 #[derive(Debug, Parser)]
-#[command(name = "larder", version, about, after_help = EXAMPLES)]
+#[command(name = "larder", version = VERSION, about, after_help = EXAMPLES)]
 struct Cli {
     /// The YAML config file.
     #[arg(
@@ -68,6 +76,14 @@ enum Command {
     /// Write and try plugins (needs no config file).
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// GET /health on the running Larder's listener (from the config's
+    /// `listen`); exit 0 when it answers 200 within two seconds, else 1.
+    /// For a container's HEALTHCHECK.
+    Health {
+        /// The YAML config file (as `larder -c FILE health`).
+        #[arg(short = 'c', long = "config", alias = "c", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,7 +145,9 @@ fn parse_level_flag(text: &str) -> Result<String, String> {
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
-    if let Some(Command::Check { config: Some(path) }) = &cli.command {
+    if let Some(Command::Check { config: Some(path) } | Command::Health { config: Some(path) }) =
+        &cli.command
+    {
         cli.config = path.clone();
     }
     if let Some(Command::Plugin(command)) = cli.command {
@@ -153,6 +171,7 @@ fn main() -> ExitCode {
     }
     let outcome = match cli.command {
         Some(Command::Check { .. }) => check(&cli.config, config),
+        Some(Command::Health { .. }) => health(config.listen),
         Some(Command::Plugin(_)) | None => run(&cli.config, config),
     };
     match outcome {
@@ -313,6 +332,27 @@ fn count(n: usize, noun: &str) -> String {
         format!("{n} {noun}")
     } else {
         format!("{n} {noun}s")
+    }
+}
+
+/// `larder health`: one probe of the proxy listener.
+fn health(listen: SocketAddr) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let addr = larder::app::probe::reachable(listen);
+    match runtime.block_on(larder::app::probe::health(
+        addr,
+        std::time::Duration::from_secs(2),
+    )) {
+        Ok(()) => {
+            let _ = writeln!(std::io::stdout(), "ok: http://{addr}/health");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(why) => {
+            eprintln!("larder: unhealthy: {why}");
+            Ok(ExitCode::FAILURE)
+        }
     }
 }
 

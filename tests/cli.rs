@@ -279,12 +279,21 @@ fn check_reports_a_plugin_that_does_not_compile_at_its_line() {
 }
 
 #[test]
-fn version_flag_prints_the_version() {
+fn version_flag_prints_the_version_and_the_commit() {
     let output = larder().arg("--version").output().expect("run");
     assert!(output.status.success());
+    let shown = text(&output.stdout);
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| text(&output.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".to_string());
     assert_eq!(
-        text(&output.stdout).trim(),
-        format!("larder {}", env!("CARGO_PKG_VERSION"))
+        shown.trim(),
+        format!("larder {} (commit {commit})", env!("CARGO_PKG_VERSION"))
     );
 }
 
@@ -499,4 +508,167 @@ fn a_new_plugin_builds_and_its_hooks_run_under_plugin_test() {
         "{}",
         text(&bad.stderr)
     );
+}
+
+#[test]
+fn health_exits_0_while_larder_serves_and_1_when_it_does_not() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = format!("{CACHEPUMP}listen: {addr}\n");
+    let (dir, _) = config_dir("config.yml", &config);
+    let down = run(dir.path(), &["health", "-c", "config.yml"]);
+    assert_eq!(down.status.code(), Some(1), "{}", text(&down.stderr));
+    assert!(
+        text(&down.stderr).contains("unhealthy"),
+        "{}",
+        text(&down.stderr)
+    );
+    let mut command = larder();
+    command.args(["-c", "config.yml"]);
+    let mut server = Running::spawn(command, dir.path());
+    poll_until(&mut server, addr, "/health", 200);
+    let up = run(dir.path(), &["health", "-c", "config.yml"]);
+    assert!(
+        up.status.success(),
+        "{}{}",
+        text(&up.stdout),
+        text(&up.stderr)
+    );
+    assert!(text(&up.stdout).contains("/health"), "{}", text(&up.stdout));
+}
+
+/// Datagrams `larder` sends to `$NOTIFY_SOCKET`, as systemd would get them.
+fn next_notification(socket: &std::os::unix::net::UnixDatagram) -> String {
+    let mut buffer = [0u8; 512];
+    let length = socket
+        .recv(&mut buffer)
+        .expect("a notification within the deadline");
+    String::from_utf8_lossy(&buffer[..length]).into_owned()
+}
+
+#[test]
+fn systemd_hears_ready_once_listening_then_reloading_and_stopping() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = format!("{CACHEPUMP}listen: {addr}\n");
+    let (dir, _) = config_dir("config.yml", &config);
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("notify socket");
+    socket.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut command = larder();
+    command
+        .args(["-c", "config.yml"])
+        .env("NOTIFY_SOCKET", &socket_path);
+    let mut server = Running::spawn(command, dir.path());
+
+    assert_eq!(next_notification(&socket), "READY=1");
+    // Ready means listening: the first connection is accepted.
+    let (status, _) = http_get(addr, "/health").expect("an answer right after READY=1");
+    assert_eq!(status, 200);
+
+    let pid = i32::try_from(server.child.id()).expect("pid");
+    // SAFETY: sends a signal to the child this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let reloading = next_notification(&socket);
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(next_notification(&socket), "READY=1");
+
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert_eq!(next_notification(&socket), "STOPPING=1");
+    let status = wait_for_exit(&mut server.child).expect("larder exits after SIGTERM");
+    assert!(status.success(), "{status}: {}", server.log());
+}
+
+fn packaging(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/packaging")
+        .join(file)
+}
+
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    let unit = std::fs::read_to_string(packaging("larder.service")).expect("the unit");
+    for directive in [
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+    ] {
+        assert!(unit.contains(directive), "the unit lacks {directive}");
+    }
+    // verify checks that ExecStart's program exists: point it at this build.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("larder.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/larder", env!("CARGO_BIN_EXE_larder")),
+    )
+    .expect("write unit");
+    let output = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (apt-get install systemd)");
+    // It exits 0 on unknown keys and bad values too: any complaint fails.
+    assert!(
+        output.status.success() && output.stderr.is_empty(),
+        "{}{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}
+
+#[test]
+fn the_dockerfile_runs_larder_unprivileged_with_a_healthcheck_on_what_it_copies() {
+    let dockerfile = std::fs::read_to_string(packaging("Dockerfile")).expect("the Dockerfile");
+    let instructions: Vec<(String, String)> = dockerfile
+        .replace("\\\n", " ")
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .filter_map(|line| {
+            let (word, rest) = line.split_once(' ')?;
+            Some((word.to_ascii_uppercase(), rest.trim().to_string()))
+        })
+        .collect();
+    let all = |word: &str| -> Vec<&str> {
+        instructions
+            .iter()
+            .filter(|(w, _)| w == word)
+            .map(|(_, rest)| rest.as_str())
+            .collect()
+    };
+    let stages = all("FROM");
+    assert_eq!(
+        stages.len(),
+        2,
+        "a build stage and a runtime stage: {stages:?}"
+    );
+    assert!(stages[1].starts_with("debian:bookworm-slim"), "{stages:?}");
+    let user = all("USER");
+    assert_eq!(user.len(), 1);
+    assert!(user[0] != "root" && user[0] != "0", "runs as {}", user[0]);
+    let healthcheck = all("HEALTHCHECK").join(" ");
+    assert!(
+        healthcheck.contains(r#""/usr/local/bin/larder", "health""#),
+        "{healthcheck}"
+    );
+    // Every file the build copies from the context exists.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for copy in all("COPY") {
+        if copy.starts_with("--from") {
+            continue;
+        }
+        let mut sources: Vec<&str> = copy.split_whitespace().collect();
+        sources.pop();
+        for source in sources {
+            assert!(root.join(source).exists(), "COPY {source}: no such file");
+        }
+    }
+    // The config it ships loads.
+    let shipped = run(root, &["check", "-c", "examples/packaging/config.yml"]);
+    assert!(shipped.status.success(), "{}", text(&shipped.stderr));
 }

@@ -10,7 +10,9 @@
 //! the config file watch.
 
 mod listener;
+pub mod probe;
 mod serving;
+mod systemd;
 mod tls;
 
 use std::net::SocketAddr;
@@ -400,12 +402,15 @@ impl Server {
     /// Serves until SIGTERM or SIGINT, then shuts down gracefully (a second
     /// signal cuts the drain short). SIGHUP and changes to the config file
     /// reload it; a broken file keeps the running config and logs every error.
+    /// Under systemd (`Type=notify`) it reports ready, reloading and stopping.
     pub async fn run_until_signal(self) -> std::io::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut hangup = signal(SignalKind::hangup())?;
         let mut watch = self.config_path.as_deref().and_then(watch_config);
+        // The listeners are bound: connections are accepted from now on.
+        systemd::notify("READY=1");
         loop {
             let changed = async {
                 match &mut watch {
@@ -420,6 +425,7 @@ impl Server {
                 true = changed => self.reload_from_file("file changed").await,
             }
         }
+        systemd::notify("STOPPING=1");
         // A second signal means the operator will not wait for the drain.
         tokio::select! {
             () = self.shutdown() => {}
@@ -430,6 +436,12 @@ impl Server {
     }
 
     async fn reload_from_file(&self, reason: &str) {
+        systemd::reloading();
+        self.reload_file(reason).await;
+        systemd::notify("READY=1");
+    }
+
+    async fn reload_file(&self, reason: &str) {
         let Some(path) = &self.config_path else {
             tracing::warn!(reason, "no config file to reload from");
             return;
