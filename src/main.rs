@@ -265,7 +265,8 @@ fn check(path: &Path, config: Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// What `check` prints: what Larder would run with this file.
+/// What `check` prints: what Larder would run with this file, a line per
+/// listener, upstream, route, source and plugin, for a person to scan.
 fn summary(path: &Path, config: &Config) -> String {
     let names = |keys: Vec<&String>| -> String {
         if keys.is_empty() {
@@ -280,17 +281,38 @@ fn summary(path: &Path, config: &Config) -> String {
         None => "cachepump mode: /?key=NAME and /health".to_string(),
     };
     let admin = match &config.admin {
-        Some(admin) if admin.token.is_some() => format!("{} (token set)", admin.listen),
+        Some(admin) if admin.token.is_some() => {
+            format!("{} (token set; console at /console)", admin.listen)
+        }
         Some(admin) => format!("{} (no token: only /health and /ready)", admin.listen),
         None => "off".to_string(),
     };
+    let access_log = match (config.log.access_log, config.log.access_log_format) {
+        (false, _) => "no access log".to_string(),
+        (true, config::AccessLogFormat::Log) => "access log in the log".to_string(),
+        (true, format) => format!("access log {format:?} on stdout").to_lowercase(),
+    };
     let routes = config.routes.as_ref().map_or(0, Vec::len);
-    [
+    let mut lines = vec![
         format!("{}: ok", path.display()),
         format!("  listen     {} ({mode})", config.listen),
+    ];
+    if let Some(tls) = &config.tls {
+        lines.push(format!(
+            "  https      {} ({}{})",
+            tls.listen,
+            count(tls.certificates.len(), "certificate"),
+            if tls.redirect_http {
+                ", plain HTTP redirected"
+            } else {
+                ""
+            }
+        ));
+    }
+    lines.extend([
         format!("  admin      {admin}"),
         format!(
-            "  log        {} ({})",
+            "  log        {} ({}), {access_log}",
             config.log.level,
             match config.log.format {
                 LogFormat::Text => "text",
@@ -306,24 +328,88 @@ fn summary(path: &Path, config: &Config) -> String {
             config.upstreams.len(),
             names(config.upstreams.keys().collect())
         ),
-        format!("  routes     {routes}"),
-        format!(
-            "  sources    {}{}",
-            config.sources.len(),
-            names(config.sources.keys().collect())
-        ),
-        format!(
-            "  plugins    {}{}{}",
-            config.plugins.len(),
-            names(config.plugins.keys().collect()),
-            if config.plugins.is_empty() {
-                ""
-            } else {
-                ", all compiled"
-            }
-        ),
-    ]
-    .join("\n")
+    ]);
+    for (name, upstream) in &config.upstreams {
+        let servers: Vec<String> = upstream.servers.iter().map(ToString::to_string).collect();
+        let health = upstream
+            .health_check
+            .as_ref()
+            .map(|check| format!(", health check {} every {:?}", check.path, check.interval))
+            .unwrap_or_default();
+        let balance = match upstream.balance {
+            config::Balance::RoundRobin => "round_robin",
+            config::Balance::LeastRequests => "least_requests",
+            config::Balance::ConsistentHash => "consistent_hash",
+        };
+        lines.push(format!(
+            "               {name}: {} ({balance}, {}{health})",
+            servers.join(" "),
+            upstream.protocol.as_str()
+        ));
+    }
+    lines.push(format!("  routes     {routes}"));
+    for (i, route) in config.routes.iter().flatten().enumerate() {
+        let matched = format!(
+            "{}{}",
+            route.matcher.host.as_deref().unwrap_or(""),
+            route.matcher.path_prefix.as_deref().unwrap_or("/")
+        );
+        let target = match &route.target {
+            config::RouteTarget::Upstream(name) => format!("upstream {name}"),
+            config::RouteTarget::Source(name) => format!("source {name}"),
+        };
+        let mut notes = Vec::new();
+        if route.cache.enabled {
+            notes.push("cached".to_string());
+        }
+        if !route.plugins.is_empty() {
+            notes.push(format!("plugins {}", route.plugins.join(", ")));
+        }
+        let notes = if notes.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", notes.join("; "))
+        };
+        lines.push(format!(
+            "               {}. {matched} -> {target}{notes}",
+            i + 1
+        ));
+    }
+    lines.push(format!(
+        "  sources    {}{}",
+        config.sources.len(),
+        names(config.sources.keys().collect())
+    ));
+    for (name, source) in &config.sources {
+        let kind = [
+            (source.static_.is_some(), "static"),
+            (source.http.is_some(), "http"),
+            (source.file.is_some(), "file"),
+            (source.plugin.is_some(), "plugin"),
+            (source.etcd.is_some(), "etcd mirror"),
+            (source.redis.is_some(), "redis mirror"),
+        ]
+        .into_iter()
+        .find_map(|(is, kind)| is.then_some(kind))
+        .unwrap_or("empty");
+        let schedule = if source.etcd.is_some() || source.redis.is_some() {
+            "kept current by watching".to_string()
+        } else {
+            format!("on '{}'", source.rule.text())
+        };
+        lines.push(format!("               {name}: {kind}, {schedule}"));
+    }
+    lines.push(format!(
+        "  plugins    {}{}{}",
+        config.plugins.len(),
+        names(config.plugins.keys().collect()),
+        if config.plugins.is_empty() {
+            ""
+        } else {
+            ", all compiled"
+        }
+    ));
+    lines.join("\n")
 }
 
 /// `1 route`, `3 routes`.

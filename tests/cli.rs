@@ -197,6 +197,16 @@ fn check_accepts_a_good_file_and_prints_what_would_run() {
     assert!(stdout.contains("upstreams  1 (api)"), "{stdout}");
     assert!(stdout.contains("routes     2"), "{stdout}");
     assert!(stdout.contains("sources    2 (hello, report)"), "{stdout}");
+    // A line a person can scan for each upstream, route and source.
+    for line in [
+        "api: http://127.0.0.1:9 (round_robin, http1)",
+        "1. /api/ -> upstream api",
+        "2. /hello -> source hello",
+        "hello: static, on '*/10 * * * * *'",
+        "report: file, on '0 */2 * * * *'",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
 }
 
 #[test]
@@ -671,4 +681,60 @@ fn the_dockerfile_runs_larder_unprivileged_with_a_healthcheck_on_what_it_copies(
     // The config it ships loads.
     let shipped = run(root, &["check", "-c", "examples/packaging/config.yml"]);
     assert!(shipped.status.success(), "{}", text(&shipped.stderr));
+}
+
+#[test]
+fn the_access_log_can_be_combined_log_format_or_json_on_stdout() {
+    for format in ["combined", "json"] {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = format!(
+            "listen: {addr}\nlog:\n  level: warn\n  access_log_format: {format}\nsources:\n  hello:\n    rule: '@every 1h'\n    static: {{ value: hi }}\nroutes:\n  - match: {{ path_prefix: /hello }}\n    source: hello\n"
+        );
+        let (dir, _) = config_dir("config.yml", &config);
+        let stdout_path = dir.path().join("stdout.log");
+        let mut command = larder();
+        command.args(["-c", "config.yml"]).current_dir(dir.path());
+        let log = std::fs::File::create(dir.path().join("larder.log")).expect("log");
+        let out = std::fs::File::create(&stdout_path).expect("stdout file");
+        let child = command
+            .stdout(out)
+            .stderr(log)
+            .spawn()
+            .expect("spawn larder");
+        let mut server = Running {
+            child,
+            log_path: dir.path().join("larder.log"),
+        };
+        poll_until(&mut server, addr, "/hello?x=1", 200);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        // The line is written when the response body has gone out.
+        let line = runtime.block_on(common::wait_until("an access log line", || {
+            std::fs::read_to_string(&stdout_path)
+                .ok()?
+                .lines()
+                .find(|line| line.contains("/hello?x=1"))
+                .map(str::to_string)
+        }));
+        match format {
+            "combined" => {
+                // 127.0.0.1 - - [05/Dec/2026:12:00:00 +0000] "GET /hello?x=1 HTTP/1.1" 200 2 "-" "-"
+                assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
+                assert!(
+                    line.contains("] \"GET /hello?x=1 HTTP/1.1\" 200 2 \"-\" \"-\""),
+                    "{line}"
+                );
+            }
+            _ => {
+                let value: serde_json::Value = serde_json::from_str(&line).expect("JSON line");
+                assert_eq!(value["target"], "/hello?x=1", "{line}");
+                assert_eq!(value["status"], 200, "{line}");
+                assert_eq!(value["client"], "127.0.0.1", "{line}");
+            }
+        }
+        // The process log (stderr) does not get the access lines.
+        assert!(!server.log().contains("/hello?x=1"), "{}", server.log());
+    }
 }

@@ -379,6 +379,10 @@ pub struct LogConfig {
     /// One line per request at INFO on target `larder::access`.
     #[serde(default = "default_true")]
     pub access_log: bool,
+    /// How each request's line is written: as a log event (`log`), or on
+    /// standard output in the Common or Combined Log Format or as JSON.
+    #[serde(default)]
+    pub access_log_format: AccessLogFormat,
 }
 
 impl Default for LogConfig {
@@ -387,12 +391,29 @@ impl Default for LogConfig {
             level: default_log_level(),
             format: LogFormat::Text,
             access_log: true,
+            access_log_format: AccessLogFormat::default(),
         }
     }
 }
 
 fn default_log_level() -> String {
     "info".to_string()
+}
+
+/// The access log's line format.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogFormat {
+    /// An INFO event on target `larder::access` in the process log (text
+    /// or JSON as `log.format` says), on standard error with the rest.
+    #[default]
+    Log,
+    /// NCSA Common Log Format on standard output, as nginx's and Apache's.
+    Common,
+    /// Common plus the referer and the user agent (nginx's `combined`).
+    Combined,
+    /// One JSON object per request on standard output.
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]

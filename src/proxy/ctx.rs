@@ -23,8 +23,8 @@ pub struct RequestCtx<'p> {
     pub tls: bool,
     pub started: Instant,
     pub method: Method,
-    /// The path, kept only when the access log will write it.
-    pub log_path: Option<String>,
+    /// The request line's parts, kept only when the access log will write it.
+    pub log_line: Option<super::access::RequestLine>,
     /// The route that matched, once routing is done.
     pub route: Option<&'p RouteEntry>,
     /// The upstream the route forwards to, for the access log.
@@ -41,13 +41,18 @@ pub struct RequestCtx<'p> {
 }
 
 impl<'p> RequestCtx<'p> {
-    pub fn new<B>(client: SocketAddr, tls: bool, request: &Request<B>, keep_path: bool) -> Self {
+    pub fn new<B>(
+        client: SocketAddr,
+        tls: bool,
+        request: &Request<B>,
+        access_log: Option<crate::config::AccessLogFormat>,
+    ) -> Self {
         Self {
             client,
             tls,
             started: Instant::now(),
             method: request.method().clone(),
-            log_path: keep_path.then(|| request.uri().path().to_string()),
+            log_line: access_log.map(|format| super::access::RequestLine::of(request, format)),
             route: None,
             upstream: None,
             body_guard: None,

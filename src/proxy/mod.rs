@@ -146,7 +146,8 @@ pub struct Proxy {
     trusted_proxies: Vec<IpNet>,
     max_tunnels: usize,
     tunnel_idle_timeout: std::time::Duration,
-    access_log: bool,
+    /// The access log's format; `None`: no access log.
+    access_log: Option<crate::config::AccessLogFormat>,
     /// Metrics of requests no route answered.
     unrouted: RouteMetrics,
     /// The HTTPS listener's port, when plain requests are redirected to it.
@@ -203,7 +204,10 @@ impl Proxy {
             trusted_proxies: config.server.trusted_proxies.clone(),
             max_tunnels: config.server.max_tunnels,
             tunnel_idle_timeout: config.server.tunnel_idle_timeout.get(),
-            access_log: config.log.access_log,
+            access_log: config
+                .log
+                .access_log
+                .then_some(config.log.access_log_format),
             redirect_to_https: config
                 .tls
                 .as_ref()
@@ -231,8 +235,10 @@ impl Proxy {
         tls: bool,
     ) -> Response<Body> {
         // Skip the access log's bookkeeping when its level is off anyway.
-        let logging =
-            self.access_log && tracing::enabled!(target: "larder::access", tracing::Level::INFO);
+        let logging = self.access_log.filter(|format| {
+            *format != crate::config::AccessLogFormat::Log
+                || tracing::enabled!(target: "larder::access", tracing::Level::INFO)
+        });
         let mut ctx = RequestCtx::new(client, tls, &request, logging);
         crate::traffic::record(
             router::request_host(&request).unwrap_or(""),
@@ -525,12 +531,14 @@ impl Proxy {
         let status = response.status();
         let metrics = ctx.route.map_or(&self.unrouted, |route| &route.metrics);
         metrics.record(status, ctx.started.elapsed());
-        let Some(path) = ctx.log_path else {
+        let (Some(line), Some(format)) = (ctx.log_line, self.access_log) else {
             return response;
         };
         let entry = access::AccessEntry {
+            format,
+            client: ctx.client.ip(),
             method: ctx.method,
-            path,
+            line,
             status,
             upstream: ctx.upstream,
             cache_status: ctx.cache_outcome.map(|outcome| outcome.member()),
