@@ -23,6 +23,7 @@ pub mod schedule;
 pub mod shared;
 pub mod sources;
 pub mod telemetry;
+pub mod top;
 pub mod traffic;
 pub mod upstream;
 pub mod watch;

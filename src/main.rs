@@ -20,6 +20,8 @@ Examples:
       the same, overriding the listen address and the log level
   larder check -c config.yml
       validate the file and compile its plugins, like `nginx -t`
+  larder top -c config.yml
+      watch the running Larder live in the terminal (its admin API and token)
   larder plugin new my-plugin --kind transformer
       write a new plugin crate into ./my-plugin (docs in plugins/README.md)
   larder plugin test my-plugin/target/wasm32-wasip2/release/my_plugin.wasm --config value=hi
@@ -76,6 +78,22 @@ enum Command {
     /// Write and try plugins (needs no config file).
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// The live view of a running Larder in the terminal, from its admin
+    /// API (as the console in a browser); Ctrl-C quits.
+    Top {
+        /// The config file naming the admin listener and token.
+        #[arg(short = 'c', long = "config", alias = "c", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The admin API's address; default: `admin.listen` from the config.
+        #[arg(long, value_name = "HOST:PORT")]
+        admin: Option<SocketAddr>,
+        /// The admin token; default: `admin.token` from the config.
+        #[arg(long, env = "LARDER_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Print one frame as plain text and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// GET /health on the running Larder's listener (from the config's
     /// `listen`); exit 0 when it answers 200 within two seconds, else 1.
     /// For a container's HEALTHCHECK.
@@ -150,6 +168,15 @@ fn main() -> ExitCode {
     {
         cli.config = path.clone();
     }
+    if let Some(Command::Top {
+        config,
+        admin,
+        token,
+        once,
+    }) = cli.command
+    {
+        return top(config.unwrap_or(cli.config), admin, token, once);
+    }
     if let Some(Command::Plugin(command)) = cli.command {
         return match plugin_command(command) {
             Ok(code) => code,
@@ -172,7 +199,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Some(Command::Check { .. }) => check(&cli.config, config),
         Some(Command::Health { .. }) => health(config.listen),
-        Some(Command::Plugin(_)) | None => run(&cli.config, config),
+        Some(Command::Plugin(_) | Command::Top { .. }) | None => run(&cli.config, config),
     };
     match outcome {
         Ok(code) => code,
@@ -418,6 +445,47 @@ fn count(n: usize, noun: &str) -> String {
         format!("{n} {noun}")
     } else {
         format!("{n} {noun}s")
+    }
+}
+
+/// `larder top`: the admin address and token from the flags, else from the
+/// config file.
+fn top(path: PathBuf, admin: Option<SocketAddr>, token: Option<String>, once: bool) -> ExitCode {
+    let (admin, token) = match (admin, token) {
+        (Some(admin), Some(token)) => (admin, Some(token)),
+        (admin, token) => {
+            let config = match config::load_file(&path) {
+                Ok(config) => config,
+                Err(errors) => return report_config_errors(&path, &errors),
+            };
+            let Some(configured) = config.admin else {
+                eprintln!(
+                    "larder top: {} has no admin: block; give --admin HOST:PORT",
+                    path.display()
+                );
+                return ExitCode::FAILURE;
+            };
+            let admin = admin.unwrap_or_else(|| larder::app::probe::reachable(configured.listen));
+            (admin, token.or(configured.token))
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("larder top: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let target = larder::top::Target { admin, token };
+    match runtime.block_on(larder::top::run(target, once)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(why) => {
+            eprintln!("larder top: {why}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -394,3 +394,134 @@ async fn the_console_in_a_browser_shows_live_numbers_after_signing_in() {
     drop(browser);
     larder.stop().await;
 }
+
+/// `larder top` on a pseudo-terminal of 120 columns: what it writes to the
+/// terminal, read from the master side.
+struct OnTerminal {
+    child: Child,
+    screen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl OnTerminal {
+    fn spawn(args: &[&str]) -> Self {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let (mut master, mut slave) = (0, 0);
+        let size = libc::winsize {
+            ws_row: 40,
+            ws_col: 120,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty writes two descriptors it opened into the ints.
+        let opened = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                &size,
+            )
+        };
+        assert_eq!(opened, 0, "openpty");
+        // SAFETY: both descriptors were just opened for us and are owned once.
+        let (master, slave) =
+            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        let child = Command::new(env!("CARGO_BIN_EXE_larder"))
+            .args(args)
+            .stdin(Stdio::from(slave.try_clone().expect("dup")))
+            .stdout(Stdio::from(slave.try_clone().expect("dup")))
+            .stderr(Stdio::from(slave))
+            .spawn()
+            .expect("spawn larder top");
+        let screen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = screen.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut master = std::fs::File::from(master);
+            let mut buffer = [0u8; 8192];
+            // Ends with EIO once the child has closed its side.
+            while let Ok(read) = master.read(&mut buffer) {
+                if read == 0 {
+                    break;
+                }
+                if let Ok(mut screen) = sink.lock() {
+                    screen.extend_from_slice(&buffer[..read]);
+                }
+            }
+        });
+        Self { child, screen }
+    }
+
+    fn text(&self) -> String {
+        self.screen
+            .lock()
+            .map(|screen| String::from_utf8_lossy(&screen).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The request total on the last frame drawn.
+    fn requests_total(&self) -> Option<u64> {
+        let text = self.text();
+        let at = text.rfind("requests since start ")?;
+        text[at + "requests since start ".len()..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for OnTerminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn larder_top_on_a_terminal_shows_the_numbers_move_and_restores_the_screen() {
+    let (larder, _origin) = larder_with_origin().await;
+    let admin = larder.admin_addr.expect("admin").to_string();
+    let top = OnTerminal::spawn(&["top", "--admin", &admin, "--token", ADMIN_TOKEN]);
+    let before = wait_until("top to draw a frame", || top.requests_total()).await;
+    let screen = top.text();
+    assert!(screen.contains("\x1b[?1049h"), "the alternate screen");
+    for heading in ["requests/s", "TOP ROUTES", "UPSTREAM SERVERS", "SOURCES"] {
+        assert!(screen.contains(heading), "{heading} missing: {screen}");
+    }
+    for _ in 0..20 {
+        assert_eq!(get(&larder.url(PAGE_PATH)).await.status, 200);
+    }
+    wait_until("top to show the 20 new requests", || {
+        top.requests_total().filter(|total| *total >= before + 20)
+    })
+    .await;
+    let pid = i32::try_from(top.child.id()).expect("pid");
+    // SAFETY: signals the child this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let mut top = top;
+    let status = wait_until("top to exit on Ctrl-C", || {
+        top.child.try_wait().ok().flatten()
+    })
+    .await;
+    assert!(status.success(), "{status}");
+    wait_until("the screen and cursor to be restored", || {
+        top.text().ends_with("\x1b[?25h\x1b[?1049l")
+    })
+    .await;
+    larder.stop().await;
+}
+
+#[test]
+fn larder_top_once_prints_a_plain_frame_or_a_clear_error() {
+    let refused = Command::new(env!("CARGO_BIN_EXE_larder"))
+        .args(["top", "--once", "--admin", "127.0.0.1:9", "--token", "x"])
+        .output()
+        .expect("run");
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("cannot connect to the admin API"),
+        "{stderr}"
+    );
+}

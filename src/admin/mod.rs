@@ -256,10 +256,10 @@ impl Admin {
             .into_iter()
             .map(|(_, waiters)| waiters)
             .sum();
-        let requests_total: f64 = crate::telemetry::samples("larder_requests_total")
+        // A fold from +0.0: f64's `sum` starts at -0.0, shown as "-0".
+        let requests_total = crate::telemetry::samples("larder_requests_total")
             .iter()
-            .map(|sample| sample.value)
-            .sum();
+            .fold(0.0, |total, sample| total + sample.value);
         let upstreams: serde_json::Map<String, serde_json::Value> = self
             .upstreams
             .iter()
