@@ -315,7 +315,10 @@ impl Page {
             .decode(shot["data"].as_str().expect("png data"))
             .expect("base64 png");
         std::fs::write(path, png).expect("write screenshot");
-        println!("console screenshot: {}", path.display());
+        // Straight to the stream, past the test harness's capture: CI's log
+        // keeps the path of the artifact.
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "console screenshot: {}", path.display());
     }
 }
 
