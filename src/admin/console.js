@@ -83,7 +83,7 @@ function chart(series) {
 function render(data) {
   const series = data.series || [];
   const last = series[series.length - 1];
-  byId("rps").textContent = last ? text(last.rps) : "–";
+  byId("rps").textContent = last ? text(last.rps >= 100 ? Math.round(last.rps) : last.rps) : "–";
   const recent = series.slice(-15).filter((p) => typeof p.hit_ratio === "number");
   byId("hit-ratio").textContent = recent.length ? percent(recent[recent.length - 1].hit_ratio) : "–";
   byId("cache-size").textContent = bytes(data.cache.bytes);
