@@ -738,3 +738,84 @@ fn the_access_log_can_be_combined_log_format_or_json_on_stdout() {
         assert!(!server.log().contains("/hello?x=1"), "{}", server.log());
     }
 }
+
+/// The Dockerfile's runtime steps without a container engine: the shipped
+/// config, the cache directory from `LARDER_CACHE_DIR`, an unprivileged
+/// user (`nobody`, when the tests run as root), and the HEALTHCHECK's
+/// command answering 0.
+#[test]
+fn the_image_steps_serve_the_shipped_config_as_an_unprivileged_user() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let root = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let etc = root.path().join("etc/larder");
+    let cache = root.path().join("var/cache/larder");
+    std::fs::create_dir_all(&etc).expect("etc");
+    std::fs::create_dir_all(&cache).expect("cache");
+    std::fs::copy(packaging("config.yml"), etc.join("config.yml")).expect("copy config");
+    // SAFETY: geteuid only reads the process's user id.
+    let running_as_root = unsafe { libc::geteuid() } == 0;
+    if running_as_root {
+        // The image's user owns its cache directory, nothing else.
+        let (nobody, nogroup) = (65534, 65534);
+        std::os::unix::fs::chown(&cache, Some(nobody), Some(nogroup)).expect("chown");
+        for dir in [
+            root.path().join("etc"),
+            etc.clone(),
+            root.path().join("var"),
+            root.path().join("var/cache"),
+        ] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        std::fs::set_permissions(
+            etc.join("config.yml"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod");
+    }
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let binary = env!("CARGO_BIN_EXE_larder");
+    let as_image_user = |args: &[&str]| -> Command {
+        let mut command = if running_as_root {
+            let mut command = Command::new("setpriv");
+            command
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups", binary])
+                .args(args);
+            command
+        } else {
+            let mut command = Command::new(binary);
+            command.args(args);
+            command
+        };
+        command
+            .current_dir(&etc)
+            .env("LARDER_CACHE_DIR", &cache)
+            .env_remove("RUST_LOG");
+        command
+    };
+    let addr_text = addr.to_string();
+    let command = as_image_user(&["-c", "config.yml", "-e", &addr_text]);
+    let mut server = Running::spawn(command, &etc);
+    let hello = poll_until(&mut server, addr, "/hello", 200);
+    assert!(hello.contains("Hello from Larder"), "{hello}");
+    let health = as_image_user(&["health", "-c", "config.yml", "-e", &addr_text])
+        .output()
+        .expect("larder health");
+    assert!(
+        health.status.success(),
+        "{}{}",
+        text(&health.stdout),
+        text(&health.stderr)
+    );
+    if running_as_root {
+        let owner = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()?
+                .lines()
+                .find(|line| line.starts_with("Uid:"))
+                .map(str::to_string)
+        };
+        let uid = owner(server.child.id()).unwrap_or_default();
+        assert!(uid.contains("65534"), "runs as nobody: {uid}");
+    }
+}
