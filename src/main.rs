@@ -20,6 +20,8 @@ Examples:
       the same, overriding the listen address and the log level
   larder check -c config.yml
       validate the file and compile its plugins, like `nginx -t`
+  larder schema > config.schema.json
+      the config's JSON Schema, for editors (docs/config.md says how)
   larder plugin new my-plugin --kind transformer
       write a new plugin crate into ./my-plugin (docs in plugins/README.md)
   larder plugin test my-plugin/target/wasm32-wasip2/release/my_plugin.wasm --config value=hi
@@ -68,6 +70,9 @@ enum Command {
     /// Write and try plugins (needs no config file).
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Print the config file's JSON Schema (draft 2020-12) and exit; needs
+    /// no config file.
+    Schema,
 }
 
 #[derive(Debug, Subcommand)]
@@ -132,6 +137,12 @@ fn main() -> ExitCode {
     if let Some(Command::Check { config: Some(path) }) = &cli.command {
         cli.config = path.clone();
     }
+    if let Some(Command::Schema) = cli.command {
+        let schema = config::json_schema();
+        // A reader that stops early (`| head`) is not an error worth a panic.
+        let _ = writeln!(std::io::stdout(), "{schema:#}");
+        return ExitCode::SUCCESS;
+    }
     if let Some(Command::Plugin(command)) = cli.command {
         return match plugin_command(command) {
             Ok(code) => code,
@@ -153,7 +164,7 @@ fn main() -> ExitCode {
     }
     let outcome = match cli.command {
         Some(Command::Check { .. }) => check(&cli.config, config),
-        Some(Command::Plugin(_)) | None => run(&cli.config, config),
+        Some(Command::Plugin(_) | Command::Schema) | None => run(&cli.config, config),
     };
     match outcome {
         Ok(code) => code,
