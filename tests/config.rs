@@ -1187,3 +1187,21 @@ fn schema_patterns_for_durations_sizes_and_addresses_match_the_loader() {
         );
     }
 }
+
+#[test]
+fn text_written_as_a_number_loads_but_the_schema_asks_for_quotes() {
+    // serde_yaml hands any scalar to a text field; the schema, seeing a
+    // number, says so, which is the better advice (docs/config.md says it).
+    let validator = schema_validator();
+    for text in [
+        "version: 1.0\n",
+        "sources:\n  a:\n    static: { value: 200 }\n",
+        "sources:\n  a:\n    static: { value: true }\n",
+    ] {
+        assert!(load(text).is_ok(), "loads:\n{text}");
+        assert!(
+            !schema_errors(&validator, text).is_empty(),
+            "flagged:\n{text}"
+        );
+    }
+}
