@@ -14,6 +14,9 @@
 //!   reference: each such value also accepts a string holding `${NAME}`.
 //! - serde_yaml reads an empty value (`header:`) as an empty map or list, so
 //!   every map and list also accepts null.
+//!
+//! `patternErrorMessage` is the YAML language server's keyword (other tools
+//! ignore it): its default message for a pattern is the regular expression.
 
 use std::borrow::Cow;
 
@@ -59,7 +62,9 @@ pub fn json_schema() -> Value {
     adapt(&mut schema);
     unwrap_descriptions(&mut schema);
     if let Value::Object(root) = &mut schema {
-        root.insert("title".into(), json!("Larder configuration"));
+        // No title: the YAML language server puts the root's title at the
+        // head of every hover, once per alternative of the value.
+        root.remove("title");
         root.insert(
             "description".into(),
             json!(
@@ -75,10 +80,12 @@ pub fn json_schema() -> Value {
         if let Value::Object(defs) = defs {
             defs.insert(
                 ENV_REFERENCE.into(),
+                // A `$comment`, not a description: editors would add a
+                // description to the hover of every value that accepts it.
                 json!({
                     "type": "string",
                     "pattern": ENV_REFERENCE_PATTERN,
-                    "description": "Text holding a `${NAME}` reference: the \
+                    "$comment": "Text holding a `${NAME}` reference: the \
                         environment variable NAME is substituted before the \
                         file is read, so the value's own form is checked then \
                         (by `larder check`), not here."
@@ -98,6 +105,7 @@ impl JsonSchema for HumanDuration {
         json_schema!({
             "type": "string",
             "pattern": DURATION_PATTERN,
+            "patternErrorMessage": "a duration with its unit, such as 250ms, 10s, 5m or 1h",
             "description": "A duration with its unit: 250ms, 10s, 5m, 1h, 1m30s. \
                 A bare number is refused (10 what?), and so is anything \
                 longer than 100 years.",
@@ -117,7 +125,11 @@ impl JsonSchema for ByteSize {
                 (decimal), or a bare number of bytes; at most 1PiB.",
             "anyOf": [
                 { "type": "integer", "minimum": 0, "maximum": MAX_SIZE },
-                { "type": "string", "pattern": SIZE_PATTERN }
+                {
+                    "type": "string",
+                    "pattern": SIZE_PATTERN,
+                    "patternErrorMessage": "a size such as 512KiB, 256MiB or 1GiB (a bare number is bytes)"
+                }
             ],
             "examples": ["512KiB", "256MiB", "1GiB", 1_048_576]
         })
@@ -129,6 +141,7 @@ pub(crate) fn listen_address(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "type": "string",
         "pattern": LISTEN_PATTERN,
+        "patternErrorMessage": "an address such as 0.0.0.0:8080, 127.0.0.1:9901, [::]:8080 or :8080 (hosts are IP addresses)",
         "examples": ["0.0.0.0:8080", "127.0.0.1:9901", "[::]:8080", ":8080"]
     })
 }
