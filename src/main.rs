@@ -22,6 +22,8 @@ Examples:
       validate the file and compile its plugins, like `nginx -t`
   larder top -c config.yml
       watch the running Larder live in the terminal (its admin API and token)
+  larder schema > config.schema.json
+      the config's JSON Schema, for editors (docs/config.md says how)
   larder plugin new my-plugin --kind transformer
       write a new plugin crate into ./my-plugin (docs in plugins/README.md)
   larder plugin test my-plugin/target/wasm32-wasip2/release/my_plugin.wasm --config value=hi
@@ -102,6 +104,9 @@ enum Command {
         #[arg(short = 'c', long = "config", alias = "c", value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Print the config file's JSON Schema (draft 2020-12) and exit; needs
+    /// no config file.
+    Schema,
 }
 
 #[derive(Debug, Subcommand)]
@@ -168,6 +173,12 @@ fn main() -> ExitCode {
     {
         cli.config = path.clone();
     }
+    if let Some(Command::Schema) = cli.command {
+        let schema = config::json_schema();
+        // A reader that stops early (`| head`) is not an error worth a panic.
+        let _ = writeln!(std::io::stdout(), "{schema:#}");
+        return ExitCode::SUCCESS;
+    }
     if let Some(Command::Top {
         config,
         admin,
@@ -199,7 +210,9 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Some(Command::Check { .. }) => check(&cli.config, config),
         Some(Command::Health { .. }) => health(config.listen),
-        Some(Command::Plugin(_) | Command::Top { .. }) | None => run(&cli.config, config),
+        Some(Command::Plugin(_) | Command::Top { .. } | Command::Schema) | None => {
+            run(&cli.config, config)
+        }
     };
     match outcome {
         Ok(code) => code,

@@ -252,7 +252,10 @@ fn check_reads_env_variables_from_the_process_environment() {
         .output()
         .expect("run");
     assert!(output.status.success(), "{output:?}");
-    assert!(text(&output.stdout).contains("(token set)"), "{output:?}");
+    assert!(
+        text(&output.stdout).contains("(token set; console at /console)"),
+        "{output:?}"
+    );
 
     let output = larder()
         .current_dir(dir.path())
@@ -818,4 +821,53 @@ fn the_image_steps_serve_the_shipped_config_as_an_unprivileged_user() {
         let uid = owner(server.child.id()).unwrap_or_default();
         assert!(uid.contains("65534"), "runs as nobody: {uid}");
     }
+}
+
+#[test]
+fn schema_prints_the_committed_schema_without_a_config_file() {
+    // An empty directory: `schema` must not look for ./config.yml.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = run(dir.path(), &["schema"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let printed = text(&output.stdout);
+    let schema: serde_json::Value = serde_json::from_str(&printed).expect("JSON");
+    assert_eq!(
+        schema["$schema"],
+        "https://json-schema.org/draft/2020-12/schema"
+    );
+    let committed_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/config.schema.json");
+    let committed = std::fs::read_to_string(&committed_path).expect("docs/config.schema.json");
+    assert!(
+        printed == committed,
+        "docs/config.schema.json is stale: run `cargo run -- schema > docs/config.schema.json`"
+    );
+    let help = text(&run(dir.path(), &["--help"]).stdout);
+    assert!(help.contains("larder schema"), "{help}");
+}
+
+#[test]
+fn schema_into_a_closed_pipe_exits_quietly() {
+    // A pipe whose reader is gone before the first byte: every write fails
+    // with EPIPE (Rust ignores SIGPIPE), as under `larder schema | head -0`.
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe(2) writes.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+    // SAFETY: pipe(2) returned these two open descriptors, owned by no one else.
+    let (reader, writer) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    drop(reader);
+    let output = larder()
+        .arg("schema")
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run larder schema");
+    let stderr = text(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(output.status.success(), "{:?}: {stderr}", output.status);
 }

@@ -804,3 +804,404 @@ fn an_ejection_needs_at_least_one_failure_and_a_duration() {
     );
     assert_at(&error, 5, "upstreams.app.ejection.duration");
 }
+
+// The JSON Schema `larder schema` prints (docs/config.schema.json): it must
+// describe what loads, so editors neither complain about a good file nor
+// stay quiet about a bad one.
+
+fn repo_file(path: &str) -> String {
+    let full = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("read {}: {e}", full.display()))
+}
+
+fn schema_validator() -> jsonschema::Validator {
+    jsonschema::draft202012::new(&config::json_schema()).expect("the schema compiles")
+}
+
+/// Every complaint the schema has about `text`, one per line; empty: valid.
+fn schema_errors(validator: &jsonschema::Validator, text: &str) -> Vec<String> {
+    let value: serde_json::Value = serde_yaml::from_str(text).expect("the text is YAML");
+    validator
+        .iter_errors(&value)
+        .map(|error| format!("{}: {error}", error.instance_path()))
+        .collect()
+}
+
+fn assert_schema_valid(validator: &jsonschema::Validator, name: &str, text: &str) {
+    let errors = schema_errors(validator, text);
+    assert!(
+        errors.is_empty(),
+        "{name} breaks the schema:\n{}\n---\n{text}",
+        errors.join("\n")
+    );
+}
+
+#[test]
+fn schema_is_draft_2020_12_with_descriptions_and_defaults() {
+    let schema = config::json_schema();
+    assert_eq!(
+        schema["$schema"],
+        "https://json-schema.org/draft/2020-12/schema"
+    );
+    assert!(
+        jsonschema::meta::is_valid(&schema),
+        "the schema is a valid draft 2020-12 schema"
+    );
+    let top = schema["properties"].as_object().expect("top-level keys");
+    for key in [
+        "listen",
+        "tls",
+        "log",
+        "server",
+        "admin",
+        "cache",
+        "upstreams",
+        "routes",
+    ] {
+        assert!(top.contains_key(key), "{key} is described");
+    }
+    for (key, property) in top {
+        let description = property["description"].as_str().unwrap_or_default();
+        assert!(
+            !description.is_empty(),
+            "top-level key {key} has a description"
+        );
+    }
+    assert_eq!(
+        schema["additionalProperties"], false,
+        "unknown keys are errors"
+    );
+    let defs = &schema["$defs"];
+    assert_eq!(
+        defs["RawServer"]["properties"]["header_timeout"]["default"],
+        "10s"
+    );
+    assert_eq!(
+        defs["RawCacheConfig"]["properties"]["max_size"]["default"],
+        "256MiB"
+    );
+    assert_eq!(
+        defs["RawUpstream"]["properties"]["balance"]["default"],
+        "round_robin"
+    );
+    assert_eq!(top["listen"]["default"], "0.0.0.0:8080");
+    assert!(
+        defs["PluginLimits"]["properties"]["concurrency"]
+            .get("default")
+            .is_none(),
+        "a default that depends on the machine is described, not printed"
+    );
+}
+
+#[test]
+fn config_yml_names_the_schema_and_follows_it() {
+    let text = repo_file("config.yml");
+    let first = text.lines().next().unwrap_or_default();
+    let path = first
+        .strip_prefix("# yaml-language-server: $schema=")
+        .unwrap_or_else(|| panic!("config.yml starts with the modeline, not {first:?}"));
+    // The YAML language server resolves a relative path from the file's directory.
+    let schema: serde_json::Value =
+        serde_json::from_str(&repo_file(path)).expect("the modeline names the schema file");
+    assert_eq!(schema, config::json_schema(), "{path} is current");
+    assert_schema_valid(&schema_validator(), "config.yml", &text);
+}
+
+#[test]
+fn cachepump_examples_follow_the_schema() {
+    let validator = schema_validator();
+    for (name, text) in [
+        ("static", CACHEPUMP_STATIC),
+        ("http", CACHEPUMP_HTTP),
+        ("file", CACHEPUMP_FILE),
+    ] {
+        assert_schema_valid(&validator, name, text);
+    }
+}
+
+/// The ```yaml blocks of a Markdown file, dedented (some sit in list items),
+/// each with the line it starts on.
+fn yaml_blocks(markdown: &str) -> Vec<(usize, String)> {
+    let mut blocks = Vec::new();
+    let mut open: Option<(usize, usize, String)> = None;
+    for (number, line) in markdown.lines().enumerate() {
+        let indent = line.len() - line.trim_start().len();
+        match &mut open {
+            None if line.trim_start() == "```yaml" => {
+                open = Some((number + 1, indent, String::new()))
+            }
+            Some((_, fence, _)) if line.trim_start() == "```" && indent == *fence => {
+                let (start, _, text) = open.take().expect("a block is open");
+                blocks.push((start, text));
+            }
+            Some((_, fence, text)) => {
+                text.push_str(line.get(*fence..).unwrap_or(""));
+                text.push('\n');
+            }
+            None => {}
+        }
+    }
+    blocks
+}
+
+#[test]
+fn every_yaml_example_in_the_docs_follows_the_schema() {
+    let validator = schema_validator();
+    let env = |name: &str| Some(format!("value-of-{name}"));
+    let mut checked = 0;
+    let mut loaded = 0;
+    for file in [
+        "README.md",
+        "docs/config.md",
+        "docs/proxy.md",
+        "docs/sources.md",
+        "docs/plugins.md",
+        "docs/cache.md",
+        "docs/architecture.md",
+    ] {
+        for (line, text) in yaml_blocks(&repo_file(file)) {
+            // Every block in the docs is a whole file (fragments are shown
+            // inside one), so each must follow the schema.
+            assert_schema_valid(&validator, &format!("{file}:{line}"), &text);
+            checked += 1;
+            // Some need files that are not here (plugins, certificates);
+            // those that load need no help from the schema.
+            if config::load_str_with(&text, file, &env).is_ok() {
+                loaded += 1;
+            }
+        }
+    }
+    assert!(checked >= 15, "found the docs' examples ({checked})");
+    assert!(loaded >= 8, "most examples load as they are ({loaded})");
+}
+
+/// The examples' YAML: files (with the run script's `@NAME@` placeholders
+/// filled in) and the heredocs of the scripts.
+fn example_configs() -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut dirs = vec![root];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("examples/ is readable") {
+            let path = entry.expect("an entry").path();
+            let name = path.display().to_string();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if name.ends_with(".yml") || name.ends_with(".yaml") || name.ends_with(".yml.in")
+            {
+                let text = std::fs::read_to_string(&path).expect("read an example");
+                // Each placeholder its own value: the ports must differ.
+                let mut filled = String::new();
+                for (i, part) in text.split('@').enumerate() {
+                    let is_placeholder = i % 2 == 1
+                        && !part.is_empty()
+                        && part.chars().all(|c| c.is_ascii_uppercase() || c == '_');
+                    match part {
+                        _ if !is_placeholder => filled.push_str(part),
+                        "DIR" => filled.push_str("/tmp/example"),
+                        _ => filled.push_str(&(20_000 + i).to_string()),
+                    }
+                }
+                found.push((name, filled));
+            } else if name.ends_with(".sh") {
+                let text = std::fs::read_to_string(&path).expect("read an example");
+                for (i, heredoc) in text.split("<<YAML\n").skip(1).enumerate() {
+                    let body = heredoc.split("\nYAML\n").next().unwrap_or_default();
+                    found.push((format!("{name} (heredoc {})", i + 1), format!("{body}\n")));
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn examples_follow_the_schema_and_load() {
+    let validator = schema_validator();
+    let examples = example_configs();
+    assert!(examples.len() >= 2, "found the examples: {examples:?}");
+    for (name, text) in &examples {
+        assert_schema_valid(&validator, name, text);
+        if let Err(errors) = load(text) {
+            panic!("{name} does not load:\n{errors}\n---\n{text}");
+        }
+    }
+}
+
+#[test]
+fn env_references_pass_the_schema_wherever_the_loader_takes_them() {
+    let text = "\
+listen: 127.0.0.1:${PORT}
+log:
+  access_log: ${ACCESS_LOG}
+  format: ${LOG_FORMAT}
+server:
+  max_tunnels: ${TUNNELS}
+  drain_timeout: ${DRAIN}
+cache:
+  max_size: ${CACHE_SIZE}
+upstreams:
+  api:
+    servers:
+      - ${API_URL}
+    balance: ${BALANCE}
+    ejection:
+      consecutive_failures: ${FAILURES}
+";
+    let vars = [
+        ("PORT", "8080"),
+        ("ACCESS_LOG", "false"),
+        ("LOG_FORMAT", "json"),
+        ("TUNNELS", "16"),
+        ("DRAIN", "5s"),
+        ("CACHE_SIZE", "1GiB"),
+        ("API_URL", "http://127.0.0.1:9000"),
+        ("BALANCE", "least_requests"),
+        ("FAILURES", "3"),
+    ];
+    let config = load_with_env(text, &vars).expect("loads with the variables set");
+    assert_eq!(config.server.max_tunnels, 16);
+    assert!(!config.log.access_log);
+    // An editor sees the text before substitution.
+    let validator = schema_validator();
+    assert_schema_valid(&validator, "references", text);
+    assert!(
+        !schema_errors(&validator, "server: { max_tunnels: lots }\n").is_empty(),
+        "text that is no reference is still not a number"
+    );
+}
+
+#[test]
+fn mistakes_the_loader_refuses_the_schema_refuses_too() {
+    let validator = schema_validator();
+    for text in [
+        "soruces: {}\n",
+        "listen: [1, 2]\n",
+        "listen: localhost:80\n",
+        "routes:\n  - upstreem: api\n",
+        "upstreams:\n  api:\n    servers: ['http://127.0.0.1:9']\n    timeout: 10\n",
+        "upstreams:\n  api:\n    servers: ['http://127.0.0.1:9']\n    balance: random\n",
+        "upstreams:\n  api:\n    timeout: 10s\n",
+        "cache:\n  max_size: 256 megs\n",
+        "cache:\n  max_size: 1.5\n",
+        "log:\n  access_log: 'yes'\n",
+        "log:\n  format: xml\n",
+        "server:\n  max_tunnels: -1\n",
+        "tls:\n  listen: ':8443'\n",
+    ] {
+        assert!(load(text).is_err(), "the loader refuses:\n{text}");
+        assert!(
+            !schema_errors(&validator, text).is_empty(),
+            "the schema refuses too:\n{text}"
+        );
+    }
+}
+
+/// Each value written at `key` in `template` ({} marks the spot): whether
+/// the loader takes it and whether the schema does.
+fn agreement(template: &str, values: &[&str]) -> Vec<(String, bool, bool)> {
+    let validator = schema_validator();
+    values
+        .iter()
+        .map(|value| {
+            let text = template.replace("{}", value);
+            let loads = load(&text).is_ok();
+            let valid = schema_errors(&validator, &text).is_empty();
+            (value.to_string(), loads, valid)
+        })
+        .collect()
+}
+
+#[test]
+fn schema_patterns_for_durations_sizes_and_addresses_match_the_loader() {
+    let cases = [
+        (
+            "server:\n  drain_timeout: {}\n",
+            vec![
+                "250ms",
+                "10s",
+                "5m",
+                "1h",
+                "1m30s",
+                "1h 15m",
+                "1.5s",
+                "2 minutes",
+                "3days",
+                "'10s'",
+                "10",
+                "0",
+                "ten seconds",
+                "10x",
+                "-1s",
+                "1.s",
+                "''",
+                "s",
+            ],
+        ),
+        (
+            "server:\n  max_request_body: {}\n",
+            vec![
+                "512KiB", "256MiB", "1GiB", "10MB", "10kb", "1.5GiB", "256 MiB", "1024", "'1024'",
+                "0", "1PiB", "lots", "256 megs", "1.5", "'1.5'", "-1", "MiB", "'1e3'", "''",
+            ],
+        ),
+        (
+            "listen: {}\n",
+            vec![
+                "0.0.0.0:8080",
+                "127.0.0.1:9",
+                ":8080",
+                "'[::1]:80'",
+                "'[::]:8080'",
+                "localhost:80",
+                "':http'",
+                "8080",
+                "1.2.3.4",
+                "'[::1]'",
+                "''",
+            ],
+        ),
+    ];
+    for (template, values) in cases {
+        for (value, loads, valid) in agreement(template, &values) {
+            assert_eq!(
+                loads, valid,
+                "{value:?} in {template:?}: the loader says {loads}, the schema {valid}"
+            );
+        }
+    }
+    // What a pattern cannot see (ranges) is left to `larder check`.
+    for (template, value) in [
+        ("server:\n  drain_timeout: {}\n", "101y"),
+        ("server:\n  max_request_body: {}\n", "2PiB"),
+        ("listen: {}\n", "':99999'"),
+        // YAML reads 1e3 as the float 1000.0, which JSON calls an integer.
+        ("server:\n  max_request_body: {}\n", "1e3"),
+    ] {
+        let [(_, loads, valid)] = agreement(template, &[value])[..] else {
+            unreachable!()
+        };
+        assert!(
+            !loads && valid,
+            "{value}: the loader refuses, the schema lets it by"
+        );
+    }
+}
+
+#[test]
+fn text_written_as_a_number_loads_but_the_schema_asks_for_quotes() {
+    // serde_yaml hands any scalar to a text field; the schema, seeing a
+    // number, says so, which is the better advice (docs/config.md says it).
+    let validator = schema_validator();
+    for text in [
+        "version: 1.0\n",
+        "sources:\n  a:\n    static: { value: 200 }\n",
+        "sources:\n  a:\n    static: { value: true }\n",
+    ] {
+        assert!(load(text).is_ok(), "loads:\n{text}");
+        assert!(
+            !schema_errors(&validator, text).is_empty(),
+            "flagged:\n{text}"
+        );
+    }
+}

@@ -12,6 +12,7 @@ pub mod model;
 mod partial;
 mod positions;
 pub mod raw;
+pub mod schema;
 pub mod units;
 mod validate;
 
@@ -19,6 +20,7 @@ use std::fmt;
 use std::path::Path;
 
 pub use model::*;
+pub use schema::json_schema;
 pub use units::parse_listen;
 pub use validate::{did_you_mean, log_directive, parse_cidr};
 

@@ -15,7 +15,8 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Method, StatusCode, Uri};
 use ipnet::IpNet;
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::units::{ByteSize, HumanDuration, deserialize_listen};
 use crate::schedule::Rule;
@@ -94,7 +95,7 @@ pub struct CacheConfig {
 }
 
 /// How an upstream spreads requests over its servers.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
     /// In turn, each server as often as its weight (smooth weighted round
@@ -111,7 +112,7 @@ pub enum Balance {
 }
 
 /// What an upstream's servers speak.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum UpstreamProtocol {
     /// HTTP/1.1 on pooled keep-alive connections (http:// or https://).
@@ -159,7 +160,7 @@ pub struct Upstream {
 /// Passive health: a server whose requests keep failing is taken out of
 /// the rotation for a while (Envoy's outlier detection on consecutive
 /// gateway failures; nginx's `max_fails`/`fail_timeout`).
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Ejection {
     /// Gateway failures in a row (no connection, a reset, no response head
@@ -367,7 +368,7 @@ impl Endpoint {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `trace`, `debug`, `info`, `warn`, `error`, any case; or an EnvFilter
@@ -401,7 +402,7 @@ fn default_log_level() -> String {
 }
 
 /// The access log's line format.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum AccessLogFormat {
     /// An INFO event on target `larder::access` in the process log (text
@@ -416,7 +417,7 @@ pub enum AccessLogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     #[default]
@@ -470,13 +471,15 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
+    /// The admin API's address; keep it on loopback or a private network.
     #[serde(
         default = "default_admin_listen",
         deserialize_with = "deserialize_listen"
     )]
+    #[schemars(schema_with = "super::schema::listen_address")]
     pub listen: SocketAddr,
     /// Bearer token required for anything that changes state (and for reads
     /// other than /health and /ready). Without one, only /health and /ready answer.
@@ -495,7 +498,7 @@ pub fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9901))
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RouteMatch {
     /// Exact host (port ignored, case-insensitive); `*.example.com` matches subdomains.
@@ -505,7 +508,7 @@ pub struct RouteMatch {
     pub path_prefix: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
     /// The component's `.wasm` file, relative to the working directory.
@@ -529,7 +532,7 @@ pub struct PluginConfig {
     pub reuse: bool,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PluginLimits {
     #[serde(default = "default_plugin_memory")]
@@ -538,8 +541,12 @@ pub struct PluginLimits {
     /// ends at twice this plus one second of wall time, whatever it waits on.
     #[serde(default = "default_plugin_timeout")]
     pub timeout: HumanDuration,
-    /// Calls of this plugin running at once; more wait for a turn.
+    /// Calls of this plugin running at once; more wait for a turn. Default:
+    /// four per CPU core.
     #[serde(default = "default_plugin_concurrency")]
+    // The default depends on the machine; a schema printing this machine's
+    // number would differ from one machine to the next.
+    #[schemars(transform = super::schema::without_default)]
     pub concurrency: u32,
     /// Longest a call waits for a turn (or for an instance slot) before it
     /// fails for want of capacity.
@@ -570,7 +577,7 @@ fn default_plugin_queue_timeout() -> HumanDuration {
 }
 
 /// Limits every plugin instance of the process shares (`plugin_limits:`).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PluginTotals {
     /// Linear memory all instances may hold together; past it, new
@@ -598,7 +605,7 @@ fn default_plugin_timeout() -> HumanDuration {
     HumanDuration(Duration::from_millis(50))
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum OnError {
     /// Skip this plugin when it fails (and log it).
@@ -608,7 +615,7 @@ pub enum OnError {
     Closed,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum PluginPhase {
     #[default]
@@ -616,14 +623,14 @@ pub enum PluginPhase {
     CacheStore,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StaticSource {
     #[serde(default)]
     pub value: String,
 }
 
-#[derive(Clone, Default, Deserialize, PartialEq)]
+#[derive(Clone, Default, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BasicAuth {
     #[serde(default)]
@@ -642,7 +649,7 @@ impl std::fmt::Debug for BasicAuth {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FileSource {
     #[serde(default)]
@@ -655,7 +662,7 @@ pub struct FileSource {
 
 /// `sources.NAME.etcd`: a full copy of the keys below `prefix`, loaded at
 /// one revision and kept current by a watch.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EtcdSource {
     /// `host:port` or `http://host:port`; tried in turn.
@@ -681,7 +688,7 @@ pub struct EtcdSource {
 /// `sources.NAME.redis`: a copy of one Redis key (a string, or a hash whose
 /// fields become members), read again when a message says it changed and
 /// every `reread` besides (pub/sub loses what is sent while disconnected).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSource {
     pub key: String,
@@ -709,7 +716,7 @@ fn default_redis_reread() -> HumanDuration {
 
 /// How a mirrored value (an etcd key's, a Redis hash field's) appears in
 /// the mirror's JSON object.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum MemberDecode {
     /// As a JSON string (bytes that are not UTF-8 are replaced).
@@ -727,7 +734,7 @@ fn default_etcd_connect_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(5))
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PluginSource {
     /// A fetcher plugin from `plugins:`.

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::model::{
@@ -24,7 +25,7 @@ use super::model::{
 use super::units::{ByteSize, HumanDuration, deserialize_listen};
 
 /// The whole file.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// cachepump files carry `version: '1.0'`; anything else is rejected.
@@ -32,10 +33,12 @@ pub struct RawConfig {
     pub version: Option<String>,
     /// The proxy listener (`-e` overrides). cachepump's default is `:8080`.
     #[serde(default = "default_listen", deserialize_with = "deserialize_listen")]
+    #[schemars(schema_with = "super::schema::listen_address")]
     pub listen: SocketAddr,
     /// An HTTPS listener beside `listen`. Absent: plain HTTP only.
     #[serde(default)]
     pub tls: Option<RawTls>,
+    /// Log level, format and the access log.
     #[serde(default)]
     pub log: LogConfig,
     /// Listener-wide limits and timeouts.
@@ -44,18 +47,23 @@ pub struct RawConfig {
     /// The operator API. Absent means not started.
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// The in-memory cache: its size and what it stores.
     #[serde(default)]
     pub cache: RawCacheConfig,
+    /// Origins by name, for routes to send requests to.
     #[serde(default)]
     pub upstreams: BTreeMap<String, RawUpstream>,
     /// First match wins. Absent (not merely empty) means cachepump mode.
     #[serde(default)]
     pub routes: Option<Vec<RawRoute>>,
+    /// WebAssembly plugins by name, for routes and sources to use.
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginConfig>,
     /// Limits shared by every plugin instance of the process.
     #[serde(default)]
     pub plugin_limits: PluginTotals,
+    /// Scheduled sources by name: values fetched on a rule and served by
+    /// routes or the admin API.
     #[serde(default)]
     pub sources: BTreeMap<String, RawSource>,
     /// The shared tier on Redis. Absent: this instance keeps its cache to itself.
@@ -64,10 +72,12 @@ pub struct RawConfig {
 }
 
 /// `tls:`: the HTTPS listener and its certificates.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
+    /// The HTTPS listener's address.
     #[serde(deserialize_with = "deserialize_listen")]
+    #[schemars(schema_with = "super::schema::listen_address")]
     pub listen: SocketAddr,
     /// Chosen by the name the client asks for (SNI); the first is the
     /// default for clients that name none or an unknown one.
@@ -79,7 +89,7 @@ pub struct RawTls {
 }
 
 /// A certificate chain and its private key, both PEM files.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawCertificate {
     /// The chain, the server's own certificate first.
@@ -89,7 +99,7 @@ pub struct RawCertificate {
 }
 
 /// `shared:`: the Redis every instance of a namespace shares.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawShared {
     /// `redis://host:port/db` or `redis+unix:///path/to/redis.sock`.
@@ -133,7 +143,7 @@ pub fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 8080))
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
     /// Request bodies larger than this get 413. Absent means no limit (bodies stream).
@@ -207,7 +217,7 @@ fn default_tunnel_idle_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(300))
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawCacheConfig {
     /// Bytes of cached bodies + headers held in memory.
@@ -281,7 +291,7 @@ fn default_tag_headers() -> Vec<String> {
     vec!["surrogate-key".to_string(), "cache-tag".to_string()]
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     /// `http://host:port` or `https://host:port`, or `{ url, weight }`;
@@ -313,14 +323,14 @@ pub struct RawUpstream {
 }
 
 /// One `servers:` entry: a URL, or a URL with a weight.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(untagged)]
 pub enum RawUpstreamServer {
     Url(String),
     Weighted(RawWeightedUpstreamServer),
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawWeightedUpstreamServer {
     pub url: String,
@@ -347,7 +357,7 @@ impl RawUpstreamServer {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealthCheck {
     /// The probe's path (GET), e.g. `/healthz`.
@@ -387,7 +397,7 @@ fn default_upstream_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     #[serde(default, rename = "match")]
@@ -424,7 +434,7 @@ pub struct RawRoute {
 }
 
 /// `headers: { set: { name: value }, remove: [name] }` of a route.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawRouteHeaders {
     /// Each replaces every field of its name.
@@ -452,7 +462,7 @@ fn default_strip_request_headers() -> Vec<String> {
     .to_vec()
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawRouteCache {
     #[serde(default)]
@@ -475,7 +485,7 @@ pub struct RawRouteCache {
     pub shared: bool,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawCacheKey {
     /// Query parameters left out of the key (utm_source, ...).
@@ -489,7 +499,7 @@ pub struct RawCacheKey {
     pub headers: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawPurge {
     /// Client addresses or CIDR blocks allowed to send PURGE, e.g. `127.0.0.1/32`.
@@ -498,7 +508,7 @@ pub struct RawPurge {
 
 /// A scheduled source, cachepump-compatible. The first provider set wins, in
 /// the order static, http, file, plugin (cachepump's order).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawSource {
     /// Cron with seconds, `@every 30s`, `@hourly`, ... Empty means `0 0 * * * *` (cachepump).
@@ -538,7 +548,7 @@ fn default_source_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawHttpSource {
     #[serde(default)]

@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, de};
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 /// A duration written with its unit, e.g. `10s`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -41,6 +41,14 @@ impl<'de> Deserialize<'de> for HumanDuration {
             }
         }
         d.deserialize_any(DurationVisitor)
+    }
+}
+
+/// Written as the file would have it (`10s`, `1m 30s`, `250ms`), so the
+/// defaults `larder schema` prints read the same way and load back.
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(self.0))
     }
 }
 
@@ -81,6 +89,28 @@ impl ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", bytesize::ByteSize(self.0).display().iec())
+    }
+}
+
+/// The largest binary unit that divides the size exactly (`256MiB`), else
+/// the bytes as a number: what an operator would write, and exact.
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        const UNITS: [(u64, &str); 5] = [
+            (1 << 50, "PiB"),
+            (1 << 40, "TiB"),
+            (1 << 30, "GiB"),
+            (1 << 20, "MiB"),
+            (1 << 10, "KiB"),
+        ];
+        let n = self.0;
+        match UNITS
+            .iter()
+            .find(|(unit, _)| n != 0 && n.is_multiple_of(*unit))
+        {
+            Some((unit, name)) => s.collect_str(&format_args!("{}{name}", n / unit)),
+            None => s.serialize_u64(n),
+        }
     }
 }
 
@@ -185,6 +215,27 @@ mod tests {
         assert!(parse_duration("9999999999999999h").is_err());
         assert!(parse_size("1PiB").is_ok());
         assert!(parse_size("2PiB").is_err());
+    }
+
+    #[test]
+    fn durations_and_sizes_serialize_as_written_and_load_back() {
+        for text in ["250ms", "10s", "5m", "1h", "1m 30s"] {
+            let duration = HumanDuration(parse_duration(text).unwrap());
+            let written = serde_json::to_value(duration).unwrap();
+            assert_eq!(written, text);
+        }
+        for (bytes, written) in [
+            (256 * 1024 * 1024, serde_json::json!("256MiB")),
+            (2 << 30, serde_json::json!("2GiB")),
+            (1536, serde_json::json!(1536)),
+            (1000, serde_json::json!(1000)),
+            (0, serde_json::json!(0)),
+        ] {
+            assert_eq!(serde_json::to_value(ByteSize(bytes)).unwrap(), written);
+            if let Some(text) = written.as_str() {
+                assert_eq!(parse_size(text), Ok(bytes), "{text} loads back");
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,245 @@
+//! The config file's JSON Schema (draft 2020-12): what `larder schema`
+//! prints and `docs/config.schema.json` holds, so editors complete and check
+//! the file as it is written.
+//!
+//! Derived from the `raw` types (their doc comments become descriptions,
+//! their serde defaults the defaults), so it cannot drift from what loads.
+//! It describes the shape of the file and the form of each value; rules that
+//! span keys (a route's upstream must exist, exactly one of `upstream` and
+//! `source`) stay with `larder check`. Loading never reads the schema.
+//!
+//! Two habits of the loader are written into it by hand, after derivation:
+//! - `${NAME}` is substituted in the text before the YAML is read, so a
+//!   number, a boolean, a choice of words or a duration may be written as a
+//!   reference: each such value also accepts a string holding `${NAME}`.
+//! - serde_yaml reads an empty value (`header:`) as an empty map or list, so
+//!   every map and list also accepts null.
+//!
+//! `patternErrorMessage` is the YAML language server's keyword (other tools
+//! ignore it): its default message for a pattern is the regular expression.
+
+use std::borrow::Cow;
+
+use schemars::generate::SchemaSettings;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde_json::{Map, Value, json};
+
+use super::raw::RawConfig;
+use super::units::{ByteSize, HumanDuration, MAX_SIZE};
+
+/// The dialect the schema is written in (`$schema`).
+pub const DIALECT: &str = "https://json-schema.org/draft/2020-12/schema";
+
+/// A duration as `parse_duration` takes it: numbers, each with a unit of
+/// humantime's, optionally separated by spaces (`1m30s`, `1h 15m`).
+/// Units are case-sensitive (`M` is months, `m` minutes).
+const DURATION_PATTERN: &str = concat!(
+    r"^\s*(\d+(\.\d+)?\s*(nanos|nsec|ns|usec|us|µs|millis|msec|ms|seconds|second|secs|sec|s|",
+    r"minutes|minute|mins|min|m|hours|hour|hrs|hr|h|days|day|d|weeks|week|wks|wk|w|",
+    r"months|month|M|years|year|yrs|yr|y)\s*)+$"
+);
+
+/// A size as `parse_size` (the bytesize crate) takes it: bytes as digits, or
+/// a number with a unit, any case (`KiB`, `kib`, `Ki`, `KB`, `k`, `B`).
+const SIZE_PATTERN: &str =
+    r"^\s*(\+?\d+|(\d+(\.\d*)?|\.\d+)\s*([KkMmGgTtPpEe][Ii]?[Bb]?|[Bb]))\s*$";
+
+/// A listen address as `parse_listen` takes it: `:PORT`, `IPv4:PORT` or
+/// `[IPv6]:PORT`. Ranges (octets, the port) are left to the loader.
+const LISTEN_PATTERN: &str =
+    r"^\s*(:\d{1,5}|\d{1,3}(\.\d{1,3}){3}:\d{1,5}|\[[0-9A-Fa-f:.]+(%\d+)?\]:\d{1,5})\s*$";
+
+/// A `${NAME}` reference anywhere in the text, as `env::interpolate` finds them.
+const ENV_REFERENCE_PATTERN: &str = r"\$\{[A-Za-z_][A-Za-z0-9_]*\}";
+
+/// The name of the definition every constrained scalar also accepts.
+const ENV_REFERENCE: &str = "EnvReference";
+
+/// The whole file's schema, as `larder schema` prints it.
+pub fn json_schema() -> Value {
+    let generator = SchemaSettings::draft2020_12().into_generator();
+    let mut schema = generator.into_root_schema_for::<RawConfig>().to_value();
+    adapt(&mut schema);
+    unwrap_descriptions(&mut schema);
+    if let Value::Object(root) = &mut schema {
+        // No title: the YAML language server puts the root's title at the
+        // head of every hover, once per alternative of the value.
+        root.remove("title");
+        root.insert(
+            "description".into(),
+            json!(
+                "The YAML file `larder -c FILE` reads. Printed by `larder schema`; \
+                 the reference for every key is docs/config.md. `larder check` \
+                 applies the rules a schema cannot (names that must exist, \
+                 values that must parse)."
+            ),
+        );
+        let defs = root
+            .entry("$defs")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(defs) = defs {
+            defs.insert(
+                ENV_REFERENCE.into(),
+                // A `$comment`, not a description: editors would add a
+                // description to the hover of every value that accepts it.
+                json!({
+                    "type": "string",
+                    "pattern": ENV_REFERENCE_PATTERN,
+                    "$comment": "Text holding a `${NAME}` reference: the \
+                        environment variable NAME is substituted before the \
+                        file is read, so the value's own form is checked then \
+                        (by `larder check`), not here."
+                }),
+            );
+        }
+    }
+    schema
+}
+
+impl JsonSchema for HumanDuration {
+    fn schema_name() -> Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "pattern": DURATION_PATTERN,
+            "patternErrorMessage": "a duration with its unit, such as 250ms, 10s, 5m or 1h",
+            "description": "A duration with its unit: 250ms, 10s, 5m, 1h, 1m30s. \
+                A bare number is refused (10 what?), and so is anything \
+                longer than 100 years.",
+            "examples": ["250ms", "10s", "5m", "1h", "1m30s"]
+        })
+    }
+}
+
+impl JsonSchema for ByteSize {
+    fn schema_name() -> Cow<'static, str> {
+        "Size".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A size: 512KiB, 256MiB, 1GiB (binary), 10MB \
+                (decimal), or a bare number of bytes; at most 1PiB.",
+            "anyOf": [
+                { "type": "integer", "minimum": 0, "maximum": MAX_SIZE },
+                {
+                    "type": "string",
+                    "pattern": SIZE_PATTERN,
+                    "patternErrorMessage": "a size such as 512KiB, 256MiB or 1GiB (a bare number is bytes)"
+                }
+            ],
+            "examples": ["512KiB", "256MiB", "1GiB", 1_048_576]
+        })
+    }
+}
+
+/// `schema_with` for fields read by `deserialize_listen`.
+pub(crate) fn listen_address(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "string",
+        "pattern": LISTEN_PATTERN,
+        "patternErrorMessage": "an address such as 0.0.0.0:8080, 127.0.0.1:9901, [::]:8080 or :8080 (hosts are IP addresses)",
+        "examples": ["0.0.0.0:8080", "127.0.0.1:9901", "[::]:8080", ":8080"]
+    })
+}
+
+/// `transform` for a field whose default is computed where it runs, so
+/// printing this machine's value would mislead.
+pub(crate) fn without_default(schema: &mut Schema) {
+    schema.remove("default");
+}
+
+/// Writes the loader's two habits (see the module comment) into a derived
+/// schema, walking every subschema that describes a part of the file.
+fn adapt(schema: &mut Value) {
+    let Value::Object(map) = schema else {
+        return;
+    };
+    if is_constrained_scalar(map) {
+        accept_env_reference(map);
+        return;
+    }
+    if let Some(Value::String(kind)) = map.get("type")
+        && (kind == "object" || kind == "array")
+    {
+        let kinds = json!([kind, "null"]);
+        map.insert("type".into(), kinds);
+    }
+    for key in ["properties", "patternProperties", "$defs"] {
+        if let Some(Value::Object(children)) = map.get_mut(key) {
+            children.values_mut().for_each(adapt);
+        }
+    }
+    for key in ["items", "additionalProperties"] {
+        if let Some(child) = map.get_mut(key) {
+            adapt(child);
+        }
+    }
+    for key in ["anyOf", "oneOf", "allOf"] {
+        if let Some(Value::Array(children)) = map.get_mut(key) {
+            children.iter_mut().for_each(adapt);
+        }
+    }
+}
+
+/// Doc comments wrap at 80 columns; an editor's hover should not. Lines of
+/// one paragraph are joined, paragraphs kept apart.
+fn unwrap_descriptions(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            if let Some(Value::String(text)) = map.get_mut("description") {
+                *text = text
+                    .split("\n\n")
+                    .map(|paragraph| paragraph.split('\n').collect::<Vec<_>>().join(" "))
+                    .collect::<Vec<_>>()
+                    .join("\n\n");
+            }
+            map.values_mut().for_each(unwrap_descriptions);
+        }
+        Value::Array(items) => items.iter_mut().for_each(unwrap_descriptions),
+        _ => {}
+    }
+}
+
+/// A number, a boolean, a choice of words or text of a pattern: a value
+/// whose form a `${NAME}` reference would not match as written. Plain text
+/// needs nothing (a reference is text); neither do maps and lists (a
+/// reference must be quoted to hold `{`, `[` or `: `, so it cannot make one).
+fn is_constrained_scalar(schema: &Map<String, Value>) -> bool {
+    let scalar = |kind: &Value| matches!(kind.as_str(), Some("integer" | "number" | "boolean"));
+    let typed = match schema.get("type") {
+        Some(Value::Array(kinds)) => kinds.iter().any(scalar),
+        Some(kind) => scalar(kind),
+        None => false,
+    };
+    let alternatives = ["anyOf", "oneOf"].iter().any(|key| {
+        matches!(schema.get(*key), Some(Value::Array(alternatives))
+            if !alternatives.is_empty()
+                && alternatives.iter().all(|a| a.as_object().is_some_and(is_constrained_scalar)))
+    });
+    typed
+        || alternatives
+        || ["enum", "const", "pattern"]
+            .iter()
+            .any(|key| schema.contains_key(*key))
+}
+
+/// `{...}` becomes `{ anyOf: [{...}, EnvReference] }`, the annotations an
+/// editor shows (description, default, examples) kept outside.
+fn accept_env_reference(schema: &mut Map<String, Value>) {
+    let mut outer = Map::new();
+    for key in ["title", "description", "default", "examples"] {
+        if let Some(value) = schema.remove(key) {
+            outer.insert(key.into(), value);
+        }
+    }
+    let form = std::mem::take(schema);
+    outer.insert(
+        "anyOf".into(),
+        json!([form, { "$ref": format!("#/$defs/{ENV_REFERENCE}") }]),
+    );
+    *schema = outer;
+}
