@@ -15,6 +15,7 @@ pub mod raw;
 pub mod schema;
 pub mod units;
 mod validate;
+mod value_schema;
 
 use std::fmt;
 use std::path::Path;

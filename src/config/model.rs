@@ -479,7 +479,7 @@ pub struct AdminConfig {
         default = "default_admin_listen",
         deserialize_with = "deserialize_listen"
     )]
-    #[schemars(schema_with = "super::schema::listen_address")]
+    #[schemars(schema_with = "super::value_schema::listen_address")]
     pub listen: SocketAddr,
     /// Bearer token required for anything that changes state (and for reads
     /// other than /health and /ready). Without one, only /health and /ready answer.
@@ -546,7 +546,7 @@ pub struct PluginLimits {
     #[serde(default = "default_plugin_concurrency")]
     // The default depends on the machine; a schema printing this machine's
     // number would differ from one machine to the next.
-    #[schemars(transform = super::schema::without_default)]
+    #[schemars(transform = super::value_schema::without_default)]
     pub concurrency: u32,
     /// Longest a call waits for a turn (or for an instance slot) before it
     /// fails for want of capacity.

@@ -33,7 +33,7 @@ pub struct RawConfig {
     pub version: Option<String>,
     /// The proxy listener (`-e` overrides). cachepump's default is `:8080`.
     #[serde(default = "default_listen", deserialize_with = "deserialize_listen")]
-    #[schemars(schema_with = "super::schema::listen_address")]
+    #[schemars(schema_with = "super::value_schema::listen_address")]
     pub listen: SocketAddr,
     /// An HTTPS listener beside `listen`. Absent: plain HTTP only.
     #[serde(default)]
@@ -77,7 +77,7 @@ pub struct RawConfig {
 pub struct RawTls {
     /// The HTTPS listener's address.
     #[serde(deserialize_with = "deserialize_listen")]
-    #[schemars(schema_with = "super::schema::listen_address")]
+    #[schemars(schema_with = "super::value_schema::listen_address")]
     pub listen: SocketAddr,
     /// Chosen by the name the client asks for (SNI); the first is the
     /// default for clients that name none or an unknown one.
