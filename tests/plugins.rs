@@ -743,6 +743,82 @@ async fn reused_instances_give_the_same_answers() {
     }
 }
 
+/// The `x-handled` value (responses the instance has handled) of `rounds`
+/// responses through `plugin`, and its stats after them.
+async fn handled_counts(host: &PluginHost, plugin: &str, rounds: usize) -> Vec<String> {
+    let mut counts = Vec::new();
+    for _ in 0..rounds {
+        let out = host
+            .on_response(
+                &chain(&[plugin]),
+                PluginPhase::Downstream,
+                &request(&[]),
+                response("text/plain", "a"),
+                None,
+            )
+            .await
+            .expect("plugin runs");
+        assert_eq!(out.headers()["x-stamped"], "yes", "the config applies");
+        counts.push(
+            out.headers()["x-handled"]
+                .to_str()
+                .expect("ascii")
+                .to_string(),
+        );
+    }
+    counts
+}
+
+#[tokio::test]
+async fn a_guest_without_wasi_starts_from_a_snapshot_configured_and_requests_share_nothing() {
+    let counted = "{ set: 'x-stamped: yes', count_in: x-handled }";
+    let host = host(&[("fresh", add_headers(counted))]).await;
+    let loaded = host.stats("fresh").expect("stats");
+    assert!(loaded.pre_initialised, "{loaded:?}");
+    assert_eq!(loaded.init_calls, 1, "only the load-time check ran init");
+
+    assert_eq!(handled_counts(&host, "fresh", 3).await, ["1", "1", "1"]);
+    let stats = host.stats("fresh").expect("stats");
+    assert_eq!(stats.instances_created, 3, "one instance per request");
+    assert_eq!(
+        stats.init_calls, 1,
+        "instances start configured from the snapshot, without calling init"
+    );
+
+    // The same plugin with reuse keeps its instance: the count shows it.
+    let mut reused = add_headers(counted);
+    reused.reuse = true;
+    let host = self::host(&[("reused", reused)]).await;
+    assert_eq!(handled_counts(&host, "reused", 3).await, ["1", "2", "3"]);
+}
+
+#[tokio::test]
+async fn a_guest_with_wasi_calls_init_on_each_instance() {
+    let host = host(&[(
+        "std",
+        plugin(&format!("path: {}", wasm("misbehave").display())),
+    )])
+    .await;
+    for _ in 0..2 {
+        host.on_response(
+            &chain(&["std"]),
+            PluginPhase::Downstream,
+            &request(&[]),
+            response("text/plain", "a"),
+            None,
+        )
+        .await
+        .expect("plugin runs");
+    }
+    let stats = host.stats("std").expect("stats");
+    assert!(!stats.pre_initialised, "{stats:?}");
+    assert_eq!(stats.instances_created, 2);
+    assert_eq!(
+        stats.init_calls, 3,
+        "the load-time check and one per instance"
+    );
+}
+
 /// The component bytes plus a custom section, so its hash is new to the cache.
 fn unique_copy(name: &str, dir: &Path) -> PathBuf {
     let mut bytes = std::fs::read(wasm(name)).expect("read wasm");

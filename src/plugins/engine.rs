@@ -98,50 +98,94 @@ impl PluginEngine {
     /// Compiles `wasm` or loads its precompiled artifact. Blocking: call it
     /// from `spawn_blocking`. Returns whether a compilation happened.
     pub fn compile(&self, wasm: &[u8]) -> wasmtime::Result<(Component, bool)> {
-        let artifact = self
-            .cache_dir
-            .as_ref()
-            .map(|dir| dir.join(format!("{}.cwasm", self.artifact_key(wasm))));
-        if let Some(path) = artifact.as_deref() {
-            match read_trusted_artifact(path) {
-                Ok(Some(bytes)) => {
-                    // SAFETY: the bytes are ones this user wrote with
-                    // `precompile_component` (owner, mode and hash checked)
-                    // under a name that includes the engine's compatibility hash.
-                    match unsafe { Component::deserialize(&self.engine, &bytes) } {
-                        Ok(component) => return Ok((component, false)),
-                        Err(error) => {
-                            tracing::warn!(path = %path.display(), %error, "precompiled plugin artifact unusable; compiling again");
-                        }
+        let key = self.artifact_key(wasm);
+        if let Some(component) = self.cached(&key) {
+            return Ok((component, false));
+        }
+        Ok((self.compile_under(&key, wasm)?, true))
+    }
+
+    /// The precompiled artifact stored under `key`, if there is one this
+    /// process may trust.
+    pub fn cached(&self, key: &str) -> Option<Component> {
+        let path = self.artifact_path(key)?;
+        match read_trusted_artifact(&path) {
+            Ok(Some(bytes)) => {
+                // SAFETY: the bytes are ones this user wrote with
+                // `precompile_component` (owner, mode and hash checked)
+                // under a name that includes the engine's compatibility hash.
+                match unsafe { Component::deserialize(&self.engine, &bytes) } {
+                    Ok(component) => Some(component),
+                    Err(error) => {
+                        tracing::warn!(path = %path.display(), %error, "precompiled plugin artifact unusable; compiling again");
+                        None
                     }
                 }
-                Ok(None) => {}
-                Err(why) => {
-                    tracing::warn!(path = %path.display(), %why, "precompiled plugin artifact not trusted; compiling again");
-                }
+            }
+            Ok(None) => None,
+            Err(why) => {
+                tracing::warn!(path = %path.display(), %why, "precompiled plugin artifact not trusted; compiling again");
+                None
             }
         }
+    }
+
+    /// Compiles `wasm` and stores the artifact under `key` (when there is a
+    /// cache directory). Blocking.
+    pub fn compile_under(&self, key: &str, wasm: &[u8]) -> wasmtime::Result<Component> {
         let compiled = self.engine.precompile_component(wasm)?;
         // SAFETY: the bytes were produced just now by this engine.
         let component = unsafe { Component::deserialize(&self.engine, &compiled) }?;
-        if let Some(path) = artifact
+        if let Some(path) = self.artifact_path(key)
             && let Err(error) = write_atomically(&path, &compiled)
         {
             tracing::warn!(path = %path.display(), %error, "could not store the precompiled plugin; the next start compiles again");
         }
-        Ok((component, true))
+        Ok(component)
+    }
+
+    fn artifact_path(&self, key: &str) -> Option<PathBuf> {
+        self.cache_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{key}.cwasm")))
     }
 
     /// sha256 of the wasm bytes plus the engine's compatibility hash, so an
     /// artifact from another wasmtime build or setting is never loaded.
     fn artifact_key(&self, wasm: &[u8]) -> String {
+        format!(
+            "{}-{}",
+            hex::encode(Sha256::digest(wasm)),
+            self.engine_hash()
+        )
+    }
+
+    /// The key of a transformer's snapshot taken after `init(config)`: the
+    /// wasm, the config (each string length-prefixed, so no two configs
+    /// collide) and the engine.
+    pub fn snapshot_key(&self, wasm: &[u8], config: &[(String, String)]) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(Sha256::digest(wasm));
+        for (key, value) in config {
+            for text in [key, value] {
+                hasher.update((text.len() as u64).to_le_bytes());
+                hasher.update(text.as_bytes());
+            }
+        }
+        format!(
+            "snapshot-{}-{}",
+            hex::encode(hasher.finalize()),
+            self.engine_hash()
+        )
+    }
+
+    fn engine_hash(&self) -> String {
         use std::hash::Hash as _;
         let mut hasher = ShaHasher(Sha256::new());
         self.engine
             .precompile_compatibility_hash()
             .hash(&mut hasher);
-        let engine_hash = hex::encode(&hasher.0.finalize()[..8]);
-        format!("{}-{engine_hash}", hex::encode(Sha256::digest(wasm)))
+        hex::encode(&hasher.0.finalize()[..8])
     }
 }
 

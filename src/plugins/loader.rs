@@ -32,6 +32,7 @@ use super::bindings::transformer_v2_async::{
 use super::call::{Failure, Turn, settle};
 use super::engine::{CORE_INSTANCES_PER_SLOT, EngineError, PluginEngine, TABLES_PER_SLOT};
 use super::http_client::{AllowList, HttpGrant, InvalidOrigin};
+use super::snapshot;
 use super::store::{CallStyle, CpuMeter, Grants, StoreState, new_store};
 use super::{PluginError, SourceValues};
 use crate::config::PluginConfig;
@@ -153,6 +154,11 @@ pub struct LoadedPlugin {
     pub turns: Arc<Semaphore>,
     /// What `init` declared at load.
     pub hooks: Hooks,
+    /// Instances start from a snapshot taken after `init` with this
+    /// build's config (see `snapshot`), so none of them calls `init`.
+    pub pre_initialised: bool,
+    /// `init` calls on instances of this build (the load-time probe included).
+    init_calls: AtomicU64,
 }
 
 impl LoadedPlugin {
@@ -205,6 +211,10 @@ impl LoadedPlugin {
         self.instances_created.fetch_add(1, Ordering::Relaxed);
     }
 
+    fn count_init(&self) {
+        self.init_calls.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A meter for one call, with this plugin's CPU budget.
     pub fn cpu_meter(&self) -> Arc<CpuMeter> {
         CpuMeter::new(self.config.limits.timeout.0)
@@ -234,6 +244,10 @@ impl LoadedPlugin {
 
     pub fn instances_created(&self) -> u64 {
         self.instances_created.load(Ordering::Relaxed)
+    }
+
+    pub fn init_calls(&self) -> u64 {
+        self.init_calls.load(Ordering::Relaxed)
     }
 
     pub fn take_idle(&self) -> Option<TransformerInstance> {
@@ -306,9 +320,13 @@ pub async fn load_bytes(
     let core_instances = count_core_instances(&wasm);
     let started = Instant::now();
     let compiling = engine.clone();
-    let (component, compiled) = tokio::task::spawn_blocking(move || compiling.compile(&wasm))
-        .await?
-        .map_err(LoadError::Compile)?;
+    let (wasm, component, compiled) = tokio::task::spawn_blocking(move || {
+        compiling
+            .compile(&wasm)
+            .map(|(component, compiled)| (wasm, component, compiled))
+    })
+    .await?
+    .map_err(LoadError::Compile)?;
     if compiled {
         metrics::counter!("larder_plugin_compilations_total", "plugin" => name.to_string())
             .increment(1);
@@ -341,11 +359,71 @@ pub async fn load_bytes(
             usize::try_from(config.limits.concurrency).unwrap_or(usize::MAX),
         )),
         hooks: Hooks::ALL,
+        pre_initialised: false,
+        init_calls: AtomicU64::new(0),
     };
     if let Some(hooks) = probe_init(engine, &plugin).await? {
         plugin.hooks = hooks;
     }
+    if matches!(plugin.kind, Kind::Transformer(TransformerLink::Sync(_))) {
+        pre_initialise(engine, &mut plugin, wasm).await;
+    }
     Ok(plugin)
+}
+
+/// Moves a sync transformer onto a snapshot taken after its `init` (cached
+/// with the precompiled artifacts). Its config was just accepted by the
+/// probe; if no snapshot can be taken, each instance calls `init` as before.
+async fn pre_initialise(engine: &Arc<PluginEngine>, plugin: &mut LoadedPlugin, wasm: Vec<u8>) {
+    let started = Instant::now();
+    let held = match plugin.take_turn().await {
+        Ok(turn) => turn
+            .instance_slots(engine, plugin.weight)
+            .await
+            .map(|slots| (turn, slots)),
+        Err(failure) => Err(failure),
+    };
+    let held = match held {
+        Ok(held) => held,
+        Err(failure) => {
+            tracing::warn!(plugin = %plugin.name, reason = %failure.describe(), "no snapshot (no instance slot free); each instance runs init");
+            return;
+        }
+    };
+    let snapshotting = engine.clone();
+    let config = plugin.guest_config.clone();
+    let grants = plugin.grants(engine, None);
+    let budget = plugin.config.limits.timeout.0;
+    let made = tokio::task::spawn_blocking(move || {
+        snapshot::pre_initialised(&snapshotting, &wasm, &config, grants, budget)
+    })
+    .await;
+    drop(held);
+    let linked = match made {
+        Ok(Ok((component, taken))) => engine
+            .sync_linker
+            .instantiate_pre(&component)
+            .and_then(TransformerV2Pre::new)
+            .map(|pre| (pre, taken))
+            .map_err(|error| format!("{error:#}")),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(panicked) => Err(format!("taking the snapshot panicked: {panicked}")),
+    };
+    match linked {
+        Ok((pre, taken)) => {
+            plugin.kind = Kind::Transformer(TransformerLink::Sync(pre));
+            plugin.pre_initialised = true;
+            tracing::info!(
+                plugin = %plugin.name,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                cached = !taken,
+                "instances start from a snapshot taken after init"
+            );
+        }
+        Err(reason) => {
+            tracing::warn!(plugin = %plugin.name, %reason, "no snapshot; each instance runs init");
+        }
+    }
 }
 
 /// Links `component` as a sync transformer if it imports nothing but
@@ -421,6 +499,7 @@ pub async fn instantiate_transformer(
                 Ok(bindings) => bindings,
                 Err(error) => return Err(Failure::from_wasmtime(error, &store)),
             };
+            plugin.count_init();
             let guest = bindings.larder_plugin_transform();
             let init = guest.call_init(&mut store, config).await;
             settle(init, &store, "init")?;
@@ -432,6 +511,7 @@ pub async fn instantiate_transformer(
                 Ok(bindings) => bindings,
                 Err(error) => return Err(Failure::from_wasmtime(error, &store)),
             };
+            plugin.count_init();
             let guest = bindings.larder_plugin_transform();
             let init = guest.call_init(&mut store, config).await;
             let hooks = settle(init.map(|r| r.map_err(guest_error_v2)), &store, "init")?;
@@ -447,14 +527,19 @@ pub async fn instantiate_transformer(
                 Ok(bindings) => bindings,
                 Err(error) => return Err(Failure::from_wasmtime(error, &store)),
             };
-            let guest = bindings.larder_plugin_transform();
-            let init = guest.call_init(&mut store, config);
-            let hooks = settle(init.map(|r| r.map_err(guest_error_v2)), &store, "init")?;
-            (
-                store,
-                TransformerBindings::Sync(bindings),
-                Hooks::from_wit(hooks),
-            )
+            let hooks = if plugin.pre_initialised {
+                plugin.hooks
+            } else {
+                plugin.count_init();
+                let guest = bindings.larder_plugin_transform();
+                let init = guest.call_init(&mut store, config);
+                Hooks::from_wit(settle(
+                    init.map(|r| r.map_err(guest_error_v2)),
+                    &store,
+                    "init",
+                )?)
+            };
+            (store, TransformerBindings::Sync(bindings), hooks)
         }
     };
     let instance = TransformerInstance {

@@ -21,6 +21,7 @@ mod instances;
 mod loader;
 mod output;
 mod slot;
+mod snapshot;
 mod store;
 mod transformer;
 

@@ -36,6 +36,12 @@ pub struct PluginStats {
     pub compiled: bool,
     /// Instances the current build made for calls.
     pub instances_created: u64,
+    /// `init` calls on the current build's instances, the load-time check
+    /// included (a pre-initialised build makes only that one).
+    pub init_calls: u64,
+    /// Whether the current build's instances start from a snapshot taken
+    /// after `init`.
+    pub pre_initialised: bool,
     pub circuit_open: bool,
     /// `trap`, `timeout`, `oom`, `error` or `too_large` of the latest failure.
     pub last_failure_kind: Option<&'static str>,
@@ -117,6 +123,8 @@ impl PluginStats {
             "last_failure_kind": self.last_failure_kind,
             "last_failure": self.last_failure,
             "instances_created": self.instances_created,
+            "init_calls": self.init_calls,
+            "pre_initialised": self.pre_initialised,
             "compilations": self.compilations,
             "rejected_builds": self.rejected_builds,
             "compiled": self.compiled,
@@ -180,6 +188,8 @@ impl PluginSlot {
             rejected_builds: self.counters.rejected_builds.load(Relaxed),
             compiled: current.compiled,
             instances_created: current.instances_created(),
+            init_calls: current.init_calls(),
+            pre_initialised: current.pre_initialised,
             circuit_open: self.is_circuit_open(),
             kind: current.kind.as_str(),
             calls: current.kind.call_style().as_str(),

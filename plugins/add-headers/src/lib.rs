@@ -8,6 +8,9 @@
 //! - `copy_from_request`: request headers whose values the response gets too
 //!   (`"x-request-id, x-trace-id"`; read in on-response, so the plugin
 //!   declares `request-in-response`)
+//! - `count_in`: a response header that gets how many responses this
+//!   instance has handled (`1` on every response from a fresh instance):
+//!   shows whether requests share an instance's state
 //! - `ttl` (seconds) and `tags` (`"news sport"`): the stored entry's lifetime
 //!   and purge tags, through `response.set-ttl` / `response.add-tags`
 //!   (meant for `phase: cache_store`)
@@ -39,9 +42,13 @@ struct Settings {
     request_remove: Vec<String>,
     cache_key_from: Option<String>,
     copy_from_request: Vec<String>,
+    count_in: Option<String>,
     ttl: Option<u32>,
     tags: Vec<String>,
 }
+
+/// Responses this instance has handled (for `count_in`).
+static RESPONSES: Global<u32> = Global::new(0);
 
 static SETTINGS: Global<Settings> = Global::new(Settings {
     set: Vec::new(),
@@ -50,6 +57,7 @@ static SETTINGS: Global<Settings> = Global::new(Settings {
     request_remove: Vec::new(),
     cache_key_from: None,
     copy_from_request: Vec::new(),
+    count_in: None,
     ttl: None,
     tags: Vec::new(),
 });
@@ -139,6 +147,7 @@ impl Guest for AddHeaders {
                 "request_remove" => settings.request_remove = parse_names(&key, &value)?,
                 "cache_key_from" => settings.cache_key_from = Some(valid_name(&key, &value)?),
                 "copy_from_request" => settings.copy_from_request = parse_names(&key, &value)?,
+                "count_in" => settings.count_in = Some(valid_name(&key, &value)?),
                 "ttl" => {
                     settings.ttl = Some(value.trim().parse().map_err(|_| {
                         PluginError::InvalidConfig(format!(
@@ -149,7 +158,7 @@ impl Guest for AddHeaders {
                 "tags" => settings.tags = value.split_whitespace().map(String::from).collect(),
                 other => {
                     return Err(PluginError::InvalidConfig(format!(
-                        "unknown key `{other}` (expected set, remove, request_set, request_remove, cache_key_from, copy_from_request, ttl, tags)"
+                        "unknown key `{other}` (expected set, remove, request_set, request_remove, cache_key_from, copy_from_request, count_in, ttl, tags)"
                     )));
                 }
             }
@@ -165,6 +174,7 @@ impl Guest for AddHeaders {
         }
         if !settings.set.is_empty()
             || !settings.remove.is_empty()
+            || settings.count_in.is_some()
             || settings.ttl.is_some()
             || !settings.tags.is_empty()
         {
@@ -197,6 +207,14 @@ impl Guest for AddHeaders {
                 if let Some(value) = request::header(name) {
                     response::set_header(name, &value).map_err(|error| refused(name, error))?;
                 }
+            }
+            if let Some(name) = &settings.count_in {
+                let handled = RESPONSES.with_mut(|count| {
+                    *count += 1;
+                    *count
+                });
+                response::set_header(name, format!("{handled}").as_bytes())
+                    .map_err(|error| refused(name, error))?;
             }
             if let Some(ttl) = settings.ttl {
                 response::set_ttl(ttl).map_err(|error| refused("cache-control", error))?;
