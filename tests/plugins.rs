@@ -1052,6 +1052,58 @@ async fn proxied_responses_get_plugin_headers_on_a_miss_and_on_a_hit() {
     larder.stop().await;
 }
 
+/// The proxy keeps a copy of the request for `on-response` only when a
+/// plugin of the route reads it; every other route still gets the method
+/// (a HEAD keeps its declared length).
+#[tokio::test]
+async fn on_response_plugins_read_the_request_or_its_method_through_the_proxy() {
+    let origin = start_origin(|_| async {
+        respond(
+            200,
+            &[
+                ("cache-control", "max-age=60"),
+                ("content-type", "application/json"),
+            ],
+            r#"[{"id":1,"secret":"x"}]"#,
+        )
+    })
+    .await;
+    let yaml = format!(
+        "upstreams:\n  app: {{ servers: [\"{}\"] }}\nroutes:\n  - match: {{ path_prefix: /copied }}\n    upstream: app\n    cache: {{ enabled: true }}\n    plugins: [copy, stamp]\n  - match: {{ path_prefix: /slim }}\n    upstream: app\n    cache: {{ enabled: true }}\n    plugins: [slim]\n{}",
+        origin.url(),
+        plugins_yaml(&[
+            (
+                "copy",
+                "add_headers",
+                "config: { copy_from_request: x-request-id }"
+            ),
+            ("stamp", "add_headers", "config: { set: 'x-stamp: 1' }"),
+            ("slim", "json_filter", "config: { keep: id }"),
+        ])
+    );
+    let larder = start_larder(&yaml).await;
+    for id in ["first", "second"] {
+        let reply = get_with(&larder.url("/copied"), &[("x-request-id", id)]).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-request-id"), Some(id), "miss, then hit");
+        assert_eq!(reply.header("x-stamp"), Some("1"));
+    }
+    let full = get(&larder.url("/slim")).await;
+    assert_eq!(full.text(), r#"[{"id":1}]"#);
+    let head = common::send("HEAD", &larder.url("/slim"), &[], bytes::Bytes::new()).await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    // Seen as a GET, the empty body would have made it `0`. (It is the
+    // stored length, not the filtered one: the plugin gets no body to
+    // filter on a HEAD.)
+    assert_eq!(
+        head.header("content-length"),
+        Some("23"),
+        "a HEAD keeps the length the upstream declared"
+    );
+    larder.stop().await;
+}
+
 #[tokio::test]
 async fn a_cache_store_transform_runs_once_per_fill_and_its_output_is_served_on_hits() {
     let origin = start_origin(|_| async {

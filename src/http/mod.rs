@@ -30,6 +30,15 @@ pub fn copy_head(head: &Parts) -> Parts {
     copy
 }
 
+/// A head with `head`'s method and nothing else (an empty URI, no fields):
+/// for a later phase that needs only the method, without copying the rest.
+pub fn method_only(head: &Parts) -> Parts {
+    let (mut copy, ()) = Request::new(()).into_parts();
+    copy.method = head.method.clone();
+    copy.version = head.version;
+    copy
+}
+
 /// The declared `Content-Length`, if it is one valid number.
 /// Removes every field named in `names` from `headers`. Walks the fields
 /// the message has (a handful) and compares names, rather than hashing

@@ -9,6 +9,7 @@
 //!
 //! Must not decide what a skipped call means: the caller applies `on_error`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -31,6 +32,9 @@ pub enum Admission {
 #[derive(Debug)]
 pub struct Breaker {
     state: Mutex<BreakerState>,
+    /// Nothing on record (no failure since the last success, closed, no
+    /// trial): the usual case, answered without the lock or the clock.
+    clear: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -50,11 +54,41 @@ impl Default for Breaker {
                 backoff: FIRST_BACKOFF,
                 trial_in_flight: false,
             }),
+            clear: AtomicBool::new(true),
         }
     }
 }
 
+impl BreakerState {
+    fn is_clear(&self) -> bool {
+        self.consecutive_failures == 0 && self.open_until.is_none() && !self.trial_in_flight
+    }
+}
+
 impl Breaker {
+    fn is_clear(&self) -> bool {
+        self.clear.load(Ordering::Acquire)
+    }
+
+    fn publish(&self, state: &BreakerState) {
+        self.clear.store(state.is_clear(), Ordering::Release);
+    }
+
+    /// [`Self::admit`] at the present time; the clock is read only when
+    /// the breaker has something on record.
+    pub fn admit_now(&self) -> Admission {
+        if self.is_clear() {
+            return Admission::Call;
+        }
+        self.admit(Instant::now())
+    }
+
+    /// [`Self::is_skipping`] at the present time, reading the clock only
+    /// when the breaker has something on record.
+    pub fn is_skipping_now(&self) -> bool {
+        !self.is_clear() && self.is_skipping(Instant::now())
+    }
+
     pub fn admit(&self, now: Instant) -> Admission {
         let mut state = self.state.lock();
         match state.open_until {
@@ -63,6 +97,7 @@ impl Breaker {
             Some(_) if state.trial_in_flight => Admission::Skip,
             Some(_) => {
                 state.trial_in_flight = true;
+                self.publish(&state);
                 Admission::Trial
             }
         }
@@ -80,7 +115,9 @@ impl Breaker {
     /// A trial ended without an outcome (cancelled, or it failed for want
     /// of capacity rather than by the plugin): the next call tries again.
     pub fn release_trial(&self) {
-        self.state.lock().trial_in_flight = false;
+        let mut state = self.state.lock();
+        state.trial_in_flight = false;
+        self.publish(&state);
     }
 
     /// Closes the circuit and forgets past failures (a new build of the
@@ -91,6 +128,7 @@ impl Breaker {
         state.open_until = None;
         state.backoff = FIRST_BACKOFF;
         state.trial_in_flight = false;
+        self.publish(&state);
     }
 
     /// Whole seconds until the next trial may run (at least 1), for a
@@ -103,18 +141,26 @@ impl Breaker {
         remaining.as_secs().max(1)
     }
 
-    pub fn record_success(&self) {
+    /// Records a success; returns true when the breaker had something on
+    /// record (its circuit may have closed).
+    pub fn record_success(&self) -> bool {
+        if self.is_clear() {
+            return false;
+        }
         let mut state = self.state.lock();
         state.consecutive_failures = 0;
         state.open_until = None;
         state.backoff = FIRST_BACKOFF;
         state.trial_in_flight = false;
+        self.publish(&state);
+        true
     }
 
     /// Records a failure; returns true when this failure opened the circuit.
     pub fn record_failure(&self, now: Instant) -> bool {
         let mut state = self.state.lock();
         state.consecutive_failures = state.consecutive_failures.saturating_add(1);
+        self.publish(&state);
         if state.trial_in_flight {
             state.trial_in_flight = false;
             state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
@@ -129,7 +175,7 @@ impl Breaker {
     }
 
     pub fn is_open(&self) -> bool {
-        self.state.lock().open_until.is_some()
+        !self.is_clear() && self.state.lock().open_until.is_some()
     }
 }
 
@@ -206,6 +252,25 @@ mod tests {
         assert_eq!(breaker.admit(trial), Admission::Skip);
         breaker.release_trial();
         assert_eq!(breaker.admit(trial), Admission::Trial);
+    }
+
+    #[test]
+    fn only_a_breaker_with_nothing_on_record_skips_its_lock() {
+        let breaker = Breaker::default();
+        let now = Instant::now();
+        assert!(breaker.is_clear());
+        assert!(!breaker.record_success(), "nothing to clear");
+        fail(&breaker, now, 1);
+        assert!(!breaker.is_clear());
+        assert!(breaker.record_success());
+        assert!(breaker.is_clear());
+        fail(&breaker, now, FAILURE_THRESHOLD);
+        assert!(breaker.is_skipping_now());
+        assert_eq!(breaker.admit_now(), Admission::Skip);
+        let trial = now + FIRST_BACKOFF;
+        assert_eq!(breaker.admit(trial), Admission::Trial);
+        breaker.release_trial();
+        assert!(!breaker.is_clear(), "still open: failures on record");
     }
 
     #[test]

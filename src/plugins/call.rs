@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::Instant;
 use wasmtime::Store;
 
@@ -193,7 +193,9 @@ impl FailureKind {
 /// for anything else it must wait for before the guest runs.
 pub struct Turn {
     permit: Option<OwnedSemaphorePermit>,
-    deadline: Instant,
+    /// `None` when the turn was free at once: nothing has waited yet, and
+    /// a later wait starts the clock.
+    deadline: Option<Instant>,
     /// The `queue_timeout` the deadline came from, for the failure text.
     wait: Duration,
 }
@@ -201,14 +203,26 @@ pub struct Turn {
 impl Turn {
     /// Waits for one of a plugin's `turns`, at most `wait` (its `queue_timeout`).
     pub async fn take(turns: &Arc<Semaphore>, wait: Duration) -> Result<Self, Failure> {
+        // The usual case, a free turn, costs neither a clock read nor a timer.
+        match Arc::clone(turns).try_acquire_owned() {
+            Ok(permit) => {
+                return Ok(Self {
+                    permit: Some(permit),
+                    deadline: None,
+                    wait,
+                });
+            }
+            Err(TryAcquireError::Closed) => return Err(unloading()),
+            Err(TryAcquireError::NoPermits) => {}
+        }
         let deadline = Instant::now() + wait;
         let permit = tokio::time::timeout_at(deadline, Arc::clone(turns).acquire_owned())
             .await
             .map_err(|_| queue_timeout("a turn", wait))?
-            .map_err(|_| Failure::new(FailureKind::Capacity, "the plugin is unloading"))?;
+            .map_err(|_| unloading())?;
         Ok(Self {
             permit: Some(permit),
-            deadline,
+            deadline: Some(deadline),
             wait,
         })
     }
@@ -227,12 +241,26 @@ impl Turn {
         engine: &PluginEngine,
         weight: u32,
     ) -> Result<OwnedSemaphorePermit, Failure> {
+        match Arc::clone(&engine.slots).try_acquire_many_owned(weight) {
+            Ok(permit) => return Ok(permit),
+            Err(TryAcquireError::Closed) => return Err(shutting_down()),
+            Err(TryAcquireError::NoPermits) => {}
+        }
+        let deadline = self.deadline.unwrap_or_else(|| Instant::now() + self.wait);
         let slots = Arc::clone(&engine.slots).acquire_many_owned(weight);
-        tokio::time::timeout_at(self.deadline, slots)
+        tokio::time::timeout_at(deadline, slots)
             .await
             .map_err(|_| queue_timeout("an instance slot", self.wait))?
-            .map_err(|_| Failure::new(FailureKind::Capacity, "the plugin engine is shutting down"))
+            .map_err(|_| shutting_down())
     }
+}
+
+fn shutting_down() -> Failure {
+    Failure::new(FailureKind::Capacity, "the plugin engine is shutting down")
+}
+
+fn unloading() -> Failure {
+    Failure::new(FailureKind::Capacity, "the plugin is unloading")
 }
 
 fn queue_timeout(what: &str, wait: Duration) -> Failure {

@@ -85,6 +85,25 @@ pub struct RequestState {
     parked: ParkedInstances,
     /// Parts the transformers' `on-request` asked to add to the cache key.
     pub cache_key_extra: Vec<String>,
+    /// The route's chain, resolved by the first hook that ran: the
+    /// request's later hooks run the same builds (a reload in between
+    /// changes the next request, not this one) and skip the lookups.
+    chain: Option<Resolved>,
+}
+
+/// A chain's transformers (every phase), in chain order, with the build of
+/// each that a request runs.
+type Resolved = Vec<(Arc<PluginSlot>, Arc<LoadedPlugin>)>;
+
+/// What a route's downstream-phase plugins will ask of a request, known
+/// before any runs: the proxy skips the `on-request` phase when none has
+/// the hook, and keeps a copy of the request for `on-response` only when
+/// one reads it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChainNeeds {
+    pub on_request: bool,
+    /// A plugin reads the request in `on-response` (a 0.1.0 plugin always does).
+    pub request_in_response: bool,
 }
 
 /// A fetcher's read-only view of the values it produced for its sources
@@ -265,6 +284,25 @@ impl PluginHost {
         })
     }
 
+    /// Resolves `chain` for the request `state` belongs to and says what its
+    /// downstream-phase plugins need.
+    pub fn prepare(&self, chain: &[String], state: &mut RequestState) -> ChainNeeds {
+        if self.engine.get().is_none() {
+            return ChainNeeds::default();
+        }
+        let resolved = state.chain.get_or_insert_with(|| self.resolve(chain));
+        let mut needs = ChainNeeds::default();
+        for (_, plugin) in resolved.iter() {
+            if plugin.config.phase != PluginPhase::Downstream {
+                continue;
+            }
+            needs.on_request |= plugin.hooks.on_request;
+            needs.request_in_response |=
+                plugin.hooks.on_response && (plugin.is_v1() || plugin.hooks.request_in_response);
+        }
+        needs
+    }
+
     /// Runs `on-request` of each plugin in `chain`, in order. `Some(response)`
     /// means a plugin answered directly and the request goes no further.
     /// Extra cache-key parts and parked instances land in `state`. A plugin
@@ -281,14 +319,20 @@ impl PluginHost {
         let Some(engine) = self.engine.get() else {
             return Ok(None);
         };
+        let RequestState {
+            parked,
+            cache_key_extra: key_extra,
+            chain: resolved,
+        } = state;
+        let resolved = resolved.get_or_insert_with(|| self.resolve(chain));
         // A cache-store transformer is paid once per fill: calling its
         // on-request too would cost a fresh instance on every hit.
-        for (slot, plugin) in self.transformers(chain, PluginPhase::Downstream) {
-            if !plugin.hooks.on_request {
-                continue;
-            }
+        let callees = resolved.iter().filter(|(_, plugin)| {
+            plugin.config.phase == PluginPhase::Downstream && plugin.hooks.on_request
+        });
+        for (slot, plugin) in callees {
             let (engine, parked, called, edited): (&PluginEngine, _, _, _) =
-                (engine, &mut state.parked, &plugin, &mut *request);
+                (engine, &mut *parked, plugin, &mut *request);
             // `identity` moves the borrows in: a reborrow could not outlive the closure.
             let call = move |turn| {
                 let parked = std::convert::identity(parked);
@@ -299,7 +343,7 @@ impl PluginHost {
                 failed: plugin.config.on_error == OnError::Open,
                 unavailable: skip_unavailable,
             };
-            let Some(edit) = guarded(&slot, &plugin, Hook::OnRequest, skip, call).await? else {
+            let Some(edit) = guarded(slot, plugin, Hook::OnRequest, skip, call).await? else {
                 continue;
             };
             match edit {
@@ -317,7 +361,7 @@ impl PluginHost {
                         request.uri =
                             with_path_and_query(&request.uri, path_and_query).map_err(|e| {
                                 let why = format!("the path it returned makes no URI: {e}");
-                                call_error(&plugin, FailureKind::Error, why)
+                                call_error(plugin, FailureKind::Error, why)
                             })?;
                     }
                     if let Some(mut headers) = headers {
@@ -326,7 +370,7 @@ impl PluginHost {
                         keep_connection_fields(&request.headers, &mut headers);
                         request.headers = headers;
                     }
-                    state.cache_key_extra.extend(cache_key_extra);
+                    key_extra.extend(cache_key_extra);
                 }
             }
         }
@@ -344,22 +388,38 @@ impl PluginHost {
         phase: PluginPhase,
         request: &http::request::Parts,
         response: Response<Body>,
-        mut state: Option<&mut RequestState>,
+        state: Option<&mut RequestState>,
     ) -> Result<Response<Body>, PluginError> {
         let Some(engine) = self.engine.get() else {
             return Ok(response);
         };
-        let mut selected = self.transformers(chain, phase);
-        selected.retain(|(_, plugin)| plugin.hooks.on_response);
-        let Some((first, _)) = selected.first() else {
+        let resolved_here;
+        let (resolved, mut parked) = match state {
+            Some(RequestState {
+                parked,
+                chain: resolved,
+                ..
+            }) => (
+                &*resolved.get_or_insert_with(|| self.resolve(chain)),
+                Some(parked),
+            ),
+            None => {
+                resolved_here = self.resolve(chain);
+                (&resolved_here, None)
+            }
+        };
+        let selected = || {
+            resolved
+                .iter()
+                .filter(move |(_, plugin)| plugin.config.phase == phase && plugin.hooks.on_response)
+        };
+        let Some((first, _)) = selected().next() else {
             return Ok(response);
         };
         let (mut parts, body) = response.into_parts();
-        let needs_body = selected
-            .iter()
-            .any(|(_, plugin)| plugin.hooks.response_body);
+        let needs_body = selected().any(|(_, plugin)| plugin.hooks.response_body);
         let mut body = if needs_body {
-            let collected = collect_capped(body, MAX_BODY_BYTES)
+            let collected = Box::pin(collect_capped(body, MAX_BODY_BYTES))
                 .await
                 .map_err(|error| {
                     // Nothing to continue with: the body is lost, whatever on_error says.
@@ -379,16 +439,14 @@ impl PluginHost {
             ResponseBody::Stream(body)
         };
         let original_length = parts.headers.get(CONTENT_LENGTH).cloned();
-        let request_v1 = selected
-            .iter()
+        let request_v1 = selected()
             .any(|(_, plugin)| plugin.is_v1())
             .then(|| transformer::request_head(request));
-        let request_v2 = selected
-            .iter()
+        let request_v2 = selected()
             .any(|(_, plugin)| !plugin.is_v1() && plugin.hooks.request_in_response)
             .then(|| Arc::new(crate::http::copy_head(request)));
         let mut body_changed = false;
-        for (slot, plugin) in &selected {
+        for (slot, plugin) in selected() {
             let collected = match &body {
                 ResponseBody::Collected(bytes) => Some(bytes),
                 ResponseBody::Stream(_) if plugin.hooks.response_body => {
@@ -409,7 +467,7 @@ impl PluginHost {
                 request_v2: request_v2.as_ref(),
                 body: collected,
             };
-            let parked = state.as_deref_mut().map(|state| &mut state.parked);
+            let parked = parked.as_deref_mut();
             let edited = &mut parts;
             let call =
                 |turn| transformer::on_response(engine, plugin, &given, edited, parked, turn);
@@ -464,12 +522,8 @@ impl PluginHost {
             .map_err(|failure| loaded.error(failure))
     }
 
-    /// The transformers of `chain` configured for `phase`, in chain order.
-    fn transformers(
-        &self,
-        chain: &[String],
-        phase: PluginPhase,
-    ) -> Vec<(Arc<PluginSlot>, Arc<LoadedPlugin>)> {
+    /// The transformers of `chain`, every phase, in chain order.
+    fn resolve(&self, chain: &[String]) -> Resolved {
         chain
             .iter()
             .filter_map(|name| {
@@ -484,7 +538,6 @@ impl PluginHost {
                 (slot, plugin)
             })
             .filter(|(_, plugin)| matches!(plugin.kind, Kind::Transformer(_)))
-            .filter(|(_, plugin)| plugin.config.phase == phase)
             .collect()
     }
 }
@@ -603,7 +656,7 @@ where
         ))
     };
     // An open circuit answers at once, without queueing for a turn.
-    if breaker.is_skipping(Instant::now()) {
+    if breaker.is_skipping_now() {
         return circuit_open();
     }
     let mut trial = TrialGuard(None);
@@ -613,7 +666,7 @@ where
     let result = match plugin.take_turn().await {
         Err(failure) => Err(failure),
         Ok(mut turn) => {
-            let admission = breaker.admit(Instant::now());
+            let admission = breaker.admit_now();
             if admission == Admission::Skip {
                 return circuit_open();
             }
@@ -635,10 +688,10 @@ where
             result
         }
     };
-    match &result {
+    let breaker_changed = match &result {
         Ok(_) => {
-            breaker.record_success();
             trial.settled();
+            breaker.record_success()
         }
         Err(failure) if failure.kind == FailureKind::Capacity => {
             // The trial guard gives the trial back: the plugin was not tried.
@@ -652,6 +705,7 @@ where
                 reason = %failure.describe(),
                 "plugin call could not run"
             );
+            false
         }
         Err(failure) => {
             slot.counters.failures.fetch_add(1, Relaxed);
@@ -671,10 +725,12 @@ where
                 tracing::warn!(plugin = %name, "plugin failed repeatedly; circuit open, calls skipped for a while");
             }
             trial.settled();
+            true
         }
+    };
+    if breaker_changed {
+        slot.publish_circuit();
     }
-    let open = if slot.is_circuit_open() { 1.0 } else { 0.0 };
-    slot.metrics.circuit_open.set(open);
     drop(permit);
     result
 }

@@ -173,6 +173,12 @@ impl PluginSlot {
         self.breakers.iter().any(Breaker::is_open)
     }
 
+    /// Sets `larder_plugin_circuit_open` after a breaker changed.
+    pub fn publish_circuit(&self) {
+        let open = if self.is_circuit_open() { 1.0 } else { 0.0 };
+        self.metrics.circuit_open.set(open);
+    }
+
     pub fn stats(&self) -> PluginStats {
         use std::sync::atomic::Ordering::Relaxed;
         let current = self.current.load();

@@ -305,7 +305,10 @@ async fn checkout(
         return Ok(instance);
     }
     plugin.count_instance();
-    let (instance, _declared) = instantiate_transformer(engine, plugin, link, turn, cpu).await?;
+    // Boxed: instantiation's future is large, and every call's future would
+    // carry (and move) it even when the instance is reused or parked.
+    let (instance, _declared) =
+        Box::pin(instantiate_transformer(engine, plugin, link, turn, cpu)).await?;
     // What this instance's init declared is not used: the load-time
     // declaration decides which hooks run, for every instance alike.
     Ok(instance)
@@ -346,19 +349,21 @@ pub async fn on_request(
         let edit = match &instance.bindings {
             TransformerBindings::V1(guest) => {
                 let head = request_head(request);
-                let result = guest
-                    .larder_plugin_transform()
-                    .call_on_request(&mut instance.store, &head)
-                    .await;
+                // Boxed, like every async guest call here: the sync path's
+                // future should not carry (and move) the async one's state.
+                let result = Box::pin(
+                    guest
+                        .larder_plugin_transform()
+                        .call_on_request(&mut instance.store, &head),
+                )
+                .await;
                 let action = settle(result, &instance.store, "on-request")?;
                 check_request_action(action, &head)?
             }
             TransformerBindings::Async(guest) => {
                 let store = &mut instance.store;
                 store.data_mut().exchange = Exchange::for_request(take_request(request));
-                let result = guest
-                    .larder_plugin_transform()
-                    .call_on_request(&mut *store)
+                let result = Box::pin(guest.larder_plugin_transform().call_on_request(&mut *store))
                     .await
                     .map(|r| r.map(ActionV2::from).map_err(guest_error_v2));
                 finish_request_v2(result, store, request)?
@@ -458,10 +463,16 @@ pub async fn on_response(
                     ));
                 };
                 let head = response_head(response);
-                let result = guest
-                    .larder_plugin_transform()
-                    .call_on_response(&mut instance.store, given.phase, request, &head, Some(body))
-                    .await;
+                // Boxed, like every async guest call here: the sync path's
+                // future should not carry (and move) the async one's state.
+                let result = Box::pin(guest.larder_plugin_transform().call_on_response(
+                    &mut instance.store,
+                    given.phase,
+                    request,
+                    &head,
+                    Some(body),
+                ))
+                .await;
                 let out = settle(result, &instance.store, "on-response")?;
                 let edit = check_response_out(out, &head)?;
                 apply_v1_edit(&plugin.name, edit, response)
@@ -469,11 +480,13 @@ pub async fn on_response(
             TransformerBindings::Async(guest) => {
                 let store = &mut instance.store;
                 store.data_mut().exchange = response_exchange(plugin, given, response);
-                let result = guest
-                    .larder_plugin_transform()
-                    .call_on_response(&mut *store, phase_v2_async(given.phase))
-                    .await
-                    .map(|r| r.map_err(guest_error_v2));
+                let result = Box::pin(
+                    guest
+                        .larder_plugin_transform()
+                        .call_on_response(&mut *store, phase_v2_async(given.phase)),
+                )
+                .await
+                .map(|r| r.map_err(guest_error_v2));
                 finish_response_v2(&plugin.name, result, store, response)?
             }
             TransformerBindings::Sync(guest) => {

@@ -34,7 +34,8 @@ pub struct RequestCtx<'p> {
     /// Instances parked by `on-request` plugins and their cache-key parts.
     pub plugins: RequestState,
     /// The request head as the `on-request` plugins left it, for the
-    /// `on-response` plugins (only on routes with plugins).
+    /// `on-response` plugins (only on routes with plugins; only its method
+    /// when none of them reads the request).
     pub request_head: Option<Parts>,
     /// What the cache did, on cache-enabled routes.
     pub cache_outcome: Option<CacheOutcome>,

@@ -50,7 +50,7 @@ use crate::cache::{self, Cache};
 use crate::config::{Config, PluginPhase, Route, RouteCache, RouteHeaders, RouteTarget, Upstream};
 use crate::http::body::{self, Body};
 use crate::http::error::{ErrorKind, RequestError};
-use crate::http::{copy_head, hop_by_hop};
+use crate::http::{copy_head, hop_by_hop, method_only};
 use crate::plugins::PluginHost;
 use crate::sources::Sources;
 use crate::upstream::UpstreamClient;
@@ -394,18 +394,29 @@ impl Proxy {
         if route.plugins.is_empty() {
             return Ok(OnRequest::Continue(request));
         }
+        let needs = self.plugins.prepare(&route.plugins, &mut ctx.plugins);
         let (mut parts, body) = request.into_parts();
-        // Boxed: the plugin host's futures are several KiB, and a request
-        // future that embeds them is memmoved per request.
-        let answer = Box::pin(self.plugins.on_request(
-            &route.plugins,
-            &mut parts,
-            &mut ctx.plugins,
-            route.skip_unavailable_plugins,
-        ))
-        .await
-        .map_err(|error| errors::from_plugin(error, ctx.upstream.as_ref()))?;
-        ctx.request_head = Some(copy_head(&parts));
+        let answer = if needs.on_request {
+            // Boxed: the plugin host's futures are several KiB, and a request
+            // future that embeds them is memmoved per request.
+            Box::pin(self.plugins.on_request(
+                &route.plugins,
+                &mut parts,
+                &mut ctx.plugins,
+                route.skip_unavailable_plugins,
+            ))
+            .await
+            .map_err(|error| errors::from_plugin(error, ctx.upstream.as_ref()))?
+        } else {
+            None
+        };
+        // `on-response` always needs the method (a HEAD keeps its length);
+        // the rest only for a plugin that reads the request.
+        ctx.request_head = Some(if needs.request_in_response {
+            copy_head(&parts)
+        } else {
+            method_only(&parts)
+        });
         Ok(match answer {
             Some(response) => OnRequest::Answer(response),
             None => OnRequest::Continue(Request::from_parts(parts, body)),
