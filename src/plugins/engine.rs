@@ -1,5 +1,6 @@
 //! The one wasmtime engine of the process: its configuration (component
-//! model, pooling allocator, epoch interruption with a 1 ms ticker), the
+//! model, pooling allocator, epoch interruption with a ticker that ticks
+//! every 1 ms while a guest runs), the
 //! linker with the host imports, the instance slots that keep live
 //! instances within the pool, the memory budget all instances share, and
 //! the on-disk cache of precompiled components. What a single call's
@@ -16,7 +17,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::bindings;
-use super::store::{EPOCH_TICK, MemoryBudget, StoreState};
+use super::store::{self, MemoryBudget, StoreState};
 
 /// Low bytes of a linear memory reset in place when its slot is reused: a
 /// Rust guest's shadow stack (1 MiB) plus its static data and first heap.
@@ -241,7 +242,7 @@ fn start_epoch_ticker(engine: &Engine) -> std::io::Result<()> {
             while let Some(engine) = engine.upgrade() {
                 engine.increment_epoch();
                 drop(engine);
-                std::thread::sleep(EPOCH_TICK);
+                std::thread::sleep(store::next_tick());
             }
         })
         .map(|_| ())

@@ -23,7 +23,7 @@ use wasmtime_wizer::{ComponentInstanceState, Wizer};
 
 use super::bindings::transformer_v2::Transformer;
 use super::engine::PluginEngine;
-use super::store::{CallStyle, CpuMeter, Grants, StoreState, new_store};
+use super::store::{CallStyle, CpuMeter, Grants, GuestRunning, StoreState, new_store};
 
 /// Why a transformer runs `init` per instance instead of starting from a
 /// snapshot.
@@ -85,6 +85,8 @@ fn take(
         CallStyle::Sync,
     );
     stop_after(&mut store, budget);
+    // Counted as a running guest, so the epoch ticks every millisecond.
+    let _running = GuestRunning::start();
     let instance = engine
         .sync_linker
         .instantiate(&mut store, &component)
@@ -114,7 +116,8 @@ fn take(
 }
 
 /// A plain call cannot yield, and the CPU meter charges only calls it runs:
-/// here the epoch ticks themselves (one per millisecond) bound `init`.
+/// here the epoch ticks themselves (one per millisecond while a guest runs)
+/// bound `init`.
 fn stop_after(store: &mut Store<StoreState>, budget: Duration) {
     let mut ticks_left = budget.as_millis().max(1);
     store.epoch_deadline_callback(move |_| {
