@@ -964,6 +964,36 @@ async fn connections_on_every_serving_thread_are_served_on_keep_alive_and_draine
         .expect("stop task");
 }
 
+/// A drain closes a keep-alive connection that sits between requests at
+/// once: it neither waits for the idle timeout nor holds shutdown until
+/// the drain timeout.
+#[tokio::test]
+async fn shutdown_closes_idle_keep_alive_connections_at_once() {
+    let origin = start_origin(|_| async { respond(200, &[], "ok") }).await;
+    let yaml = format!(
+        "server:\n  drain_timeout: 60s\n  idle_timeout: 10m\n{}",
+        one_upstream(&origin.url(), "")
+    );
+    let larder = start_larder(&yaml).await;
+    let mut sender = connect::<Full<Bytes>>(&larder.addr.to_string()).await;
+    let request = Request::get("/one")
+        .header("host", "larder.test")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = sender.send_request(request).await.expect("answer");
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.expect("body");
+
+    tokio::time::timeout(DEADLINE, larder.stop())
+        .await
+        .expect("stop returns without waiting out the drain timeout for an idle connection");
+    let closed = tokio::time::timeout(DEADLINE, sender.ready()).await;
+    assert!(
+        matches!(closed, Ok(Err(_))),
+        "the idle connection was closed by the drain"
+    );
+}
+
 #[tokio::test]
 async fn websocket_upgrade_is_tunnelled_both_ways() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -298,15 +298,30 @@ async fn serve<C, E>(
     let check_every = settings.header_timeout.min(settings.idle_timeout);
     let timer = tokio::time::sleep_until(Instant::now() + check_every);
     tokio::pin!(timer);
+    let mut timer_registered = false;
+    // The drain signal is looked at the same way: its future is polled
+    // once to be woken by a change, then only when a clone of the receiver
+    // sees one (a shared counter, not this connection's place in the
+    // signal's waiting list).
+    let watcher = stopped.clone();
+    let stop = stopped.changed();
+    tokio::pin!(stop);
+    let mut stop_registered = false;
     loop {
         tokio::select! {
+            // The connection first: it is why the task woke nearly always.
+            biased;
             outcome = connection.as_mut() => {
                 if let Err(error) = outcome {
                     tracing::debug!(%peer, %error, "connection ended with an error");
                 }
                 return;
             }
-            () = &mut timer, if !closing => {
+            () = std::future::poll_fn(|context| {
+                let due = Instant::now() >= timer.deadline();
+                poll_when_due(timer.as_mut(), due, &mut timer_registered, context)
+            }), if !closing => {
+                timer_registered = false;
                 let now = Instant::now();
                 match activity.deadline(settings) {
                     // A request in progress: look again later.
@@ -332,12 +347,36 @@ async fn serve<C, E>(
                     }
                 }
             }
-            _ = stopped.changed(), if !closing => {
+            _ = std::future::poll_fn(|context| {
+                let due = !matches!(watcher.has_changed(), Ok(false));
+                poll_when_due(stop.as_mut(), due, &mut stop_registered, context)
+            }), if !closing => {
                 connection.as_mut().shut_down();
                 closing = true;
             }
         }
     }
+}
+
+/// Polls `signal` (a timer, the drain signal) only when it is `due`, or
+/// once after it was set up, which registers the connection's task to be
+/// woken when it fires. Polling them on every wake-up of the connection
+/// touched their state for every request: at a thousand connections, where
+/// none of it stays in the CPU's cache, that was 4% of a cache hit's
+/// throughput. A timer is due once the clock passed its deadline: Tokio
+/// rounds a deadline up to its next millisecond and fires no earlier, so a
+/// timer that woke the task is always due.
+fn poll_when_due<F: Future>(
+    signal: std::pin::Pin<&mut F>,
+    due: bool,
+    registered: &mut bool,
+    context: &mut std::task::Context<'_>,
+) -> std::task::Poll<F::Output> {
+    if *registered && !due {
+        return std::task::Poll::Pending;
+    }
+    *registered = true;
+    signal.poll(context)
 }
 
 /// What hyper-util's connection offers for a graceful end.
