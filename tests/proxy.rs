@@ -1298,20 +1298,23 @@ async fn an_upstream_pointing_back_at_larder_is_cut_off_with_508() {
     larder.stop().await;
 }
 
-/// A closed port on 127.0.0.1: connections to it are refused.
-async fn closed_port() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
+/// A port on 127.0.0.1 that refuses connections for as long as the returned
+/// socket lives. The socket is bound but never listens: a port that was
+/// merely closed could be handed to another test's origin running at the
+/// same time, which would then answer in the dead server's place.
+fn closed_port() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("loopback"))
         .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    drop(listener);
-    addr
+    let addr = socket.local_addr().expect("addr");
+    (socket, addr)
 }
 
 #[tokio::test]
 async fn a_refused_server_is_retried_elsewhere_then_skipped_for_a_while() {
     let live = start_origin(|_| async { respond(200, &[], "live") }).await;
-    let dead = closed_port().await;
+    let (_held, dead) = closed_port();
     let yaml = format!(
         "upstreams:\n  skipping:\n    servers: [\"http://{dead}\", \"{}\"]\nroutes:\n  - upstream: skipping\n",
         live.url()
@@ -1334,7 +1337,7 @@ async fn a_refused_server_is_retried_elsewhere_then_skipped_for_a_while() {
 #[tokio::test]
 async fn a_request_with_a_body_is_not_replayed_on_another_server() {
     let live = start_origin(|_| async { respond(200, &[], "live") }).await;
-    let dead = closed_port().await;
+    let (_held, dead) = closed_port();
     let yaml = format!(
         "upstreams:\n  app:\n    servers: [\"http://{dead}\", \"{}\"]\nroutes:\n  - upstream: app\n",
         live.url()

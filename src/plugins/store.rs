@@ -25,8 +25,8 @@ use super::output::{GuestOutput, OutputKind};
 /// before it yields.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
-/// The longest the ticker sleeps when no guest was running at its last
-/// tick. Waking a thread every millisecond for nothing costs a busy proxy
+/// The longest the ticker sleeps when no guest code was running at its
+/// last tick. Waking a thread every millisecond for nothing costs a busy proxy
 /// about 3% of its cache hits through a reused plugin (two context switches
 /// and a timer interrupt each time, on the one core it runs on).
 const IDLE_TICK_MAX: Duration = Duration::from_millis(10);
@@ -69,8 +69,8 @@ impl Drop for GuestRunning {
     }
 }
 
-/// How long the ticker may sleep before its next tick. While a guest runs
-/// (or ran at the last tick), [`EPOCH_TICK`]. Otherwise up to
+/// How long the ticker may sleep before its next tick. While guest code is
+/// running on any thread at the moment of asking, [`EPOCH_TICK`]. Otherwise up to
 /// [`IDLE_TICK_MAX`], never longer than the shortest budget: a call that
 /// starts while the ticker sleeps is checked for the first time before its
 /// budget can run out, and from then on every [`EPOCH_TICK`], so a guest
