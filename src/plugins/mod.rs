@@ -483,7 +483,17 @@ impl PluginHost {
                 body_changed = true;
             }
         }
+        // A HEAD carries no body, so a plugin that reads bodies saw none:
+        // what it would make of the GET's body, and so its length, is
+        // unknown, and RFC 9110 (8.6) forbids a Content-Length that is not
+        // the GET's. Such a HEAD goes without one.
+        let length_unknown = needs_body && request.method == http::Method::HEAD;
         Ok(match body {
+            ResponseBody::Collected(_) if length_unknown => {
+                parts.headers.remove(TRANSFER_ENCODING);
+                parts.headers.remove(CONTENT_LENGTH);
+                Response::from_parts(parts, body::empty())
+            }
             ResponseBody::Collected(bytes) => {
                 fix_framing(
                     &mut parts,
