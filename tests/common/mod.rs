@@ -6,6 +6,7 @@
 //! Each test file uses a different part of this module.
 #![allow(dead_code)]
 
+pub mod raw_http;
 pub mod redis_server;
 
 use std::fmt::Display;
