@@ -1513,6 +1513,7 @@ async fn an_origin_killed_and_restarted_under_load_costs_no_cached_request_and_l
     }
 
     // The origin comes back on the same port; Larder uses it at once.
+    drop(origin);
     let origin = start_origin_at(addr, revalidated_or_live).await;
     let restarted = Instant::now();
     eventually("a live request to succeed again", async || {

@@ -152,6 +152,8 @@ pub struct Origin {
     seen: Arc<Mutex<Vec<Seen>>>,
     accept: Mutex<Option<JoinHandle<()>>>,
     open: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// After [`Origin::stop`]: the port, bound and never listening.
+    held_port: Mutex<Option<tokio::net::TcpSocket>>,
 }
 
 impl Origin {
@@ -183,6 +185,11 @@ impl Origin {
 
     /// Stops the origin: its port refuses connections from now on and every
     /// connection it had open (e.g. one Larder keeps in its pool) is closed.
+    ///
+    /// The port stays bound (never listening) until the origin is dropped:
+    /// a port merely closed could be handed to another test's origin, which
+    /// would then answer in place of "nothing listens here". To bring an
+    /// origin back on it with [`start_origin_at`], drop this one first.
     pub async fn stop(&self) {
         let accept = lock(&self.accept).take();
         if let Some(accept) = accept {
@@ -194,6 +201,7 @@ impl Origin {
             connection.abort();
             let _ = connection.await;
         }
+        *lock(&self.held_port) = hold_port(self.addr);
     }
 }
 
@@ -300,7 +308,18 @@ where
         seen,
         accept: Mutex::new(Some(accept)),
         open,
+        held_port: Mutex::new(None),
     }
+}
+
+/// Binds `addr` without listening: connections to it are refused, and the
+/// kernel hands the port to no other socket bound to port 0. SO_REUSEADDR
+/// lets the bind succeed over the stopped origin's TIME_WAIT connections.
+fn hold_port(addr: SocketAddr) -> Option<tokio::net::TcpSocket> {
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    socket.set_reuseaddr(true).ok()?;
+    socket.bind(addr).ok()?;
+    Some(socket)
 }
 
 /// A whole response, as a client saw it.
