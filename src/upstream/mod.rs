@@ -739,7 +739,7 @@ async fn exchange_h2(
             .await
             .map_err(|error| Attempt::Connect(error.into_box()))?;
         let retry = may_retry && checkout.reused;
-        let replay = if retry && is_replayable(&request) {
+        let replay = if may_retry && http_body::Body::is_end_stream(request.body()) {
             let (head, body) = request.into_parts();
             let copy = Request::from_parts(copy_head(&head), body::empty());
             request = Request::from_parts(head, body);
@@ -762,8 +762,18 @@ async fn exchange_h2(
         };
         // A stream's own error leaves the connection to the others.
         match replay {
+            Some(copy) if refused_stream(&error) => {
+                tracing::debug!(%error, "the upstream refused the stream before processing it; sending the request again");
+                if checkout.sender.is_closed() {
+                    h2.discard(checkout.generation);
+                }
+                request = copy;
+                may_retry = false;
+            }
             Some(copy)
-                if !error.is_user()
+                if retry
+                    && is_replayable(&copy)
+                    && !error.is_user()
                     && (checkout.sender.is_closed() || closed_before_answering(&error)) =>
             {
                 tracing::debug!(%error, "the upstream HTTP/2 connection closed under the request; sending it again on a new one");
@@ -790,6 +800,21 @@ fn is_replayable(request: &Request<Body>) -> bool {
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     ) && http_body::Body::is_end_stream(request.body())
+}
+
+/// The server reset the stream with REFUSED_STREAM: it processed none of
+/// the request, which may therefore be sent again whatever its method (RFC
+/// 9113 8.7), as a server at its stream limit or shutting down does.
+fn refused_stream(error: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = cause {
+        if let Some(stream_error) = current.downcast_ref::<::h2::Error>() {
+            return stream_error.is_remote()
+                && stream_error.reason() == Some(::h2::Reason::REFUSED_STREAM);
+        }
+        cause = current.source();
+    }
+    false
 }
 
 /// A failure before any byte of an answer: the connection was closed or
