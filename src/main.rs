@@ -549,3 +549,16 @@ fn run(path: &Path, config: Config) -> anyhow::Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     })
 }
+
+/// jemalloc instead of glibc's malloc, as Pingora and Vector do. A cache hit
+/// allocates and frees a few blocks of more than a kilobyte (the request's
+/// future, header maps), which glibc sends through its bins, coalescing on
+/// free (`_int_free` and `unlink_chunk` were 4% of a hit's CPU at 1,000
+/// connections); jemalloc serves them from per-thread caches by size class.
+/// Measured: 3% less CPU per hit at 50 and at 1,000 connections, 3% less
+/// memory for 10,000 cached 16 KiB objects, about 2 MiB more at rest. Its
+/// cache-oblivious padding is off (Cargo.toml): it adds a page to every
+/// allocation of 16 KiB or more, a quarter more memory per 16 KiB body.
+/// docs/proxy.md, "Threads and tuning", has the runs.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
