@@ -577,82 +577,105 @@ async fn an_upgrade_to_an_http2_upstream_is_served_as_a_plain_request() {
 
 /// An h2c origin (the `h2` crate's server, which can reset a stream) that
 /// refuses the first stream with REFUSED_STREAM and answers every later
-/// one with what it was sent. Returns its URL, the streams it saw, and the
-/// task serving it.
-async fn refusing_origin() -> (String, Arc<Mutex<Vec<String>>>, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("address"));
-    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-    let log = seen.clone();
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let log = log.clone();
-            tokio::spawn(async move {
-                let Ok(mut connection) = h2::server::handshake(stream).await else {
-                    return;
+/// one with what it was sent. Stops serving when dropped.
+struct RefusingOrigin {
+    url: String,
+    seen: Arc<Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl RefusingOrigin {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let task = tokio::spawn(serve_refusing_first(listener, seen.clone()));
+        Self { url, seen, task }
+    }
+
+    /// The streams it was sent, as "METHOD /path", refused ones included.
+    fn seen(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Drop for RefusingOrigin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `RefusingOrigin`'s accept loop: every stream is logged to `log`, the
+/// first refused, the rest answered.
+async fn serve_refusing_first(listener: TcpListener, log: Arc<Mutex<Vec<String>>>) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let log = log.clone();
+        tokio::spawn(async move {
+            let Ok(mut connection) = h2::server::handshake(stream).await else {
+                return;
+            };
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                let (head, mut body) = request.into_parts();
+                let mut received = Vec::new();
+                let first = {
+                    let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
+                    log.push(format!("{} {}", head.method, head.uri.path()));
+                    log.len() == 1
                 };
-                while let Some(Ok((request, mut respond))) = connection.accept().await {
-                    let (head, mut body) = request.into_parts();
-                    let mut received = Vec::new();
-                    let first = {
-                        let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
-                        log.push(format!("{} {}", head.method, head.uri.path()));
-                        log.len() == 1
-                    };
-                    if first {
-                        respond.send_reset(h2::Reason::REFUSED_STREAM);
-                        continue;
-                    }
-                    while let Some(Ok(chunk)) = body.data().await {
-                        let _ = body.flow_control().release_capacity(chunk.len());
-                        received.extend_from_slice(&chunk);
-                    }
-                    let answer = format!(
-                        "{} {} ({} body bytes)",
-                        head.method,
-                        head.uri.path(),
-                        received.len()
-                    );
-                    let response = http::Response::builder()
-                        .status(200)
-                        .body(())
-                        .expect("response");
-                    if let Ok(mut out) = respond.send_response(response, false) {
-                        let _ = out.send_data(Bytes::from(answer), true);
-                    }
+                if first {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    continue;
                 }
-            });
-        }
-    });
-    (url, seen, task)
+                while let Some(Ok(chunk)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    received.extend_from_slice(&chunk);
+                }
+                let answer = format!(
+                    "{} {} ({} body bytes)",
+                    head.method,
+                    head.uri.path(),
+                    received.len()
+                );
+                let response = http::Response::builder()
+                    .status(200)
+                    .body(())
+                    .expect("response");
+                if let Ok(mut out) = respond.send_response(response, false) {
+                    let _ = out.send_data(Bytes::from(answer), true);
+                }
+            }
+        });
+    }
 }
 
 #[tokio::test]
 async fn a_stream_the_upstream_refused_is_sent_again_once() {
-    let (url, seen, task) = refusing_origin().await;
-    let larder = start_larder(&h2c_upstream(&url)).await;
+    let origin = RefusingOrigin::start().await;
+    let larder = start_larder(&h2c_upstream(&origin.url)).await;
     // RFC 9113 8.7: a refused stream was not processed, so even a POST may
     // go again, as long as there is no body to replay.
     let reply = common::send("POST", &larder.url("/refused-once"), &[], "").await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.text(), "POST /refused-once (0 body bytes)");
     assert_eq!(
-        *seen.lock().unwrap_or_else(PoisonError::into_inner),
+        origin.seen(),
         ["POST /refused-once", "POST /refused-once"],
         "refused, then sent again"
     );
     larder.stop().await;
-    task.abort();
 }
 
 #[tokio::test]
 async fn a_refused_stream_with_a_body_is_not_replayed() {
-    let (url, seen, task) = refusing_origin().await;
-    let larder = start_larder(&h2c_upstream(&url)).await;
+    let origin = RefusingOrigin::start().await;
+    let larder = start_larder(&h2c_upstream(&origin.url)).await;
     let reply = common::send("PUT", &larder.url("/with-body"), &[], "payload").await;
     assert_eq!(reply.status, 502, "{}", reply.text());
     assert_eq!(
-        *seen.lock().unwrap_or_else(PoisonError::into_inner),
+        origin.seen(),
         ["PUT /with-body"],
         "the body went with the refused stream: nothing to send again"
     );
@@ -660,5 +683,4 @@ async fn a_refused_stream_with_a_body_is_not_replayed() {
     let next = get(&larder.url("/after")).await;
     assert_eq!(next.status, 200, "{}", next.text());
     larder.stop().await;
-    task.abort();
 }
